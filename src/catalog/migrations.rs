@@ -1,0 +1,111 @@
+//! Schema migrations, applied in order and recorded in `PRAGMA user_version`.
+//! A migration is never edited once released: add a new one.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the image store.
+    r#"
+    CREATE TABLE images (
+        id           INTEGER PRIMARY KEY,
+        name         TEXT NOT NULL UNIQUE,
+        created      TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL
+    );
+    CREATE TABLE versions (
+        image_id     INTEGER NOT NULL REFERENCES images(id),
+        number       INTEGER NOT NULL CHECK (number >= 1),
+        parent       INTEGER,
+        digest       TEXT NOT NULL CHECK (length(digest) = 64),
+        file_size    INTEGER NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        author       TEXT NOT NULL,
+        note         TEXT NOT NULL DEFAULT '',
+        created      TEXT NOT NULL,
+        status       TEXT NOT NULL DEFAULT 'ok' CHECK (status IN ('ok', 'failed')),
+        removed      TEXT,
+        PRIMARY KEY (image_id, number),
+        FOREIGN KEY (image_id, parent) REFERENCES versions(image_id, number)
+    );
+    CREATE INDEX versions_digest ON versions(digest);
+    CREATE TABLE channels (
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        name     TEXT NOT NULL CHECK (name IN ('dev', 'test', 'prod')),
+        version  INTEGER NOT NULL,
+        PRIMARY KEY (image_id, name),
+        FOREIGN KEY (image_id, version) REFERENCES versions(image_id, number)
+    );
+    -- Every position a channel has held: the rollback window gc must respect.
+    CREATE TABLE channel_history (
+        id       INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        channel  TEXT NOT NULL,
+        version  INTEGER NOT NULL,
+        at       TEXT NOT NULL,
+        FOREIGN KEY (image_id, version) REFERENCES versions(image_id, number)
+    );
+    CREATE TABLE drafts (
+        image_id     INTEGER PRIMARY KEY REFERENCES images(id),
+        base_version INTEGER NOT NULL,
+        path         TEXT NOT NULL UNIQUE,
+        created      TEXT NOT NULL,
+        author       TEXT NOT NULL,
+        FOREIGN KEY (image_id, base_version) REFERENCES versions(image_id, number)
+    );
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY,
+        at      TEXT NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        image   TEXT,
+        pool    TEXT,
+        version INTEGER,
+        detail  TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TRIGGER audit_is_append_only_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_is_append_only_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    "#,
+    // 2: pools of desktops.
+    r#"
+    CREATE TABLE pools (
+        id          INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        image_id    INTEGER NOT NULL REFERENCES images(id),
+        channel     TEXT NOT NULL CHECK (channel IN ('dev', 'test', 'prod')),
+        version     INTEGER NOT NULL,
+        pinned      INTEGER,
+        size        INTEGER NOT NULL CHECK (size >= 1),
+        profile     TEXT NOT NULL,
+        persistent  INTEGER NOT NULL DEFAULT 0,
+        virt_type   TEXT NOT NULL CHECK (virt_type IN ('kvm', 'qemu')),
+        running     INTEGER NOT NULL DEFAULT 0,
+        created     TEXT NOT NULL,
+        FOREIGN KEY (image_id, version) REFERENCES versions(image_id, number),
+        FOREIGN KEY (image_id, pinned) REFERENCES versions(image_id, number)
+    );
+    -- Every version a pool has been moved to: "the version it ran before" for rollback.
+    CREATE TABLE pool_history (
+        id       INTEGER PRIMARY KEY,
+        pool_id  INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        version  INTEGER NOT NULL,
+        reason   TEXT NOT NULL,
+        at       TEXT NOT NULL
+    );
+    CREATE TABLE desktops (
+        id          INTEGER PRIMARY KEY,
+        pool_id     INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        idx         INTEGER NOT NULL,
+        name        TEXT NOT NULL UNIQUE,
+        overlay     TEXT NOT NULL UNIQUE,
+        -- The version the overlay sits on (or must be recreated on, when needs_reset).
+        version     INTEGER NOT NULL,
+        -- Where an in-use desktop goes at logoff.
+        target      INTEGER,
+        -- 1: the overlay must be recreated before anyone uses or boots the desktop.
+        needs_reset INTEGER NOT NULL DEFAULT 0,
+        assigned_to TEXT,
+        assigned_at TEXT,
+        UNIQUE (pool_id, idx)
+    );
+    "#,
+];

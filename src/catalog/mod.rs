@@ -1,0 +1,570 @@
+//! The catalog: vdim's single source of truth, an embedded SQLite database.
+//!
+//! WAL mode with `synchronous=FULL` and foreign keys on: a committed change survives power
+//! loss, and the database itself refuses a version whose parent or a channel whose version
+//! does not exist. Every read and write goes through a transaction (`read`/`write`), so a
+//! command sees one consistent state and changes it all-or-nothing. Files are created
+//! before the row that names them and deleted after it, so the catalog never names a
+//! missing file.
+
+mod migrations;
+pub mod pools;
+pub use pools::{Desktop, Pool};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("no image named '{0}' (see 'vdim image list')")]
+    ImageNotFound(String),
+    #[error("image '{image}' has no version {version} (see 'vdim image history {image}')")]
+    VersionNotFound { image: String, version: u32 },
+    #[error("image '{0}' already exists; import a new version with 'vdim image edit' and 'vdim image seal'")]
+    ImageExists(String),
+    #[error("the catalog {path} does not exist: run 'vdim init' first (or pass --home)")]
+    NotInitialized { path: String },
+    #[error("the catalog {path} has schema version {found}, newer than this vdim understands ({known}): upgrade vdim")]
+    TooNew { path: String, found: i64, known: i64 },
+    #[error("catalog {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("catalog query failed")]
+    Sql(#[from] rusqlite::Error),
+}
+
+pub type Result<T> = std::result::Result<T, CatalogError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Dev,
+    Test,
+    Prod,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::Dev, Channel::Test, Channel::Prod];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Dev => "dev",
+            Channel::Test => "test",
+            Channel::Prod => "prod",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Channel> {
+        Channel::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Image {
+    #[serde(skip)]
+    pub id: i64,
+    pub name: String,
+    pub created: String,
+    pub virtual_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Version {
+    #[serde(skip)]
+    pub image_id: i64,
+    pub number: u32,
+    pub parent: Option<u32>,
+    pub digest: String,
+    /// Bytes of this version's own layer file (the delta on its parent).
+    pub size: u64,
+    pub virtual_size: u64,
+    pub author: String,
+    pub note: String,
+    pub created: String,
+    pub status: String,
+    /// When gc removed the layer; the row stays for the history.
+    pub removed: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Draft {
+    #[serde(skip)]
+    pub image_id: i64,
+    pub base_version: u32,
+    /// Relative to the vdim home.
+    pub path: String,
+    pub created: String,
+    pub author: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub image: Option<String>,
+    pub pool: Option<String>,
+    pub version: Option<u32>,
+    pub detail: serde_json::Value,
+}
+
+/// What one audit entry records; `detail` is free-form JSON.
+#[derive(Debug, Default)]
+pub struct Audit<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub image: Option<&'a str>,
+    pub pool: Option<&'a str>,
+    pub version: Option<u32>,
+    pub detail: serde_json::Value,
+}
+
+pub struct Catalog {
+    conn: Connection,
+}
+
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Catalog {
+    /// Open (and, with `create`, make) the catalog and bring its schema up to date.
+    pub fn open(path: &Path, create: bool) -> Result<Catalog> {
+        let p = path.display().to_string();
+        if !create && !path.exists() {
+            return Err(CatalogError::NotInitialized { path: p });
+        }
+        let conn = Connection::open(path).map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(Duration::from_secs(30))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            Ok(())
+        };
+        setup().map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        let mut cat = Catalog { conn };
+        cat.migrate(&p)?;
+        Ok(cat)
+    }
+
+    fn migrate(&mut self, path: &str) -> Result<()> {
+        let known = migrations::MIGRATIONS.len() as i64;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if current > known {
+            return Err(CatalogError::TooNew { path: path.to_string(), found: current, known });
+        }
+        for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Run `f` on a consistent snapshot.
+    pub fn read<T, E: From<CatalogError>>(
+        &mut self,
+        f: impl FnOnce(&Tx) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(CatalogError::from)?;
+        let out = f(&Tx(tx))?;
+        Ok(out)
+    }
+
+    /// Run `f` as one write transaction: all of it commits, or none of it.
+    pub fn write<T, E: From<CatalogError>>(
+        &mut self,
+        f: impl FnOnce(&Tx) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let tx = Tx(self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(CatalogError::from)?);
+        let out = f(&tx)?;
+        tx.0.commit().map_err(CatalogError::from)?;
+        Ok(out)
+    }
+}
+
+/// A transaction; all catalog queries live here.
+pub struct Tx<'c>(Transaction<'c>);
+
+fn version_from_row(r: &rusqlite::Row) -> rusqlite::Result<Version> {
+    Ok(Version {
+        image_id: r.get("image_id")?,
+        number: r.get("number")?,
+        parent: r.get("parent")?,
+        digest: r.get("digest")?,
+        size: r.get::<_, i64>("file_size")? as u64,
+        virtual_size: r.get::<_, i64>("virtual_size")? as u64,
+        author: r.get("author")?,
+        note: r.get("note")?,
+        created: r.get("created")?,
+        status: r.get("status")?,
+        removed: r.get("removed")?,
+    })
+}
+
+impl Tx<'_> {
+    pub fn conn(&self) -> &Connection {
+        &self.0
+    }
+
+    // ---- images ------------------------------------------------------------------------
+
+    pub fn image(&self, name: &str) -> Result<Image> {
+        self.0
+            .query_row("SELECT id, name, created, virtual_size FROM images WHERE name = ?1", [name], |r| {
+                Ok(Image {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created: r.get(2)?,
+                    virtual_size: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .optional()?
+            .ok_or_else(|| CatalogError::ImageNotFound(name.to_string()))
+    }
+
+    pub fn images(&self) -> Result<Vec<Image>> {
+        let mut st = self.0.prepare("SELECT id, name, created, virtual_size FROM images ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(Image { id: r.get(0)?, name: r.get(1)?, created: r.get(2)?, virtual_size: r.get::<_, i64>(3)? as u64 })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn insert_image(&self, name: &str, virtual_size: u64) -> Result<Image> {
+        if self.image(name).is_ok() {
+            return Err(CatalogError::ImageExists(name.to_string()));
+        }
+        let created = now();
+        self.0.execute(
+            "INSERT INTO images (name, created, virtual_size) VALUES (?1, ?2, ?3)",
+            params![name, created, virtual_size as i64],
+        )?;
+        self.image(name)
+    }
+
+    // ---- versions ----------------------------------------------------------------------
+
+    pub fn versions(&self, image: &Image) -> Result<Vec<Version>> {
+        let mut st = self.0.prepare("SELECT * FROM versions WHERE image_id = ?1 ORDER BY number")?;
+        let rows = st.query_map([image.id], version_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn version(&self, image: &Image, number: u32) -> Result<Version> {
+        self.0
+            .query_row(
+                "SELECT * FROM versions WHERE image_id = ?1 AND number = ?2",
+                params![image.id, number],
+                version_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| CatalogError::VersionNotFound { image: image.name.clone(), version: number })
+    }
+
+    pub fn newest_version(&self, image: &Image) -> Result<Version> {
+        self.0
+            .query_row(
+                "SELECT * FROM versions WHERE image_id = ?1 ORDER BY number DESC LIMIT 1",
+                [image.id],
+                version_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| CatalogError::VersionNotFound { image: image.name.clone(), version: 1 })
+    }
+
+    /// Versions whose layers still exist, across every image (for verify and gc).
+    pub fn live_versions(&self) -> Result<Vec<(String, Version)>> {
+        let mut st = self.0.prepare(
+            "SELECT i.name AS image_name, v.* FROM versions v JOIN images i ON i.id = v.image_id
+             WHERE v.removed IS NULL ORDER BY i.name, v.number",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get("image_name")?, version_from_row(r)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_version(
+        &self,
+        image: &Image,
+        parent: Option<u32>,
+        digest: &str,
+        size: u64,
+        virtual_size: u64,
+        author: &str,
+        note: &str,
+    ) -> Result<Version> {
+        let number: u32 = self.0.query_row(
+            "SELECT COALESCE(MAX(number), 0) + 1 FROM versions WHERE image_id = ?1",
+            [image.id],
+            |r| r.get(0),
+        )?;
+        self.0.execute(
+            "INSERT INTO versions (image_id, number, parent, digest, file_size, virtual_size, author, note, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![image.id, number, parent, digest, size as i64, virtual_size as i64, author, note, now()],
+        )?;
+        self.version(image, number)
+    }
+
+    pub fn mark_removed(&self, image: &Image, number: u32) -> Result<()> {
+        self.0.execute(
+            "UPDATE versions SET removed = ?3 WHERE image_id = ?1 AND number = ?2",
+            params![image.id, number, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_version_status(&self, image: &Image, number: u32, status: &str) -> Result<()> {
+        self.0.execute(
+            "UPDATE versions SET status = ?3 WHERE image_id = ?1 AND number = ?2",
+            params![image.id, number, status],
+        )?;
+        Ok(())
+    }
+
+    /// Is any live version (of any image) stored in the layer with this digest?
+    pub fn digest_in_use(&self, digest: &str) -> Result<bool> {
+        Ok(self.0.query_row(
+            "SELECT EXISTS (SELECT 1 FROM versions WHERE digest = ?1 AND removed IS NULL)",
+            [digest],
+            |r| r.get(0),
+        )?)
+    }
+
+    // ---- channels ----------------------------------------------------------------------
+
+    pub fn channels(&self, image: &Image) -> Result<Vec<(Channel, u32)>> {
+        let mut st = self.0.prepare("SELECT name, version FROM channels WHERE image_id = ?1")?;
+        let rows = st.query_map([image.id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+        let mut out: Vec<(Channel, u32)> = rows
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .filter_map(|(c, v)| Channel::parse(&c).map(|c| (c, v)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn channel(&self, image: &Image, channel: Channel) -> Result<u32> {
+        Ok(self.0.query_row(
+            "SELECT version FROM channels WHERE image_id = ?1 AND name = ?2",
+            params![image.id, channel.as_str()],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Point `channel` at `version` and remember the move (rollback window).
+    pub fn set_channel(&self, image: &Image, channel: Channel, version: u32) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO channels (image_id, name, version) VALUES (?1, ?2, ?3)
+             ON CONFLICT (image_id, name) DO UPDATE SET version = excluded.version",
+            params![image.id, channel.as_str(), version],
+        )?;
+        self.0.execute(
+            "INSERT INTO channel_history (image_id, channel, version, at) VALUES (?1, ?2, ?3, ?4)",
+            params![image.id, channel.as_str(), version, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The last `depth` distinct versions each channel of `image` has held, newest first.
+    pub fn rollback_window(&self, image: &Image, depth: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for ch in Channel::ALL {
+            let mut st = self
+                .0
+                .prepare("SELECT version FROM channel_history WHERE image_id = ?1 AND channel = ?2 ORDER BY id DESC")?;
+            let mut seen: Vec<u32> = Vec::new();
+            for v in st.query_map(params![image.id, ch.as_str()], |r| r.get::<_, u32>(0))? {
+                let v = v?;
+                if !seen.contains(&v) {
+                    seen.push(v);
+                    if seen.len() == depth {
+                        break;
+                    }
+                }
+            }
+            out.extend(seen);
+        }
+        Ok(out)
+    }
+
+    // ---- drafts ------------------------------------------------------------------------
+
+    pub fn draft(&self, image: &Image) -> Result<Option<Draft>> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT image_id, base_version, path, created, author FROM drafts WHERE image_id = ?1",
+                [image.id],
+                |r| {
+                    Ok(Draft {
+                        image_id: r.get(0)?,
+                        base_version: r.get(1)?,
+                        path: r.get(2)?,
+                        created: r.get(3)?,
+                        author: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn drafts(&self) -> Result<Vec<Draft>> {
+        let mut st = self.0.prepare("SELECT image_id, base_version, path, created, author FROM drafts")?;
+        let rows = st.query_map([], |r| {
+            Ok(Draft {
+                image_id: r.get(0)?,
+                base_version: r.get(1)?,
+                path: r.get(2)?,
+                created: r.get(3)?,
+                author: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn insert_draft(&self, image: &Image, base_version: u32, path: &str, author: &str) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO drafts (image_id, base_version, path, created, author) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![image.id, base_version, path, now(), author],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_draft(&self, image: &Image) -> Result<()> {
+        self.0.execute("DELETE FROM drafts WHERE image_id = ?1", [image.id])?;
+        Ok(())
+    }
+
+    // ---- audit -------------------------------------------------------------------------
+
+    pub fn audit(&self, a: Audit) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO audit (at, actor, action, image, pool, version, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![now(), a.actor, a.action, a.image, a.pool, a.version, a.detail.to_string()],
+        )?;
+        Ok(())
+    }
+
+    pub fn audit_log(&self, image: Option<&str>, pool: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>> {
+        let mut st = self.0.prepare(
+            "SELECT id, at, actor, action, image, pool, version, detail FROM audit
+             WHERE (?1 IS NULL OR image = ?1) AND (?2 IS NULL OR pool = ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![image, pool, limit as i64], |r| {
+            let detail: String = r.get(7)?;
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                image: r.get(4)?,
+                pool: r.get(5)?,
+                version: r.get(6)?,
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
+            })
+        })?;
+        let mut out: Vec<AuditEntry> = rows.collect::<rusqlite::Result<_>>()?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cat() -> (tempfile::TempDir, Catalog) {
+        let d = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&d.path().join("c.db"), true).unwrap();
+        (d, c)
+    }
+
+    #[test]
+    fn opens_in_wal_with_foreign_keys_and_full_sync() {
+        let (_d, mut c) = cat();
+        c.read(|tx| {
+            let mode: String = tx.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            let fk: i64 = tx.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+            let sync: i64 = tx.conn().query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+            assert_eq!((mode.as_str(), fk, sync), ("wal", 1, 2));
+            Ok::<_, CatalogError>(())
+        })
+        .unwrap();
+        assert_eq!(c.schema_version().unwrap(), migrations::MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        drop(Catalog::open(&p, true).unwrap());
+        Connection::open(&p).unwrap().pragma_update(None, "user_version", 999).unwrap();
+        let e = Catalog::open(&p, false).err().unwrap().to_string();
+        assert!(e.contains("newer than this vdim"), "{e}");
+    }
+
+    #[test]
+    fn foreign_keys_refuse_a_channel_on_a_missing_version() {
+        let (_d, mut c) = cat();
+        let r = c.write(|tx| {
+            let img = tx.insert_image("a", 1)?;
+            tx.set_channel(&img, Channel::Prod, 7)
+        });
+        assert!(r.is_err());
+        // The failed transaction left nothing behind.
+        c.read(|tx| {
+            assert!(tx.images()?.is_empty());
+            Ok::<_, CatalogError>(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn audit_log_is_append_only() {
+        let (_d, mut c) = cat();
+        c.write(|tx| tx.audit(Audit { actor: "t", action: "x", ..Default::default() })).unwrap();
+        let upd = c.write(|tx| Ok::<_, CatalogError>(tx.conn().execute("UPDATE audit SET actor = 'evil'", [])?));
+        assert!(upd.is_err());
+        let del = c.write(|tx| Ok::<_, CatalogError>(tx.conn().execute("DELETE FROM audit", [])?));
+        assert!(del.is_err());
+        let log = c.read(|tx| tx.audit_log(None, None, 10)).unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].actor, "t");
+    }
+
+    #[test]
+    fn rollback_window_keeps_the_last_distinct_versions_per_channel() {
+        let (_d, mut c) = cat();
+        c.write(|tx| {
+            let img = tx.insert_image("a", 1)?;
+            let d = "0".repeat(64);
+            for n in 1..=6u32 {
+                tx.insert_version(&img, if n == 1 { None } else { Some(n - 1) }, &d, 1, 1, "t", "")?;
+            }
+            for v in [1, 2, 3, 3, 4, 5] {
+                tx.set_channel(&img, Channel::Prod, v)?;
+            }
+            let w = tx.rollback_window(&img, 3)?;
+            assert_eq!(w, vec![5, 4, 3]);
+            Ok::<_, CatalogError>(())
+        })
+        .unwrap();
+    }
+}

@@ -1,0 +1,287 @@
+//! Catalog queries for pools and their desktops.
+
+use super::{now, Channel, Result, Tx};
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Pool {
+    #[serde(skip)]
+    pub id: i64,
+    pub name: String,
+    #[serde(skip)]
+    pub image_id: i64,
+    pub image: String,
+    pub channel: Channel,
+    pub version: u32,
+    pub pinned: Option<u32>,
+    pub size: u32,
+    pub profile: String,
+    pub persistent: bool,
+    pub virt_type: String,
+    pub running: bool,
+    pub created: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Desktop {
+    #[serde(skip)]
+    pub id: i64,
+    #[serde(skip)]
+    pub pool_id: i64,
+    pub index: u32,
+    pub name: String,
+    /// Relative to the vdim home.
+    pub overlay: String,
+    pub version: u32,
+    pub target: Option<u32>,
+    pub needs_reset: bool,
+    pub assigned_to: Option<String>,
+    pub assigned_at: Option<String>,
+}
+
+const POOL_COLS: &str = "p.id, p.name, p.image_id, i.name, p.channel, p.version, p.pinned, p.size, p.profile,
+     p.persistent, p.virt_type, p.running, p.created";
+
+fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
+    let channel: String = r.get(4)?;
+    Ok(Pool {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        image_id: r.get(2)?,
+        image: r.get(3)?,
+        channel: Channel::parse(&channel).unwrap_or(Channel::Prod),
+        version: r.get(5)?,
+        pinned: r.get(6)?,
+        size: r.get(7)?,
+        profile: r.get(8)?,
+        persistent: r.get(9)?,
+        virt_type: r.get(10)?,
+        running: r.get(11)?,
+        created: r.get(12)?,
+    })
+}
+
+fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<Desktop> {
+    Ok(Desktop {
+        id: r.get(0)?,
+        pool_id: r.get(1)?,
+        index: r.get(2)?,
+        name: r.get(3)?,
+        overlay: r.get(4)?,
+        version: r.get(5)?,
+        target: r.get(6)?,
+        needs_reset: r.get(7)?,
+        assigned_to: r.get(8)?,
+        assigned_at: r.get(9)?,
+    })
+}
+
+const DESKTOP_COLS: &str = "id, pool_id, idx, name, overlay, version, target, needs_reset, assigned_to, assigned_at";
+
+/// A new pool's row, before its desktops are added.
+pub struct NewPool<'a> {
+    pub name: &'a str,
+    pub image_id: i64,
+    pub channel: Channel,
+    pub version: u32,
+    pub size: u32,
+    pub profile: &'a str,
+    pub persistent: bool,
+    pub virt_type: &'a str,
+}
+
+impl Tx<'_> {
+    pub fn pool(&self, name: &str) -> Result<Option<Pool>> {
+        Ok(self
+            .0
+            .query_row(
+                &format!("SELECT {POOL_COLS} FROM pools p JOIN images i ON i.id = p.image_id WHERE p.name = ?1"),
+                [name],
+                pool_row,
+            )
+            .optional()?)
+    }
+
+    pub fn pools(&self) -> Result<Vec<Pool>> {
+        let mut st = self
+            .0
+            .prepare(&format!("SELECT {POOL_COLS} FROM pools p JOIN images i ON i.id = p.image_id ORDER BY p.name"))?;
+        let rows = st.query_map([], pool_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn pools_of_image(&self, image_id: i64) -> Result<Vec<Pool>> {
+        Ok(self.pools()?.into_iter().filter(|p| p.image_id == image_id).collect())
+    }
+
+    pub fn insert_pool(&self, p: &NewPool) -> Result<i64> {
+        self.0.execute(
+            "INSERT INTO pools (name, image_id, channel, version, size, profile, persistent, virt_type, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                p.name,
+                p.image_id,
+                p.channel.as_str(),
+                p.version,
+                p.size,
+                p.profile,
+                p.persistent,
+                p.virt_type,
+                now()
+            ],
+        )?;
+        let id = self.0.last_insert_rowid();
+        self.record_pool_version(id, p.version, "create")?;
+        Ok(id)
+    }
+
+    pub fn record_pool_version(&self, pool_id: i64, version: u32, reason: &str) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO pool_history (pool_id, version, reason, at) VALUES (?1, ?2, ?3, ?4)",
+            params![pool_id, version, reason, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn pool_history(&self, pool_id: i64) -> Result<Vec<u32>> {
+        let mut st = self.0.prepare("SELECT version FROM pool_history WHERE pool_id = ?1 ORDER BY id")?;
+        let rows = st.query_map([pool_id], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn set_pool_version(&self, pool_id: i64, version: u32, pinned: Option<u32>) -> Result<()> {
+        self.0
+            .execute("UPDATE pools SET version = ?2, pinned = ?3 WHERE id = ?1", params![pool_id, version, pinned])?;
+        Ok(())
+    }
+
+    pub fn set_pool_pin(&self, pool_id: i64, pinned: Option<u32>) -> Result<()> {
+        self.0.execute("UPDATE pools SET pinned = ?2 WHERE id = ?1", params![pool_id, pinned])?;
+        Ok(())
+    }
+
+    pub fn set_pool_running(&self, pool_id: i64, running: bool) -> Result<()> {
+        self.0.execute("UPDATE pools SET running = ?2 WHERE id = ?1", params![pool_id, running])?;
+        Ok(())
+    }
+
+    pub fn set_pool_size(&self, pool_id: i64, size: u32) -> Result<()> {
+        self.0.execute("UPDATE pools SET size = ?2 WHERE id = ?1", params![pool_id, size])?;
+        Ok(())
+    }
+
+    pub fn delete_pool(&self, pool_id: i64) -> Result<()> {
+        self.0.execute("DELETE FROM desktops WHERE pool_id = ?1", [pool_id])?;
+        self.0.execute("DELETE FROM pool_history WHERE pool_id = ?1", [pool_id])?;
+        self.0.execute("DELETE FROM pools WHERE id = ?1", [pool_id])?;
+        Ok(())
+    }
+
+    pub fn insert_desktop(&self, pool_id: i64, index: u32, name: &str, overlay: &str, version: u32) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO desktops (pool_id, idx, name, overlay, version) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![pool_id, index, name, overlay, version],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_desktop(&self, id: i64) -> Result<()> {
+        self.0.execute("DELETE FROM desktops WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn desktops(&self, pool_id: i64) -> Result<Vec<Desktop>> {
+        let mut st = self.0.prepare(&format!("SELECT {DESKTOP_COLS} FROM desktops WHERE pool_id = ?1 ORDER BY idx"))?;
+        let rows = st.query_map([pool_id], desktop_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn desktop(&self, name: &str) -> Result<Option<Desktop>> {
+        Ok(self
+            .0
+            .query_row(&format!("SELECT {DESKTOP_COLS} FROM desktops WHERE name = ?1"), [name], desktop_row)
+            .optional()?)
+    }
+
+    /// The desktop must get a fresh overlay on `version` before use; `target` cleared.
+    pub fn mark_reset(&self, desktop_id: i64, version: u32) -> Result<()> {
+        self.0.execute(
+            "UPDATE desktops SET version = ?2, target = NULL, needs_reset = 1 WHERE id = ?1",
+            params![desktop_id, version],
+        )?;
+        Ok(())
+    }
+
+    pub fn clear_reset(&self, desktop_id: i64) -> Result<()> {
+        self.0.execute("UPDATE desktops SET needs_reset = 0 WHERE id = ?1", [desktop_id])?;
+        Ok(())
+    }
+
+    pub fn set_target(&self, desktop_id: i64, target: Option<u32>) -> Result<()> {
+        self.0.execute("UPDATE desktops SET target = ?2 WHERE id = ?1", params![desktop_id, target])?;
+        Ok(())
+    }
+
+    /// Atomically give the first idle, clean desktop of a pool to `user`. The UPDATE's
+    /// WHERE clause re-checks idleness, so two racing callers never get the same desktop.
+    pub fn assign_idle(&self, pool_id: i64, user: &str) -> Result<Option<Desktop>> {
+        let id: Option<i64> = self
+            .0
+            .query_row(
+                "UPDATE desktops SET assigned_to = ?2, assigned_at = ?3
+                 WHERE id = (SELECT id FROM desktops WHERE pool_id = ?1 AND assigned_to IS NULL AND needs_reset = 0
+                             ORDER BY idx LIMIT 1)
+                   AND assigned_to IS NULL
+                 RETURNING id",
+                params![pool_id, user, now()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => Ok(Some(self.0.query_row(
+                &format!("SELECT {DESKTOP_COLS} FROM desktops WHERE id = ?1"),
+                [id],
+                desktop_row,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn assign(&self, desktop_id: i64, user: &str) -> Result<()> {
+        self.0.execute(
+            "UPDATE desktops SET assigned_to = ?2, assigned_at = ?3 WHERE id = ?1",
+            params![desktop_id, user, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn unassign(&self, desktop_id: i64) -> Result<()> {
+        self.0.execute("UPDATE desktops SET assigned_to = NULL, assigned_at = NULL WHERE id = ?1", [desktop_id])?;
+        Ok(())
+    }
+
+    /// Versions of `image` that pools run, are pinned at, move to, or may roll back to.
+    pub fn versions_used_by_pools(&self, image_id: i64, window: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for p in self.pools_of_image(image_id)? {
+            out.push(p.version);
+            out.extend(p.pinned);
+            for d in self.desktops(p.id)? {
+                out.push(d.version);
+                out.extend(d.target);
+            }
+            let mut seen: Vec<u32> = Vec::new();
+            for v in self.pool_history(p.id)?.into_iter().rev() {
+                if !seen.contains(&v) {
+                    seen.push(v);
+                    if seen.len() == window {
+                        break;
+                    }
+                }
+            }
+            out.extend(seen);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,637 @@
+//! The command line: parses arguments into calls of the same service functions the HTTP
+//! API uses, and prints their reports as text or `--json`.
+
+use crate::catalog::{CatalogError, Channel};
+use crate::home::Home;
+use crate::hypervisor::{Hypervisor, Libvirt};
+use crate::imgfmt::Format;
+use crate::pool::{self, CreateOptions, MoveReport, PoolError, Pools};
+use crate::store::{self, Actor, ImportOptions, Store};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vdim",
+    version,
+    about = "Virtual desktop image manager: versioned golden images, pools, canary rollouts, thin-client broker"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// vdim home: store, catalog, desktops [default: /var/lib/vdim as root, else $XDG_DATA_HOME/vdim]
+    #[arg(long, env = "VDIM_HOME", global = true)]
+    pub home: Option<PathBuf>,
+    /// Print machine-readable JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// libvirt connection URI
+    #[arg(long = "connect", env = "VDIM_CONNECT", global = true, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Virtualisation type for new desktops: auto (kvm where /dev/kvm exists), kvm or qemu (TCG)
+    #[arg(long, env = "VDIM_VIRT_TYPE", global = true, default_value = "auto")]
+    pub virt_type: String,
+    /// Directory of hardware profiles [default: $VDIM_HOME/profiles]
+    #[arg(long, env = "VDIM_PROFILES", global = true)]
+    pub profiles: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the store and catalog under the vdim home (safe to run again)
+    Init,
+    /// Golden images and their versions
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Pools of desktops booting from one image version
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Move a pool back to the version it ran before (or --to N) and pin it there
+    Rollback {
+        pool: String,
+        #[arg(long)]
+        to: Option<u32>,
+        /// Also move desktops in use now, and persistent pools (their system-disk changes are lost)
+        #[arg(long)]
+        force: bool,
+    },
+    /// The append-only audit log
+    Audit {
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        pool: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Import a disk image (qcow2, raw, vmdk, vhdx, vdi) as version 1 of a new image
+    Import {
+        name: String,
+        file: PathBuf,
+        /// The file's format; refused when the file's header says otherwise
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Start a dev clone: a writable draft on top of the newest version
+    Edit {
+        name: String,
+        /// Base the draft on this version instead of the newest (e.g. to patch again after a bad version)
+        #[arg(long)]
+        from: Option<u32>,
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Throw the draft away
+    Discard {
+        name: String,
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Seal the draft as a new immutable version (moves the dev channel)
+    Seal {
+        name: String,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long)]
+        author: Option<String>,
+    },
+    /// Versions of an image with parentage, sizes and channels
+    History { name: String },
+    /// All images
+    List,
+    /// Re-hash and check every layer (or one image's)
+    Verify { name: Option<String> },
+    /// Remove layers nothing can need any more, and files left by crashes
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write one flattened, standalone qcow2 of a version
+    Export { name: String, version: u32, file: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// Create a pool of desktops on the version an image's channel points at
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, value_enum, default_value = "prod")]
+        channel: Channel,
+        #[arg(long)]
+        size: u32,
+        #[arg(long, default_value = "windows11")]
+        profile: String,
+        /// Desktops keep their system disk across logoffs (default: wiped at logoff)
+        #[arg(long)]
+        persistent: bool,
+        /// Boot the desktops right away
+        #[arg(long)]
+        start: bool,
+    },
+    /// All pools
+    List,
+    /// One pool: each desktop's state, version, next version and user
+    Show { name: String },
+    /// Boot every desktop of the pool
+    Start { name: String },
+    /// Stop every desktop of the pool
+    Stop {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Grow or shrink the pool (never takes a desktop from its user)
+    Resize { name: String, size: u32 },
+    /// Move to the version the pool's channel points at now
+    Update {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run this version and ignore promotions until unpinned
+    Pin {
+        name: String,
+        version: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Follow the channel again (from the next update or promotion on)
+    Unpin { name: String },
+    /// Give an idle desktop to a user (what the broker does at login)
+    Assign { name: String, user: String },
+    /// Log a desktop's user off: wiped and moved where it is due
+    Release { desktop: String },
+    /// Delete the pool's desktops, overlays and runtime files
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        let t = text(value);
+        if !t.is_empty() {
+            println!("{t}");
+        }
+    }
+    Ok(())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn home(g: &Global) -> Home {
+    Home::new(g.home.clone().unwrap_or_else(Home::default_root))
+}
+
+fn open_store(g: &Global) -> Result<Store> {
+    Ok(Store::open(home(g))?)
+}
+
+fn connect(g: &Global) -> Result<Box<dyn Hypervisor>> {
+    Ok(Box::new(Libvirt::connect(&g.connect)?))
+}
+
+pub fn profiles_dir(g: &Global) -> PathBuf {
+    g.profiles.clone().unwrap_or_else(|| home(g).root().join("profiles"))
+}
+
+fn move_text(r: &MoveReport, verb: &str) -> String {
+    let p = &r.plan;
+    let mut s = format!("pool '{}' {verb} from version {} to {}", p.pool, p.from, p.to);
+    if let Some(pin) = p.pinned {
+        s += &format!(", pinned at {pin}");
+    }
+    s += &format!("\n  moved now: {}", if p.now.is_empty() { "-".into() } else { p.now.join(", ") });
+    if !p.at_logoff.is_empty() {
+        s += &format!("\n  in use, move at logoff: {}", p.at_logoff.join(", "));
+    }
+    s
+}
+
+fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
+    let actor = Actor::resolve(None);
+    let mut store = open_store(g)?;
+    let hv = connect(g)?;
+    let mut pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
+    match cmd {
+        PoolCmd::Create { name, image, channel, size, profile, persistent, start } => {
+            let virt = pool::parse_virt_type(&g.virt_type)?;
+            let o =
+                CreateOptions { name: &name, image: &image, channel, size, profile: &profile, persistent, virt, start };
+            let v = pools.create(&o, &actor)?;
+            print(g.json, &v, |v| {
+                format!(
+                    "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}",
+                    v.pool.name,
+                    v.desktops.len(),
+                    v.pool.image,
+                    v.pool.version,
+                    v.pool.channel,
+                    v.pool.profile,
+                    v.pool.virt_type
+                )
+            })
+        }
+        PoolCmd::List => {
+            let l = pools.list()?;
+            print(g.json, &l, |l| {
+                if l.is_empty() {
+                    return "no pools yet: 'vdim pool create NAME --image IMAGE --size N'".into();
+                }
+                let mut s = format!(
+                    "{:<20} {:<20} {:<8} {:>7} {:>5} {:>6} {:>7}\n",
+                    "pool", "image", "channel", "version", "size", "in use", "pending"
+                );
+                for p in l {
+                    let ver = match p.pool.pinned {
+                        Some(v) => format!("{v} pin"),
+                        None => p.pool.version.to_string(),
+                    };
+                    s += &format!(
+                        "{:<20} {:<20} {:<8} {:>7} {:>5} {:>6} {:>7}\n",
+                        p.pool.name, p.pool.image, p.pool.channel, ver, p.pool.size, p.in_use, p.pending_moves
+                    );
+                }
+                s.trim_end().to_string()
+            })
+        }
+        PoolCmd::Show { name } => {
+            let v = pools.show(&name)?;
+            print(g.json, &v, |v| {
+                let p = &v.pool;
+                let mut s = format!(
+                    "pool {}: image {} channel {} (at version {}), runs version {}{}, {} desktops, profile {}{}\n",
+                    p.name,
+                    p.image,
+                    p.channel,
+                    v.channel_version,
+                    p.version,
+                    p.pinned.map(|x| format!(" (pinned at {x})")).unwrap_or_default(),
+                    p.size,
+                    p.profile,
+                    if p.persistent { ", persistent" } else { "" }
+                );
+                s += &format!("{:<24} {:<22} {:>7} {:>8}  user\n", "desktop", "state", "version", "will run");
+                for d in &v.desktops {
+                    s += &format!(
+                        "{:<24} {:<22} {:>7} {:>8}  {}\n",
+                        d.name,
+                        d.state,
+                        d.version,
+                        d.will_run,
+                        d.assigned_to.as_deref().unwrap_or("-")
+                    );
+                }
+                s.trim_end().to_string()
+            })
+        }
+        PoolCmd::Start { name } => {
+            let started = pools.start(&name, &actor)?;
+            print(g.json, &serde_json::json!({"pool": name, "started": started}), |_| {
+                format!("pool '{name}' running ({} desktops started)", started.len())
+            })
+        }
+        PoolCmd::Stop { name, force } => {
+            let stopped = pools.stop(&name, force, &actor)?;
+            print(g.json, &serde_json::json!({"pool": name, "stopped": stopped}), |_| {
+                format!("pool '{name}' stopped ({} desktops)", stopped.len())
+            })
+        }
+        PoolCmd::Resize { name, size } => {
+            let v = pools.resize(&name, size, &actor)?;
+            print(g.json, &v, |v| format!("pool '{}' now has {} desktops", v.pool.name, v.desktops.len()))
+        }
+        PoolCmd::Update { name, force } => {
+            let r = pools.update(&name, force, &actor)?;
+            print(g.json, &r, |r| move_text(r, "updated"))
+        }
+        PoolCmd::Pin { name, version, force } => {
+            let r = pools.pin(&name, version, force, &actor)?;
+            print(g.json, &r, |r| move_text(r, "pinned"))
+        }
+        PoolCmd::Unpin { name } => {
+            let p = pools.unpin(&name, &actor)?;
+            print(g.json, &p, |p| {
+                format!(
+                    "pool '{}' follows channel {} again (runs version {}; 'vdim pool update {}' moves it now)",
+                    p.name, p.channel, p.version, p.name
+                )
+            })
+        }
+        PoolCmd::Assign { name, user } => {
+            crate::names::validate("user", &user)?;
+            let d = pools.assign(&name, &user, &actor)?;
+            print(g.json, &d, |d| format!("{} assigned to {user} (version {})", d.name, d.version))
+        }
+        PoolCmd::Release { desktop } => {
+            let r = pools.release(&desktop, &actor)?;
+            print(g.json, &r, |r| {
+                format!("{desktop} released{} on version {}", if r.reset { " and reset" } else { "" }, r.version)
+            })
+        }
+        PoolCmd::Delete { name, force } => {
+            pools.delete(&name, force, &actor)?;
+            print(g.json, &serde_json::json!({"pool": name, "deleted": true}), |_| format!("pool '{name}' deleted"))
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init => {
+            let store = Store::init(home(g))?;
+            let profiles = profiles_dir(g);
+            crate::profile::install_shipped(&profiles)
+                .with_context(|| format!("installing profiles into {}", profiles.display()))?;
+            let root = store.home().root().display().to_string();
+            print(g.json, &serde_json::json!({"home": root}), |_| format!("vdim home ready at {root}"))
+        }
+        Command::Image(cmd) => image(g, cmd),
+        Command::Pool(cmd) => pool(g, cmd),
+        Command::Rollback { pool: name, to, force } => {
+            let (mut store, hv) = (open_store(g)?, connect(g)?);
+            let r = Pools::new(&mut store, hv.as_ref(), profiles_dir(g)).rollback(
+                &name,
+                to,
+                force,
+                &Actor::resolve(None),
+            )?;
+            print(g.json, &r, |r| move_text(r, "rolled back"))
+        }
+        Command::Audit { image, pool, limit } => {
+            let mut store = open_store(g)?;
+            let log = store.catalog().read(|tx| tx.audit_log(image.as_deref(), pool.as_deref(), limit))?;
+            print(g.json, &log, |log| {
+                log.iter()
+                    .map(|e| {
+                        let mut what = e.action.clone();
+                        if let Some(i) = &e.image {
+                            what += &format!(" image={i}");
+                        }
+                        if let Some(p) = &e.pool {
+                            what += &format!(" pool={p}");
+                        }
+                        if let Some(v) = e.version {
+                            what += &format!(" version={v}");
+                        }
+                        format!("{}  {:<10} {what}  {}", e.at, e.actor, e.detail)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+    }
+}
+
+fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
+    match cmd {
+        ImageCmd::Import { name, file, format, note, author } => {
+            let format = format.as_deref().map(Format::parse).transpose()?;
+            let mut store = open_store(g)?;
+            let r = store.import(
+                &name,
+                &file,
+                &ImportOptions { format, note: &note },
+                &Actor::resolve(author.as_deref()),
+            )?;
+            print(g.json, &r, |r| {
+                format!(
+                    "imported {} as image '{}' version {} ({} layer, {} virtual); channels dev, test, prod point at it",
+                    file.display(),
+                    r.image,
+                    r.version.number,
+                    human_bytes(r.version.size),
+                    human_bytes(r.version.virtual_size)
+                )
+            })
+        }
+        ImageCmd::Edit { name, from, author } => {
+            let mut store = open_store(g)?;
+            let r = store.edit(&name, from, &Actor::resolve(author.as_deref()))?;
+            print(g.json, &r, |r| {
+                format!(
+                    "{} draft of '{}' on version {}: {}\nwrite to it (boot a dev desktop, or qemu-io -f qcow2), then 'vdim image seal {}'",
+                    if r.new { "new" } else { "existing" },
+                    r.image,
+                    r.base_version,
+                    r.draft.display(),
+                    r.image
+                )
+            })
+        }
+        ImageCmd::Discard { name, author } => {
+            let mut store = open_store(g)?;
+            store.discard(&name, &Actor::resolve(author.as_deref()))?;
+            print(g.json, &serde_json::json!({"image": name, "discarded": true}), |_| {
+                format!("draft of '{name}' discarded")
+            })
+        }
+        ImageCmd::Seal { name, note, author } => {
+            let mut store = open_store(g)?;
+            let r = store.seal(&name, &note, &Actor::resolve(author.as_deref()))?;
+            print(g.json, &r, |r| {
+                format!(
+                    "sealed '{}' version {} on version {} ({} delta); dev points at it",
+                    r.image,
+                    r.version.number,
+                    r.version.parent.unwrap_or(0),
+                    human_bytes(r.version.size)
+                )
+            })
+        }
+        ImageCmd::History { name } => {
+            let mut store = open_store(g)?;
+            let h = store.history(&name)?;
+            print(g.json, &h, |h| {
+                let mut s = format!("image {} ({} virtual)\n", h.image, human_bytes(h.virtual_size));
+                s += &format!(
+                    "{:>4} {:>6} {:<14} {:>10} {:<21} {:<10} {:<14} note\n",
+                    "ver", "parent", "digest", "delta", "created", "author", "channels"
+                );
+                for e in &h.versions {
+                    let v = &e.version;
+                    let chans = e.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(",");
+                    let mut note = v.note.clone();
+                    if v.status != "ok" {
+                        note = format!("[{}] {note}", v.status);
+                    }
+                    if v.removed.is_some() {
+                        note = format!("[removed] {note}");
+                    }
+                    s += &format!(
+                        "{:>4} {:>6} {:<14} {:>10} {:<21} {:<10} {:<14} {}\n",
+                        v.number,
+                        v.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        &v.digest[..12],
+                        human_bytes(v.size),
+                        v.created,
+                        v.author,
+                        chans,
+                        note
+                    );
+                }
+                if let Some(d) = &h.draft {
+                    s += &format!("draft on version {}: {}\n", d.base_version, d.path);
+                }
+                s.trim_end().to_string()
+            })
+        }
+        ImageCmd::List => {
+            let mut store = open_store(g)?;
+            let l = store.list()?;
+            print(g.json, &l, |l| {
+                if l.is_empty() {
+                    return "no images yet: 'vdim image import NAME FILE'".into();
+                }
+                let mut s = format!(
+                    "{:<24} {:>8} {:>6} {:>10} {:>10}  channels\n",
+                    "image", "versions", "newest", "virtual", "stored"
+                );
+                for i in l {
+                    let chans = i.channels.iter().map(|(c, v)| format!("{c}={v}")).collect::<Vec<_>>().join(" ");
+                    s += &format!(
+                        "{:<24} {:>8} {:>6} {:>10} {:>10}  {chans}{}\n",
+                        i.name,
+                        i.versions,
+                        i.newest,
+                        human_bytes(i.virtual_size),
+                        human_bytes(i.stored),
+                        if i.draft { "  (draft open)" } else { "" }
+                    );
+                }
+                s.trim_end().to_string()
+            })
+        }
+        ImageCmd::Verify { name } => {
+            let mut store = open_store(g)?;
+            let r = store.verify(name.as_deref())?;
+            print(g.json, &r, |r| {
+                let mut s = String::new();
+                for p in &r.problems {
+                    let who = match (&p.image, p.version) {
+                        (Some(i), Some(v)) => format!("{i} v{v}"),
+                        (Some(i), None) => i.clone(),
+                        _ => "store".into(),
+                    };
+                    s += &format!("PROBLEM {who}: {} ({})\n", p.problem, p.path);
+                }
+                s += &format!(
+                    "{} layers, {} hashed: {}",
+                    r.layers,
+                    human_bytes(r.bytes_hashed),
+                    if r.ok { "all good" } else { "problems found" }
+                );
+                s
+            })?;
+            if !r.ok {
+                bail!("verify found {} problem(s)", r.problems.len());
+            }
+            Ok(())
+        }
+        ImageCmd::Gc { dry_run } => {
+            let mut store = open_store(g)?;
+            let r = store.gc(dry_run, &Actor::resolve(None), &pool::versions_in_use)?;
+            print(g.json, &r, |r| {
+                let mut s = String::new();
+                for i in &r.removed {
+                    let who = match (&i.image, i.version) {
+                        (Some(im), Some(v)) => format!("{im} v{v}"),
+                        _ => "unnamed file".into(),
+                    };
+                    s += &format!(
+                        "{} {who}: {} ({}, {})\n",
+                        if r.dry_run { "would remove" } else { "removed" },
+                        i.path,
+                        human_bytes(i.bytes),
+                        i.reason
+                    );
+                }
+                s += &format!(
+                    "{} {} in {} item(s); {} version(s) kept",
+                    if r.dry_run { "would free" } else { "freed" },
+                    human_bytes(r.bytes_freed),
+                    r.removed.len(),
+                    r.kept_versions
+                );
+                s
+            })
+        }
+        ImageCmd::Export { name, version, file } => {
+            let mut store = open_store(g)?;
+            let r = store
+                .export(&name, version, &file, &Actor::resolve(None))
+                .with_context(|| format!("exporting '{name}' version {version}"))?;
+            print(g.json, &r, |r| {
+                format!(
+                    "exported '{}' version {} to {} ({})",
+                    r.image,
+                    r.version,
+                    r.path.display(),
+                    human_bytes(r.size)
+                )
+            })
+        }
+    }
+}
+
+/// Exit code for an error: 3 for busy (retry later), 4 for not found, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(store::StoreError::Lock(crate::lock::LockError::Busy { .. })) = cause.downcast_ref() {
+            return 3;
+        }
+        if let Some(crate::lock::LockError::Busy { .. }) = cause.downcast_ref() {
+            return 3;
+        }
+        if let Some(store::StoreError::Catalog(CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. })) =
+            cause.downcast_ref()
+        {
+            return 4;
+        }
+        match cause.downcast_ref::<PoolError>() {
+            Some(PoolError::NotFound(_) | PoolError::DesktopNotFound(_)) => return 4,
+            Some(PoolError::Catalog(CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. })) => {
+                return 4
+            }
+            Some(PoolError::Lock(_)) => return 3,
+            _ => {}
+        }
+    }
+    1
+}

@@ -1,0 +1,33 @@
+//! vdim: a virtual desktop image manager.
+//!
+//! Data flows top to bottom; see ARCHITECTURE.md for the whole path from an imported image
+//! to a thin client's screen.
+
+/// The embedded SQLite catalog: images, versions, channels, drafts, audit log.
+pub mod catalog;
+/// Command line: argument parsing and printing, nothing else.
+pub mod cli;
+/// SHA-256 of layer files.
+pub mod digest;
+/// Layout of the vdim home directory.
+pub mod home;
+/// The libvirt seam: one trait, the `virt` implementation, lifecycle events.
+pub mod hypervisor;
+/// Inspection of untrusted image files before qemu-img sees them.
+pub mod imgfmt;
+/// Per-image and store-wide locks between concurrent commands.
+pub mod lock;
+/// The one naming rule for images, pools and users.
+pub mod names;
+/// Pools of desktops: thin overlays, domains, update, rollback, assignment.
+pub mod pool;
+/// Hardware profiles (TOML) and the domain XML built from them.
+pub mod profile;
+/// Native qcow2 header reading and the thin-overlay writer.
+pub mod qcow2;
+/// The bounded qemu-img seam.
+pub mod qemu_img;
+/// Lifecycle rules as a pure state machine: which move, rollback or release is allowed.
+pub mod rules;
+/// The image store: import, edit, seal, verify, gc, export.
+pub mod store;

@@ -1,0 +1,16 @@
+use clap::Parser;
+
+fn main() {
+    let cli = vdim::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VDIM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = vdim::cli::run(cli) {
+        eprintln!("error: {err}");
+        for cause in err.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(vdim::cli::exit_code(&err));
+    }
+}

@@ -1,0 +1,226 @@
+//! The few qemu-img calls vdim makes, behind one seam, always bounded.
+//!
+//! qemu-img parses untrusted images, so every call states the format (`-f`/`-F`, never a
+//! probe), runs under an address-space and CPU-time limit and a wall-clock timeout
+//! (OpenStack CVE-2015-5162: a crafted image made qemu-img eat all memory).
+
+use indicatif::ProgressBar;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum QemuImgError {
+    #[error("cannot run qemu-img (is qemu-utils installed? scripts/setup-host installs it)")]
+    Spawn(#[source] std::io::Error),
+    #[error("qemu-img {op} of {path} failed: {stderr}")]
+    Failed { op: &'static str, path: String, stderr: String },
+    #[error("qemu-img {op} of {path} took longer than {secs} s and was stopped")]
+    Timeout { op: &'static str, path: String, secs: u64 },
+    #[error("qemu-img {op} of {path} gave output vdim cannot read: {why}")]
+    Output { op: &'static str, path: String, why: String },
+}
+
+/// Resource bounds for one qemu-img run.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub address_space: u64,
+    pub cpu_seconds: u64,
+    pub timeout: Duration,
+}
+
+/// For header-only work (info, check of a layer, rebase -u).
+pub const INSPECT: Limits = Limits { address_space: 1 << 30, cpu_seconds: 60, timeout: Duration::from_secs(120) };
+/// For copying data (convert): large images take long, but never forever.
+pub const COPY: Limits =
+    Limits { address_space: 4 << 30, cpu_seconds: 4 * 3600, timeout: Duration::from_secs(6 * 3600) };
+
+struct Run {
+    stdout: String,
+    stderr: String,
+    status: std::process::ExitStatus,
+}
+
+fn run(
+    op: &'static str,
+    path: &Path,
+    args: &[&std::ffi::OsStr],
+    limits: Limits,
+    progress: Option<&ProgressBar>,
+) -> Result<Run, QemuImgError> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let Limits { address_space, cpu_seconds, .. } = limits;
+    // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let set = |res, v: u64| {
+                let lim = libc::rlimit { rlim_cur: v, rlim_max: v };
+                if libc::setrlimit(res, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            set(libc::RLIMIT_AS, address_space)?;
+            set(libc::RLIMIT_CPU, cpu_seconds)?;
+            set(libc::RLIMIT_CORE, 0)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(QemuImgError::Spawn)?;
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let pb = progress.cloned();
+    let out_thread = std::thread::spawn(move || {
+        // qemu-img -p writes "    (12.34/100%)\r": keep the bar moving, keep the rest.
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if let Some(pb) = &pb {
+                if let Some(pct) = last_percent(&all) {
+                    pb.set_position(pct as u64);
+                }
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limits.timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(QemuImgError::Timeout {
+                    op,
+                    path: path.display().to_string(),
+                    secs: limits.timeout.as_secs(),
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(QemuImgError::Spawn(e)),
+        }
+    };
+    let stdout = out_thread.join().unwrap_or_default();
+    let stderr = err_thread.join().unwrap_or_default();
+    Ok(Run { stdout, stderr, status })
+}
+
+fn last_percent(out: &[u8]) -> Option<f64> {
+    let s = String::from_utf8_lossy(out);
+    let seg = s.rsplit('(').next()?;
+    seg.split('/').next()?.trim().parse().ok()
+}
+
+fn failed(op: &'static str, path: &Path, r: &Run) -> QemuImgError {
+    let mut stderr = r.stderr.trim().to_string();
+    if stderr.is_empty() {
+        stderr = match r.status.signal_name() {
+            Some(sig) => format!("killed by {sig} (resource limit reached?)"),
+            None => format!("exit status {}", r.status),
+        };
+    }
+    QemuImgError::Failed { op, path: path.display().to_string(), stderr }
+}
+
+trait SignalName {
+    fn signal_name(&self) -> Option<&'static str>;
+}
+impl SignalName for std::process::ExitStatus {
+    fn signal_name(&self) -> Option<&'static str> {
+        use std::os::unix::process::ExitStatusExt;
+        match self.signal()? {
+            libc::SIGKILL => Some("SIGKILL"),
+            libc::SIGXCPU => Some("SIGXCPU"),
+            libc::SIGSEGV => Some("SIGSEGV"),
+            libc::SIGABRT => Some("SIGABRT"),
+            _ => Some("a signal"),
+        }
+    }
+}
+
+/// `qemu-img info --output=json` of one image, without opening its backing chain.
+pub fn info(path: &Path, format: &str) -> Result<serde_json::Value, QemuImgError> {
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--output=json".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
+        path.as_os_str(),
+    ];
+    let r = run("info", path, &args, INSPECT, None)?;
+    if !r.status.success() {
+        return Err(failed("info", path, &r));
+    }
+    serde_json::from_str(&r.stdout).map_err(|e| QemuImgError::Output {
+        op: "info",
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
+/// Convert `src` (format stated) into a standalone qcow2 at `dst` (must not exist).
+pub fn convert_to_qcow2(
+    src: &Path,
+    src_format: &str,
+    dst: &Path,
+    progress: Option<&ProgressBar>,
+) -> Result<(), QemuImgError> {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "convert".as_ref(),
+        "-U".as_ref(),
+        "-f".as_ref(),
+        src_format.as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        "-o".as_ref(),
+        "compat=1.1".as_ref(),
+    ];
+    if progress.is_some() {
+        args.push("-p".as_ref());
+    }
+    args.push(src.as_os_str());
+    args.push(dst.as_os_str());
+    let r = run("convert", src, &args, COPY, progress)?;
+    if !r.status.success() {
+        return Err(failed("convert", src, &r));
+    }
+    Ok(())
+}
+
+/// `qemu-img check` of a qcow2 (and, through it, that its backing chain opens).
+/// Returns the problems qemu-img reports; empty when the image is clean.
+pub fn check(path: &Path) -> Result<Vec<String>, QemuImgError> {
+    let args: Vec<&std::ffi::OsStr> =
+        vec!["check".as_ref(), "-U".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str()];
+    let r = run("check", path, &args, INSPECT, None)?;
+    if r.status.success() {
+        return Ok(vec![]);
+    }
+    let mut lines: Vec<String> = r
+        .stderr
+        .lines()
+        .chain(r.stdout.lines())
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("No errors"))
+        .map(String::from)
+        .collect();
+    if lines.is_empty() {
+        lines.push(format!("qemu-img check exited with {}", r.status));
+    }
+    lines.truncate(5);
+    Ok(lines)
+}

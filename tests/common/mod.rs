@@ -1,0 +1,135 @@
+//! Shared harness for binary-level tests: a temp vdim home, a runner for the real `vdim`
+//! binary with `assert_success` / `assert_exit_code`, and qcow2 fixtures made with qemu-img.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub out: Output,
+    pub args: Vec<String>,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    #[track_caller]
+    pub fn assert_success(&self) -> &Self {
+        assert!(
+            self.out.status.success(),
+            "vdim {:?} failed ({}):\nstdout: {}\nstderr: {}",
+            self.args,
+            self.out.status,
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+    #[track_caller]
+    pub fn assert_failure(&self) -> &Self {
+        assert!(!self.out.status.success(), "vdim {:?} should fail but succeeded:\n{}", self.args, self.stdout());
+        self
+    }
+    #[track_caller]
+    pub fn assert_exit_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.out.status.code(),
+            Some(code),
+            "vdim {:?}: stdout {} stderr {}",
+            self.args,
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+    #[track_caller]
+    pub fn assert_stderr_contains(&self, needle: &str) -> &Self {
+        assert!(self.stderr().contains(needle), "stderr of vdim {:?} lacks {needle:?}:\n{}", self.args, self.stderr());
+        self
+    }
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout())
+            .unwrap_or_else(|e| panic!("vdim {:?} printed no JSON ({e}):\n{}", self.args, self.stdout()))
+    }
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new().prefix("vdimtest-").tempdir().expect("tempdir");
+        let env = Env { dir };
+        env.vdim(&["init"]).assert_success();
+        env
+    }
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vdim"));
+        c.env("VDIM_HOME", self.home()).env("USER", "tester").env_remove("VDIM_CONNECT");
+        c
+    }
+    pub fn vdim(&self, args: &[&str]) -> Run {
+        let out = self.cmd().args(args).output().expect("run vdim");
+        Run { out, args: args.iter().map(|s| s.to_string()).collect() }
+    }
+    pub fn vdim_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let r = self.vdim(&a);
+        r.assert_success();
+        r.json()
+    }
+    /// Every file under the home's layers/ and drafts/, for "nothing changed" checks.
+    pub fn store_files(&self) -> Vec<String> {
+        let mut out = vec![];
+        for d in ["layers", "drafts"] {
+            if let Ok(rd) = std::fs::read_dir(self.home().join(d)) {
+                for e in rd.flatten() {
+                    out.push(format!("{d}/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+pub fn sh(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A raw disk whose first bytes are the test-guest marker (see machine-notes).
+pub fn marker_raw(path: &Path, label: &str, health: &str, size: u64) {
+    let mut data = format!("VDIM-TEST {label} health={health}").into_bytes();
+    data.resize(512, 0);
+    std::fs::write(path, &data).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// Write `pattern` bytes at `offset` into a qcow2 with qemu-io (as a patch would).
+pub fn qemu_io_write(path: &Path, pattern: u8, offset: u64, len: u64) {
+    sh("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {pattern} {offset} {len}"), path.to_str().unwrap()]);
+}
+
+pub fn qemu_io_read_pattern(path: &Path, pattern: u8, offset: u64, len: u64) -> bool {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", "-U", "-c", &format!("read -P {pattern} {offset} {len}"), path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed")
+}
