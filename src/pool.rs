@@ -1,0 +1,868 @@
+//! Pools: sets of identical desktops (libvirt domains) that boot from one image version
+//! through thin copy-on-write overlays.
+//!
+//! ```text
+//!  layers/<v3>.qcow2 (0444) ◄── desktops/finance/vdim-finance-001.qcow2 ◄── domain vdim-finance-001
+//!                           ◄── desktops/finance/vdim-finance-002.qcow2 ◄── domain vdim-finance-002
+//! ```
+//! Moving a desktop to another version never copies data: its overlay is replaced by a new
+//! empty one on the other layer (O(1)). Which moves are allowed is decided in `rules`; this
+//! module gathers the facts and carries the plan out, catalog first (`needs_reset`), files
+//! and domains after, so a crash is healed by the next command (`heal`).
+
+use crate::catalog::pools::NewPool;
+use crate::catalog::{Audit, CatalogError, Channel, Desktop, Pool, Tx};
+use crate::home::Home;
+use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
+use crate::lock::{self, Lock, LockError, Mode};
+use crate::names::{self, NameError};
+use crate::profile::{self, DesktopSpec, Profile, ProfileError, VirtType};
+use crate::qcow2::{self, Qcow2Error};
+use crate::rules::{self, Denied, DesktopFacts, MovePlan, PoolFacts, VersionFacts};
+use crate::store::{self, Actor, Store, StoreError};
+use serde::Serialize;
+use serde_json::json;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Desktop names carry a three-digit index.
+pub const MAX_POOL_SIZE: u32 = 999;
+
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    #[error("no pool named '{0}' (see 'vdim pool list')")]
+    NotFound(String),
+    #[error("pool '{0}' already exists")]
+    Exists(String),
+    #[error("pool size {size} is not possible: a pool has 1 to {max} desktops")]
+    Size { size: u32, max: u32 },
+    #[error("pool name '{0}' is too long for desktop names: use at most 50 characters")]
+    NameTooLong(String),
+    #[error("no desktop named '{0}'")]
+    DesktopNotFound(String),
+    #[error("desktop '{desktop}' is in use by {user}: {what}")]
+    InUse { desktop: String, user: String, what: String },
+    #[error("pool '{pool}' is exhausted: all {size} desktops are in use")]
+    Exhausted { pool: String, size: u32 },
+    #[error("cannot {what} {path}: {source}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("virt type '{0}' is not one of auto, kvm, qemu")]
+    VirtType(String),
+}
+
+pub type Result<T> = std::result::Result<T, PoolError>;
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
+    move |source| PoolError::Io { what, path: path.display().to_string(), source }
+}
+
+pub fn desktop_name(pool: &str, index: u32) -> String {
+    format!("vdim-{pool}-{index:03}")
+}
+
+/// Is `domain` one of `pool`'s desktops by name (and not a desktop of pool "<pool>-x")?
+pub fn is_desktop_of(pool: &str, domain: &str) -> bool {
+    domain
+        .strip_prefix("vdim-")
+        .and_then(|r| r.strip_prefix(pool))
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|n| n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A password no one knows: displays are never open; the broker sets one-time tickets.
+pub fn random_secret(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    hex::encode(b)
+}
+
+pub fn parse_virt_type(s: &str) -> Result<VirtType> {
+    match s {
+        "kvm" => Ok(VirtType::Kvm),
+        "qemu" => Ok(VirtType::Qemu),
+        "auto" => Ok(if crate::hypervisor::resolve_virt_type(false) == "kvm" { VirtType::Kvm } else { VirtType::Qemu }),
+        other => Err(PoolError::VirtType(other.to_string())),
+    }
+}
+
+#[derive(Debug)]
+pub struct CreateOptions<'a> {
+    pub name: &'a str,
+    pub image: &'a str,
+    pub channel: Channel,
+    pub size: u32,
+    pub profile: &'a str,
+    pub persistent: bool,
+    pub virt: VirtType,
+    pub start: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DesktopView {
+    pub name: String,
+    pub state: String,
+    /// The version its overlay sits on.
+    pub version: u32,
+    /// The version it will run after its next move (logoff), when different.
+    pub will_run: u32,
+    pub assigned_to: Option<String>,
+    pub needs_reset: bool,
+    pub overlay: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    #[serde(flatten)]
+    pub pool: Pool,
+    pub channel_version: u32,
+    pub desktops: Vec<DesktopView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PoolSummary {
+    #[serde(flatten)]
+    pub pool: Pool,
+    pub in_use: usize,
+    pub pending_moves: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MoveReport {
+    #[serde(flatten)]
+    pub plan: MovePlan,
+    pub started: Vec<String>,
+}
+
+pub struct Pools<'a> {
+    store: &'a mut Store,
+    hv: &'a dyn Hypervisor,
+    profiles: PathBuf,
+}
+
+impl<'a> Pools<'a> {
+    pub fn new(store: &'a mut Store, hv: &'a dyn Hypervisor, profiles: PathBuf) -> Pools<'a> {
+        Pools { store, hv, profiles }
+    }
+
+    fn home(&self) -> Home {
+        self.store.home().clone()
+    }
+
+    fn lock_pool(&self, pool: &str) -> Result<(Lock, Lock)> {
+        let locks = self.home().locks();
+        let store =
+            lock::acquire(&locks, "store", "the image store (gc is running)", Mode::Shared, Duration::from_secs(2))?;
+        let p = lock::acquire(
+            &locks,
+            &format!("pool-{pool}"),
+            &format!("pool '{pool}'"),
+            Mode::Exclusive,
+            Duration::from_secs(10),
+        )?;
+        Ok((store, p))
+    }
+
+    fn load_pool(tx: &Tx, name: &str) -> Result<Pool> {
+        tx.pool(name)?.ok_or_else(|| PoolError::NotFound(name.to_string()))
+    }
+
+    fn overlay_path(&self, d: &Desktop) -> PathBuf {
+        self.home().root().join(&d.overlay)
+    }
+
+    fn serial_log(&self, pool: &str, desktop: &str) -> PathBuf {
+        self.home().run().join(pool).join(format!("{desktop}.serial.log"))
+    }
+
+    /// Write a fresh, empty overlay for a desktop on `digest`, atomically replacing any old one.
+    fn write_overlay(&self, path: &Path, digest: &str, virtual_size: u64) -> Result<()> {
+        let dir = path.parent().expect("overlay has a directory");
+        let tmp = Home::tmp_path(dir, "overlay.qcow2");
+        qcow2::create_overlay(&tmp, &store::backing_from(2, digest), "qcow2", virtual_size)?;
+        fs::rename(&tmp, path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            PoolError::Io { what: "replace overlay", path: path.display().to_string(), source: e }
+        })
+    }
+
+    fn define_desktop(&self, pool: &Pool, profile: &Profile, name: &str, overlay: &Path, version: u32) -> Result<()> {
+        let run_dir = self.home().run().join(&pool.name);
+        let serial = self.serial_log(&pool.name, name);
+        let nvram = run_dir.join(format!("{name}.nvram"));
+        let secret = random_secret(16);
+        let spec = DesktopSpec {
+            name,
+            uuid: None,
+            disk: overlay,
+            serial_log: profile.wants_serial_log().then_some(serial.as_path()),
+            nvram: profile.uses_uefi().then_some(nvram.as_path()),
+            graphics_password: &secret,
+            listen: "127.0.0.1",
+            pool: &pool.name,
+            version,
+        };
+        let virt = parse_virt_type(&pool.virt_type)?;
+        let xml = profile::domain_xml(profile, virt, &spec)?;
+        self.hv.define(&xml)?;
+        Ok(())
+    }
+
+    /// Stop and undefine a domain, ignoring one that is already gone.
+    fn remove_domain(&self, name: &str) -> Result<()> {
+        match self.hv.destroy(name).and_then(|_| self.hv.undefine(name)) {
+            Ok(()) | Err(HypervisorError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn is_active(&self, name: &str) -> Result<bool> {
+        match self.hv.state(name) {
+            Ok((s, _)) => Ok(!matches!(s, DomainState::ShutOff)),
+            Err(HypervisorError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ---- create ----------------------------------------------------------------------------
+
+    pub fn create(&mut self, o: &CreateOptions, actor: &Actor) -> Result<PoolView> {
+        names::validate("pool", o.name)?;
+        if o.name.len() > 50 {
+            return Err(PoolError::NameTooLong(o.name.to_string()));
+        }
+        names::validate("image", o.image)?;
+        if o.size == 0 || o.size > MAX_POOL_SIZE {
+            return Err(PoolError::Size { size: o.size, max: MAX_POOL_SIZE });
+        }
+        let profile = Profile::load(&self.profiles, o.profile)?;
+        let _locks = self.lock_pool(o.name)?;
+        let (image, version) = self.store.catalog().read(|tx| -> Result<_> {
+            if tx.pool(o.name)?.is_some() {
+                return Err(PoolError::Exists(o.name.to_string()));
+            }
+            let image = tx.image(o.image)?;
+            let n = tx.channel(&image, o.channel)?;
+            Ok((image.clone(), tx.version(&image, n)?))
+        })?;
+        if let Some(r) = &version.removed {
+            return Err(
+                StoreError::Removed { image: image.name.clone(), version: version.number, removed: r.clone() }.into()
+            );
+        }
+        // Leftovers of an interrupted create of the same name: never in the catalog, safe to drop.
+        self.remove_leftovers(o.name)?;
+        let home = self.home();
+        let pool_dir = home.pool_dir(o.name);
+        let run_dir = home.run().join(o.name);
+        fs::create_dir_all(&pool_dir).map_err(io("create", &pool_dir))?;
+        fs::create_dir_all(&run_dir).map_err(io("create", &run_dir))?;
+        let virt_type = o.virt.as_str();
+        let pool = Pool {
+            id: 0,
+            name: o.name.to_string(),
+            image_id: image.id,
+            image: image.name.clone(),
+            channel: o.channel,
+            version: version.number,
+            pinned: None,
+            size: o.size,
+            profile: o.profile.to_string(),
+            persistent: o.persistent,
+            virt_type: virt_type.to_string(),
+            running: false,
+            created: String::new(),
+        };
+        let made = (1..=o.size).try_for_each(|i| -> Result<()> {
+            let name = desktop_name(o.name, i);
+            let overlay = pool_dir.join(format!("{name}.qcow2"));
+            self.write_overlay(&overlay, &version.digest, version.virtual_size)?;
+            self.define_desktop(&pool, &profile, &name, &overlay, version.number)
+        });
+        // Files and domains exist before the catalog names them; undo them on any failure.
+        let committed = made.and_then(|_| {
+            self.store.catalog().write(|tx| -> Result<()> {
+                let id = tx.insert_pool(&NewPool {
+                    name: o.name,
+                    image_id: image.id,
+                    channel: o.channel,
+                    version: version.number,
+                    size: o.size,
+                    profile: o.profile,
+                    persistent: o.persistent,
+                    virt_type,
+                })?;
+                for i in 1..=o.size {
+                    let name = desktop_name(o.name, i);
+                    tx.insert_desktop(id, i, &name, &format!("desktops/{}/{name}.qcow2", o.name), version.number)?;
+                }
+                tx.audit(Audit {
+                    actor: &actor.0,
+                    action: "pool.create",
+                    image: Some(&image.name),
+                    pool: Some(o.name),
+                    version: Some(version.number),
+                    detail: json!({"size": o.size, "channel": o.channel, "profile": o.profile, "persistent": o.persistent, "virt_type": virt_type}),
+                })?;
+                Ok(())
+            })
+        });
+        if let Err(e) = committed {
+            let _ = self.remove_leftovers(o.name);
+            return Err(e);
+        }
+        if o.start {
+            self.start_locked(o.name, actor)?;
+        }
+        self.show(o.name)
+    }
+
+    /// Domains and files named for `pool` that the catalog does not know.
+    fn remove_leftovers(&self, pool: &str) -> Result<()> {
+        for d in self.hv.list(&format!("vdim-{pool}-"))? {
+            if is_desktop_of(pool, &d) {
+                self.remove_domain(&d)?;
+            }
+        }
+        let home = self.home();
+        for dir in [home.pool_dir(pool), home.run().join(pool)] {
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(PoolError::Io { what: "remove", path: dir.display().to_string(), source: e }),
+            }
+        }
+        Ok(())
+    }
+
+    // ---- views -----------------------------------------------------------------------------
+
+    pub fn list(&mut self) -> Result<Vec<PoolSummary>> {
+        self.store.catalog().read(|tx| -> Result<_> {
+            let mut out = Vec::new();
+            for pool in tx.pools()? {
+                let ds = tx.desktops(pool.id)?;
+                out.push(PoolSummary {
+                    in_use: ds.iter().filter(|d| d.assigned_to.is_some()).count(),
+                    pending_moves: ds.iter().filter(|d| d.target.is_some()).count(),
+                    pool,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn show(&mut self, name: &str) -> Result<PoolView> {
+        names::validate("pool", name)?;
+        let (pool, desktops, channel_version) = self.store.catalog().read(|tx| -> Result<_> {
+            let pool = Self::load_pool(tx, name)?;
+            let image = tx.image(&pool.image)?;
+            let cv = tx.channel(&image, pool.channel)?;
+            Ok((pool.clone(), tx.desktops(pool.id)?, cv))
+        })?;
+        let desktops = desktops
+            .into_iter()
+            .map(|d| {
+                let state = match self.hv.state(&d.name) {
+                    Ok((s, reason)) => format!(
+                        "{}{}",
+                        state_word(s),
+                        if reason.is_empty() { String::new() } else { format!(" ({reason})") }
+                    ),
+                    Err(HypervisorError::NotFound { .. }) => "undefined".into(),
+                    Err(e) => format!("unknown: {e}"),
+                };
+                DesktopView {
+                    state,
+                    version: d.version,
+                    will_run: d.target.unwrap_or(d.version),
+                    overlay: self.overlay_path(&d),
+                    assigned_to: d.assigned_to,
+                    needs_reset: d.needs_reset,
+                    name: d.name,
+                }
+            })
+            .collect();
+        Ok(PoolView { pool, channel_version, desktops })
+    }
+
+    // ---- start / stop ----------------------------------------------------------------------
+
+    pub fn start(&mut self, name: &str, actor: &Actor) -> Result<Vec<String>> {
+        names::validate("pool", name)?;
+        let _l = self.lock_pool(name)?;
+        self.start_locked(name, actor)
+    }
+
+    fn start_locked(&mut self, name: &str, actor: &Actor) -> Result<Vec<String>> {
+        let pool = self.store.catalog().write(|tx| -> Result<Pool> {
+            let p = Self::load_pool(tx, name)?;
+            tx.set_pool_running(p.id, true)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "pool.start",
+                pool: Some(name),
+                image: Some(&p.image),
+                ..Default::default()
+            })?;
+            Ok(p)
+        })?;
+        self.heal_locked(&pool.name)?;
+        let desktops = self.store.catalog().read(|tx| tx.desktops(pool.id))?;
+        let mut started = vec![];
+        for d in desktops {
+            if !self.is_active(&d.name)? {
+                self.hv.start(&d.name)?;
+                started.push(d.name);
+            }
+        }
+        Ok(started)
+    }
+
+    pub fn stop(&mut self, name: &str, force: bool, actor: &Actor) -> Result<Vec<String>> {
+        names::validate("pool", name)?;
+        let _l = self.lock_pool(name)?;
+        let (pool, desktops) = self.store.catalog().read(|tx| -> Result<_> {
+            let p = Self::load_pool(tx, name)?;
+            Ok((p.clone(), tx.desktops(p.id)?))
+        })?;
+        if let Some(d) = desktops.iter().find(|d| d.assigned_to.is_some()).filter(|_| !force) {
+            return Err(PoolError::InUse {
+                desktop: d.name.clone(),
+                user: d.assigned_to.clone().unwrap_or_default(),
+                what: format!("stopping pool '{name}' would cut the user off; log them off first or use --force"),
+            });
+        }
+        self.store.catalog().write(|tx| -> Result<()> {
+            tx.set_pool_running(pool.id, false)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "pool.stop",
+                pool: Some(name),
+                image: Some(&pool.image),
+                detail: json!({"force": force}),
+                ..Default::default()
+            })?;
+            Ok(())
+        })?;
+        let mut stopped = vec![];
+        for d in desktops {
+            if self.is_active(&d.name)? {
+                // Persistent desktops get an ACPI shutdown first: the user's disk should be clean.
+                if pool.persistent && !force {
+                    let _ = self.hv.shutdown(&d.name);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                    while self.is_active(&d.name)? && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                }
+                self.hv.destroy(&d.name)?;
+                stopped.push(d.name);
+            }
+        }
+        Ok(stopped)
+    }
+
+    // ---- moving between versions ------------------------------------------------------------
+
+    fn facts(tx: &Tx, pool: &Pool) -> Result<(PoolFacts, Vec<DesktopFacts>, Vec<Desktop>)> {
+        let image = tx.image(&pool.image)?;
+        let facts = PoolFacts {
+            name: pool.name.clone(),
+            version: pool.version,
+            pinned: pool.pinned,
+            persistent: pool.persistent,
+            channel_version: tx.channel(&image, pool.channel)?,
+            history: tx.pool_history(pool.id)?,
+        };
+        let desktops = tx.desktops(pool.id)?;
+        let dfacts = desktops
+            .iter()
+            .map(|d| DesktopFacts {
+                name: d.name.clone(),
+                version: d.version,
+                target: d.target,
+                in_use: d.assigned_to.is_some(),
+            })
+            .collect();
+        Ok((facts, dfacts, desktops))
+    }
+
+    fn version_facts(tx: &Tx, pool: &Pool, number: u32) -> Result<VersionFacts> {
+        let image = tx.image(&pool.image)?;
+        let v = tx.version(&image, number)?;
+        Ok(VersionFacts { number, removed: v.removed.is_some(), failed: v.status == "failed" })
+    }
+
+    /// `pool update`: follow the channel.
+    pub fn update(&mut self, name: &str, force: bool, actor: &Actor) -> Result<MoveReport> {
+        self.move_with(name, actor, "pool.update", force, |tx, pool, facts, desktops| {
+            let to = Self::version_facts(tx, pool, facts.channel_version)?;
+            Ok(rules::plan_update(facts, desktops, to, force)?)
+        })
+    }
+
+    /// `rollback`: back to the version run before (or `to`), pinned there.
+    pub fn rollback(&mut self, name: &str, to: Option<u32>, force: bool, actor: &Actor) -> Result<MoveReport> {
+        self.move_with(name, actor, "pool.rollback", force, |tx, pool, facts, desktops| {
+            let to = to.map(|n| Self::version_facts(tx, pool, n)).transpose()?;
+            Ok(rules::plan_rollback(facts, desktops, to, force)?)
+        })
+    }
+
+    pub fn pin(&mut self, name: &str, version: u32, force: bool, actor: &Actor) -> Result<MoveReport> {
+        self.move_with(name, actor, "pool.pin", force, |tx, pool, facts, desktops| {
+            let to = Self::version_facts(tx, pool, version)?;
+            Ok(rules::plan_pin(facts, desktops, to, force)?)
+        })
+    }
+
+    /// Follow the channel again from the next promotion or `pool update` on.
+    pub fn unpin(&mut self, name: &str, actor: &Actor) -> Result<Pool> {
+        names::validate("pool", name)?;
+        let _l = self.lock_pool(name)?;
+        self.store.catalog().write(|tx| -> Result<Pool> {
+            let p = Self::load_pool(tx, name)?;
+            tx.set_pool_pin(p.id, None)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "pool.unpin",
+                pool: Some(name),
+                image: Some(&p.image),
+                version: p.pinned,
+                ..Default::default()
+            })?;
+            Self::load_pool(tx, name)
+        })
+    }
+
+    fn move_with(
+        &mut self,
+        name: &str,
+        actor: &Actor,
+        action: &str,
+        force: bool,
+        plan: impl FnOnce(&Tx, &Pool, &PoolFacts, &[DesktopFacts]) -> Result<MovePlan>,
+    ) -> Result<MoveReport> {
+        names::validate("pool", name)?;
+        let _l = self.lock_pool(name)?;
+        self.heal_locked(name)?;
+        let plan = self.store.catalog().write(|tx| -> Result<MovePlan> {
+            let pool = Self::load_pool(tx, name)?;
+            let (facts, dfacts, desktops) = Self::facts(tx, &pool)?;
+            let plan = plan(tx, &pool, &facts, &dfacts)?;
+            apply_plan(tx, &pool, &desktops, &plan)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action,
+                image: Some(&pool.image),
+                pool: Some(name),
+                version: Some(plan.to),
+                detail: json!({"from": plan.from, "to": plan.to, "now": plan.now, "at_logoff": plan.at_logoff, "pinned": plan.pinned, "force": force}),
+            })?;
+            Ok(plan)
+        })?;
+        let started = self.heal_locked(name)?;
+        Ok(MoveReport { plan, started })
+    }
+
+    /// Carry out every pending reset of idle desktops: a fresh overlay on their version,
+    /// booted again when the pool runs. Safe to repeat; every pool command calls it first,
+    /// so a crash between the catalog change and the file change is healed here.
+    pub fn heal(&mut self, name: &str) -> Result<Vec<String>> {
+        names::validate("pool", name)?;
+        let _l = self.lock_pool(name)?;
+        self.heal_locked(name)
+    }
+
+    fn heal_locked(&mut self, name: &str) -> Result<Vec<String>> {
+        let (pool, todo) = self.store.catalog().read(|tx| -> Result<_> {
+            let pool = Self::load_pool(tx, name)?;
+            let image = tx.image(&pool.image)?;
+            let mut todo = vec![];
+            for d in tx.desktops(pool.id)? {
+                if d.needs_reset && d.assigned_to.is_none() {
+                    let v = tx.version(&image, d.version)?;
+                    todo.push((d, v.digest, v.virtual_size));
+                }
+            }
+            Ok((pool, todo))
+        })?;
+        let mut started = vec![];
+        for (d, digest, vsize) in &todo {
+            if self.is_active(&d.name)? {
+                self.hv.destroy(&d.name)?;
+            }
+            self.write_overlay(&self.overlay_path(d), digest, *vsize)?;
+        }
+        if !todo.is_empty() {
+            let _ = fs::File::open(self.home().pool_dir(name)).and_then(|f| f.sync_all());
+            self.store.catalog().write(|tx| -> Result<()> {
+                for (d, _, _) in &todo {
+                    tx.clear_reset(d.id)?;
+                }
+                Ok(())
+            })?;
+        }
+        if pool.running {
+            for (d, _, _) in &todo {
+                self.hv.start(&d.name)?;
+                started.push(d.name.clone());
+            }
+        }
+        Ok(started)
+    }
+
+    // ---- assignment (the broker's and an admin's) -----------------------------------------------
+
+    /// Give an idle desktop of the pool to `user`.
+    pub fn assign(&mut self, name: &str, user: &str, actor: &Actor) -> Result<Desktop> {
+        names::validate("pool", name)?;
+        self.store.catalog().write(|tx| -> Result<Desktop> {
+            let pool = Self::load_pool(tx, name)?;
+            let d = tx
+                .assign_idle(pool.id, user)?
+                .ok_or(PoolError::Exhausted { pool: name.to_string(), size: pool.size })?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "desktop.assign",
+                pool: Some(name),
+                image: Some(&pool.image),
+                version: Some(d.version),
+                detail: json!({"desktop": d.name, "user": user}),
+            })?;
+            Ok(d)
+        })
+    }
+
+    /// Logoff: the desktop is wiped (non-persistent) and moved where it is due, before
+    /// anyone can get it again.
+    pub fn release(&mut self, desktop: &str, actor: &Actor) -> Result<rules::Release> {
+        let pool_name = self.store.catalog().read(|tx| -> Result<String> {
+            let d = tx.desktop(desktop)?.ok_or_else(|| PoolError::DesktopNotFound(desktop.to_string()))?;
+            Ok(tx.pools()?.into_iter().find(|p| p.id == d.pool_id).map(|p| p.name).unwrap_or_default())
+        })?;
+        let _l = self.lock_pool(&pool_name)?;
+        let release = self.store.catalog().write(|tx| -> Result<rules::Release> {
+            let d = tx.desktop(desktop)?.ok_or_else(|| PoolError::DesktopNotFound(desktop.to_string()))?;
+            let pool = Self::load_pool(tx, &pool_name)?;
+            let facts = DesktopFacts { name: d.name.clone(), version: d.version, target: d.target, in_use: true };
+            let r = rules::plan_release(pool.persistent, &facts);
+            if r.reset {
+                tx.mark_reset(d.id, r.version)?;
+            }
+            tx.unassign(d.id)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "desktop.release",
+                pool: Some(&pool_name),
+                image: Some(&pool.image),
+                version: Some(r.version),
+                detail: json!({"desktop": desktop, "user": d.assigned_to, "reset": r.reset}),
+            })?;
+            Ok(r)
+        })?;
+        self.heal_locked(&pool_name)?;
+        Ok(release)
+    }
+
+    // ---- resize / delete -------------------------------------------------------------------
+
+    pub fn resize(&mut self, name: &str, size: u32, actor: &Actor) -> Result<PoolView> {
+        names::validate("pool", name)?;
+        if size == 0 || size > MAX_POOL_SIZE {
+            return Err(PoolError::Size { size, max: MAX_POOL_SIZE });
+        }
+        let _l = self.lock_pool(name)?;
+        self.heal_locked(name)?;
+        let (pool, desktops, digest, vsize) = self.store.catalog().read(|tx| -> Result<_> {
+            let pool = Self::load_pool(tx, name)?;
+            let image = tx.image(&pool.image)?;
+            let v = tx.version(&image, pool.version)?;
+            Ok((pool.clone(), tx.desktops(pool.id)?, v.digest, v.virtual_size))
+        })?;
+        let current = desktops.len() as u32;
+        if size > current {
+            let profile = Profile::load(&self.profiles, &pool.profile)?;
+            let next = desktops.iter().map(|d| d.index).max().unwrap_or(0) + 1;
+            let new: Vec<(u32, String)> = (next..next + (size - current)).map(|i| (i, desktop_name(name, i))).collect();
+            if let Some((i, _)) = new.iter().find(|(i, _)| *i > MAX_POOL_SIZE) {
+                return Err(PoolError::Size { size: *i, max: MAX_POOL_SIZE });
+            }
+            let made = new.iter().try_for_each(|(_, dn)| -> Result<()> {
+                let overlay = self.home().pool_dir(name).join(format!("{dn}.qcow2"));
+                self.write_overlay(&overlay, &digest, vsize)?;
+                self.define_desktop(&pool, &profile, dn, &overlay, pool.version)
+            });
+            let committed = made.and_then(|_| {
+                self.store.catalog().write(|tx| -> Result<()> {
+                    for (i, dn) in &new {
+                        tx.insert_desktop(pool.id, *i, dn, &format!("desktops/{name}/{dn}.qcow2"), pool.version)?;
+                    }
+                    tx.set_pool_size(pool.id, size)?;
+                    tx.audit(Audit {
+                        actor: &actor.0,
+                        action: "pool.resize",
+                        pool: Some(name),
+                        image: Some(&pool.image),
+                        detail: json!({"from": current, "to": size}),
+                        ..Default::default()
+                    })?;
+                    Ok(())
+                })
+            });
+            if let Err(e) = committed {
+                for (_, dn) in &new {
+                    let _ = self.remove_domain(dn);
+                    let _ = fs::remove_file(self.home().pool_dir(name).join(format!("{dn}.qcow2")));
+                }
+                return Err(e);
+            }
+            if pool.running {
+                for (_, dn) in &new {
+                    self.hv.start(dn)?;
+                }
+            }
+        } else if size < current {
+            // Shrink from the top, never taking a desktop from its user.
+            let doomed: Vec<&Desktop> = desktops.iter().rev().take((current - size) as usize).collect();
+            if let Some(d) = doomed.iter().find(|d| d.assigned_to.is_some()) {
+                return Err(PoolError::InUse {
+                    desktop: d.name.clone(),
+                    user: d.assigned_to.clone().unwrap_or_default(),
+                    what: format!("shrinking pool '{name}' to {size} would remove it"),
+                });
+            }
+            self.store.catalog().write(|tx| -> Result<()> {
+                for d in &doomed {
+                    tx.delete_desktop(d.id)?;
+                }
+                tx.set_pool_size(pool.id, size)?;
+                tx.audit(Audit {
+                    actor: &actor.0,
+                    action: "pool.resize",
+                    pool: Some(name),
+                    image: Some(&pool.image),
+                    detail: json!({"from": current, "to": size}),
+                    ..Default::default()
+                })?;
+                Ok(())
+            })?;
+            for d in doomed {
+                self.remove_domain(&d.name)?;
+                let _ = fs::remove_file(self.overlay_path(d));
+                let _ = fs::remove_file(self.serial_log(name, &d.name));
+            }
+        }
+        self.show(name)
+    }
+
+    /// Remove exactly the pool's domains, overlays and runtime files.
+    pub fn delete(&mut self, name: &str, force: bool, actor: &Actor) -> Result<()> {
+        names::validate("pool", name)?;
+        let _l = self.lock_pool(name)?;
+        let (pool, desktops) = self.store.catalog().read(|tx| -> Result<_> {
+            let p = Self::load_pool(tx, name)?;
+            Ok((p.clone(), tx.desktops(p.id)?))
+        })?;
+        if let Some(d) = desktops.iter().find(|d| d.assigned_to.is_some()).filter(|_| !force) {
+            return Err(PoolError::InUse {
+                desktop: d.name.clone(),
+                user: d.assigned_to.clone().unwrap_or_default(),
+                what: format!("deleting pool '{name}' would take it away; log them off first or use --force"),
+            });
+        }
+        // Domains first: a desktop still defined must keep its overlay.
+        for d in &desktops {
+            self.remove_domain(&d.name)?;
+        }
+        self.store.catalog().write(|tx| -> Result<()> {
+            tx.delete_pool(pool.id)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "pool.delete",
+                pool: Some(name),
+                image: Some(&pool.image),
+                version: Some(pool.version),
+                detail: json!({"desktops": desktops.len(), "force": force}),
+            })?;
+            Ok(())
+        })?;
+        self.remove_leftovers(name)
+    }
+}
+
+/// Record a plan in the catalog: moves now become pending resets, in-use desktops get a
+/// target, and the pool's version, pin and history change. Files follow in `heal`.
+fn apply_plan(tx: &Tx, pool: &Pool, desktops: &[Desktop], plan: &MovePlan) -> Result<()> {
+    for d in desktops {
+        if plan.now.contains(&d.name) {
+            tx.mark_reset(d.id, plan.to)?;
+        } else if plan.at_logoff.contains(&d.name) {
+            tx.set_target(d.id, Some(plan.to))?;
+        } else if plan.cancel_pending.contains(&d.name) {
+            tx.set_target(d.id, None)?;
+        }
+    }
+    tx.set_pool_version(pool.id, plan.to, plan.pinned)?;
+    if plan.to != pool.version {
+        tx.record_pool_version(pool.id, plan.to, "move")?;
+    }
+    Ok(())
+}
+
+fn state_word(s: DomainState) -> &'static str {
+    match s {
+        DomainState::Running => "running",
+        DomainState::Paused => "paused",
+        DomainState::ShutOff => "shut off",
+        DomainState::Crashed => "crashed",
+        DomainState::Shutdown => "shutting down",
+        DomainState::PmSuspended => "suspended",
+        DomainState::Blocked => "blocked",
+        DomainState::Other => "other",
+    }
+}
+
+/// Versions pools still need, for gc.
+pub fn versions_in_use(tx: &Tx, image: &crate::catalog::Image) -> std::result::Result<Vec<u32>, StoreError> {
+    Ok(tx.versions_used_by_pools(image.id, store::ROLLBACK_WINDOW)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desktop_names_belong_to_exactly_one_pool() {
+        assert_eq!(desktop_name("finance", 7), "vdim-finance-007");
+        assert!(is_desktop_of("a", "vdim-a-001"));
+        assert!(!is_desktop_of("a", "vdim-a-b-001"), "pool a-b's desktop is not pool a's");
+        assert!(!is_desktop_of("a", "vdim-a-01"));
+        assert!(!is_desktop_of("a", "vdim-ab-001"));
+    }
+
+    #[test]
+    fn secrets_are_long_and_different() {
+        let (a, b) = (random_secret(16), random_secret(16));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+}

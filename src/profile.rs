@@ -1,0 +1,1445 @@
+//! Hardware profiles and the libvirt domain XML of a desktop.
+//!
+//! A golden image only boots on the virtual hardware it was installed on: Windows 11 wants
+//! UEFI with Secure Boot and a TPM, a stock Windows has no virtio drivers, the test guest boots
+//! a kernel directly and reports health on its serial console. A profile
+//! (`images/profiles/<name>.toml`) names that hardware once, is validated once at load, and
+//! [`domain_xml`] turns it plus one desktop's disk, name and display password into the XML
+//! given to libvirt.
+//!
+//! The XML is built here and nowhere else so that the rules hold for every desktop:
+//! every value is escaped, and names and paths that would need escaping are refused outright;
+//! the disk format is always stated; displays always have a password; Hyper-V enlightenments
+//! appear only under KVM (QEMU refuses them under TCG); `on_crash` is `preserve` so the rollout
+//! engine can see a crashed desktop; the desktop name reaches the guest as the SMBIOS serial so
+//! a startup script in the golden image can set the hostname.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Profile files are a few hundred bytes; anything this large is not a profile.
+const MAX_PROFILE_BYTES: u64 = 64 * 1024;
+/// spice-server refuses longer tickets (`SPICE_MAX_PASSWORD_LENGTH`).
+const MAX_PASSWORD_CHARS: usize = 60;
+/// VNC authentication (DES) keys on 8 bytes; libvirt refuses longer VNC passwords.
+const VNC_PASSWORD_CHARS: usize = 8;
+const MAX_CMDLINE_CHARS: usize = 2048;
+const MAX_USB_REDIRECTION: u32 = 8;
+const METADATA_NS: &str = "https://vdim.dev/xmlns/desktop/1";
+
+/// Errors of loading a profile or building a desktop's domain XML.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("Profile name {name:?} is invalid: {reason}")]
+    InvalidProfileName { name: String, reason: &'static str },
+
+    #[error("Profile {name} does not exist: there is no file {}", path.display())]
+    NotFound { name: String, path: PathBuf },
+
+    #[error("Cannot read profile file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Profile file {} is larger than {MAX_PROFILE_BYTES} bytes", path.display())]
+    TooLarge { path: PathBuf },
+
+    #[error("Profile file {}, line {line}: {message}", path.display())]
+    Parse { path: PathBuf, line: usize, message: String },
+
+    #[error("Profile {profile} ({}) is invalid: {problem}", path.display())]
+    Invalid { profile: String, path: PathBuf, problem: String },
+
+    #[error("{kind} name {name:?} is invalid: {reason}")]
+    InvalidName { kind: &'static str, name: String, reason: &'static str },
+
+    #[error("{what} path {path:?} of desktop {desktop} is not usable: {reason}")]
+    InvalidPath { what: &'static str, desktop: String, path: PathBuf, reason: &'static str },
+
+    #[error("Graphics password of desktop {desktop} is not usable: {reason}")]
+    InvalidPassword { desktop: String, reason: &'static str },
+
+    #[error("UUID {uuid:?} of desktop {desktop} is invalid: expected 8-4-4-4-12 hex digits")]
+    InvalidUuid { desktop: String, uuid: String },
+
+    #[error("Listen address {listen:?} of desktop {desktop} is invalid: expected an IP address")]
+    InvalidListen { desktop: String, listen: String },
+
+    #[error("Desktop {desktop} does not fit profile {profile}: {problem}")]
+    SpecMismatch { desktop: String, profile: String, problem: &'static str },
+}
+
+/// How the domain is accelerated. `auto` is resolved by the caller before building XML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtType {
+    /// Hardware virtualisation: Hyper-V enlightenments are emitted for profiles that want them.
+    Kvm,
+    /// TCG emulation: Hyper-V enlightenments are left out (QEMU refuses them).
+    Qemu,
+}
+
+impl VirtType {
+    /// The value of `<domain type=…>`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtType::Kvm => "kvm",
+            VirtType::Qemu => "qemu",
+        }
+    }
+}
+
+/// Chipset of the virtual machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Machine {
+    Q35,
+    Pc,
+}
+
+/// How the desktop boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firmware {
+    /// OVMF with Secure Boot enforced and the Microsoft keys enrolled (needs q35 + SMM).
+    UefiSecure,
+    /// OVMF without Secure Boot.
+    Uefi,
+    /// SeaBIOS.
+    Bios,
+    /// The profile's `kernel`, `initrd` and `cmdline`, no firmware boot loader.
+    DirectKernel,
+}
+
+/// A remote display protocol; every display gets the desktop's password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Graphics {
+    Spice,
+    Vnc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum CpuMode {
+    /// The host CPU under KVM (`host-passthrough`), everything TCG can emulate otherwise.
+    Host,
+    /// Whatever libvirt picks.
+    #[default]
+    Default,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Clock {
+    #[default]
+    Utc,
+    /// Windows keeps the RTC in local time.
+    Localtime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum PanicModel {
+    Isa,
+    Pvpanic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum DiskBus {
+    Virtio,
+    Sata,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum NicModel {
+    E1000e,
+    Virtio,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Video {
+    Qxl,
+    Virtio,
+    Vga,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Sound {
+    Ich9,
+    #[default]
+    None,
+}
+
+/// The TOML file as written; see [`Profile::load_file`] for the rules checked on top.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hardware {
+    description: String,
+    machine: Machine,
+    firmware: Firmware,
+    memory_mib: u64,
+    vcpus: u32,
+    #[serde(default)]
+    cpu: CpuMode,
+    #[serde(default)]
+    clock: Clock,
+    #[serde(default)]
+    tpm: bool,
+    #[serde(default)]
+    hyperv: bool,
+    panic_model: Option<PanicModel>,
+    disk_bus: DiskBus,
+    nic: Option<NicModel>,
+    nic_network: Option<String>,
+    nic_bridge: Option<String>,
+    video: Video,
+    graphics: Vec<Graphics>,
+    #[serde(default)]
+    spice_agent: bool,
+    #[serde(default)]
+    guest_agent: bool,
+    #[serde(default)]
+    usb_redirection: u32,
+    #[serde(default)]
+    sound: Sound,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    #[serde(default)]
+    serial_log: bool,
+}
+
+/// A loaded and validated hardware profile.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    name: String,
+    path: PathBuf,
+    hw: Hardware,
+}
+
+impl Profile {
+    /// Loads `<dir>/<name>.toml`. The name must match `[a-z0-9][a-z0-9._-]{0,62}`, so it can
+    /// never leave `dir`.
+    pub fn load(dir: &Path, name: &str) -> Result<Profile, ProfileError> {
+        check_profile_name(name)?;
+        let path = dir.join(format!("{name}.toml"));
+        if !path.is_file() {
+            return Err(ProfileError::NotFound { name: name.to_string(), path });
+        }
+        Self::load_file(&path)
+    }
+
+    /// Loads one profile file; the profile is named after the file (`windows11.toml` is
+    /// `windows11`). Unknown keys, bad values and contradictory settings are errors.
+    pub fn load_file(path: &Path) -> Result<Profile, ProfileError> {
+        let stem = match (path.file_stem(), path.extension()) {
+            (Some(stem), Some(ext)) if ext == "toml" => stem.to_string_lossy().into_owned(),
+            _ => {
+                return Err(ProfileError::InvalidProfileName {
+                    name: path.display().to_string(),
+                    reason: "a profile file is named <profile>.toml",
+                })
+            }
+        };
+        check_profile_name(&stem)?;
+        let text = read_capped(path)?;
+        let hw: Hardware = toml::from_str(&text).map_err(|e| ProfileError::Parse {
+            path: path.to_path_buf(),
+            line: e.span().map_or(1, |s| text.bytes().take(s.start).filter(|&b| b == b'\n').count() + 1),
+            message: e.message().to_string(),
+        })?;
+        validate_hardware(&hw).map_err(|problem| ProfileError::Invalid {
+            profile: stem.clone(),
+            path: path.to_path_buf(),
+            problem,
+        })?;
+        Ok(Profile { name: stem, path: path.to_path_buf(), hw })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file the profile was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn description(&self) -> &str {
+        &self.hw.description
+    }
+
+    /// Whether the guest has a QEMU guest agent channel (`org.qemu.guest_agent.0`).
+    pub fn has_guest_agent(&self) -> bool {
+        self.hw.guest_agent
+    }
+
+    /// Whether the desktop boots OVMF and so keeps UEFI variables (see `DesktopSpec::nvram`).
+    pub fn uses_uefi(&self) -> bool {
+        matches!(self.hw.firmware, Firmware::Uefi | Firmware::UefiSecure)
+    }
+
+    /// Whether the serial console goes to a file (`DesktopSpec::serial_log` is then required).
+    pub fn wants_serial_log(&self) -> bool {
+        self.hw.serial_log
+    }
+
+    pub fn firmware(&self) -> Firmware {
+        self.hw.firmware
+    }
+
+    pub fn machine(&self) -> Machine {
+        self.hw.machine
+    }
+
+    /// The remote displays of the desktop, in profile order.
+    pub fn graphics(&self) -> &[Graphics] {
+        &self.hw.graphics
+    }
+
+    pub fn memory_mib(&self) -> u64 {
+        self.hw.memory_mib
+    }
+
+    pub fn vcpus(&self) -> u32 {
+        self.hw.vcpus
+    }
+}
+
+/// One desktop to be defined from a profile.
+#[derive(Debug, Clone)]
+pub struct DesktopSpec<'a> {
+    /// Domain name, e.g. `vdim-finance-001`; see [`validate_name`].
+    pub name: &'a str,
+    /// Fixed domain UUID; libvirt generates one when absent.
+    pub uuid: Option<&'a str>,
+    /// The desktop's qcow2 overlay; its header names the backing file and format.
+    pub disk: &'a Path,
+    /// Serial console log file; required exactly when the profile has `serial_log = true`.
+    pub serial_log: Option<&'a Path>,
+    /// Per-desktop UEFI variables file; only for UEFI profiles. Absent: libvirt's default
+    /// location. Created from the firmware's template when missing.
+    pub nvram: Option<&'a Path>,
+    /// Password of every display: 1 to 60 printable ASCII characters. A VNC display gets the
+    /// first 8 (libvirt refuses more; VNC clients such as noVNC use only the first 8 of
+    /// whatever they are given, so the whole password still works there).
+    pub graphics_password: &'a str,
+    /// IP address the displays listen on, e.g. `127.0.0.1`.
+    pub listen: &'a str,
+    /// Pool and image version, recorded in the domain's `<metadata>`.
+    pub pool: &'a str,
+    pub version: u32,
+}
+
+/// Checks a domain (desktop) name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting
+/// with `.` or `-`. Names that would need escaping are refused, not escaped.
+pub fn validate_name(s: &str) -> Result<(), ProfileError> {
+    check_name("Desktop", s)
+}
+
+/// Escapes `& < > " '` (and tab, newline, carriage return as character references) so the
+/// result is safe in XML text and in single- or double-quoted attributes. Other control
+/// characters cannot appear in XML 1.0 at all and become U+FFFD.
+pub fn escape_xml(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' => out.push_str("&#9;"),
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
+            c if (c as u32) < 0x20 || c == '\u{fffe}' || c == '\u{ffff}' => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Builds the libvirt domain XML of one desktop.
+pub fn domain_xml(profile: &Profile, virt: VirtType, spec: &DesktopSpec) -> Result<String, ProfileError> {
+    let hw = &profile.hw;
+    let desktop = spec.name;
+    validate_name(desktop)?;
+    check_name("Pool", spec.pool)?;
+    if let Some(uuid) = spec.uuid {
+        if !is_uuid(uuid) {
+            return Err(ProfileError::InvalidUuid { desktop: desktop.to_string(), uuid: uuid.to_string() });
+        }
+    }
+    let disk = spec_path("Disk", desktop, spec.disk)?;
+    let nvram = spec.nvram.map(|p| spec_path("NVRAM", desktop, p)).transpose()?;
+    let serial_log = spec.serial_log.map(|p| spec_path("Serial log", desktop, p)).transpose()?;
+    let mismatch =
+        |problem| ProfileError::SpecMismatch { desktop: desktop.to_string(), profile: profile.name.clone(), problem };
+    if nvram.is_some() && !profile.uses_uefi() {
+        return Err(mismatch("an NVRAM file was given but the profile does not boot UEFI"));
+    }
+    match (hw.serial_log, serial_log.is_some()) {
+        (true, false) => {
+            return Err(mismatch("the profile logs the serial console to a file but no serial log path was given"))
+        }
+        (false, true) => return Err(mismatch("a serial log path was given but the profile has serial_log = false")),
+        _ => {}
+    }
+    if !hw.graphics.is_empty() {
+        check_password(desktop, spec.graphics_password)?;
+        if spec.listen.parse::<IpAddr>().is_err() {
+            return Err(ProfileError::InvalidListen { desktop: desktop.to_string(), listen: spec.listen.to_string() });
+        }
+    }
+
+    let kvm = virt == VirtType::Kvm;
+    let hyperv = hw.hyperv && kvm;
+    let mut x = Xml::default();
+    x.open("domain", &[("type", virt.as_str())]);
+    x.leaf("name", &[], desktop);
+    if let Some(uuid) = spec.uuid {
+        x.leaf("uuid", &[], uuid);
+    }
+    x.open("metadata", &[]);
+    x.open("vdim:desktop", &[("xmlns:vdim", METADATA_NS)]);
+    x.leaf("vdim:pool", &[], spec.pool);
+    x.leaf("vdim:version", &[], &spec.version.to_string());
+    x.leaf("vdim:profile", &[], &profile.name);
+    x.close("vdim:desktop");
+    x.close("metadata");
+    let memory = hw.memory_mib.to_string();
+    x.leaf("memory", &[("unit", "MiB")], &memory);
+    x.leaf("currentMemory", &[("unit", "MiB")], &memory);
+    x.leaf("vcpu", &[("placement", "static")], &hw.vcpus.to_string());
+
+    x.open("sysinfo", &[("type", "smbios")]);
+    x.open("system", &[]);
+    x.leaf("entry", &[("name", "manufacturer")], "vdim");
+    x.leaf("entry", &[("name", "product")], "vdim desktop");
+    x.leaf("entry", &[("name", "serial")], desktop);
+    x.close("system");
+    x.close("sysinfo");
+
+    let machine = match hw.machine {
+        Machine::Q35 => "q35",
+        Machine::Pc => "pc",
+    };
+    let secure = hw.firmware == Firmware::UefiSecure;
+    if profile.uses_uefi() {
+        x.open("os", &[("firmware", "efi")]);
+    } else {
+        x.open("os", &[]);
+    }
+    x.leaf("type", &[("arch", "x86_64"), ("machine", machine)], "hvm");
+    if profile.uses_uefi() {
+        let enabled = if secure { "yes" } else { "no" };
+        x.open("firmware", &[]);
+        x.empty("feature", &[("enabled", enabled), ("name", "enrolled-keys")]);
+        x.empty("feature", &[("enabled", enabled), ("name", "secure-boot")]);
+        x.close("firmware");
+        x.empty("loader", &[("secure", enabled)]);
+        if let Some(nvram) = nvram {
+            x.leaf("nvram", &[], nvram);
+        }
+    }
+    if hw.firmware == Firmware::DirectKernel {
+        // Present and checked at load.
+        for (tag, value) in [("kernel", &hw.kernel), ("initrd", &hw.initrd)] {
+            if let Some(path) = value.as_deref().and_then(Path::to_str) {
+                x.leaf(tag, &[], path);
+            }
+        }
+        if let Some(cmdline) = &hw.cmdline {
+            x.leaf("cmdline", &[], cmdline);
+        }
+    } else {
+        x.empty("boot", &[("dev", "hd")]);
+    }
+    x.empty("smbios", &[("mode", "sysinfo")]);
+    x.close("os");
+
+    x.open("features", &[]);
+    x.empty("acpi", &[]);
+    x.empty("apic", &[]);
+    if hyperv {
+        x.open("hyperv", &[("mode", "custom")]);
+        for flag in ["relaxed", "vapic"] {
+            x.empty(flag, &[("state", "on")]);
+        }
+        x.empty("spinlocks", &[("state", "on"), ("retries", "8191")]);
+        for flag in ["vpindex", "runtime", "synic", "stimer", "reset", "frequencies", "tlbflush", "ipi"] {
+            x.empty(flag, &[("state", "on")]);
+        }
+        x.close("hyperv");
+    }
+    if hw.machine == Machine::Q35 {
+        x.empty("vmport", &[("state", "off")]);
+    }
+    if secure {
+        x.empty("smm", &[("state", "on")]);
+    }
+    x.close("features");
+
+    let cores = hw.vcpus.to_string();
+    let topology = [("sockets", "1"), ("dies", "1"), ("cores", cores.as_str()), ("threads", "1")];
+    match (hw.cpu, virt) {
+        (CpuMode::Host, VirtType::Kvm) => {
+            x.open("cpu", &[("mode", "host-passthrough"), ("check", "none"), ("migratable", "on")])
+        }
+        (CpuMode::Host, VirtType::Qemu) => x.open("cpu", &[("mode", "maximum"), ("check", "none")]),
+        (CpuMode::Default, _) => x.open("cpu", &[]),
+    }
+    // One socket: Windows client editions use at most two.
+    x.empty("topology", &topology);
+    x.close("cpu");
+
+    match hw.clock {
+        Clock::Utc => x.empty("clock", &[("offset", "utc")]),
+        Clock::Localtime => {
+            x.open("clock", &[("offset", "localtime")]);
+            x.empty("timer", &[("name", "rtc"), ("tickpolicy", "catchup")]);
+            x.empty("timer", &[("name", "pit"), ("tickpolicy", "delay")]);
+            x.empty("timer", &[("name", "hpet"), ("present", "no")]);
+            if hyperv {
+                x.empty("timer", &[("name", "hypervclock"), ("present", "yes")]);
+            }
+            x.close("clock");
+        }
+    }
+    x.leaf("on_poweroff", &[], "destroy");
+    x.leaf("on_reboot", &[], "restart");
+    x.leaf("on_crash", &[], "preserve");
+    x.open("pm", &[]);
+    x.empty("suspend-to-mem", &[("enabled", "no")]);
+    x.empty("suspend-to-disk", &[("enabled", "no")]);
+    x.close("pm");
+
+    x.open("devices", &[]);
+    let (dev, bus) = match hw.disk_bus {
+        DiskBus::Virtio => ("vda", "virtio"),
+        DiskBus::Sata => ("sda", "sata"),
+    };
+    x.open("disk", &[("type", "file"), ("device", "disk")]);
+    // The overlay's header states its backing file and format; libvirt follows it from there.
+    x.empty("driver", &[("name", "qemu"), ("type", "qcow2"), ("discard", "unmap")]);
+    x.empty("source", &[("file", disk)]);
+    x.empty("target", &[("dev", dev), ("bus", bus)]);
+    x.close("disk");
+
+    if !hw.graphics.is_empty() || hw.usb_redirection > 0 {
+        x.empty("controller", &[("type", "usb"), ("model", "qemu-xhci"), ("ports", "15")]);
+    }
+    if let Some(nic) = hw.nic {
+        let model = match nic {
+            NicModel::E1000e => "e1000e",
+            NicModel::Virtio => "virtio",
+        };
+        match (&hw.nic_network, &hw.nic_bridge) {
+            (Some(network), _) => {
+                x.open("interface", &[("type", "network")]);
+                x.empty("source", &[("network", network)]);
+            }
+            (None, Some(bridge)) => {
+                x.open("interface", &[("type", "bridge")]);
+                x.empty("source", &[("bridge", bridge)]);
+            }
+            (None, None) => x.open("interface", &[("type", "user")]),
+        }
+        x.empty("model", &[("type", model)]);
+        x.close("interface");
+    }
+    if let Some(log) = serial_log {
+        x.open("serial", &[("type", "file")]);
+        x.empty("source", &[("path", log)]);
+        x.empty("target", &[("port", "0")]);
+        x.close("serial");
+    }
+    if hw.spice_agent {
+        x.open("channel", &[("type", "spicevmc")]);
+        x.empty("target", &[("type", "virtio"), ("name", "com.redhat.spice.0")]);
+        x.close("channel");
+    }
+    if hw.guest_agent {
+        x.open("channel", &[("type", "unix")]);
+        x.empty("target", &[("type", "virtio"), ("name", "org.qemu.guest_agent.0")]);
+        x.close("channel");
+    }
+    if !hw.graphics.is_empty() {
+        // Absolute pointer: the mouse follows the client's cursor.
+        x.empty("input", &[("type", "tablet"), ("bus", "usb")]);
+    }
+    for graphics in &hw.graphics {
+        match graphics {
+            Graphics::Spice => x.open(
+                "graphics",
+                &[
+                    ("type", "spice"),
+                    ("autoport", "yes"),
+                    ("passwd", spec.graphics_password),
+                    ("connected", "disconnect"),
+                ],
+            ),
+            // libvirt allows only connected='keep' for VNC, and passwords of 8 characters.
+            Graphics::Vnc => x.open(
+                "graphics",
+                &[("type", "vnc"), ("autoport", "yes"), ("passwd", vnc_password(spec.graphics_password))],
+            ),
+        }
+        x.empty("listen", &[("type", "address"), ("address", spec.listen)]);
+        x.close("graphics");
+    }
+    let video = match hw.video {
+        Video::Qxl => "qxl",
+        Video::Virtio => "virtio",
+        Video::Vga => "vga",
+        Video::None => "none",
+    };
+    x.open("video", &[]);
+    if hw.video == Video::None {
+        x.empty("model", &[("type", video)]);
+    } else {
+        x.empty("model", &[("type", video), ("heads", "1"), ("primary", "yes")]);
+    }
+    x.close("video");
+    if hw.sound == Sound::Ich9 {
+        x.empty("sound", &[("model", "ich9")]);
+    }
+    for _ in 0..hw.usb_redirection {
+        x.empty("redirdev", &[("bus", "usb"), ("type", "spicevmc")]);
+    }
+    if hw.tpm {
+        x.open("tpm", &[("model", "tpm-crb")]);
+        x.empty("backend", &[("type", "emulator"), ("version", "2.0")]);
+        x.close("tpm");
+    }
+    if hyperv {
+        x.empty("panic", &[("model", "hyperv")]);
+    }
+    match hw.panic_model {
+        Some(PanicModel::Isa) => x.empty("panic", &[("model", "isa")]),
+        Some(PanicModel::Pvpanic) => x.empty("panic", &[("model", "pvpanic")]),
+        None => {}
+    }
+    x.close("devices");
+    x.close("domain");
+    Ok(x.out)
+}
+
+/// A tiny XML writer: element and attribute names are `'static` literals of this module,
+/// every value passes through [`escape_xml`].
+#[derive(Default)]
+struct Xml {
+    out: String,
+    depth: usize,
+}
+
+impl Xml {
+    fn tag(&mut self, name: &'static str, attrs: &[(&'static str, &str)]) {
+        for _ in 0..self.depth {
+            self.out.push_str("  ");
+        }
+        self.out.push('<');
+        self.out.push_str(name);
+        for (key, value) in attrs {
+            self.out.push(' ');
+            self.out.push_str(key);
+            self.out.push_str("='");
+            self.out.push_str(&escape_xml(value));
+            self.out.push('\'');
+        }
+    }
+
+    fn open(&mut self, name: &'static str, attrs: &[(&'static str, &str)]) {
+        self.tag(name, attrs);
+        self.out.push_str(">\n");
+        self.depth += 1;
+    }
+
+    fn empty(&mut self, name: &'static str, attrs: &[(&'static str, &str)]) {
+        self.tag(name, attrs);
+        self.out.push_str("/>\n");
+    }
+
+    fn leaf(&mut self, name: &'static str, attrs: &[(&'static str, &str)], text: &str) {
+        self.tag(name, attrs);
+        self.out.push('>');
+        self.out.push_str(&escape_xml(text));
+        self.out.push_str("</");
+        self.out.push_str(name);
+        self.out.push_str(">\n");
+    }
+
+    fn close(&mut self, name: &'static str) {
+        self.depth = self.depth.saturating_sub(1);
+        for _ in 0..self.depth {
+            self.out.push_str("  ");
+        }
+        self.out.push_str("</");
+        self.out.push_str(name);
+        self.out.push_str(">\n");
+    }
+}
+
+fn check_profile_name(name: &str) -> Result<(), ProfileError> {
+    let bad = |reason| Err(ProfileError::InvalidProfileName { name: name.to_string(), reason });
+    let first_ok = name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !first_ok {
+        return bad("it must start with a-z or 0-9");
+    }
+    if name.len() > 63 {
+        return bad("it must be at most 63 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')) {
+        return bad("use only a-z, 0-9, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+fn check_name(kind: &'static str, name: &str) -> Result<(), ProfileError> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 64 {
+        Some("it is longer than 64 characters")
+    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        Some("use only A-Z, a-z, 0-9, '.', '_' and '-'")
+    } else if name.starts_with(['.', '-']) {
+        Some("it must not start with '.' or '-'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ProfileError::InvalidName { kind, name: name.to_string(), reason }),
+        None => Ok(()),
+    }
+}
+
+/// Why a path cannot go into the XML, if it cannot.
+fn path_problem(path: &Path) -> Option<&'static str> {
+    let Some(s) = path.to_str() else {
+        return Some("it is not valid UTF-8");
+    };
+    if !path.is_absolute() {
+        return Some("it must be absolute");
+    }
+    if s.chars().any(|c| c.is_control() || matches!(c, '\'' | '"' | '<' | '>' | '&')) {
+        return Some("it must not contain control characters or any of ' \" < > &");
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Some("it must not contain '..'");
+    }
+    None
+}
+
+fn spec_path<'p>(what: &'static str, desktop: &str, path: &'p Path) -> Result<&'p str, ProfileError> {
+    match (path_problem(path), path.to_str()) {
+        (None, Some(s)) => Ok(s),
+        (problem, _) => Err(ProfileError::InvalidPath {
+            what,
+            desktop: desktop.to_string(),
+            path: path.to_path_buf(),
+            reason: problem.unwrap_or("it is not valid UTF-8"),
+        }),
+    }
+}
+
+fn check_password(desktop: &str, password: &str) -> Result<(), ProfileError> {
+    let reason = if password.is_empty() {
+        Some("it is empty, and displays are never left open")
+    } else if password.chars().count() > MAX_PASSWORD_CHARS {
+        Some("it is longer than 60 characters (the SPICE limit)")
+    } else if !password.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        // A newline would also break the `.vv` file the broker writes it into.
+        Some("use only printable ASCII characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ProfileError::InvalidPassword { desktop: desktop.to_string(), reason }),
+        None => Ok(()),
+    }
+}
+
+/// The VNC share of a checked (ASCII) password.
+fn vnc_password(password: &str) -> &str {
+    password.get(..VNC_PASSWORD_CHARS).unwrap_or(password)
+}
+
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn read_capped(path: &Path) -> Result<String, ProfileError> {
+    let read_err = |source| ProfileError::Read { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(read_err)?;
+    let mut text = String::new();
+    file.take(MAX_PROFILE_BYTES + 1).read_to_string(&mut text).map_err(read_err)?;
+    if text.len() as u64 > MAX_PROFILE_BYTES {
+        return Err(ProfileError::TooLarge { path: path.to_path_buf() });
+    }
+    Ok(text)
+}
+
+/// The rules serde cannot express. Returns the first problem found.
+fn validate_hardware(hw: &Hardware) -> Result<(), String> {
+    if !(64..=1_048_576).contains(&hw.memory_mib) {
+        return Err(format!("memory_mib = {} is out of range 64..=1048576", hw.memory_mib));
+    }
+    if !(1..=256).contains(&hw.vcpus) {
+        return Err(format!("vcpus = {} is out of range 1..=256", hw.vcpus));
+    }
+    if hw.machine == Machine::Pc && hw.vcpus > 255 {
+        return Err("machine \"pc\" supports at most 255 vcpus".into());
+    }
+    if hw.firmware == Firmware::UefiSecure && hw.machine != Machine::Q35 {
+        return Err("firmware \"uefi-secure\" needs machine \"q35\" (Secure Boot needs SMM)".into());
+    }
+    let direct = hw.firmware == Firmware::DirectKernel;
+    for (key, value) in [("kernel", &hw.kernel), ("initrd", &hw.initrd)] {
+        match value {
+            None if direct => {
+                return Err(format!("firmware \"direct-kernel\" needs {key}"));
+            }
+            Some(_) if !direct => {
+                return Err(format!("{key} is only used with firmware \"direct-kernel\""));
+            }
+            Some(path) => {
+                if let Some(problem) = path_problem(path) {
+                    return Err(format!("{key} = {path:?} is not usable: {problem}"));
+                }
+            }
+            None => {}
+        }
+    }
+    if let Some(cmdline) = &hw.cmdline {
+        if !direct {
+            return Err("cmdline is only used with firmware \"direct-kernel\"".into());
+        }
+        if cmdline.chars().any(char::is_control) {
+            return Err("cmdline must not contain control characters".into());
+        }
+        if cmdline.len() > MAX_CMDLINE_CHARS {
+            return Err(format!("cmdline is longer than {MAX_CMDLINE_CHARS} characters"));
+        }
+    }
+    if hw.nic.is_none() && (hw.nic_network.is_some() || hw.nic_bridge.is_some()) {
+        return Err("nic_network and nic_bridge need a nic model".into());
+    }
+    if hw.nic_network.is_some() && hw.nic_bridge.is_some() {
+        return Err("set nic_network or nic_bridge, not both".into());
+    }
+    for (key, value) in [("nic_network", &hw.nic_network), ("nic_bridge", &hw.nic_bridge)] {
+        if let Some(name) = value {
+            if let Err(ProfileError::InvalidName { reason, .. }) = check_name("Network", name) {
+                return Err(format!("{key} = {name:?} is invalid: {reason}"));
+            }
+        }
+    }
+    for (i, g) in hw.graphics.iter().enumerate() {
+        if hw.graphics[..i].contains(g) {
+            return Err(format!("graphics lists {g:?} twice"));
+        }
+    }
+    if hw.video == Video::None && !hw.graphics.is_empty() {
+        return Err("video \"none\" leaves the graphics nothing to show".into());
+    }
+    let spice = hw.graphics.contains(&Graphics::Spice);
+    if hw.spice_agent && !spice {
+        return Err("spice_agent needs \"spice\" in graphics".into());
+    }
+    if hw.usb_redirection > 0 && !spice {
+        return Err("usb_redirection needs \"spice\" in graphics".into());
+    }
+    if hw.usb_redirection > MAX_USB_REDIRECTION {
+        return Err(format!("usb_redirection = {} is out of range 0..={MAX_USB_REDIRECTION}", hw.usb_redirection));
+    }
+    if hw.description.chars().any(|c| c.is_control()) {
+        return Err("description must be one line".into());
+    }
+    Ok(())
+}
+
+/// The profiles shipped in `images/profiles/`, built into the binary so `vdim init` can put
+/// them in a new home, where admins may then edit them.
+pub const SHIPPED: &[(&str, &str)] = &[
+    ("windows11", include_str!("../images/profiles/windows11.toml")),
+    ("windows10", include_str!("../images/profiles/windows10.toml")),
+    ("windows-server-2022", include_str!("../images/profiles/windows-server-2022.toml")),
+    ("test-linux", include_str!("../images/profiles/test-linux.toml")),
+];
+
+/// Write the shipped profiles into `dir`, never overwriting an admin's edited copy.
+pub fn install_shipped(dir: &Path) -> std::io::Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = vec![];
+    for (name, text) in SHIPPED {
+        let path = dir.join(format!("{name}.toml"));
+        if !path.exists() {
+            std::fs::write(&path, text)?;
+            written.push(name.to_string());
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    const SHIPPED: [&str; 4] = ["windows11", "windows10", "windows-server-2022", "test-linux"];
+
+    fn profiles_dir() -> PathBuf {
+        let in_crate = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/images/profiles"));
+        if in_crate.is_dir() {
+            in_crate
+        } else {
+            PathBuf::from("/work/main/images/profiles")
+        }
+    }
+
+    fn shipped(name: &str) -> Profile {
+        Profile::load(&profiles_dir(), name).expect("shipped profile loads")
+    }
+
+    fn spec<'a>(profile: &Profile, name: &'a str) -> DesktopSpec<'a> {
+        DesktopSpec {
+            name,
+            uuid: None,
+            disk: Path::new("/var/lib/vdim/desktops/finance/vdim-finance-001.qcow2"),
+            serial_log: profile.wants_serial_log().then_some(Path::new("/var/log/vdim/vdim-finance-001.serial.log")),
+            nvram: profile.uses_uefi().then_some(Path::new("/var/lib/vdim/nvram/vdim-finance-001_VARS.fd")),
+            graphics_password: "s3cret-ticket",
+            listen: "127.0.0.1",
+            pool: "finance",
+            version: 7,
+        }
+    }
+
+    fn xml(profile: &Profile, virt: VirtType) -> String {
+        domain_xml(profile, virt, &spec(profile, "vdim-finance-001")).expect("domain XML")
+    }
+
+    const MINIMAL: &str = r#"
+description = "minimal"
+machine = "q35"
+firmware = "bios"
+memory_mib = 512
+vcpus = 1
+disk_bus = "virtio"
+video = "vga"
+graphics = ["vnc"]
+"#;
+
+    fn load_text(text: &str) -> Result<Profile, ProfileError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("custom.toml");
+        std::fs::write(&path, text).expect("write profile");
+        Profile::load_file(&path)
+    }
+
+    fn invalid_problem(text: &str) -> String {
+        match load_text(text) {
+            Err(ProfileError::Invalid { problem, .. }) => problem,
+            other => panic!("expected an invalid profile, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_shipped_profile_loads() {
+        let dir = profiles_dir();
+        for name in SHIPPED {
+            let profile = shipped(name);
+            assert_eq!(profile.name(), name);
+            assert!(!profile.description().is_empty());
+        }
+        let mut count = 0;
+        for entry in std::fs::read_dir(&dir).expect("profiles dir") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Profile::load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                count += 1;
+            }
+        }
+        assert!(count >= SHIPPED.len());
+    }
+
+    #[test]
+    fn shipped_profiles_have_the_promised_hardware() {
+        let w11 = shipped("windows11");
+        assert_eq!(w11.firmware(), Firmware::UefiSecure);
+        assert_eq!((w11.memory_mib(), w11.vcpus()), (4096, 2));
+        assert!(!w11.has_guest_agent());
+        let server = shipped("windows-server-2022");
+        assert!(server.has_guest_agent() && server.uses_uefi());
+        let linux = shipped("test-linux");
+        assert_eq!(linux.firmware(), Firmware::DirectKernel);
+        assert_eq!((linux.memory_mib(), linux.vcpus()), (256, 1));
+        assert!(linux.wants_serial_log() && !linux.uses_uefi());
+        assert_eq!(linux.graphics(), &[Graphics::Spice, Graphics::Vnc]);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_naming_key_and_file() {
+        let err = load_text(&format!("{MINIMAL}colour = \"blue\"\n")).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(matches!(err, ProfileError::Parse { line: 10, .. }), "{err:?}");
+        assert!(msg.contains("colour"), "{msg}");
+        assert!(msg.contains("custom.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_enum_value_and_missing_key_are_rejected() {
+        let err = load_text(&MINIMAL.replace("\"vga\"", "\"cirrus\"")).expect_err("bad video");
+        assert!(err.to_string().contains("cirrus"), "{err}");
+        let err = load_text(&MINIMAL.replace("vcpus = 1\n", "")).expect_err("no vcpus");
+        assert!(err.to_string().contains("vcpus"), "{err}");
+    }
+
+    #[test]
+    fn minimal_profile_loads() {
+        let profile = load_text(MINIMAL).expect("minimal profile");
+        assert_eq!(profile.name(), "custom");
+        assert!(!profile.has_guest_agent());
+    }
+
+    #[test]
+    fn out_of_range_memory_and_vcpus_are_rejected() {
+        for (from, to, key) in [
+            ("memory_mib = 512", "memory_mib = 63", "memory_mib"),
+            ("memory_mib = 512", "memory_mib = 1048577", "memory_mib"),
+            ("vcpus = 1", "vcpus = 0", "vcpus"),
+            ("vcpus = 1", "vcpus = 257", "vcpus"),
+        ] {
+            let problem = invalid_problem(&MINIMAL.replace(from, to));
+            assert!(problem.contains(key), "{to}: {problem}");
+        }
+        let err = load_text(&MINIMAL.replace("vcpus = 1", "vcpus = -1")).expect_err("negative");
+        assert!(matches!(err, ProfileError::Parse { .. }), "{err:?}");
+        let problem = invalid_problem(&format!("{MINIMAL}usb_redirection = 9\n"));
+        assert!(problem.contains("usb_redirection"), "{problem}");
+    }
+
+    #[test]
+    fn contradictory_settings_are_rejected() {
+        let cases = [
+            (MINIMAL.replace("\"bios\"", "\"uefi-secure\"").replace("\"q35\"", "\"pc\""), "q35"),
+            (MINIMAL.replace("\"bios\"", "\"direct-kernel\""), "kernel"),
+            (MINIMAL.replace("\"bios\"", "\"direct-kernel\"") + "kernel = \"/boot/vmlinuz\"\n", "initrd"),
+            (MINIMAL.to_string() + "kernel = \"/boot/vmlinuz\"\n", "direct-kernel"),
+            (MINIMAL.to_string() + "cmdline = \"quiet\"\n", "direct-kernel"),
+            (
+                MINIMAL.replace("\"bios\"", "\"direct-kernel\"")
+                    + "kernel = \"boot/vmlinuz\"\ninitrd = \"/boot/initrd\"\n",
+                "absolute",
+            ),
+            (
+                MINIMAL.replace("\"bios\"", "\"direct-kernel\"")
+                    + "kernel = \"/boot/vm'linuz\"\ninitrd = \"/boot/initrd\"\n",
+                "must not contain",
+            ),
+            (MINIMAL.to_string() + "spice_agent = true\n", "spice"),
+            (MINIMAL.to_string() + "usb_redirection = 1\n", "spice"),
+            (MINIMAL.replace("\"vga\"", "\"none\""), "video"),
+            (MINIMAL.replace("[\"vnc\"]", "[\"vnc\", \"vnc\"]"), "twice"),
+            (MINIMAL.to_string() + "nic_network = \"lan\"\n", "nic model"),
+            (MINIMAL.to_string() + "nic = \"virtio\"\nnic_network = \"x'/>\"\n", "nic_network"),
+        ];
+        for (text, needle) in cases {
+            let problem = invalid_problem(&text);
+            assert!(problem.contains(needle), "{problem} (wanted {needle})");
+        }
+    }
+
+    #[test]
+    fn profile_names_cannot_leave_the_directory() {
+        let dir = profiles_dir();
+        for name in ["../windows11", "a/b", "", ".hidden", "Windows11", "x y", &"a".repeat(64)] {
+            let err = Profile::load(&dir, name).expect_err(name);
+            assert!(matches!(err, ProfileError::InvalidProfileName { .. }), "{name}: {err:?}");
+        }
+        let err = Profile::load(&dir, "no-such-profile").expect_err("missing");
+        assert!(matches!(err, ProfileError::NotFound { .. }), "{err:?}");
+        assert!(err.to_string().contains("no-such-profile"), "{err}");
+    }
+
+    #[test]
+    fn windows11_under_kvm_has_hyperv_enlightenments_and_panic() {
+        let out = xml(&shipped("windows11"), VirtType::Kvm);
+        assert!(out.starts_with("<domain type='kvm'>"), "{out}");
+        assert!(out.contains("<hyperv mode='custom'>"), "{out}");
+        for flag in [
+            "relaxed",
+            "vapic",
+            "spinlocks",
+            "vpindex",
+            "runtime",
+            "synic",
+            "stimer",
+            "reset",
+            "frequencies",
+            "tlbflush",
+            "ipi",
+        ] {
+            assert!(out.contains(&format!("<{flag} state='on'")), "{flag}: {out}");
+        }
+        assert!(out.contains("<timer name='hypervclock' present='yes'/>"), "{out}");
+        assert!(out.contains("<panic model='hyperv'/>"), "{out}");
+        assert!(out.contains("<cpu mode='host-passthrough'"), "{out}");
+    }
+
+    #[test]
+    fn windows11_under_tcg_has_no_hyperv() {
+        let out = xml(&shipped("windows11"), VirtType::Qemu);
+        assert!(out.starts_with("<domain type='qemu'>"), "{out}");
+        assert!(!out.contains("<hyperv"), "{out}");
+        assert!(!out.contains("hypervclock"), "{out}");
+        assert!(!out.contains("<panic model='hyperv'"), "{out}");
+        assert!(out.contains("<cpu mode='maximum'"), "{out}");
+    }
+
+    #[test]
+    fn windows11_has_its_hardware_under_both_virt_types() {
+        let profile = shipped("windows11");
+        for virt in [VirtType::Kvm, VirtType::Qemu] {
+            let out = xml(&profile, virt);
+            for needle in [
+                "<os firmware='efi'>",
+                "<feature enabled='yes' name='enrolled-keys'/>",
+                "<feature enabled='yes' name='secure-boot'/>",
+                "<loader secure='yes'/>",
+                "<nvram>/var/lib/vdim/nvram/vdim-finance-001_VARS.fd</nvram>",
+                "<smm state='on'/>",
+                "<type arch='x86_64' machine='q35'>hvm</type>",
+                "<tpm model='tpm-crb'>",
+                "<backend type='emulator' version='2.0'/>",
+                "<model type='qxl' heads='1' primary='yes'/>",
+                "<graphics type='spice' autoport='yes' passwd='s3cret-ticket' connected='disconnect'>",
+                "<listen type='address' address='127.0.0.1'/>",
+                "<channel type='spicevmc'>",
+                "<target type='virtio' name='com.redhat.spice.0'/>",
+                "<sound model='ich9'/>",
+                "<target dev='sda' bus='sata'/>",
+                "<driver name='qemu' type='qcow2' discard='unmap'/>",
+                "<model type='e1000e'/>",
+                "<smbios mode='sysinfo'/>",
+                "<entry name='manufacturer'>vdim</entry>",
+                "<entry name='product'>vdim desktop</entry>",
+                "<entry name='serial'>vdim-finance-001</entry>",
+                "<on_crash>preserve</on_crash>",
+                "<on_reboot>restart</on_reboot>",
+                "<on_poweroff>destroy</on_poweroff>",
+                "<vdim:desktop xmlns:vdim='https://vdim.dev/xmlns/desktop/1'>",
+                "<vdim:pool>finance</vdim:pool>",
+                "<vdim:version>7</vdim:version>",
+                "<vdim:profile>windows11</vdim:profile>",
+                "<clock offset='localtime'>",
+            ] {
+                assert!(out.contains(needle), "{virt:?} lacks {needle}: {out}");
+            }
+            assert_eq!(out.matches("<redirdev bus='usb' type='spicevmc'/>").count(), 2);
+            assert!(!out.contains("org.qemu.guest_agent.0"), "{out}");
+            assert!(!out.contains("<backingStore"), "{out}");
+        }
+    }
+
+    #[test]
+    fn windows10_boots_uefi_without_secure_boot() {
+        let out = xml(&shipped("windows10"), VirtType::Qemu);
+        assert!(out.contains("<feature enabled='no' name='secure-boot'/>"), "{out}");
+        assert!(out.contains("<loader secure='no'/>"), "{out}");
+        assert!(!out.contains("<smm"), "{out}");
+    }
+
+    #[test]
+    fn server_uses_virtio_and_the_guest_agent() {
+        let out = xml(&shipped("windows-server-2022"), VirtType::Kvm);
+        assert!(out.contains("<target dev='vda' bus='virtio'/>"), "{out}");
+        assert!(out.contains("<model type='virtio'/>"), "{out}");
+        assert!(out.contains("name='org.qemu.guest_agent.0'"), "{out}");
+        assert!(!out.contains("<sound"), "{out}");
+        assert!(!out.contains("<redirdev"), "{out}");
+    }
+
+    #[test]
+    fn test_linux_boots_its_kernel_and_logs_serial() {
+        let out = xml(&shipped("test-linux"), VirtType::Qemu);
+        for needle in [
+            "<kernel>/var/cache/vdim/test-guest/vmlinuz</kernel>",
+            "<initrd>/var/cache/vdim/test-guest/initrd.img</initrd>",
+            "<cmdline>console=ttyS0</cmdline>",
+            "<type arch='x86_64' machine='pc'>hvm</type>",
+            "<serial type='file'>",
+            "<source path='/var/log/vdim/vdim-finance-001.serial.log'/>",
+            "<panic model='isa'/>",
+            "<target dev='vda' bus='virtio'/>",
+            "<graphics type='vnc' autoport='yes' passwd='s3cret-t'>",
+            "<graphics type='spice' autoport='yes' passwd='s3cret-ticket' connected='disconnect'>",
+            "<memory unit='MiB'>256</memory>",
+            "<vcpu placement='static'>1</vcpu>",
+        ] {
+            assert!(out.contains(needle), "lacks {needle}: {out}");
+        }
+        for absent in ["<interface", "firmware='efi'", "<tpm", "<boot ", "<nvram"] {
+            assert!(!out.contains(absent), "has {absent}: {out}");
+        }
+    }
+
+    #[test]
+    fn every_profile_validates_against_libvirt_schema() {
+        assert!(
+            Command::new("sh").args(["-c", "command -v virt-xml-validate"]).output().is_ok_and(|o| o.status.success()),
+            "virt-xml-validate is missing: run scripts/setup-host (libvirt-clients, libxml2-utils)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in SHIPPED {
+            let profile = shipped(name);
+            for virt in [VirtType::Kvm, VirtType::Qemu] {
+                let mut spec = spec(&profile, "vdim-finance-001");
+                spec.uuid = Some("0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0aa");
+                let out = domain_xml(&profile, virt, &spec).expect("domain XML");
+                let file = dir.path().join(format!("{name}-{}.xml", virt.as_str()));
+                std::fs::write(&file, &out).expect("write XML");
+                let result =
+                    Command::new("virt-xml-validate").arg(&file).arg("domain").output().expect("run virt-xml-validate");
+                assert!(
+                    result.status.success(),
+                    "{name} ({virt:?}) rejected: {}{}\n{out}",
+                    String::from_utf8_lossy(&result.stdout),
+                    String::from_utf8_lossy(&result.stderr)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn escape_xml_escapes_every_special_character() {
+        assert_eq!(escape_xml("a&b<c>d\"e'f\ng\th\ri"), "a&amp;b&lt;c&gt;d&quot;e&apos;f&#10;g&#9;h&#13;i");
+        assert_eq!(escape_xml("x\u{0}y\u{1b}"), "x\u{fffd}y\u{fffd}");
+        assert_eq!(escape_xml("plain-ascii_1.2"), "plain-ascii_1.2");
+    }
+
+    #[test]
+    fn injected_names_are_rejected_not_escaped() {
+        let profile = shipped("windows11");
+        for name in ["x'/><devices>", "a\"b", "a<b", "a&b", "a\nb", "a b", "", "-rf", ".hidden", "a/b", "vdim-ümlaut"]
+        {
+            assert!(validate_name(name).is_err(), "{name:?}");
+            let err = domain_xml(&profile, VirtType::Qemu, &spec(&profile, name)).expect_err("bad desktop name");
+            assert!(matches!(err, ProfileError::InvalidName { kind: "Desktop", .. }), "{err:?}");
+            let mut pool_spec = spec(&profile, "vdim-ok");
+            pool_spec.pool = name;
+            let err = domain_xml(&profile, VirtType::Qemu, &pool_spec).expect_err("bad pool");
+            assert!(matches!(err, ProfileError::InvalidName { kind: "Pool", .. }), "{err:?}");
+        }
+        assert!(validate_name(&"a".repeat(64)).is_ok());
+        assert!(validate_name(&"a".repeat(65)).is_err());
+        assert!(validate_name("vdim-finance-001").is_ok());
+        assert!(validate_name("Desk_01.a").is_ok());
+    }
+
+    #[test]
+    fn injected_paths_are_rejected() {
+        let profile = shipped("windows11");
+        for path in [
+            "/tmp/x'/><disk",
+            "/tmp/a\"b",
+            "/tmp/a<b",
+            "/tmp/a>b",
+            "/tmp/a&b",
+            "/tmp/a\nb",
+            "relative/disk.qcow2",
+            "/tmp/../etc/shadow",
+        ] {
+            let p = Path::new(path);
+            let mut s = spec(&profile, "vdim-ok");
+            s.disk = p;
+            let err = domain_xml(&profile, VirtType::Qemu, &s).expect_err(path);
+            assert!(matches!(err, ProfileError::InvalidPath { what: "Disk", .. }), "{err:?}");
+            let mut s = spec(&profile, "vdim-ok");
+            s.nvram = Some(p);
+            assert!(domain_xml(&profile, VirtType::Qemu, &s).is_err(), "nvram {path:?}");
+        }
+        let linux = shipped("test-linux");
+        let mut s = spec(&linux, "vdim-ok");
+        s.serial_log = Some(Path::new("/tmp/log'/>"));
+        assert!(domain_xml(&linux, VirtType::Qemu, &s).is_err());
+    }
+
+    #[test]
+    fn passwords_are_escaped_and_the_document_stays_whole() {
+        let profile = shipped("test-linux");
+        let mut s = spec(&profile, "vdim-ok");
+        s.graphics_password = "p'/><devices></devices></domain><x a=\"&";
+        let out = domain_xml(&profile, VirtType::Qemu, &s).expect("escaped password");
+        assert_eq!(out.matches("<domain").count(), 1, "{out}");
+        assert_eq!(out.matches("</domain>").count(), 1, "{out}");
+        assert_eq!(out.matches("<devices>").count(), 1, "{out}");
+        let spice = "<graphics type='spice' autoport='yes' passwd='p&apos;/&gt;&lt;devices&gt;&lt;/devices&gt;&lt;/domain&gt;&lt;x a=&quot;&amp;' connected='disconnect'>";
+        assert_eq!(out.matches(spice).count(), 1, "{out}");
+        let vnc = "<graphics type='vnc' autoport='yes' passwd='p&apos;/&gt;&lt;dev'>";
+        assert_eq!(out.matches(vnc).count(), 1, "{out}");
+        for bad in ["", "line\nbreak", "tab\there", "caf\u{e9}", &"x".repeat(61)] {
+            s.graphics_password = bad;
+            let err = domain_xml(&profile, VirtType::Qemu, &s).expect_err("bad password");
+            assert!(matches!(err, ProfileError::InvalidPassword { .. }), "{err:?}");
+            assert!(!err.to_string().contains(bad) || bad.is_empty(), "{err}");
+        }
+    }
+
+    #[test]
+    fn profile_values_are_escaped_too() {
+        let text = MINIMAL.replace("\"bios\"", "\"direct-kernel\"")
+            + "kernel = \"/boot/vmlinuz\"\ninitrd = \"/boot/initrd\"\ncmdline = \"a=<b>&c='d'\"\n";
+        let profile = load_text(&text).expect("profile");
+        let out = domain_xml(&profile, VirtType::Qemu, &spec(&profile, "vdim-ok")).expect("xml");
+        assert!(out.contains("<cmdline>a=&lt;b&gt;&amp;c=&apos;d&apos;</cmdline>"), "{out}");
+    }
+
+    #[test]
+    fn uuid_and_listen_are_checked() {
+        let profile = shipped("windows11");
+        let mut s = spec(&profile, "vdim-ok");
+        s.uuid = Some("0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0aa");
+        let out = domain_xml(&profile, VirtType::Qemu, &s).expect("xml");
+        assert!(out.contains("<uuid>0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0aa</uuid>"));
+        s.uuid = Some("0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0a'");
+        assert!(matches!(domain_xml(&profile, VirtType::Qemu, &s), Err(ProfileError::InvalidUuid { .. })));
+        s.uuid = None;
+        for listen in ["localhost", "127.0.0.1'/>", "", "0.0.0.0 "] {
+            s.listen = listen;
+            assert!(
+                matches!(domain_xml(&profile, VirtType::Qemu, &s), Err(ProfileError::InvalidListen { .. })),
+                "{listen:?}"
+            );
+        }
+        s.listen = "::1";
+        assert!(domain_xml(&profile, VirtType::Qemu, &s).is_ok());
+    }
+
+    #[test]
+    fn spec_must_fit_the_profile() {
+        let linux = shipped("test-linux");
+        let mut s = spec(&linux, "vdim-ok");
+        s.serial_log = None;
+        let err = domain_xml(&linux, VirtType::Qemu, &s).expect_err("no serial log");
+        assert!(err.to_string().contains("test-linux"), "{err}");
+        let mut s = spec(&linux, "vdim-ok");
+        s.nvram = Some(Path::new("/tmp/vars.fd"));
+        assert!(matches!(domain_xml(&linux, VirtType::Qemu, &s), Err(ProfileError::SpecMismatch { .. })));
+        let w11 = shipped("windows11");
+        let mut s = spec(&w11, "vdim-ok");
+        s.serial_log = Some(Path::new("/tmp/serial.log"));
+        assert!(domain_xml(&w11, VirtType::Qemu, &s).is_err());
+        s.serial_log = None;
+        s.nvram = None;
+        let out = domain_xml(&w11, VirtType::Qemu, &s).expect("libvirt's default nvram");
+        assert!(!out.contains("<nvram"), "{out}");
+    }
+
+    /// Runs `virsh -c qemu:///system` with a timeout; returns (success, stdout + stderr).
+    fn virsh(args: &[&str]) -> (bool, String) {
+        let out = Command::new("timeout")
+            .arg("120")
+            .args(["virsh", "-c", "qemu:///system"])
+            .args(args)
+            .output()
+            .expect("run virsh");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Destroys and undefines the test domain (with its NVRAM and TPM state) when dropped.
+    struct DomainGuard(String);
+
+    impl Drop for DomainGuard {
+        fn drop(&mut self) {
+            let _ = virsh(&["destroy", &self.0]);
+            let _ = virsh(&["undefine", "--nvram", "--tpm", &self.0]);
+        }
+    }
+
+    /// Whether an swtpm process serves `domain` (its socket path carries the domain name).
+    fn swtpm_running_for(domain: &str) -> bool {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        entries.flatten().any(|entry| {
+            let raw = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&raw);
+            let program = cmdline.split('\0').next().unwrap_or("");
+            program.rsplit('/').next() == Some("swtpm") && cmdline.contains(domain)
+        })
+    }
+
+    #[test]
+    fn windows11_domain_runs_under_tcg_with_secure_boot_and_swtpm() {
+        if !virsh(&["version"]).0 {
+            eprintln!(
+                "SKIPPED windows11_domain_runs_under_tcg_with_secure_boot_and_swtpm: \
+                 libvirtd does not answer on qemu:///system (run scripts/setup-host)"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk.qcow2");
+        let nvram = dir.path().join("VARS.fd");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("1G")
+            .status()
+            .expect("run qemu-img");
+        assert!(made.success(), "qemu-img create failed");
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let name = format!("vdimtest-prof-{}-{nanos}", std::process::id());
+        let profile = shipped("windows11");
+        let spec = DesktopSpec {
+            name: &name,
+            uuid: None,
+            disk: &disk,
+            serial_log: None,
+            nvram: Some(&nvram),
+            graphics_password: "e2e-ticket",
+            listen: "127.0.0.1",
+            pool: "e2e",
+            version: 1,
+        };
+        let out = domain_xml(&profile, VirtType::Qemu, &spec).expect("domain XML");
+        let xml_path = dir.path().join("domain.xml");
+        std::fs::write(&xml_path, &out).expect("write XML");
+
+        let xml_arg = xml_path.to_str().expect("utf-8 temp path");
+        let (ok, text) = virsh(&["define", xml_arg]);
+        assert!(ok, "define failed: {text}\n{out}");
+        let _guard = DomainGuard(name.clone());
+        let (ok, text) = virsh(&["start", &name]);
+        assert!(ok, "start failed: {text}\n{out}");
+
+        // Let OVMF run for a moment: a firmware that kills QEMU would show here.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let (ok, state) = virsh(&["domstate", &name]);
+        assert!(ok && state.trim() == "running", "domstate: {state}");
+        assert!(swtpm_running_for(&name), "no swtpm process for {name}");
+        let (ok, live) = virsh(&["dumpxml", &name]);
+        assert!(ok, "dumpxml failed: {live}");
+        let loader =
+            live.lines().find(|l| l.contains("<loader")).unwrap_or_else(|| panic!("no loader in live XML: {live}"));
+        assert!(loader.contains("secure='yes'"), "{loader}");
+        assert!(live.contains("<entry name='serial'>"), "{live}");
+        assert!(nvram.exists(), "libvirt did not create the NVRAM file");
+    }
+}

@@ -1,0 +1,282 @@
+//! Lifecycle rules as plain functions over plain data: which pool move, rollback, pin or
+//! release is allowed, and what it does. No I/O, no locks, no clock: the pool and rollout
+//! code gathers facts, asks here, and carries out the plan.
+//!
+//! ```text
+//!                update (follow channel)          rollback [--to N] (pins)
+//!   pool@v1 ───────────────────────────► pool@v2 ───────────────────────────► pool@v1 (pinned)
+//!      each desktop:  idle ──► moves now (new overlay, O(1))
+//!                     in use ──► marked, moves at logoff   (or now with --force)
+//!      persistent pool: refused without --force (system-disk changes are lost)
+//! ```
+
+use serde::Serialize;
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFacts {
+    pub name: String,
+    pub version: u32,
+    pub pinned: Option<u32>,
+    pub persistent: bool,
+    /// The version the pool's channel points at now.
+    pub channel_version: u32,
+    /// Versions the pool was moved to, oldest first (creation included).
+    pub history: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesktopFacts {
+    pub name: String,
+    pub version: u32,
+    pub target: Option<u32>,
+    pub in_use: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionFacts {
+    pub number: u32,
+    pub removed: bool,
+    pub failed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MovePlan {
+    pub pool: String,
+    pub from: u32,
+    pub to: u32,
+    /// Desktops whose overlay is recreated on `to` now.
+    pub now: Vec<String>,
+    /// In-use desktops that move when their user logs off.
+    pub at_logoff: Vec<String>,
+    /// In-use desktops whose pending move is cancelled (they already run `to`).
+    pub cancel_pending: Vec<String>,
+    /// The pin the pool has afterwards.
+    pub pinned: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Denied {
+    #[error("pool '{pool}' is pinned at version {version}: 'vdim pool unpin {pool}' to follow its channel again")]
+    Pinned { pool: String, version: u32 },
+    #[error("pool '{pool}' is persistent: moving it replaces each desktop's system disk and users' changes on it are lost; repeat with --force to do it anyway")]
+    PersistentNeedsForce { pool: String },
+    #[error("pool '{pool}' already runs version {version}")]
+    AlreadyThere { pool: String, version: u32 },
+    #[error("pool '{pool}' has not run any other version: nothing to roll back to (use --to N)")]
+    NoPreviousVersion { pool: String },
+    #[error("version {version} was removed by gc and cannot run again")]
+    VersionRemoved { version: u32 },
+    #[error(
+        "version {version} is marked failed (a rollout caught it crashing desktops); use --force to run it anyway"
+    )]
+    VersionFailed { version: u32 },
+}
+
+fn plan_move(
+    pool: &PoolFacts,
+    desktops: &[DesktopFacts],
+    to: VersionFacts,
+    force: bool,
+    pinned: Option<u32>,
+) -> Result<MovePlan, Denied> {
+    if to.removed {
+        return Err(Denied::VersionRemoved { version: to.number });
+    }
+    if to.failed && !force {
+        return Err(Denied::VersionFailed { version: to.number });
+    }
+    let all_there = desktops.iter().all(|d| d.version == to.number && d.target.is_none());
+    if pool.version == to.number && all_there && pinned == pool.pinned {
+        return Err(Denied::AlreadyThere { pool: pool.name.clone(), version: to.number });
+    }
+    if pool.persistent && !force && !all_there {
+        return Err(Denied::PersistentNeedsForce { pool: pool.name.clone() });
+    }
+    let mut plan = MovePlan {
+        pool: pool.name.clone(),
+        from: pool.version,
+        to: to.number,
+        now: vec![],
+        at_logoff: vec![],
+        cancel_pending: vec![],
+        pinned,
+    };
+    for d in desktops {
+        if d.version == to.number {
+            if d.target.is_some() {
+                plan.cancel_pending.push(d.name.clone());
+            }
+        } else if d.in_use && !force {
+            plan.at_logoff.push(d.name.clone());
+        } else {
+            plan.now.push(d.name.clone());
+        }
+    }
+    Ok(plan)
+}
+
+/// `pool update`: move to what the channel points at, unless pinned.
+pub fn plan_update(
+    pool: &PoolFacts,
+    desktops: &[DesktopFacts],
+    channel: VersionFacts,
+    force: bool,
+) -> Result<MovePlan, Denied> {
+    if let Some(v) = pool.pinned {
+        return Err(Denied::Pinned { pool: pool.name.clone(), version: v });
+    }
+    plan_move(pool, desktops, channel, force, None)
+}
+
+/// The version a pool ran before its current one.
+pub fn previous_version(pool: &PoolFacts) -> Option<u32> {
+    pool.history.iter().rev().copied().find(|v| *v != pool.version)
+}
+
+/// `rollback [--to N]`: back to the previous (or named) version, and pin there.
+pub fn plan_rollback(
+    pool: &PoolFacts,
+    desktops: &[DesktopFacts],
+    to: Option<VersionFacts>,
+    force: bool,
+) -> Result<MovePlan, Denied> {
+    let to = match to {
+        Some(t) => t,
+        None => {
+            let v = previous_version(pool).ok_or_else(|| Denied::NoPreviousVersion { pool: pool.name.clone() })?;
+            VersionFacts { number: v, removed: false, failed: false }
+        }
+    };
+    // Rolling back to a version that failed a rollout is what an on-call admin may need: allowed.
+    let to = VersionFacts { failed: false, ..to };
+    plan_move(pool, desktops, to, force, Some(to.number))
+}
+
+/// `pool pin N`: run N and stay there.
+pub fn plan_pin(
+    pool: &PoolFacts,
+    desktops: &[DesktopFacts],
+    to: VersionFacts,
+    force: bool,
+) -> Result<MovePlan, Denied> {
+    plan_move(pool, desktops, to, force, Some(to.number))
+}
+
+/// What happens to a desktop when its user logs off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Release {
+    /// Version the desktop's overlay is recreated on.
+    pub version: u32,
+    /// A fresh overlay is needed: always for non-persistent desktops and for moves.
+    pub reset: bool,
+}
+
+pub fn plan_release(persistent: bool, desktop: &DesktopFacts) -> Release {
+    match desktop.target {
+        Some(t) if t != desktop.version => Release { version: t, reset: true },
+        _ => Release { version: desktop.version, reset: !persistent },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(version: u32, pinned: Option<u32>, persistent: bool, history: &[u32]) -> PoolFacts {
+        PoolFacts { name: "finance".into(), version, pinned, persistent, channel_version: 2, history: history.to_vec() }
+    }
+    fn d(name: &str, version: u32, in_use: bool) -> DesktopFacts {
+        DesktopFacts { name: name.into(), version, target: None, in_use }
+    }
+    fn v(n: u32) -> VersionFacts {
+        VersionFacts { number: n, removed: false, failed: false }
+    }
+
+    #[test]
+    fn update_moves_idle_desktops_now_and_in_use_ones_at_logoff() {
+        let p = plan_update(&pool(1, None, false, &[1]), &[d("a", 1, false), d("b", 1, true)], v(2), false).unwrap();
+        assert_eq!((p.now, p.at_logoff, p.to, p.pinned), (vec!["a".to_string()], vec!["b".to_string()], 2, None));
+    }
+
+    #[test]
+    fn force_moves_in_use_desktops_too() {
+        let p = plan_update(&pool(1, None, false, &[1]), &[d("a", 1, true)], v(2), true).unwrap();
+        assert_eq!(p.now, ["a"]);
+        assert!(p.at_logoff.is_empty());
+    }
+
+    #[test]
+    fn a_pinned_pool_ignores_updates() {
+        let e = plan_update(&pool(1, Some(1), false, &[1]), &[d("a", 1, false)], v(2), true).unwrap_err();
+        assert_eq!(e, Denied::Pinned { pool: "finance".into(), version: 1 });
+    }
+
+    #[test]
+    fn persistent_pools_need_force_and_say_what_is_lost() {
+        let e = plan_update(&pool(1, None, true, &[1]), &[d("a", 1, false)], v(2), false).unwrap_err();
+        assert!(e.to_string().contains("changes on it are lost"));
+        assert!(plan_update(&pool(1, None, true, &[1]), &[d("a", 1, false)], v(2), true).is_ok());
+    }
+
+    #[test]
+    fn rollback_goes_to_the_version_run_before_and_pins_it() {
+        let p = plan_rollback(&pool(3, None, false, &[1, 2, 3]), &[d("a", 3, false)], None, false).unwrap();
+        assert_eq!((p.to, p.pinned, p.now), (2, Some(2), vec!["a".to_string()]));
+    }
+
+    #[test]
+    fn rollback_to_a_named_version_pins_that_version() {
+        let p = plan_rollback(&pool(3, None, false, &[1, 2, 3]), &[d("a", 3, false)], Some(v(1)), false).unwrap();
+        assert_eq!((p.to, p.pinned), (1, Some(1)));
+    }
+
+    #[test]
+    fn rollback_without_history_is_refused() {
+        let e = plan_rollback(&pool(1, None, false, &[1]), &[d("a", 1, false)], None, false).unwrap_err();
+        assert_eq!(e, Denied::NoPreviousVersion { pool: "finance".into() });
+    }
+
+    #[test]
+    fn rollback_to_a_failed_version_is_allowed_but_not_to_a_removed_one() {
+        let failed = VersionFacts { number: 1, removed: false, failed: true };
+        assert!(plan_rollback(&pool(2, None, false, &[1, 2]), &[d("a", 2, false)], Some(failed), false).is_ok());
+        let removed = VersionFacts { number: 1, removed: true, failed: false };
+        assert_eq!(
+            plan_rollback(&pool(2, None, false, &[1, 2]), &[d("a", 2, false)], Some(removed), false).unwrap_err(),
+            Denied::VersionRemoved { version: 1 }
+        );
+    }
+
+    #[test]
+    fn a_failed_version_needs_force_to_update_to() {
+        let failed = VersionFacts { number: 2, removed: false, failed: true };
+        assert_eq!(
+            plan_update(&pool(1, None, false, &[1]), &[], failed, false).unwrap_err(),
+            Denied::VersionFailed { version: 2 }
+        );
+    }
+
+    #[test]
+    fn moving_back_cancels_pending_moves_of_in_use_desktops() {
+        let mut b = d("b", 1, true);
+        b.target = Some(2);
+        let p = plan_rollback(&pool(2, None, false, &[1, 2]), &[d("a", 2, false), b], None, false).unwrap();
+        assert_eq!((p.now, p.cancel_pending), (vec!["a".to_string()], vec!["b".to_string()]));
+    }
+
+    #[test]
+    fn nothing_to_do_is_said_plainly() {
+        let e = plan_update(&pool(2, None, false, &[1, 2]), &[d("a", 2, false)], v(2), false).unwrap_err();
+        assert_eq!(e, Denied::AlreadyThere { pool: "finance".into(), version: 2 });
+    }
+
+    #[test]
+    fn release_resets_non_persistent_desktops_and_applies_pending_moves() {
+        assert_eq!(plan_release(false, &d("a", 1, true)), Release { version: 1, reset: true });
+        assert_eq!(plan_release(true, &d("a", 1, true)), Release { version: 1, reset: false });
+        let mut m = d("a", 1, true);
+        m.target = Some(3);
+        assert_eq!(plan_release(true, &m), Release { version: 3, reset: true });
+    }
+}
