@@ -152,9 +152,9 @@ pub struct MoveReport {
 }
 
 pub struct Pools<'a> {
-    store: &'a mut Store,
-    hv: &'a dyn Hypervisor,
-    profiles: PathBuf,
+    pub(crate) store: &'a mut Store,
+    pub(crate) hv: &'a dyn Hypervisor,
+    pub(crate) profiles: PathBuf,
 }
 
 impl<'a> Pools<'a> {

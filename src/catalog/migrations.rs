@@ -108,4 +108,63 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (pool_id, idx)
     );
     "#,
+    // 3: canary rollouts of a version to a channel, wave by wave.
+    r#"
+    CREATE TABLE rollouts (
+        id           INTEGER PRIMARY KEY,
+        image_id     INTEGER NOT NULL REFERENCES images(id),
+        version      INTEGER NOT NULL,
+        channel      TEXT NOT NULL CHECK (channel IN ('dev', 'test', 'prod')),
+        -- Where the channel pointed before: what a failed rollout goes back to.
+        from_version INTEGER NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('running', 'halted', 'succeeded', 'failed', 'reverted')),
+        waves        TEXT NOT NULL,
+        soak_ms      INTEGER NOT NULL,
+        wave         INTEGER NOT NULL DEFAULT 0,
+        actor        TEXT NOT NULL,
+        forced       TEXT,
+        owner_pid    INTEGER,
+        created      TEXT NOT NULL,
+        updated      TEXT NOT NULL,
+        report       TEXT NOT NULL DEFAULT '{}',
+        FOREIGN KEY (image_id, version) REFERENCES versions(image_id, number)
+    );
+    CREATE TABLE rollout_desktops (
+        rollout_id   INTEGER NOT NULL REFERENCES rollouts(id),
+        desktop      TEXT NOT NULL,
+        pool         TEXT NOT NULL,
+        wave         INTEGER NOT NULL,
+        from_version INTEGER NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('pending', 'moving', 'soaking', 'healthy', 'failed', 'reverted', 'skipped')),
+        detail       TEXT NOT NULL DEFAULT '',
+        at           TEXT NOT NULL,
+        PRIMARY KEY (rollout_id, desktop)
+    );
+    "#,
+    // 4: thin-client users, entitlements and sessions.
+    r#"
+    CREATE TABLE users (
+        id         INTEGER PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        admin      INTEGER NOT NULL DEFAULT 0,
+        token_hash TEXT NOT NULL UNIQUE,
+        created    TEXT NOT NULL
+    );
+    CREATE TABLE entitlements (
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        PRIMARY KEY (pool_id, user_id)
+    );
+    CREATE TABLE sessions (
+        id                 TEXT PRIMARY KEY,
+        user_id            INTEGER NOT NULL REFERENCES users(id),
+        pool               TEXT NOT NULL,
+        desktop            TEXT NOT NULL,
+        created            TEXT NOT NULL,
+        expires_at         TEXT NOT NULL,
+        ended              TEXT,
+        console_token_hash TEXT
+    );
+    CREATE INDEX sessions_open ON sessions(desktop) WHERE ended IS NULL;
+    "#,
 ];
