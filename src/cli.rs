@@ -336,10 +336,16 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             let v = pools.resize(&name, size, &actor)?;
             print(g.json, &v, |v| format!("pool '{}' now has {} desktops", v.pool.name, v.desktops.len()))
         }
-        PoolCmd::Update { name, force } => {
-            let r = pools.update(&name, force, &actor)?;
-            print(g.json, &r, |r| move_text(r, "updated"))
-        }
+        PoolCmd::Update { name, force } => match pools.update(&name, force, &actor) {
+            Ok(r) => print(g.json, &r, |r| move_text(r, "updated")),
+            // Idempotent for scripts: being up to date is success.
+            Err(PoolError::Denied(crate::rules::Denied::AlreadyThere { version, .. })) => {
+                print(g.json, &serde_json::json!({"pool": name, "version": version, "moved": false}), |_| {
+                    format!("pool '{name}' already runs version {version}")
+                })
+            }
+            Err(e) => Err(e.into()),
+        },
         PoolCmd::Pin { name, version, force } => {
             let r = pools.pin(&name, version, force, &actor)?;
             print(g.json, &r, |r| move_text(r, "pinned"))

@@ -644,9 +644,7 @@ mod tests {
     const TIB: u64 = 1 << 40;
 
     fn run(cmd: &str, args: &[&str], dir: &Path) -> Output {
-        let out =
-            Command::new(cmd).args(args).current_dir(dir).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-        out
+        Command::new(cmd).args(args).current_dir(dir).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
     }
 
     fn run_ok(cmd: &str, args: &[&str], dir: &Path) -> String {

@@ -133,3 +133,96 @@ pub fn qemu_io_read_pattern(path: &Path, pattern: u8, offset: u64, len: u64) -> 
         .unwrap();
     out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed")
 }
+
+/// Environment for tests on the real libvirt daemon: TCG guests, a unique pool-name prefix,
+/// and a guard that deletes every pool (and any domain named for it) even when the test fails.
+pub struct LibvirtEnv {
+    pub env: Env,
+    pub prefix: String,
+    pools: std::cell::RefCell<Vec<String>>,
+}
+
+impl LibvirtEnv {
+    pub fn new(tag: &str) -> LibvirtEnv {
+        let env = Env::new();
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let prefix = format!("t{tag}{}x{n}", std::process::id());
+        LibvirtEnv { env, prefix, pools: Default::default() }
+    }
+    /// A pool name owned by this test; remembered for cleanup.
+    pub fn pool_name(&self, suffix: &str) -> String {
+        let name = format!("{}{suffix}", self.prefix);
+        self.pools.borrow_mut().push(name.clone());
+        name
+    }
+    pub fn vdim(&self, args: &[&str]) -> Run {
+        let out = self.env.cmd().env("VDIM_VIRT_TYPE", "qemu").args(args).output().expect("run vdim");
+        Run { out, args: args.iter().map(|s| s.to_string()).collect() }
+    }
+    pub fn vdim_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let r = self.vdim(&a);
+        r.assert_success();
+        r.json()
+    }
+    /// Domains libvirt has whose names start with this test's prefix.
+    pub fn domains(&self) -> Vec<String> {
+        let out = Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with(&format!("vdim-{}", self.prefix)))
+            .map(String::from)
+            .collect()
+    }
+    /// The latest `GUEST-MARKER:` line of a desktop's serial console, waiting up to `secs`.
+    pub fn wait_marker(&self, pool: &str, desktop: &str, want: &str, secs: u64) -> String {
+        let log = self.env.home().join("run").join(pool).join(format!("{desktop}.serial.log"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut last = String::new();
+        while std::time::Instant::now() < deadline {
+            let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            if let Some(l) = text.lines().rev().find(|l| l.starts_with("GUEST-MARKER:")) {
+                last = l.trim_end_matches('\r').to_string();
+                if last.contains(want) && text.contains("GUEST: healthy") {
+                    return last;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        panic!("{desktop}: no marker {want:?} within {secs} s (last: {last:?}, log {log:?})");
+    }
+}
+
+impl Drop for LibvirtEnv {
+    fn drop(&mut self) {
+        for p in self.pools.borrow().iter() {
+            let _ = self.env.cmd().args(["pool", "delete", p, "--force"]).output();
+        }
+        for d in self.domains() {
+            let _ = Command::new("virsh").args(["-c", "qemu:///system", "destroy", &d]).output();
+            let _ = Command::new("virsh").args(["-c", "qemu:///system", "undefine", "--nvram", "--tpm", &d]).output();
+        }
+    }
+}
+
+/// An image whose versions carry test-guest markers: v1 "<label>-v1", each `seal_marker`
+/// adds the next. Returns nothing; versions are numbered from 1.
+pub fn marker_image(env: &Env, name: &str, label: &str) {
+    let raw = env.path(&format!("{name}.raw"));
+    marker_raw(&raw, label, "ok", 32 << 20);
+    env.vdim_json(&["image", "import", name, raw.to_str().unwrap()]);
+}
+
+/// Seal a new version whose disk marker is `VDIM-TEST <label> health=<health>`.
+pub fn seal_marker(env: &Env, name: &str, label: &str, health: &str) -> serde_json::Value {
+    let d = env.vdim_json(&["image", "edit", name]);
+    let m = env.path(&format!("marker-{label}"));
+    let mut data = format!("VDIM-TEST {label} health={health}").into_bytes();
+    data.resize(512, 0);
+    std::fs::write(&m, &data).unwrap();
+    sh("qemu-io", &["-f", "qcow2", "-c", &format!("write -s {} 0 512", m.display()), d["draft"].as_str().unwrap()]);
+    env.vdim_json(&["image", "seal", name, "--note", label])
+}
