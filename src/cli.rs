@@ -6,6 +6,7 @@ use crate::home::Home;
 use crate::hypervisor::{Hypervisor, Libvirt};
 use crate::imgfmt::Format;
 use crate::pool::{self, CreateOptions, MoveReport, PoolError, Pools};
+use crate::rollout::{Engine, PromoteOptions, RolloutError, RolloutReport};
 use crate::store::{self, Actor, ImportOptions, Store};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -54,9 +55,38 @@ pub enum Command {
     /// Pools of desktops booting from one image version
     #[command(subcommand)]
     Pool(PoolCmd),
-    /// Move a pool back to the version it ran before (or --to N) and pin it there
+    /// Promote a version to test or prod: a rollout in canary waves that undoes itself on a crash
+    Promote {
+        image: String,
+        version: u32,
+        #[arg(long, value_enum)]
+        to: Channel,
+        /// Cumulative share of each pool's desktops per wave
+        #[arg(long, default_value = "1,10%,50%,100%")]
+        waves: String,
+        /// How long each wave's desktops must run without crash or reboot loop
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        soak: std::time::Duration,
+        /// Skip a promotion gate (recorded in the audit log with --reason)
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Rollouts: status, halt, resume
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// One command back: a pool to the version it ran before (pinned), or a whole channel
+    /// (--image and --channel) and all its pools at once
     Rollback {
-        pool: String,
+        /// The pool to roll back
+        #[arg(required_unless_present = "image", conflicts_with_all = ["image", "channel"])]
+        pool: Option<String>,
+        /// Emergency rollback of a channel of this image
+        #[arg(long, requires = "channel")]
+        image: Option<String>,
+        #[arg(long, value_enum, requires = "image")]
+        channel: Option<Channel>,
         #[arg(long)]
         to: Option<u32>,
         /// Also move desktops in use now, and persistent pools (their system-disk changes are lost)
@@ -127,6 +157,20 @@ pub enum ImageCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RolloutCmd {
+    /// Wave by wave: desktops moved, healthy, failed
+    Status {
+        image: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Stop a running rollout after its current wave; keeps what moved
+    Halt { image: String },
+    /// Carry on a halted or interrupted rollout
+    Resume { image: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PoolCmd {
     /// Create a pool of desktops on the version an image's channel points at
     Create {
@@ -187,7 +231,7 @@ pub enum PoolCmd {
     },
 }
 
-fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+pub(crate) fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
     } else {
@@ -219,7 +263,49 @@ fn home(g: &Global) -> Home {
 }
 
 fn open_store(g: &Global) -> Result<Store> {
-    Ok(Store::open(home(g))?)
+    let mut store = Store::open(home(g))?;
+    // A rollout whose vdim was killed is found by the next command, whatever it is.
+    for line in crate::rollout::recover_interrupted(&mut store)? {
+        eprintln!("warning: {line}");
+    }
+    Ok(store)
+}
+
+fn rollout_text(r: &RolloutReport) -> String {
+    let o = &r.rollout;
+    let mut s = format!(
+        "rollout {} of '{}' version {} to {} (from {}): {}",
+        o.id, o.image, o.version, o.channel, o.from_version, o.state
+    );
+    if let Some(f) = &o.forced {
+        s += &format!(" [forced: {f}]");
+    }
+    for w in &r.waves {
+        s +=
+            &format!("\n  wave {} ({}): {} moved, {} healthy, {} failed", w.wave, w.size, w.moved, w.healthy, w.failed);
+        for d in &w.desktops {
+            s += &format!("\n    {:<24} {:<9} from v{}  {}", d.desktop, d.state, d.from_version, d.detail);
+        }
+    }
+    let rep = &o.report;
+    if let Some(f) = rep.get("failures").and_then(|f| f.as_array()) {
+        for x in f {
+            s += &format!(
+                "\n  FAILED {} {} (at {})",
+                x["desktop"].as_str().unwrap_or("?"),
+                x["how"].as_str().unwrap_or("?"),
+                x["at"].as_str().unwrap_or("?")
+            );
+        }
+        s += &format!(
+            "\n  detected {} ms after the crash; service restored {} ms after detection",
+            rep["detect_ms"], rep["restore_ms"]
+        );
+    }
+    if let Some(i) = rep.get("interrupted") {
+        s += &format!("\n  interrupted: vdim pid {} died during wave {}", i["pid"], i["wave"]);
+    }
+    s
 }
 
 fn connect(g: &Global) -> Result<Box<dyn Hypervisor>> {
@@ -390,7 +476,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Image(cmd) => image(g, cmd),
         Command::Pool(cmd) => pool(g, cmd),
-        Command::Rollback { pool: name, to, force } => {
+        Command::Rollback { pool: Some(name), to, force, .. } => {
             let (mut store, hv) = (open_store(g)?, connect(g)?);
             let r = Pools::new(&mut store, hv.as_ref(), profiles_dir(g)).rollback(
                 &name,
@@ -399,6 +485,74 @@ pub fn run(cli: Cli) -> Result<()> {
                 &Actor::resolve(None),
             )?;
             print(g.json, &r, |r| move_text(r, "rolled back"))
+        }
+        Command::Rollback { pool: None, image, channel, to, force } => {
+            let (image, channel) = (image.unwrap_or_default(), channel.unwrap_or(Channel::Prod));
+            let (mut store, hv) = (open_store(g)?, connect(g)?);
+            let pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
+            let r = Engine::new(pools, Actor::resolve(None)).rollback_channel(&image, channel, to, force)?;
+            print(g.json, &r, |r| {
+                let mut s = format!("channel {channel} of '{image}' now points at version {}", r["version"]);
+                if let Some(id) = r["stopped_rollout"].as_i64() {
+                    s += &format!(
+                        "; rollout {id} stopped and {} desktop(s) moved back",
+                        r["reverted_desktops"].as_array().map(|a| a.len()).unwrap_or(0)
+                    );
+                }
+                for (p, res) in r["pools"].as_object().into_iter().flatten() {
+                    s += &format!("\n  pool {p}: {res}");
+                }
+                s
+            })
+        }
+        Command::Promote { image, version, to, waves, soak, force, reason } => {
+            let (mut store, hv) = (open_store(g)?, connect(g)?);
+            let pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
+            let o =
+                PromoteOptions { image: &image, version, to, waves: &waves, soak, force, reason: reason.as_deref() };
+            match Engine::new(pools, Actor::resolve(None)).promote(&o) {
+                Ok(r) => print(g.json, &r, rollout_text),
+                Err(RolloutError::Failed { report, summary, .. }) => {
+                    print(g.json, &*report, rollout_text)?;
+                    bail!("the rollout failed and was rolled back: {summary}")
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Rollout(cmd) => {
+            let (mut store, hv) = (open_store(g)?, connect(g)?);
+            let pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
+            let mut engine = Engine::new(pools, Actor::resolve(None));
+            match cmd {
+                RolloutCmd::Status { image, limit } => {
+                    let r = engine.status(image.as_deref(), limit)?;
+                    print(g.json, &r, |r| {
+                        if r.is_empty() {
+                            return "no rollouts".into();
+                        }
+                        r.iter().map(rollout_text).collect::<Vec<_>>().join("\n\n")
+                    })
+                }
+                RolloutCmd::Halt { image } => {
+                    let r = engine.halt(&image)?;
+                    print(g.json, &r, |r| {
+                        format!(
+                            "rollout of '{}' version {} halts after wave {}",
+                            r.rollout.image,
+                            r.rollout.version,
+                            r.rollout.wave + 1
+                        )
+                    })
+                }
+                RolloutCmd::Resume { image } => match engine.resume(&image) {
+                    Ok(r) => print(g.json, &r, rollout_text),
+                    Err(RolloutError::Failed { report, summary, .. }) => {
+                        print(g.json, &*report, rollout_text)?;
+                        bail!("the rollout failed and was rolled back: {summary}")
+                    }
+                    Err(e) => Err(e.into()),
+                },
+            }
         }
         Command::Audit { image, pool, limit } => {
             let mut store = open_store(g)?;

@@ -27,6 +27,8 @@ pub mod profile;
 pub mod qcow2;
 /// The bounded qemu-img seam.
 pub mod qemu_img;
+/// The rollout engine: canary waves watched by lifecycle events, undone on a crash.
+pub mod rollout;
 /// Lifecycle rules as a pure state machine: which move, rollback or release is allowed.
 pub mod rules;
 /// The image store: import, edit, seal, verify, gc, export.

@@ -630,6 +630,99 @@ impl<'a> Pools<'a> {
         Ok(started)
     }
 
+    /// Move named idle desktops of a pool to `to` now (fresh overlays), booting them when
+    /// `boot` or when the pool runs. The rollout engine's step; returns the desktops started.
+    pub fn move_desktops(
+        &mut self,
+        pool: &str,
+        desktops: &[String],
+        to: u32,
+        boot: bool,
+        actor: &Actor,
+        why: &str,
+    ) -> Result<Vec<String>> {
+        let _l = self.lock_pool(pool)?;
+        let p = self.store.catalog().write(|tx| -> Result<Pool> {
+            let p = Self::load_pool(tx, pool)?;
+            for name in desktops {
+                let d = tx
+                    .desktop(name)?
+                    .filter(|d| d.pool_id == p.id)
+                    .ok_or_else(|| PoolError::DesktopNotFound(name.clone()))?;
+                tx.mark_reset(d.id, to)?;
+            }
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "desktop.move",
+                image: Some(&p.image),
+                pool: Some(pool),
+                version: Some(to),
+                detail: json!({"desktops": desktops, "why": why}),
+            })?;
+            Ok(p)
+        })?;
+        let mut started = self.heal_locked(pool)?;
+        if boot && !p.running {
+            for name in desktops {
+                if !self.is_active(name)? {
+                    self.hv.start(name)?;
+                    started.push(name.clone());
+                }
+            }
+        }
+        Ok(started)
+    }
+
+    /// Stop desktops a rollout booted in a pool that is not running.
+    pub fn stop_if_pool_stopped(&mut self, pool: &str, desktops: &[String]) -> Result<()> {
+        let p = self.store.catalog().read(|tx| Self::load_pool(tx, pool))?;
+        if !p.running {
+            for d in desktops {
+                if self.is_active(d)? {
+                    self.hv.destroy(d)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a rollout: the pool runs `to` (history recorded); in-use desktops still on
+    /// another version move at logoff.
+    pub fn settle(&mut self, pool: &str, to: u32, actor: &Actor, why: &str) -> Result<Vec<String>> {
+        let _l = self.lock_pool(pool)?;
+        self.store.catalog().write(|tx| -> Result<Vec<String>> {
+            let p = Self::load_pool(tx, pool)?;
+            let mut later = vec![];
+            for d in tx.desktops(p.id)? {
+                if d.version != to {
+                    tx.set_target(d.id, Some(to))?;
+                    later.push(d.name);
+                }
+            }
+            if p.version != to {
+                tx.set_pool_version(p.id, to, p.pinned)?;
+                tx.record_pool_version(p.id, to, why)?;
+            }
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "pool.settle",
+                image: Some(&p.image),
+                pool: Some(pool),
+                version: Some(to),
+                detail: json!({"at_logoff": later, "why": why}),
+            })?;
+            Ok(later)
+        })
+    }
+
+    pub fn store(&mut self) -> &mut Store {
+        self.store
+    }
+
+    pub fn hypervisor(&self) -> &dyn Hypervisor {
+        self.hv
+    }
+
     // ---- assignment (the broker's and an admin's) -----------------------------------------------
 
     /// Give an idle desktop of the pool to `user`.

@@ -179,6 +179,158 @@ pub fn plan_release(persistent: bool, desktop: &DesktopFacts) -> Release {
     }
 }
 
+// ---- promotion ---------------------------------------------------------------------------
+//
+//   seal ──► dev ──promote──► test ──(every test desktop healthy)──promote──► prod
+//                               │                                             │
+//                        rollout in waves                              rollout in waves
+//                       crash ─► revert, version failed        crash ─► revert, version failed
+
+/// Facts about one requested promotion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromotionFacts {
+    pub image: String,
+    pub version: u32,
+    pub failed: bool,
+    pub removed: bool,
+    pub to: crate::catalog::Channel,
+    /// The version the target channel points at now.
+    pub current: u32,
+    /// The dev channel has held this version (it was sealed and went through dev).
+    pub was_on_dev: bool,
+    /// A rollout of this version to test finished with every test desktop healthy.
+    pub passed_test: bool,
+    /// A rollout of this image is running or halted.
+    pub rollout_open: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gate {
+    FromDev,
+    PassedTest,
+    NotFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PromotionDenied {
+    #[error("versions reach dev by 'vdim image seal'; promote to test or prod")]
+    ToDev,
+    #[error("version {version} of '{image}' was removed by gc")]
+    Removed { image: String, version: u32 },
+    #[error("{channel} already runs version {version} of '{image}'")]
+    AlreadyThere { image: String, channel: String, version: u32 },
+    #[error("promoting backwards: {channel} runs version {current} of '{image}', newer than {version}; to go back use 'vdim rollback --image {image} --channel {channel} --to {version}'")]
+    Backwards { image: String, channel: String, current: u32, version: u32 },
+    #[error("a rollout of '{image}' (version {version}) is not finished: 'vdim rollout status {image}', then resume or roll it back first")]
+    RolloutOpen { image: String, version: u32 },
+    #[error("version {version} of '{image}' never was on dev: only sealed versions go to test (--force --reason to skip this gate)")]
+    NotFromDev { image: String, version: u32 },
+    #[error("version {version} of '{image}' has not run on test with every test desktop healthy: promote it to test first (--force --reason to skip this gate)")]
+    NotTested { image: String, version: u32 },
+    #[error(
+        "version {version} of '{image}' failed a rollout: it crashed desktops (--force --reason to promote it anyway)"
+    )]
+    Failed { image: String, version: u32 },
+}
+
+/// May this promotion start? `Ok` lists the gates that `force` skipped (for the audit log).
+pub fn check_promotion(f: &PromotionFacts, force: bool) -> Result<Vec<Gate>, PromotionDenied> {
+    use crate::catalog::Channel;
+    let (image, version, channel) = (f.image.clone(), f.version, f.to.as_str().to_string());
+    if f.to == Channel::Dev {
+        return Err(PromotionDenied::ToDev);
+    }
+    if f.removed {
+        return Err(PromotionDenied::Removed { image, version });
+    }
+    if let Some(v) = f.rollout_open {
+        return Err(PromotionDenied::RolloutOpen { image, version: v });
+    }
+    if f.current == version {
+        return Err(PromotionDenied::AlreadyThere { image, channel, version });
+    }
+    if f.current > version {
+        return Err(PromotionDenied::Backwards { image, channel, current: f.current, version });
+    }
+    let mut skipped = vec![];
+    let mut gate = |ok: bool, g: Gate, denied: PromotionDenied| -> Result<(), PromotionDenied> {
+        match (ok, force) {
+            (true, _) => Ok(()),
+            (false, true) => {
+                skipped.push(g);
+                Ok(())
+            }
+            (false, false) => Err(denied),
+        }
+    };
+    gate(!f.failed, Gate::NotFailed, PromotionDenied::Failed { image: image.clone(), version })?;
+    match f.to {
+        Channel::Test => gate(f.was_on_dev, Gate::FromDev, PromotionDenied::NotFromDev { image, version })?,
+        Channel::Prod => gate(f.passed_test, Gate::PassedTest, PromotionDenied::NotTested { image, version })?,
+        Channel::Dev => {}
+    }
+    Ok(skipped)
+}
+
+/// One wave of a rollout: how many of each pool's desktops have moved once it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum WaveSize {
+    Count(u32),
+    Percent(u32),
+}
+
+impl WaveSize {
+    /// Cumulative number of desktops of a pool of `size` moved by the end of this wave.
+    pub fn of(self, size: u32) -> u32 {
+        match self {
+            WaveSize::Count(n) => n.min(size),
+            WaveSize::Percent(p) => (size * p).div_ceil(100).min(size),
+        }
+    }
+}
+
+/// Parse `1,10%,50%,100%`: increasing, ending at 100%.
+pub fn parse_waves(s: &str) -> Result<Vec<WaveSize>, String> {
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim) {
+        let w = match part.strip_suffix('%') {
+            Some(p) => match p.parse::<u32>() {
+                Ok(n @ 1..=100) => WaveSize::Percent(n),
+                _ => return Err(format!("wave '{part}' is not a percentage from 1% to 100%")),
+            },
+            None => match part.parse::<u32>() {
+                Ok(n @ 1..) => WaveSize::Count(n),
+                _ => return Err(format!("wave '{part}' is neither a desktop count nor a percentage")),
+            },
+        };
+        out.push(w);
+    }
+    if out.last() != Some(&WaveSize::Percent(100)) {
+        return Err("the last wave must be 100% so every desktop ends on the new version".into());
+    }
+    Ok(out)
+}
+
+/// Which not-yet-moved desktops of a pool a wave takes: enough idle ones to reach the
+/// wave's cumulative count, lowest index first.
+pub fn wave_pick(wave: WaveSize, size: u32, moved: u32, idle_unmoved: &[String]) -> Vec<String> {
+    let want = wave.of(size).saturating_sub(moved) as usize;
+    idle_unmoved.iter().take(want).cloned().collect()
+}
+
+/// How a desktop did during its soak.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Health {
+    Healthy,
+    Crashed(String),
+    RebootLoop(u32),
+    Stopped(String),
+}
+
+/// Reboots within one soak that count as a boot loop.
+pub const REBOOT_LOOP: u32 = 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +430,92 @@ mod tests {
         let mut m = d("a", 1, true);
         m.target = Some(3);
         assert_eq!(plan_release(true, &m), Release { version: 3, reset: true });
+    }
+
+    fn promo(to: crate::catalog::Channel, version: u32, current: u32) -> PromotionFacts {
+        PromotionFacts {
+            image: "win11".into(),
+            version,
+            failed: false,
+            removed: false,
+            to,
+            current,
+            was_on_dev: true,
+            passed_test: true,
+            rollout_open: None,
+        }
+    }
+
+    use crate::catalog::Channel;
+
+    #[test]
+    fn a_sealed_version_goes_to_test_and_a_tested_one_to_prod() {
+        assert_eq!(check_promotion(&promo(Channel::Test, 4, 3), false), Ok(vec![]));
+        assert_eq!(check_promotion(&promo(Channel::Prod, 4, 3), false), Ok(vec![]));
+    }
+
+    #[test]
+    fn prod_needs_a_healthy_test_run_unless_forced_and_force_is_recorded() {
+        let f = PromotionFacts { passed_test: false, ..promo(Channel::Prod, 4, 3) };
+        assert!(matches!(check_promotion(&f, false), Err(PromotionDenied::NotTested { .. })));
+        assert_eq!(check_promotion(&f, true), Ok(vec![Gate::PassedTest]));
+    }
+
+    #[test]
+    fn test_needs_a_version_that_was_on_dev() {
+        let f = PromotionFacts { was_on_dev: false, ..promo(Channel::Test, 4, 3) };
+        assert!(matches!(check_promotion(&f, false), Err(PromotionDenied::NotFromDev { .. })));
+        assert_eq!(check_promotion(&f, true), Ok(vec![Gate::FromDev]));
+    }
+
+    #[test]
+    fn a_failed_version_needs_force() {
+        let f = PromotionFacts { failed: true, ..promo(Channel::Test, 4, 3) };
+        assert!(matches!(check_promotion(&f, false), Err(PromotionDenied::Failed { .. })));
+        assert_eq!(check_promotion(&f, true), Ok(vec![Gate::NotFailed]));
+    }
+
+    #[test]
+    fn backwards_same_version_dev_and_open_rollouts_are_refused_even_with_force() {
+        assert!(matches!(check_promotion(&promo(Channel::Prod, 2, 3), true), Err(PromotionDenied::Backwards { .. })));
+        assert!(matches!(
+            check_promotion(&promo(Channel::Prod, 3, 3), true),
+            Err(PromotionDenied::AlreadyThere { .. })
+        ));
+        assert_eq!(check_promotion(&promo(Channel::Dev, 4, 3), true), Err(PromotionDenied::ToDev));
+        let f = PromotionFacts { rollout_open: Some(4), ..promo(Channel::Prod, 5, 3) };
+        assert!(matches!(check_promotion(&f, true), Err(PromotionDenied::RolloutOpen { version: 4, .. })));
+    }
+
+    #[test]
+    fn waves_parse_and_must_end_at_everyone() {
+        assert_eq!(
+            parse_waves("1,10%,50%,100%").unwrap(),
+            vec![WaveSize::Count(1), WaveSize::Percent(10), WaveSize::Percent(50), WaveSize::Percent(100)]
+        );
+        assert!(parse_waves("1,50%").is_err());
+        assert!(parse_waves("0,100%").is_err());
+        assert!(parse_waves("101%").is_err());
+        assert!(parse_waves("x,100%").is_err());
+    }
+
+    #[test]
+    fn waves_are_cumulative_and_never_take_in_use_desktops() {
+        assert_eq!(WaveSize::Count(1).of(4), 1);
+        assert_eq!(WaveSize::Percent(10).of(4), 1);
+        assert_eq!(WaveSize::Percent(50).of(4), 2);
+        assert_eq!(WaveSize::Percent(100).of(4), 4);
+        assert_eq!(WaveSize::Count(5).of(3), 3);
+        let idle = vec!["d2".to_string(), "d3".to_string()];
+        assert_eq!(wave_pick(WaveSize::Percent(50), 4, 1, &idle), ["d2"]);
+        assert!(wave_pick(WaveSize::Percent(10), 4, 1, &idle).is_empty(), "an already-reached wave moves nobody");
+        assert_eq!(wave_pick(WaveSize::Percent(100), 4, 2, &idle), ["d2", "d3"]);
+    }
+
+    #[test]
+    fn the_first_canary_wave_is_one_desktop_per_pool_however_large() {
+        for size in [1, 2, 20, 200, 999] {
+            assert_eq!(WaveSize::Count(1).of(size), 1);
+        }
     }
 }

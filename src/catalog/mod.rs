@@ -9,6 +9,7 @@
 
 mod migrations;
 pub mod pools;
+pub mod rollouts;
 pub use pools::{Desktop, Pool};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};

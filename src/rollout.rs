@@ -1,0 +1,738 @@
+//! The rollout engine: a promotion reaches a channel's pools in waves, each wave watched
+//! through libvirt's lifecycle events, and undoes itself when a desktop crashes.
+//!
+//! ```text
+//!  promote ──► rollout (catalog) ──► wave 1: 1 desktop/pool ─soak─► wave 2 ─soak─► ... 100% ─► channel moves
+//!                                         │ crash / reboot loop / stop
+//!                                         ▼
+//!                     every desktop this rollout moved goes back; version marked failed
+//! ```
+//! Every step is written to the catalog before it is taken, so a vdim killed mid-rollout
+//! leaves a rollout that the next command finds (`recover_interrupted`) and that
+//! `rollout resume` carries on or `rollback --image --channel` undoes.
+
+use crate::catalog::rollouts::{NewRollout, Rollout, RolloutDesktop};
+use crate::catalog::{Audit, CatalogError, Channel, Tx};
+use crate::hypervisor::{DomainState, HypervisorError, LifecycleKind};
+use crate::lock::{self, LockError, Mode};
+use crate::names::{self, NameError};
+use crate::pool::{PoolError, Pools};
+use crate::rules::{self, Health, PromotionDenied, WaveSize};
+use crate::store::{Actor, Store, StoreError};
+use serde::Serialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Denied(#[from] PromotionDenied),
+    #[error("{0}")]
+    Waves(String),
+    #[error("--force needs --reason: the audit log records why a gate was skipped")]
+    ForceWithoutReason,
+    #[error("no rollout of '{0}' is running or halted")]
+    NothingOpen(String),
+    #[error("the rollout of '{image}' version {version} to {channel} is {state}, not running")]
+    NotRunning { image: String, version: u32, channel: Channel, state: String },
+    #[error("the rollout of '{image}' version {version} to {channel} failed and was rolled back: {summary}")]
+    Failed { image: String, version: u32, channel: Channel, summary: String, report: Box<RolloutReport> },
+    #[error("channel {channel} of '{image}' has no earlier version to go back to (use --to N)")]
+    NoPrevious { image: String, channel: Channel },
+}
+
+pub type Result<T> = std::result::Result<T, RolloutError>;
+
+/// What `rollout status` and `promote` print.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutReport {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub waves: Vec<WaveReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WaveReport {
+    pub wave: u32,
+    pub size: String,
+    pub moved: usize,
+    pub healthy: usize,
+    pub failed: usize,
+    pub desktops: Vec<RolloutDesktop>,
+}
+
+#[derive(Debug)]
+pub struct PromoteOptions<'a> {
+    pub image: &'a str,
+    pub version: u32,
+    pub to: Channel,
+    pub waves: &'a str,
+    pub soak: Duration,
+    pub force: bool,
+    pub reason: Option<&'a str>,
+}
+
+fn ms(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn wave_label(w: WaveSize) -> String {
+    match w {
+        WaveSize::Count(n) => n.to_string(),
+        WaveSize::Percent(p) => format!("{p}%"),
+    }
+}
+
+pub fn report(tx: &Tx, id: i64) -> std::result::Result<RolloutReport, CatalogError> {
+    let rollout = tx.rollout(id)?;
+    let desktops = tx.rollout_desktops(id)?;
+    let sizes = rules::parse_waves(&rollout.waves).unwrap_or_default();
+    let waves = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let ds: Vec<RolloutDesktop> = desktops.iter().filter(|d| d.wave == i as u32).cloned().collect();
+            WaveReport {
+                wave: i as u32 + 1,
+                size: wave_label(*w),
+                moved: ds.len(),
+                healthy: ds.iter().filter(|d| d.state == "healthy").count(),
+                failed: ds.iter().filter(|d| d.state == "failed" || d.detail.starts_with("failed")).count(),
+                desktops: ds,
+            }
+        })
+        .collect();
+    Ok(RolloutReport { rollout, waves })
+}
+
+/// Rollouts whose vdim died: marked halted, with what was in flight, so nothing is left
+/// half-moved without saying so. Returns one line per rollout found.
+pub fn recover_interrupted(store: &mut Store) -> std::result::Result<Vec<String>, CatalogError> {
+    let running = store.catalog().read(|tx| tx.running_rollouts())?;
+    let mut said = vec![];
+    for r in running {
+        let dead = r.owner_pid.is_none_or(|p| !crate::home::pid_alive(p as i32));
+        if !dead {
+            continue;
+        }
+        store.catalog().write(|tx| -> std::result::Result<(), CatalogError> {
+            tx.set_rollout_state(r.id, "halted")?;
+            tx.set_rollout_owner(r.id, None)?;
+            tx.merge_rollout_report(
+                r.id,
+                json!({"interrupted": {"pid": r.owner_pid, "wave": r.wave + 1, "at": ms(SystemTime::now())}}),
+            )?;
+            tx.audit(Audit {
+                actor: "vdim",
+                action: "rollout.interrupted",
+                image: Some(&r.image),
+                version: Some(r.version),
+                detail: json!({"rollout": r.id, "pid": r.owner_pid, "wave": r.wave + 1}),
+                ..Default::default()
+            })?;
+            Ok(())
+        })?;
+        said.push(format!(
+            "the rollout of '{}' version {} to {} was interrupted in wave {} (vdim pid {} died); it is halted with desktops possibly mid-move: 'vdim rollout resume {}' carries on, 'vdim rollback --image {} --channel {}' undoes it",
+            r.image,
+            r.version,
+            r.channel,
+            r.wave + 1,
+            r.owner_pid.unwrap_or(0),
+            r.image,
+            r.image,
+            r.channel
+        ));
+    }
+    Ok(said)
+}
+
+/// A pool a rollout reaches: (name, size, desktops already on the new version, idle ones not yet moved).
+type Candidate = (String, u32, u32, Vec<String>);
+
+pub struct Engine<'a> {
+    pools: Pools<'a>,
+    actor: Actor,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(pools: Pools<'a>, actor: Actor) -> Engine<'a> {
+        Engine { pools, actor }
+    }
+
+    fn store(&mut self) -> &mut Store {
+        self.pools.store()
+    }
+
+    fn lock(&self, image: &str) -> Result<lock::Lock> {
+        let locks = self.pools.store.home().locks();
+        Ok(lock::acquire(
+            &locks,
+            &format!("rollout-{image}"),
+            &format!("the rollout of '{image}'"),
+            Mode::Exclusive,
+            Duration::from_secs(2),
+        )?)
+    }
+
+    pub fn status(&mut self, image: Option<&str>, limit: usize) -> Result<Vec<RolloutReport>> {
+        if let Some(i) = image {
+            names::validate("image", i)?;
+        }
+        self.store().catalog().read(|tx| -> Result<Vec<RolloutReport>> {
+            let id = image.map(|i| tx.image(i)).transpose()?.map(|i| i.id);
+            let mut out = vec![];
+            for r in tx.rollouts(id, limit)? {
+                out.push(report(tx, r.id)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Start a promotion and run it to the end (or to its failure) in this process.
+    pub fn promote(&mut self, o: &PromoteOptions) -> Result<RolloutReport> {
+        names::validate("image", o.image)?;
+        let waves = rules::parse_waves(o.waves).map_err(RolloutError::Waves)?;
+        if o.force && o.reason.is_none_or(|r| r.trim().is_empty()) {
+            return Err(RolloutError::ForceWithoutReason);
+        }
+        let _l = self.lock(o.image)?;
+        let actor = self.actor.0.clone();
+        let id = self.store().catalog().write(|tx| -> Result<i64> {
+            let image = tx.image(o.image)?;
+            let v = tx.version(&image, o.version)?;
+            let current = tx.channel(&image, o.to)?;
+            let facts = rules::PromotionFacts {
+                image: image.name.clone(),
+                version: o.version,
+                failed: v.status == "failed",
+                removed: v.removed.is_some(),
+                to: o.to,
+                current,
+                was_on_dev: tx.channel_held(image.id, Channel::Dev, o.version)?,
+                passed_test: tx.passed_test(image.id, o.version)?,
+                rollout_open: tx.open_rollout(image.id)?.map(|r| r.version),
+            };
+            let skipped = rules::check_promotion(&facts, o.force)?;
+            let forced = (!skipped.is_empty()).then(|| format!("{:?}: {}", skipped, o.reason.unwrap_or_default()));
+            let id = tx.insert_rollout(&NewRollout {
+                image_id: image.id,
+                version: o.version,
+                channel: o.to,
+                from_version: current,
+                waves: o.waves,
+                soak_ms: o.soak.as_millis() as u64,
+                actor: &actor,
+                forced: forced.as_deref(),
+            })?;
+            tx.audit(Audit {
+                actor: &actor,
+                action: "rollout.start",
+                image: Some(o.image),
+                version: Some(o.version),
+                detail: json!({"rollout": id, "channel": o.to, "from": current, "waves": o.waves, "soak_ms": o.soak.as_millis() as u64, "skipped_gates": skipped, "reason": o.reason}),
+                ..Default::default()
+            })?;
+            Ok(id)
+        })?;
+        let _ = waves;
+        self.run(id)
+    }
+
+    /// Carry on a halted (or interrupted) rollout from its next wave.
+    pub fn resume(&mut self, image: &str) -> Result<RolloutReport> {
+        names::validate("image", image)?;
+        let _l = self.lock(image)?;
+        let said = recover_interrupted(self.store())?;
+        for s in said {
+            tracing::warn!("{s}");
+        }
+        let actor = self.actor.0.clone();
+        let id = self.store().catalog().write(|tx| -> Result<i64> {
+            let img = tx.image(image)?;
+            let r = tx.open_rollout(img.id)?.ok_or_else(|| RolloutError::NothingOpen(image.to_string()))?;
+            tx.set_rollout_state(r.id, "running")?;
+            tx.audit(Audit {
+                actor: &actor,
+                action: "rollout.resume",
+                image: Some(image),
+                version: Some(r.version),
+                detail: json!({"rollout": r.id, "wave": r.wave + 1}),
+                ..Default::default()
+            })?;
+            Ok(r.id)
+        })?;
+        self.run(id)
+    }
+
+    /// Ask a running rollout to stop after its current wave; keeps what moved.
+    pub fn halt(&mut self, image: &str) -> Result<RolloutReport> {
+        names::validate("image", image)?;
+        let actor = self.actor.0.clone();
+        self.store().catalog().write(|tx| -> Result<RolloutReport> {
+            let img = tx.image(image)?;
+            let r = tx.open_rollout(img.id)?.ok_or_else(|| RolloutError::NothingOpen(image.to_string()))?;
+            if r.state != "running" {
+                return Err(RolloutError::NotRunning {
+                    image: image.into(),
+                    version: r.version,
+                    channel: r.channel,
+                    state: r.state,
+                });
+            }
+            tx.set_rollout_state(r.id, "halted")?;
+            tx.audit(Audit {
+                actor: &actor,
+                action: "rollout.halt",
+                image: Some(image),
+                version: Some(r.version),
+                detail: json!({"rollout": r.id, "wave": r.wave + 1}),
+                ..Default::default()
+            })?;
+            Ok(report(tx, r.id)?)
+        })
+    }
+
+    fn state_of(&mut self, id: i64) -> Result<String> {
+        Ok(self.store().catalog().read(|tx| tx.rollout(id))?.state)
+    }
+
+    /// Pools that follow the rollout's channel (pinned pools ignore promotions), with their
+    /// idle desktops not yet moved by this rollout, and the count already moved.
+    fn candidates(&mut self, r: &Rollout) -> Result<Vec<Candidate>> {
+        self.store().catalog().read(|tx| -> Result<_> {
+            let done: Vec<String> = tx.rollout_desktops(r.id)?.into_iter().map(|d| d.desktop).collect();
+            let mut out = vec![];
+            for p in tx.pools_of_image(r.image_id)? {
+                if p.channel != r.channel || p.pinned.is_some() {
+                    continue;
+                }
+                let ds = tx.desktops(p.id)?;
+                let moved = ds.iter().filter(|d| done.contains(&d.name)).count() as u32;
+                let idle: Vec<String> = ds
+                    .iter()
+                    .filter(|d| d.assigned_to.is_none() && !done.contains(&d.name) && d.version != r.version)
+                    .map(|d| d.name.clone())
+                    .collect();
+                let already = ds.iter().filter(|d| !done.contains(&d.name) && d.version == r.version).count() as u32;
+                out.push((p.name.clone(), p.size, moved + already, idle));
+            }
+            Ok(out)
+        })
+    }
+
+    fn run(&mut self, id: i64) -> Result<RolloutReport> {
+        let r = self.store().catalog().write(|tx| -> Result<Rollout> {
+            tx.set_rollout_owner(id, Some(std::process::id()))?;
+            Ok(tx.rollout(id)?)
+        })?;
+        let waves = rules::parse_waves(&r.waves).map_err(RolloutError::Waves)?;
+        let soak = Duration::from_millis(r.soak_ms);
+        // Desktops of a wave cut short by a killed vdim are soaked again.
+        let unfinished: Vec<RolloutDesktop> = self
+            .store()
+            .catalog()
+            .read(|tx| tx.rollout_desktops(id))?
+            .into_iter()
+            .filter(|d| d.wave >= r.wave && !matches!(d.state.as_str(), "healthy" | "reverted"))
+            .collect();
+        for (k, wave) in waves.iter().enumerate().skip(r.wave as usize) {
+            if self.state_of(id)? != "running" {
+                break;
+            }
+            let mut picks: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for d in unfinished.iter().filter(|d| d.wave as usize == k) {
+                picks.entry(d.pool.clone()).or_default().push(d.desktop.clone());
+            }
+            for (pool, size, moved, idle) in self.candidates(&r)? {
+                let taken = picks.get(&pool).map(|v| v.len() as u32).unwrap_or(0);
+                let more = rules::wave_pick(*wave, size, moved + taken, &idle);
+                picks.entry(pool).or_default().extend(more);
+            }
+            picks.retain(|_, v| !v.is_empty());
+            if !picks.is_empty() {
+                self.run_wave(&r, k as u32, &picks, soak)?;
+            }
+            self.store().catalog().write(|tx| tx.set_rollout_wave(id, k as u32 + 1))?;
+        }
+        let state = self.state_of(id)?;
+        let finished = self.store().catalog().read(|tx| tx.rollout(id))?.wave as usize >= waves.len();
+        if state == "running" && finished {
+            self.succeed(&r)?;
+        }
+        let actor = self.actor.0.clone();
+        self.store().catalog().write(|tx| -> Result<RolloutReport> {
+            tx.set_rollout_owner(id, None)?;
+            let rep = report(tx, id)?;
+            if rep.rollout.state == "halted" {
+                tx.audit(Audit {
+                    actor: &actor,
+                    action: "rollout.halted",
+                    image: Some(&r.image),
+                    version: Some(r.version),
+                    detail: json!({"rollout": id, "next_wave": rep.rollout.wave + 1}),
+                    ..Default::default()
+                })?;
+            }
+            Ok(rep)
+        })
+    }
+
+    fn run_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>, soak: Duration) -> Result<()> {
+        let all: Vec<String> = picks.values().flatten().cloned().collect();
+        // Record first, act after: a killed vdim leaves desktops the next run knows about.
+        let actor = self.actor.0.clone();
+        self.store().catalog().write(|tx| -> Result<()> {
+            for (pool, ds) in picks {
+                for d in ds {
+                    let from = tx.desktop(d)?.map(|x| x.version).unwrap_or(r.from_version);
+                    tx.add_rollout_desktop(r.id, d, pool, k, if from == r.version { r.from_version } else { from })?;
+                    tx.set_rollout_desktop(r.id, d, "moving", "")?;
+                }
+            }
+            tx.audit(Audit {
+                actor: &actor,
+                action: "rollout.wave",
+                image: Some(&r.image),
+                version: Some(r.version),
+                detail: json!({"rollout": r.id, "wave": k + 1, "desktops": all}),
+                ..Default::default()
+            })?;
+            Ok(())
+        })?;
+        // Subscribe before the desktops start, so even a crash at once is seen.
+        let sub = self.pools.hypervisor().subscribe("vdim-")?;
+        let soak_start = SystemTime::now();
+        for (pool, ds) in picks {
+            let actor = self.actor.clone();
+            self.pools.move_desktops(pool, ds, r.version, true, &actor, &format!("rollout {} wave {}", r.id, k + 1))?;
+        }
+        self.store().catalog().write(|tx| -> Result<()> {
+            for d in &all {
+                tx.set_rollout_desktop(r.id, d, "soaking", "")?;
+            }
+            Ok(())
+        })?;
+        let outcome = self.soak(&all, &sub, soak_start, soak)?;
+        drop(sub);
+        let failed: Vec<(String, String, SystemTime, SystemTime)> = outcome
+            .iter()
+            .filter_map(|(d, (h, at, seen))| match h {
+                Health::Healthy => None,
+                Health::Crashed(why) => Some((d.clone(), format!("crashed ({why})"), *at, *seen)),
+                Health::RebootLoop(n) => Some((d.clone(), format!("reboot loop ({n} reboots)"), *at, *seen)),
+                Health::Stopped(why) => Some((d.clone(), format!("stopped ({why})"), *at, *seen)),
+            })
+            .collect();
+        if failed.is_empty() {
+            self.store().catalog().write(|tx| -> Result<()> {
+                for d in &all {
+                    tx.set_rollout_desktop(
+                        r.id,
+                        d,
+                        "healthy",
+                        &format!("ran {} s without crash or reboot", soak.as_secs()),
+                    )?;
+                }
+                Ok(())
+            })?;
+            for (pool, ds) in picks {
+                self.pools.stop_if_pool_stopped(pool, ds)?;
+            }
+            return Ok(());
+        }
+        self.fail(r, k, &failed)
+    }
+
+    /// Watch the desktops for `soak`: lifecycle events first, a state check as backstop.
+    /// Returns each desktop's health with (when it happened, when vdim saw it).
+    fn soak(
+        &mut self,
+        desktops: &[String],
+        sub: &crate::hypervisor::Subscription,
+        since: SystemTime,
+        soak: Duration,
+    ) -> Result<BTreeMap<String, (Health, SystemTime, SystemTime)>> {
+        let mut health: BTreeMap<String, (Health, SystemTime, SystemTime)> =
+            desktops.iter().map(|d| (d.clone(), (Health::Healthy, since, since))).collect();
+        let mut reboots: BTreeMap<String, u32> = BTreeMap::new();
+        let mut started: std::collections::BTreeSet<String> = Default::default();
+        let deadline = Instant::now() + soak;
+        let mut next_check = Instant::now() + Duration::from_secs(1);
+        let mut events_alive = true;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            let ev = if events_alive {
+                match sub.events.recv_timeout(wait) {
+                    Ok(ev) => Some(ev),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        // Lost the event stream: fall back to state checks, never to blindness.
+                        tracing::warn!("libvirt event stream closed during soak; checking domain states instead");
+                        events_alive = false;
+                        None
+                    }
+                }
+            } else {
+                std::thread::sleep(wait);
+                None
+            };
+            if let Some(ev) = ev {
+                if ev.at < since || !health.contains_key(&ev.domain) {
+                    continue;
+                }
+                let seen = SystemTime::now();
+                // The move itself destroys the old guest: a stop only counts once this
+                // desktop has started again on the new version.
+                let started_again = started.contains(&ev.domain);
+                let verdict = match &ev.kind {
+                    LifecycleKind::Started => {
+                        started.insert(ev.domain.clone());
+                        None
+                    }
+                    LifecycleKind::Crashed => {
+                        Some(Health::Crashed(if ev.detail.is_empty() { "crashed".into() } else { ev.detail.clone() }))
+                    }
+                    _ if !started_again => None,
+                    LifecycleKind::Rebooted => {
+                        let n = reboots.entry(ev.domain.clone()).or_default();
+                        *n += 1;
+                        (*n >= rules::REBOOT_LOOP).then_some(Health::RebootLoop(*n))
+                    }
+                    LifecycleKind::Stopped | LifecycleKind::Shutdown => Some(Health::Stopped(ev.detail.clone())),
+                    _ => None,
+                };
+                if let Some(h) = verdict {
+                    let entry = health.get_mut(&ev.domain).expect("checked");
+                    if entry.0 == Health::Healthy {
+                        *entry = (h, ev.at, seen);
+                    }
+                    // A crash stops the rollout at once: no waiting out the soak.
+                    break;
+                }
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + Duration::from_secs(1);
+                for d in desktops {
+                    let st = self.pools.hypervisor().state(d);
+                    let bad = match st {
+                        Ok((DomainState::Running, _)) => None,
+                        Ok((DomainState::Crashed, why)) => Some(Health::Crashed(why)),
+                        Ok((DomainState::Paused, why)) if why.contains("panic") || why.contains("crash") => {
+                            Some(Health::Crashed(why))
+                        }
+                        Ok((DomainState::ShutOff, why)) => Some(Health::Stopped(why)),
+                        Ok(_) => None,
+                        Err(e) => Some(Health::Stopped(e.to_string())),
+                    };
+                    if let Some(h) = bad {
+                        let now = SystemTime::now();
+                        let entry = health.get_mut(d).expect("known");
+                        if entry.0 == Health::Healthy {
+                            *entry = (h, now, now);
+                        }
+                    }
+                }
+                if health.values().any(|(h, _, _)| *h != Health::Healthy) {
+                    break;
+                }
+            }
+        }
+        Ok(health)
+    }
+
+    /// Stop at once: every desktop this rollout moved goes back to where it was, boots,
+    /// and the version is marked failed.
+    fn fail(&mut self, r: &Rollout, k: u32, failed: &[(String, String, SystemTime, SystemTime)]) -> Result<()> {
+        let detected = failed.iter().map(|f| f.3).min().unwrap_or_else(SystemTime::now);
+        let crashed_at = failed.iter().map(|f| f.2).min().unwrap_or(detected);
+        let actor = self.actor.0.clone();
+        let moved = self.store().catalog().write(|tx| -> Result<Vec<RolloutDesktop>> {
+            tx.set_rollout_state(r.id, "failed")?;
+            let image = tx.image(&r.image)?;
+            tx.set_version_status(&image, r.version, "failed")?;
+            for (d, how, at, _) in failed {
+                tx.set_rollout_desktop(r.id, d, "failed", &format!("{how} at {}", ms(*at)))?;
+            }
+            tx.merge_rollout_report(
+                r.id,
+                json!({"failed_wave": k + 1, "crashed_at": ms(crashed_at), "detected_at": ms(detected),
+                       "failures": failed.iter().map(|(d, how, at, seen)| json!({"desktop": d, "how": how, "at": ms(*at), "detected_at": ms(*seen)})).collect::<Vec<_>>()}),
+            )?;
+            tx.audit(Audit {
+                actor: &actor,
+                action: "rollout.failed",
+                image: Some(&r.image),
+                version: Some(r.version),
+                detail: json!({"rollout": r.id, "wave": k + 1, "failures": failed.iter().map(|f| json!({"desktop": f.0, "how": f.1})).collect::<Vec<_>>()}),
+                ..Default::default()
+            })?;
+            Ok(tx.rollout_desktops(r.id)?)
+        })?;
+        self.revert(r, &moved)?;
+        let restored = SystemTime::now();
+        let rep = self.store().catalog().write(|tx| -> Result<RolloutReport> {
+            tx.merge_rollout_report(
+                r.id,
+                json!({"restored_at": ms(restored),
+                       "detect_ms": detected.duration_since(crashed_at).map(|d| d.as_millis()).unwrap_or(0),
+                       "restore_ms": restored.duration_since(detected).map(|d| d.as_millis()).unwrap_or(0)}),
+            )?;
+            tx.set_rollout_owner(r.id, None)?;
+            Ok(report(tx, r.id)?)
+        })?;
+        let summary = failed.iter().map(|(d, how, _, _)| format!("{d} {how}")).collect::<Vec<_>>().join("; ");
+        Err(RolloutError::Failed {
+            image: r.image.clone(),
+            version: r.version,
+            channel: r.channel,
+            summary,
+            report: Box::new(rep),
+        })
+    }
+
+    /// Move every desktop a rollout touched back to the version it had, and boot it.
+    fn revert(&mut self, r: &Rollout, moved: &[RolloutDesktop]) -> Result<()> {
+        let mut by_pool: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+        for d in moved.iter().filter(|d| d.state != "reverted") {
+            by_pool.entry((d.pool.clone(), d.from_version)).or_default().push(d.desktop.clone());
+        }
+        for ((pool, from), ds) in &by_pool {
+            let actor = self.actor.clone();
+            self.pools.move_desktops(pool, ds, *from, true, &actor, &format!("revert of rollout {}", r.id))?;
+        }
+        self.store().catalog().write(|tx| -> Result<()> {
+            for ds in by_pool.values() {
+                for d in ds {
+                    let prior = tx
+                        .rollout_desktops(r.id)?
+                        .into_iter()
+                        .find(|x| &x.desktop == d)
+                        .map(|x| x.detail)
+                        .unwrap_or_default();
+                    let detail = if prior.is_empty() {
+                        "moved back".to_string()
+                    } else {
+                        format!("failed: {prior}; moved back")
+                    };
+                    tx.set_rollout_desktop(r.id, d, "reverted", &detail)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn succeed(&mut self, r: &Rollout) -> Result<()> {
+        let pools: Vec<String> = self.store().catalog().read(|tx| -> Result<Vec<String>> {
+            Ok(tx
+                .pools_of_image(r.image_id)?
+                .into_iter()
+                .filter(|p| p.channel == r.channel && p.pinned.is_none())
+                .map(|p| p.name)
+                .collect())
+        })?;
+        let mut later = BTreeMap::new();
+        for p in &pools {
+            let actor = self.actor.clone();
+            let l = self.pools.settle(p, r.version, &actor, &format!("rollout {}", r.id))?;
+            if !l.is_empty() {
+                later.insert(p.clone(), l);
+            }
+        }
+        let actor = self.actor.0.clone();
+        self.store().catalog().write(|tx| -> Result<()> {
+            let image = tx.image(&r.image)?;
+            tx.set_channel(&image, r.channel, r.version)?;
+            tx.set_rollout_state(r.id, "succeeded")?;
+            tx.merge_rollout_report(r.id, json!({"finished_at": ms(SystemTime::now()), "at_logoff": later}))?;
+            tx.audit(Audit {
+                actor: &actor,
+                action: "rollout.succeeded",
+                image: Some(&r.image),
+                version: Some(r.version),
+                detail: json!({"rollout": r.id, "channel": r.channel, "pools": pools, "at_logoff": later}),
+                ..Default::default()
+            })?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Emergency: the channel and all its pools back at once, no waves. An open rollout
+    /// of the image is stopped and everything it moved goes back.
+    pub fn rollback_channel(
+        &mut self,
+        image: &str,
+        channel: Channel,
+        to: Option<u32>,
+        force: bool,
+    ) -> Result<serde_json::Value> {
+        names::validate("image", image)?;
+        let actor = self.actor.0.clone();
+        // Stop a rollout in flight first; its own process notices within a second.
+        let open = self.store().catalog().write(|tx| -> Result<Option<Rollout>> {
+            let img = tx.image(image)?;
+            let open = tx.open_rollout(img.id)?.filter(|r| r.channel == channel);
+            if let Some(r) = &open {
+                tx.set_rollout_state(r.id, "reverted")?;
+            }
+            Ok(open)
+        })?;
+        let mut moved_back = vec![];
+        if let Some(r) = &open {
+            let ds = self.store().catalog().read(|tx| tx.rollout_desktops(r.id))?;
+            self.revert(r, &ds)?;
+            moved_back = ds.into_iter().map(|d| d.desktop).collect();
+        }
+        let (target, pools) = self.store().catalog().write(|tx| -> Result<(u32, Vec<String>)> {
+            let img = tx.image(image)?;
+            let current = tx.channel(&img, channel)?;
+            let target = match (to, &open) {
+                (Some(n), _) => {
+                    tx.version(&img, n)?;
+                    n
+                }
+                (None, Some(_)) => current,
+                (None, None) => tx.channel_previous(img.id, channel)?.ok_or(RolloutError::NoPrevious { image: image.into(), channel })?,
+            };
+            if target != current {
+                tx.set_channel(&img, channel, target)?;
+            }
+            let pools = tx.pools_of_image(img.id)?.into_iter().filter(|p| p.channel == channel && p.pinned.is_none()).map(|p| p.name).collect();
+            tx.audit(Audit { actor: &actor, action: "channel.rollback", image: Some(image), version: Some(target), detail: json!({"channel": channel, "from": current, "to": target, "stopped_rollout": open.as_ref().map(|r| r.id), "force": force}), ..Default::default() })?;
+            Ok((target, pools))
+        })?;
+        let mut results = serde_json::Map::new();
+        for p in pools {
+            let actor = self.actor.clone();
+            let r = match self.pools.update(&p, force, &actor) {
+                Ok(m) => json!({"moved_now": m.plan.now, "at_logoff": m.plan.at_logoff}),
+                Err(PoolError::Denied(rules::Denied::AlreadyThere { .. })) => json!({"moved_now": [], "at_logoff": []}),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            results.insert(p, r);
+        }
+        Ok(
+            json!({"image": image, "channel": channel, "version": target, "stopped_rollout": open.map(|r| r.id), "reverted_desktops": moved_back, "pools": results}),
+        )
+    }
+}
