@@ -1177,9 +1177,9 @@ graphics = ["vnc"]
     fn test_linux_boots_its_kernel_and_logs_serial() {
         let out = xml(&shipped("test-linux"), VirtType::Qemu);
         for needle in [
-            "<kernel>/var/cache/vdim/test-guest/vmlinuz</kernel>",
+            "<kernel>/var/cache/vdim/test-guest/vmlinux</kernel>",
             "<initrd>/var/cache/vdim/test-guest/initrd.img</initrd>",
-            "<cmdline>console=ttyS0</cmdline>",
+            "<cmdline>console=ttyS0 panic=0 quiet</cmdline>",
             "<type arch='x86_64' machine='pc'>hvm</type>",
             "<serial type='file'>",
             "<source path='/var/log/vdim/vdim-finance-001.serial.log'/>",
