@@ -521,6 +521,27 @@ fn overlay_header(virtual_size: u64, l1_size: u64, backing: &str, backing_format
 /// `qemu-img create -f qcow2 -b <backing> -F <fmt> <path> <size>`. The parent directory is not
 /// fsync'd; callers creating many overlays sync it once.
 pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, virtual_size: u64) -> Result<(), Qcow2Error> {
+    write_overlay(path, backing, backing_format, virtual_size, true)
+}
+
+/// [`create_overlay`] without the fsync: for callers that write hundreds of overlays and
+/// make them durable together (one `syncfs`) before renaming them into place.
+pub fn create_overlay_unsynced(
+    path: &Path,
+    backing: &str,
+    backing_format: &str,
+    virtual_size: u64,
+) -> Result<(), Qcow2Error> {
+    write_overlay(path, backing, backing_format, virtual_size, false)
+}
+
+fn write_overlay(
+    path: &Path,
+    backing: &str,
+    backing_format: &str,
+    virtual_size: u64,
+    sync: bool,
+) -> Result<(), Qcow2Error> {
     validate_backing(path, backing, backing_format)?;
     let l1_size = overlay_l1_size(virtual_size).map_err(|reason| Qcow2Error::InvalidSize {
         path: path.to_path_buf(),
@@ -546,7 +567,10 @@ pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, virtual_
         file.write_all_at(&header, 0)?;
         file.write_all_at(&(2 * OVERLAY_CLUSTER).to_be_bytes(), OVERLAY_CLUSTER)?;
         file.write_all_at(&refcounts, 2 * OVERLAY_CLUSTER)?;
-        file.sync_all()
+        if sync {
+            file.sync_all()?;
+        }
+        Ok(())
     })();
     if let Err(source) = written {
         drop(file);
