@@ -124,6 +124,12 @@ pub enum ImageCmd {
         /// Base the draft on this version instead of the newest (e.g. to patch again after a bad version)
         #[arg(long)]
         from: Option<u32>,
+        /// Boot the draft as a dev desktop and print how to reach its console
+        #[arg(long)]
+        start: bool,
+        /// Hardware profile of the dev desktop
+        #[arg(long, default_value = "windows11")]
+        profile: String,
         #[arg(long)]
         author: Option<String>,
     },
@@ -140,6 +146,12 @@ pub enum ImageCmd {
         note: String,
         #[arg(long)]
         author: Option<String>,
+        /// Shut the running dev desktop down (ACPI) and wait for it before sealing
+        #[arg(long)]
+        shutdown: bool,
+        /// How long --shutdown waits for the guest to power off
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        shutdown_timeout: std::time::Duration,
     },
     /// Versions of an image with parentage, sizes and channels
     History { name: String },
@@ -601,30 +613,65 @@ fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
                 )
             })
         }
-        ImageCmd::Edit { name, from, author } => {
+        ImageCmd::Edit { name, from, start, profile, author } => {
             let mut store = open_store(g)?;
-            let r = store.edit(&name, from, &Actor::resolve(author.as_deref()))?;
+            let draft = store.edit(&name, from, &Actor::resolve(author.as_deref()))?;
+            let dev_desktop = if start {
+                let hv = connect(g)?;
+                Some(crate::dev::start(&store, hv.as_ref(), &profiles_dir(g), &draft, &profile, &g.virt_type)?)
+            } else {
+                None
+            };
+            let r = crate::dev::EditReport { draft, dev_desktop };
             print(g.json, &r, |r| {
-                format!(
-                    "{} draft of '{}' on version {}: {}\nwrite to it (boot a dev desktop, or qemu-io -f qcow2), then 'vdim image seal {}'",
-                    if r.new { "new" } else { "existing" },
-                    r.image,
-                    r.base_version,
-                    r.draft.display(),
-                    r.image
-                )
+                let d = &r.draft;
+                let mut s = format!(
+                    "{} draft of '{}' on version {}: {}",
+                    if d.new { "new" } else { "existing" },
+                    d.image,
+                    d.base_version,
+                    d.draft.display()
+                );
+                match &r.dev_desktop {
+                    None => {
+                        s += &format!(
+                            "\nwrite to it (boot it with --start, or qemu-io -f qcow2), then 'vdim image seal {}'",
+                            d.image
+                        )
+                    }
+                    Some(dd) => {
+                        s += &format!("\ndev desktop {} is running; its consoles (tickets valid one hour):", dd.domain);
+                        for c in &dd.consoles {
+                            let scheme = if c.kind == crate::hypervisor::GraphicsKind::Spice { "spice" } else { "vnc" };
+                            s += &format!(
+                                "\n  remote-viewer {scheme}://{}:{}   password {}",
+                                c.listen, c.port, c.password
+                            );
+                        }
+                        if let Some(log) = &dd.serial_log {
+                            s += &format!("\n  serial console log: {log}");
+                        }
+                        s += &format!("\npatch it, then 'vdim image seal {} --shutdown'", d.image);
+                    }
+                }
+                s
             })
         }
         ImageCmd::Discard { name, author } => {
             let mut store = open_store(g)?;
+            let hv = connect(g)?;
+            crate::dev::remove(hv.as_ref(), &name)?;
             store.discard(&name, &Actor::resolve(author.as_deref()))?;
             print(g.json, &serde_json::json!({"image": name, "discarded": true}), |_| {
                 format!("draft of '{name}' discarded")
             })
         }
-        ImageCmd::Seal { name, note, author } => {
+        ImageCmd::Seal { name, note, author, shutdown, shutdown_timeout } => {
             let mut store = open_store(g)?;
-            let r = store.seal(&name, &note, &Actor::resolve(author.as_deref()))?;
+            let hv = connect(g)?;
+            let actor = Actor::resolve(author.as_deref());
+            let r =
+                crate::dev::seal(&mut store, hv.as_ref(), &name, &note, &actor, shutdown.then_some(shutdown_timeout))?;
             print(g.json, &r, |r| {
                 format!(
                     "sealed '{}' version {} on version {} ({} delta); dev points at it",
@@ -783,6 +830,14 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
             cause.downcast_ref()
         {
             return 4;
+        }
+        if let Some(crate::dev::DevError::Store(store::StoreError::Catalog(CatalogError::ImageNotFound(_)))) =
+            cause.downcast_ref()
+        {
+            return 4;
+        }
+        if let Some(crate::dev::DevError::Store(store::StoreError::Lock(_))) = cause.downcast_ref() {
+            return 3;
         }
         match cause.downcast_ref::<PoolError>() {
             Some(PoolError::NotFound(_) | PoolError::DesktopNotFound(_)) => return 4,

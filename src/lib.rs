@@ -7,6 +7,8 @@
 pub mod catalog;
 /// Command line: argument parsing and printing, nothing else.
 pub mod cli;
+/// The dev desktop: an image's draft booted for patching, shut down before sealing.
+pub mod dev;
 /// SHA-256 of layer files.
 pub mod digest;
 /// Layout of the vdim home directory.

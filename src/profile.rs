@@ -342,7 +342,7 @@ pub struct DesktopSpec<'a> {
     pub version: u32,
 }
 
-/// Checks a domain (desktop) name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting
+/// Checks a domain (desktop) name: 1 to 80 characters of `A-Z a-z 0-9 . _ -`, not starting
 /// with `.` or `-`. Names that would need escaping are refused, not escaped.
 pub fn validate_name(s: &str) -> Result<(), ProfileError> {
     check_name("Desktop", s)
@@ -709,8 +709,8 @@ fn check_profile_name(name: &str) -> Result<(), ProfileError> {
 fn check_name(kind: &'static str, name: &str) -> Result<(), ProfileError> {
     let reason = if name.is_empty() {
         Some("it is empty")
-    } else if name.len() > 64 {
-        Some("it is longer than 64 characters")
+    } else if name.len() > 80 {
+        Some("it is longer than 80 characters")
     } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
         Some("use only A-Z, a-z, 0-9, '.', '_' and '-'")
     } else if name.starts_with(['.', '-']) {

@@ -1,0 +1,164 @@
+//! The dev desktop: an image's draft booted as a desktop so an admin can patch it, and the
+//! rule that a draft is never sealed while that desktop still writes to it.
+
+use crate::hypervisor::{DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError};
+use crate::names;
+use crate::pool::{self, PoolError};
+use crate::profile::{self, DesktopSpec, Profile};
+use crate::store::{Actor, DraftReport, Store, StoreError, VersionReport};
+use serde::Serialize;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+use thiserror::Error;
+
+/// How long a console ticket printed for the dev desktop stays valid.
+const TICKET: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Error)]
+pub enum DevError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileError),
+    #[error("the dev desktop {domain} of '{image}' is running and writing to the draft: shut it down first, or seal with --shutdown")]
+    Running { image: String, domain: String },
+    #[error("the dev desktop {domain} of '{image}' did not shut down within {secs} s after the ACPI request; the draft was not sealed")]
+    ShutdownTimeout { image: String, domain: String, secs: u64 },
+    #[error("cannot create {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, DevError>;
+
+pub fn domain_name(image: &str) -> String {
+    format!("vdim-dev-{image}")
+}
+
+#[derive(Debug, Serialize)]
+pub struct Console {
+    pub kind: GraphicsKind,
+    pub listen: String,
+    pub port: u16,
+    pub password: String,
+    pub valid_until: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DevDesktop {
+    pub domain: String,
+    pub serial_log: Option<String>,
+    pub consoles: Vec<Console>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EditReport {
+    #[serde(flatten)]
+    pub draft: DraftReport,
+    pub dev_desktop: Option<DevDesktop>,
+}
+
+fn active(hv: &dyn Hypervisor, domain: &str) -> Result<bool> {
+    match hv.state(domain) {
+        Ok((s, _)) => Ok(s != DomainState::ShutOff),
+        Err(HypervisorError::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Boot the draft as a dev desktop (defined once, started if not running) and hand out
+/// one-time console tickets for it.
+pub fn start(
+    store: &Store,
+    hv: &dyn Hypervisor,
+    profiles: &Path,
+    draft: &DraftReport,
+    profile: &str,
+    virt: &str,
+) -> Result<DevDesktop> {
+    names::validate("image", &draft.image).map_err(StoreError::from)?;
+    let domain = domain_name(&draft.image);
+    let profile = Profile::load(profiles, profile)?;
+    let run = store.home().run().join("dev");
+    std::fs::create_dir_all(&run).map_err(|source| DevError::Io { path: run.display().to_string(), source })?;
+    let serial = run.join(format!("{}.serial.log", draft.image));
+    let nvram = run.join(format!("{}.nvram", draft.image));
+    if !hv.exists(&domain)? {
+        let secret = pool::random_secret(16);
+        let spec = DesktopSpec {
+            name: &domain,
+            uuid: None,
+            disk: &draft.draft,
+            serial_log: profile.wants_serial_log().then_some(serial.as_path()),
+            nvram: profile.uses_uefi().then_some(nvram.as_path()),
+            graphics_password: &secret,
+            listen: "127.0.0.1",
+            pool: &draft.image,
+            version: draft.base_version,
+        };
+        hv.define(&profile::domain_xml(&profile, pool::parse_virt_type(virt)?, &spec)?)?;
+    }
+    if !active(hv, &domain)? {
+        hv.start(&domain)?;
+    }
+    let until = SystemTime::now() + TICKET;
+    let mut consoles = vec![];
+    for kind in [GraphicsKind::Spice, GraphicsKind::Vnc] {
+        // VNC takes 8 characters at most; SPICE gets a longer ticket.
+        let password = pool::random_secret(if kind == GraphicsKind::Vnc { 4 } else { 16 });
+        match hv.set_graphics_password(&domain, kind, &password, until) {
+            Ok(GraphicsEndpoint { listen, port, .. }) => consoles.push(Console {
+                kind,
+                listen,
+                port,
+                password,
+                valid_until: humantime::format_rfc3339_seconds(until).to_string(),
+            }),
+            Err(HypervisorError::NoGraphics { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(DevDesktop { domain, serial_log: profile.wants_serial_log().then(|| serial.display().to_string()), consoles })
+}
+
+/// Seal the draft, refusing while the dev desktop runs unless `shutdown` (ACPI request,
+/// wait up to `timeout`, then seal). The dev desktop is removed once its draft is sealed.
+pub fn seal(
+    store: &mut Store,
+    hv: &dyn Hypervisor,
+    image: &str,
+    note: &str,
+    actor: &Actor,
+    shutdown: Option<Duration>,
+) -> Result<VersionReport> {
+    names::validate("image", image).map_err(StoreError::from)?;
+    let domain = domain_name(image);
+    if active(hv, &domain)? {
+        let Some(timeout) = shutdown else {
+            return Err(DevError::Running { image: image.into(), domain });
+        };
+        hv.shutdown(&domain)?;
+        let deadline = Instant::now() + timeout;
+        while active(hv, &domain)? {
+            if Instant::now() >= deadline {
+                return Err(DevError::ShutdownTimeout { image: image.into(), domain, secs: timeout.as_secs() });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let v = store.seal(image, note, actor)?;
+    remove(hv, image)?;
+    Ok(v)
+}
+
+/// Take the dev desktop away (after seal or discard); nothing to do when there is none.
+pub fn remove(hv: &dyn Hypervisor, image: &str) -> Result<()> {
+    let domain = domain_name(image);
+    match hv.destroy(&domain).and_then(|_| hv.undefine(&domain)) {
+        Ok(()) | Err(HypervisorError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
