@@ -67,6 +67,7 @@ pub struct LifecycleEvent {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GraphicsKind {
     Spice,
     Vnc,

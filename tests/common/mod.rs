@@ -173,7 +173,9 @@ impl LibvirtEnv {
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::trim)
-            .filter(|l| l.starts_with(&format!("vdim-{}", self.prefix)))
+            .filter(|l| {
+                l.starts_with(&format!("vdim-{}", self.prefix)) || l.starts_with(&format!("vdim-dev-{}", self.prefix))
+            })
             .map(String::from)
             .collect()
     }
