@@ -44,6 +44,14 @@ struct Run {
     status: std::process::ExitStatus,
 }
 
+/// `VDIM_QEMU_IMG_TIMEOUT` (seconds) caps every call's wall-clock time below its default.
+fn effective(limits: Limits) -> Limits {
+    match std::env::var("VDIM_QEMU_IMG_TIMEOUT").ok().and_then(|v| v.parse::<u64>().ok()) {
+        Some(secs) if secs > 0 => Limits { timeout: limits.timeout.min(Duration::from_secs(secs)), ..limits },
+        _ => limits,
+    }
+}
+
 fn run(
     op: &'static str,
     path: &Path,
@@ -51,8 +59,10 @@ fn run(
     limits: Limits,
     progress: Option<&ProgressBar>,
 ) -> Result<Run, QemuImgError> {
+    let limits = effective(limits);
     let mut cmd = Command::new("qemu-img");
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own process group: a timeout kills everything it started, not just the first pid.
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     let Limits { address_space, cpu_seconds, .. } = limits;
     // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
     unsafe {
@@ -101,6 +111,8 @@ fn run(
         match child.try_wait() {
             Ok(Some(s)) => break s,
             Ok(None) if Instant::now() >= deadline => {
+                // SAFETY: kill(2) on the child's own process group; no memory is involved.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(QemuImgError::Timeout {

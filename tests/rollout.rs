@@ -250,3 +250,63 @@ fn a_vdim_killed_mid_wave_is_found_by_the_next_command_and_resumed() {
     }
     assert_eq!(t.vdim_json(&["pool", "show", &pp])["version"], 2);
 }
+
+#[test]
+fn halt_stops_between_waves_keeps_what_moved_and_resume_finishes() {
+    let t = LibvirtEnv::new("halt");
+    let pp = t.pool_name("p");
+    marker_image(&t.env, "img", "halt-v1");
+    t.vdim_json(&[
+        "pool",
+        "create",
+        &pp,
+        "--image",
+        "img",
+        "--channel",
+        "prod",
+        "--size",
+        "2",
+        "--profile",
+        "test-linux",
+    ]);
+    seal_marker(&t.env, "img", "halt-v2", "ok");
+    let child = t
+        .env
+        .cmd()
+        .env("VDIM_VIRT_TYPE", "qemu")
+        .args([
+            "--json",
+            "promote",
+            "img",
+            "2",
+            "--to",
+            "prod",
+            "--soak",
+            "8s",
+            "--waves",
+            "1,100%",
+            "--force",
+            "--reason",
+            "halt test",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !t.vdim(&["--json", "rollout", "status", "img"]).stdout().contains("\"soaking\"") {
+        assert!(Instant::now() < deadline, "the rollout never reached its soak");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t.vdim_json(&["rollout", "halt", "img"]);
+    t.vdim(&["rollout", "halt", "img"]).assert_failure().assert_stderr_contains("is halted, not running");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "an admin's halt is not a failure");
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["state"], "halted", "{rep}");
+    assert_eq!((rep["waves"][0]["healthy"].as_u64(), rep["waves"][1]["moved"].as_u64()), (Some(1), Some(0)), "{rep}");
+    let versions: Vec<u64> = desktops(&t, &pp).iter().map(|d| d["version"].as_u64().unwrap()).collect();
+    assert_eq!(versions, [2, 1], "the canary keeps v2, the rest waits");
+    let r = t.vdim_json(&["rollout", "resume", "img"]);
+    assert_eq!(r["state"], "succeeded");
+    assert!(desktops(&t, &pp).iter().all(|d| d["version"] == 2));
+}

@@ -506,3 +506,45 @@ fn full_disk_is_refused_before_writing_and_leaves_no_partial_version() {
     assert_eq!(std::fs::read_dir(home.join("layers")).unwrap().count(), 0, "no partial layer");
     assert!(!run(&["image", "history", "big"]).status.success());
 }
+
+#[test]
+fn qemu_img_runs_bounded_and_a_hung_one_is_stopped_without_leaving_anything() {
+    let env = Env::new();
+    let raw = env.path("a.raw");
+    marker_raw(&raw, "b", "ok", 1 << 20);
+    let bin = env.path("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let limits = env.path("limits");
+    // A qemu-img that records the limits it runs under, then hangs on convert.
+    let script = format!(
+        "#!/bin/sh\necho \"as=$(ulimit -v) cpu=$(ulimit -t)\" >> {}\ncase \"$1\" in convert) sleep 30;; esac\nexec /usr/bin/qemu-img \"$@\"\n",
+        limits.display()
+    );
+    std::fs::write(bin.join("qemu-img"), script).unwrap();
+    std::fs::set_permissions(bin.join("qemu-img"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let started = std::time::Instant::now();
+    let out = env
+        .cmd()
+        .env("PATH", &path)
+        .env("VDIM_QEMU_IMG_TIMEOUT", "2")
+        .args(["image", "import", "hung", raw.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("took longer than 2 s and was stopped"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "the hung qemu-img was not stopped");
+    let seen = std::fs::read_to_string(&limits).unwrap();
+    // info (1 GiB, 60 s) then convert (4 GiB, 4 h): ulimit -v is in KiB.
+    assert!(seen.contains("as=1048576 cpu=60"), "{seen}");
+    assert!(seen.contains("as=4194304 cpu=14400"), "{seen}");
+    assert!(env.store_files().is_empty(), "no partial layer: {:?}", env.store_files());
+    env.vdim(&["image", "history", "hung"]).assert_exit_code(4);
+    let ps =
+        String::from_utf8_lossy(&Command::new("pgrep").args(["-f", "sleep 30"]).output().unwrap().stdout).into_owned();
+    let ours = ps.lines().filter(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/environ")).is_ok_and(|e| e.contains(bin.to_str().unwrap()))
+    });
+    assert_eq!(ours.count(), 0, "the hung qemu-img's whole process group is killed");
+}
