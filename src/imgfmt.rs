@@ -1410,15 +1410,7 @@ mod tests {
         assert!(!qemu_vmdk_text_probe(b"version=4\n"));
     }
 
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            s.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::qcow2::tests::rng;
 
     #[test]
     fn hostile_bytes_never_panic() {

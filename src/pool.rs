@@ -470,9 +470,8 @@ impl<'a> Pools<'a> {
         Ok(started)
     }
 
-    pub fn stop(&mut self, name: &str, force: bool, actor: &Actor) -> Result<Vec<String>> {
-        names::validate("pool", name)?;
-        let _l = self.lock_pool(name)?;
+    /// The pool and its desktops, unless one is in use and `force` is not given.
+    fn unless_in_use(&mut self, name: &str, force: bool, why: &str) -> Result<(Pool, Vec<Desktop>)> {
         let (pool, desktops) = self.store.catalog().read(|tx| -> Result<_> {
             let p = Self::load_pool(tx, name)?;
             Ok((p.clone(), tx.desktops(p.id)?))
@@ -481,9 +480,16 @@ impl<'a> Pools<'a> {
             return Err(PoolError::InUse {
                 desktop: d.name.clone(),
                 user: d.assigned_to.clone().unwrap_or_default(),
-                what: format!("stopping pool '{name}' would cut the user off; log them off first or use --force"),
+                what: format!("{why} (pool '{name}'); log them off first or use --force"),
             });
         }
+        Ok((pool, desktops))
+    }
+
+    pub fn stop(&mut self, name: &str, force: bool, actor: &Actor) -> Result<Vec<String>> {
+        names::validate("pool", name)?;
+        let _l = self.lock_pool(name)?;
+        let (pool, desktops) = self.unless_in_use(name, force, "stopping it would cut the user off")?;
         self.store.catalog().write(|tx| -> Result<()> {
             tx.set_pool_running(pool.id, false)?;
             tx.audit(Audit {
@@ -910,17 +916,7 @@ impl<'a> Pools<'a> {
     pub fn delete(&mut self, name: &str, force: bool, actor: &Actor) -> Result<()> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
-        let (pool, desktops) = self.store.catalog().read(|tx| -> Result<_> {
-            let p = Self::load_pool(tx, name)?;
-            Ok((p.clone(), tx.desktops(p.id)?))
-        })?;
-        if let Some(d) = desktops.iter().find(|d| d.assigned_to.is_some()).filter(|_| !force) {
-            return Err(PoolError::InUse {
-                desktop: d.name.clone(),
-                user: d.assigned_to.clone().unwrap_or_default(),
-                what: format!("deleting pool '{name}' would take it away; log them off first or use --force"),
-            });
-        }
+        let (pool, desktops) = self.unless_in_use(name, force, "deleting the pool would take the desktop away")?;
         // Domains first: a desktop still defined must keep its overlay.
         for d in &desktops {
             self.remove_domain(&d.name)?;

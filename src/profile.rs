@@ -1244,8 +1244,8 @@ graphics = ["vnc"]
             let err = domain_xml(&profile, VirtType::Qemu, &pool_spec).expect_err("bad pool");
             assert!(matches!(err, ProfileError::InvalidName { kind: "Pool", .. }), "{err:?}");
         }
-        assert!(validate_name(&"a".repeat(64)).is_ok());
-        assert!(validate_name(&"a".repeat(65)).is_err());
+        assert!(validate_name(&"a".repeat(80)).is_ok());
+        assert!(validate_name(&"a".repeat(81)).is_err());
         assert!(validate_name("vdim-finance-001").is_ok());
         assert!(validate_name("Desk_01.a").is_ok());
     }

@@ -659,7 +659,7 @@ pub fn set_backing(path: &Path, backing: &str, backing_format: &str) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::process::{Command, Output};
 
