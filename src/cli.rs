@@ -310,8 +310,10 @@ fn rollout_text(r: &RolloutReport) -> String {
             );
         }
         s += &format!(
-            "\n  detected {} ms after the crash; service restored {} ms after detection",
-            rep["detect_ms"], rep["restore_ms"]
+            "\n  crash reported by libvirt at {}; acted on {} ms later; failed desktops running the previous version {} ms after that",
+            rep["crash_event_at"].as_str().unwrap_or("?"),
+            rep["event_to_verdict_ms"],
+            rep["restore_ms"]
         );
     }
     if let Some(i) = rep.get("interrupted") {

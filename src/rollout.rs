@@ -563,7 +563,9 @@ impl<'a> Engine<'a> {
     /// and the version is marked failed.
     fn fail(&mut self, r: &Rollout, k: u32, failed: &[(String, String, SystemTime, SystemTime)]) -> Result<()> {
         let detected = failed.iter().map(|f| f.3).min().unwrap_or_else(SystemTime::now);
-        let crashed_at = failed.iter().map(|f| f.2).min().unwrap_or(detected);
+        // When libvirt reported the crash (its event), not when the guest panicked: the
+        // panic itself is only visible inside the guest (scripts/bench measures it there).
+        let crash_event_at = failed.iter().map(|f| f.2).min().unwrap_or(detected);
         let actor = self.actor.0.clone();
         let moved = self.store().catalog().write(|tx| -> Result<Vec<RolloutDesktop>> {
             tx.set_rollout_state(r.id, "failed")?;
@@ -574,7 +576,7 @@ impl<'a> Engine<'a> {
             }
             tx.merge_rollout_report(
                 r.id,
-                json!({"failed_wave": k + 1, "crashed_at": ms(crashed_at), "detected_at": ms(detected),
+                json!({"failed_wave": k + 1, "crash_event_at": ms(crash_event_at), "detected_at": ms(detected),
                        "failures": failed.iter().map(|(d, how, at, seen)| json!({"desktop": d, "how": how, "at": ms(*at), "detected_at": ms(*seen)})).collect::<Vec<_>>()}),
             )?;
             tx.audit(Audit {
@@ -593,7 +595,7 @@ impl<'a> Engine<'a> {
             tx.merge_rollout_report(
                 r.id,
                 json!({"restored_at": ms(restored),
-                       "detect_ms": detected.duration_since(crashed_at).map(|d| d.as_millis()).unwrap_or(0),
+                       "event_to_verdict_ms": detected.duration_since(crash_event_at).map(|d| d.as_millis()).unwrap_or(0),
                        "restore_ms": restored.duration_since(detected).map(|d| d.as_millis()).unwrap_or(0)}),
             )?;
             tx.set_rollout_owner(r.id, None)?;

@@ -140,8 +140,8 @@ fn a_crashing_version_is_caught_in_the_first_wave_and_undone() {
     let victim = failures[0]["desktop"].as_str().unwrap().to_string();
     assert!(failures[0]["how"].as_str().unwrap().contains("crashed (panicked)"));
     println!(
-        "bad version: crash → detection {} ms, detection → restored service {} ms (rollout took {:.1} s)",
-        rep["report"]["detect_ms"],
+        "bad version: crash event → verdict {} ms, verdict → desktops running the previous version {} ms (rollout took {:.1} s)",
+        rep["report"]["event_to_verdict_ms"],
         rep["report"]["restore_ms"],
         took.as_secs_f64()
     );
