@@ -93,6 +93,11 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Thin-client users and their tokens
+    #[command(subcommand)]
+    User(crate::cli_broker::UserCmd),
+    /// Run the thin-client broker and admin API (HTTP, or HTTPS with --tls-cert)
+    Serve(crate::cli_broker::ServeArgs),
     /// The append-only audit log
     Audit {
         #[arg(long)]
@@ -235,6 +240,10 @@ pub enum PoolCmd {
     Assign { name: String, user: String },
     /// Log a desktop's user off: wiped and moved where it is due
     Release { desktop: String },
+    /// Let a thin-client user open sessions in the pool
+    Entitle { name: String, user: String },
+    /// Take a user's entitlement to the pool away
+    Unentitle { name: String, user: String },
     /// Delete the pool's desktops, overlays and runtime files
     Delete {
         name: String,
@@ -470,6 +479,8 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 format!("{desktop} released{} on version {}", if r.reset { " and reset" } else { "" }, r.version)
             })
         }
+        PoolCmd::Entitle { name, user } => crate::cli_broker::entitle(g, &mut pools, &name, &user, true),
+        PoolCmd::Unentitle { name, user } => crate::cli_broker::entitle(g, &mut pools, &name, &user, false),
         PoolCmd::Delete { name, force } => {
             pools.delete(&name, force, &actor)?;
             print(g.json, &serde_json::json!({"pool": name, "deleted": true}), |_| format!("pool '{name}' deleted"))
@@ -490,6 +501,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Image(cmd) => image(g, cmd),
         Command::Pool(cmd) => pool(g, cmd),
+        Command::User(cmd) => crate::cli_broker::user(g, cmd),
+        Command::Serve(args) => crate::cli_broker::serve(g, args),
         Command::Rollback { pool: Some(name), to, force, .. } => {
             let (mut store, hv) = (open_store(g)?, connect(g)?);
             let r = Pools::new(&mut store, hv.as_ref(), profiles_dir(g)).rollback(

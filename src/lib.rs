@@ -3,10 +3,14 @@
 //! Data flows top to bottom; see ARCHITECTURE.md for the whole path from an imported image
 //! to a thin client's screen.
 
+/// The thin-client broker (`vdim serve`): HTTP API, `.vv` files, HTML5 console proxy, TLS.
+pub mod broker;
 /// The embedded SQLite catalog: images, versions, channels, drafts, audit log.
 pub mod catalog;
 /// Command line: argument parsing and printing, nothing else.
 pub mod cli;
+/// The broker's commands: `vdim user`, `vdim pool entitle`, `vdim serve`.
+pub mod cli_broker;
 /// The dev desktop: an image's draft booted for patching, shut down before sealing.
 pub mod dev;
 /// SHA-256 of layer files.
@@ -35,3 +39,5 @@ pub mod rollout;
 pub mod rules;
 /// The image store: import, edit, seal, verify, gc, export.
 pub mod store;
+/// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
+pub mod users;

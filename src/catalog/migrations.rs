@@ -144,11 +144,13 @@ pub const MIGRATIONS: &[&str] = &[
     // 4: thin-client users, entitlements and sessions.
     r#"
     CREATE TABLE users (
-        id         INTEGER PRIMARY KEY,
-        name       TEXT NOT NULL UNIQUE,
-        admin      INTEGER NOT NULL DEFAULT 0,
-        token_hash TEXT NOT NULL UNIQUE,
-        created    TEXT NOT NULL
+        id            INTEGER PRIMARY KEY,
+        name          TEXT NOT NULL UNIQUE,
+        admin         INTEGER NOT NULL DEFAULT 0,
+        -- SHA-256 (hex) of the bearer token; the token itself is shown once and never stored.
+        token_hash    TEXT NOT NULL UNIQUE CHECK (length(token_hash) = 64),
+        token_expires TEXT,
+        created       TEXT NOT NULL
     );
     CREATE TABLE entitlements (
         pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
@@ -156,15 +158,23 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (pool_id, user_id)
     );
     CREATE TABLE sessions (
-        id                 TEXT PRIMARY KEY,
-        user_id            INTEGER NOT NULL REFERENCES users(id),
+        id                 TEXT PRIMARY KEY CHECK (length(id) = 32),
+        user_id            INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         pool               TEXT NOT NULL,
         desktop            TEXT NOT NULL,
         created            TEXT NOT NULL,
         expires_at         TEXT NOT NULL,
         ended              TEXT,
-        console_token_hash TEXT
+        -- Set once the logoff is complete (desktop released and reset where due). An ended
+        -- session without it is finished by the broker's reaper and at its start.
+        released           TEXT,
+        -- SHA-256 (hex) of the per-session console token (HTML5 console).
+        console_token_hash TEXT NOT NULL CHECK (length(console_token_hash) = 64)
     );
-    CREATE INDEX sessions_open ON sessions(desktop) WHERE ended IS NULL;
+    -- The database itself refuses a desktop in two open sessions, and a second open session
+    -- of one user in one pool (the broker reconnects to the first instead).
+    CREATE UNIQUE INDEX sessions_open_desktop ON sessions(desktop) WHERE ended IS NULL;
+    CREATE UNIQUE INDEX sessions_open_user_pool ON sessions(user_id, pool) WHERE ended IS NULL;
+    CREATE INDEX sessions_unreleased ON sessions(ended) WHERE released IS NULL;
     "#,
 ];

@@ -10,6 +10,7 @@
 mod migrations;
 pub mod pools;
 pub mod rollouts;
+pub mod users;
 pub use pools::{Desktop, Pool};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};

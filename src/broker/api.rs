@@ -1,0 +1,626 @@
+//! The JSON API: thin-client endpoints for any user, `/api/v1/admin/...` for administrators.
+//! Every handler authenticates first (so a request without a valid token learns nothing),
+//! parses its input, calls one service function on the blocking pool, and returns its
+//! report; errors become statuses in `error` only.
+
+use super::error::ApiError;
+use super::vv::{self, VvFile};
+use super::{Broker, Public, BODY_LIMIT};
+use crate::catalog::users::{Session, User};
+use crate::catalog::Channel;
+use crate::pool::{self, CreateOptions, Pools};
+use crate::rollout::{Engine, PromoteOptions};
+use crate::store::Actor;
+use crate::users::{UserError, Users};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+type B = State<Arc<Broker>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---- extractors ------------------------------------------------------------------------------
+
+/// The user whose bearer token came with the request.
+pub struct Caller(pub User);
+
+impl FromRequestParts<Arc<Broker>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, b: &Arc<Broker>) -> ApiResult<Self> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim().to_string())
+            .ok_or(UserError::Unauthenticated)?;
+        let user = b.blocking(move |_, store| Ok(Users::new(store).authenticate(&token)?)).await?;
+        Ok(Caller(user))
+    }
+}
+
+/// A caller who is an administrator.
+pub struct Admin(pub User);
+
+impl Admin {
+    fn actor(&self) -> Actor {
+        Actor(format!("api:{}", self.0.name))
+    }
+}
+
+impl FromRequestParts<Arc<Broker>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, b: &Arc<Broker>) -> ApiResult<Self> {
+        let Caller(user) = Caller::from_request_parts(parts, b).await?;
+        if !user.admin {
+            return Err(UserError::NotAdmin { user: user.name }.into());
+        }
+        Ok(Admin(user))
+    }
+}
+
+/// Path parameters, with a JSON error on bad percent-encoding.
+pub struct P<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for P<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &S) -> ApiResult<Self> {
+        Path::<T>::from_request_parts(parts, s)
+            .await
+            .map(|Path(t)| P(t))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// Query parameters, with a JSON error on unknown or malformed ones.
+pub struct Q<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &S) -> ApiResult<Self> {
+        Query::<T>::from_request_parts(parts, s)
+            .await
+            .map(|Query(t)| Q(t))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// A JSON body (an empty one reads as `{}`): 413 above [`BODY_LIMIT`], 400 when malformed
+/// or carrying unknown fields.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, s: &S) -> ApiResult<Self> {
+        let bytes = Bytes::from_request(req, s).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge { limit: BODY_LIMIT }
+            } else {
+                ApiError::BadRequest(r.body_text())
+            }
+        })?;
+        let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
+            serde_json::from_str("{}")
+        } else {
+            serde_json::from_slice(&bytes)
+        };
+        parsed.map(JsonBody).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+// ---- thin-client endpoints -----------------------------------------------------------------
+
+/// A session as its user sees it; `console_url` carries the console token in its fragment,
+/// which browsers never send to a server.
+#[derive(Debug, Serialize)]
+pub struct SessionOut {
+    pub id: String,
+    pub pool: String,
+    pub desktop: String,
+    pub vv_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_url: Option<String>,
+    pub expires_at: String,
+    pub reconnected: bool,
+}
+
+fn session_out(public: &Public, s: &Session, console_token: Option<&str>, reconnected: bool) -> SessionOut {
+    SessionOut {
+        vv_url: format!("{}/api/v1/sessions/{}/console.vv", public.base, s.id),
+        console_url: console_token.map(|t| format!("{}/console/{}#token={t}", public.base, s.id)),
+        id: s.id.clone(),
+        pool: s.pool.clone(),
+        desktop: s.desktop.clone(),
+        expires_at: s.expires_at.clone(),
+        reconnected,
+    }
+}
+
+pub async fn pools(State(b): B, Caller(u): Caller) -> ApiResult<Response> {
+    let offers = b.blocking(move |_, store| Ok(Users::new(store).pools_of(&u)?)).await?;
+    Ok(Json(offers).into_response())
+}
+
+pub async fn open_session(State(b): B, Caller(u): Caller, P(pool): P<String>) -> ApiResult<Response> {
+    let ttl = b.session_ttl;
+    let r = {
+        let _turn = b.open_gate.lock().await;
+        b.blocking(move |b, store| Ok(b.sessions(store).open(&u, &pool, ttl)?)).await
+    };
+    let opened = match r {
+        Ok(o) => o,
+        Err(e) => {
+            if matches!(&e, ApiError::User(UserError::Pool(pool::PoolError::Exhausted { .. }))) {
+                b.metrics.pool_exhausted.fetch_add(1, Relaxed);
+            }
+            return Err(e);
+        }
+    };
+    let (status, counter) = if opened.reconnected {
+        (StatusCode::OK, &b.metrics.sessions_reconnected)
+    } else {
+        (StatusCode::CREATED, &b.metrics.sessions_opened)
+    };
+    counter.fetch_add(1, Relaxed);
+    let out = session_out(&b.public, &opened.session, Some(&opened.console_token), opened.reconnected);
+    Ok((status, [(header::CACHE_CONTROL, "no-store")], Json(out)).into_response())
+}
+
+pub async fn my_sessions(State(b): B, Caller(u): Caller) -> ApiResult<Response> {
+    let list = b.blocking(move |b, store| Ok(b.sessions(store).list(Some(&u))?)).await?;
+    let out: Vec<SessionOut> = list.iter().map(|s| session_out(&b.public, s, None, false)).collect();
+    Ok(Json(out).into_response())
+}
+
+pub async fn my_session(State(b): B, Caller(u): Caller, P(id): P<String>) -> ApiResult<Response> {
+    let s = b.blocking(move |b, store| Ok(b.sessions(store).get(Some(&u), &id)?)).await?;
+    Ok(Json(session_out(&b.public, &s, None, false)).into_response())
+}
+
+pub async fn close_session(State(b): B, Caller(u): Caller, P(id): P<String>) -> ApiResult<Response> {
+    let actor = Actor(format!("user:{}", u.name));
+    let closed =
+        b.blocking(move |b, store| Ok(b.sessions(store).close(Some(&u), &id, &actor, &|s| b.consoles.end(s))?)).await?;
+    b.metrics.sessions_closed.fetch_add(1, Relaxed);
+    Ok(Json(closed).into_response())
+}
+
+/// The host a thin client connects to: the display's listen address, or the broker's own
+/// host when the display listens on every address.
+fn display_host<'a>(listen: &'a str, public: &'a Public) -> &'a str {
+    match listen.parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => &public.host,
+        _ => listen,
+    }
+}
+
+pub async fn console_vv(State(b): B, Caller(u): Caller, P(id): P<String>) -> ApiResult<Response> {
+    let t = b.blocking(move |b, store| Ok(b.sessions(store).spice_ticket(&u, &id)?)).await?;
+    let file = VvFile {
+        pool: &t.session.pool,
+        desktop: &t.session.desktop,
+        host: display_host(&t.endpoint.listen, &b.public),
+        port: t.endpoint.port,
+        tls_port: t.endpoint.tls_port,
+        password: &t.password,
+    }
+    .render()
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let disposition = HeaderValue::from_str(&format!("attachment; filename=\"{}.vv\"", t.session.desktop))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(vv::CONTENT_TYPE)),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        file,
+    )
+        .into_response())
+}
+
+// ---- admin: images, pools, rollback, audit --------------------------------------------------
+
+pub async fn admin_images(State(b): B, _a: Admin) -> ApiResult<Response> {
+    Ok(Json(b.blocking(|_, store| Ok(store.list()?)).await?).into_response())
+}
+
+pub async fn admin_image(State(b): B, _a: Admin, P(image): P<String>) -> ApiResult<Response> {
+    Ok(Json(b.blocking(move |_, store| Ok(store.history(&image)?)).await?).into_response())
+}
+
+fn pool_service<'a>(b: &'a Broker, store: &'a mut crate::store::Store) -> Pools<'a> {
+    Pools::new(store, b.hv.as_ref(), b.profiles.clone())
+}
+
+pub async fn admin_pools(State(b): B, _a: Admin) -> ApiResult<Response> {
+    Ok(Json(b.blocking(|b, store| Ok(pool_service(b, store).list()?)).await?).into_response())
+}
+
+pub async fn admin_pool(State(b): B, _a: Admin, P(name): P<String>) -> ApiResult<Response> {
+    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).show(&name)?)).await?).into_response())
+}
+
+fn default_profile() -> String {
+    "windows11".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePool {
+    name: String,
+    image: String,
+    #[serde(default)]
+    channel: Option<String>,
+    size: u32,
+    #[serde(default = "default_profile")]
+    profile: String,
+    #[serde(default)]
+    persistent: bool,
+    #[serde(default)]
+    start: bool,
+}
+
+pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<CreatePool>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let channel = match c.channel.as_deref() {
+        None => Channel::Prod,
+        Some(s) => parse_channel(s)?,
+    };
+    let view = b
+        .blocking(move |b, store| {
+            let virt = pool::parse_virt_type(&b.virt_type)?;
+            let o = CreateOptions {
+                name: &c.name,
+                image: &c.image,
+                channel,
+                size: c.size,
+                profile: &c.profile,
+                persistent: c.persistent,
+                virt,
+                start: c.start,
+            };
+            Ok(pool_service(b, store).create(&o, &actor)?)
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn admin_delete_pool(State(b): B, a: Admin, P(name): P<String>, Q(f): Q<Force>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let n = name.clone();
+    b.blocking(move |b, store| Ok(pool_service(b, store).delete(&n, f.force, &actor)?)).await?;
+    Ok(Json(serde_json::json!({"pool": name, "deleted": true})).into_response())
+}
+
+pub async fn admin_start_pool(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let n = name.clone();
+    let started = b.blocking(move |b, store| Ok(pool_service(b, store).start(&n, &actor)?)).await?;
+    Ok(Json(serde_json::json!({"pool": name, "started": started})).into_response())
+}
+
+pub async fn admin_stop_pool(
+    State(b): B,
+    a: Admin,
+    P(name): P<String>,
+    JsonBody(f): JsonBody<Force>,
+) -> ApiResult<Response> {
+    let actor = a.actor();
+    let n = name.clone();
+    let stopped = b.blocking(move |b, store| Ok(pool_service(b, store).stop(&n, f.force, &actor)?)).await?;
+    Ok(Json(serde_json::json!({"pool": name, "stopped": stopped})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resize {
+    size: u32,
+}
+
+pub async fn admin_resize_pool(
+    State(b): B,
+    a: Admin,
+    P(name): P<String>,
+    JsonBody(r): JsonBody<Resize>,
+) -> ApiResult<Response> {
+    let actor = a.actor();
+    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).resize(&name, r.size, &actor)?)).await?)
+        .into_response())
+}
+
+pub async fn admin_update_pool(
+    State(b): B,
+    a: Admin,
+    P(name): P<String>,
+    JsonBody(f): JsonBody<Force>,
+) -> ApiResult<Response> {
+    let actor = a.actor();
+    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).update(&name, f.force, &actor)?)).await?)
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    version: u32,
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn admin_pin_pool(
+    State(b): B,
+    a: Admin,
+    P(name): P<String>,
+    JsonBody(p): JsonBody<Pin>,
+) -> ApiResult<Response> {
+    let actor = a.actor();
+    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).pin(&name, p.version, p.force, &actor)?)).await?)
+        .into_response())
+}
+
+pub async fn admin_unpin_pool(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
+    let actor = a.actor();
+    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).unpin(&name, &actor)?)).await?).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    #[serde(default)]
+    to: Option<u32>,
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn admin_rollback_pool(
+    State(b): B,
+    a: Admin,
+    P(name): P<String>,
+    JsonBody(r): JsonBody<Rollback>,
+) -> ApiResult<Response> {
+    let actor = a.actor();
+    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).rollback(&name, r.to, r.force, &actor)?)).await?)
+        .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    image: Option<String>,
+    pool: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn admin_audit(State(b): B, _a: Admin, Q(q): Q<AuditQuery>) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(200).min(10_000);
+    let log = b
+        .blocking(move |_, store| {
+            Ok(store.catalog().read(|tx| tx.audit_log(q.image.as_deref(), q.pool.as_deref(), limit))?)
+        })
+        .await?;
+    Ok(Json(log).into_response())
+}
+
+// ---- admin: users, entitlements, sessions ---------------------------------------------------
+
+pub async fn admin_entitlements(State(b): B, _a: Admin, P(pool): P<String>) -> ApiResult<Response> {
+    let users = b.blocking(move |_, store| Ok(Users::new(store).entitlements(&pool)?)).await?;
+    Ok(Json(users).into_response())
+}
+
+pub async fn admin_entitle(State(b): B, a: Admin, P((pool, user)): P<(String, String)>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let e = b.blocking(move |_, store| Ok(Users::new(store).entitle(&pool, &user, &actor)?)).await?;
+    Ok(Json(e).into_response())
+}
+
+pub async fn admin_unentitle(State(b): B, a: Admin, P((pool, user)): P<(String, String)>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let e = b.blocking(move |_, store| Ok(Users::new(store).unentitle(&pool, &user, &actor)?)).await?;
+    Ok(Json(e).into_response())
+}
+
+pub async fn admin_users(State(b): B, _a: Admin) -> ApiResult<Response> {
+    Ok(Json(b.blocking(|_, store| Ok(Users::new(store).list()?)).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddUser {
+    name: String,
+    #[serde(default)]
+    admin: bool,
+    /// Token lifetime, e.g. "90d"; none: no expiry.
+    #[serde(default)]
+    expires: Option<String>,
+}
+
+pub async fn admin_add_user(State(b): B, a: Admin, JsonBody(u): JsonBody<AddUser>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let expires: Option<Duration> = u
+        .expires
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(format!("expires: {e}")))?;
+    let new = b.blocking(move |_, store| Ok(Users::new(store).add(&u.name, u.admin, expires, &actor)?)).await?;
+    Ok((StatusCode::CREATED, [(header::CACHE_CONTROL, "no-store")], Json(new)).into_response())
+}
+
+pub async fn admin_remove_user(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let r =
+        b.blocking(move |b, store| Ok(b.sessions(store).remove_user(&name, &actor, &|s| b.consoles.end(s))?)).await?;
+    Ok(Json(r).into_response())
+}
+
+pub async fn admin_sessions(State(b): B, _a: Admin) -> ApiResult<Response> {
+    Ok(Json(b.blocking(|b, store| Ok(b.sessions(store).list(None)?)).await?).into_response())
+}
+
+pub async fn admin_close_session(State(b): B, a: Admin, P(id): P<String>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let closed =
+        b.blocking(move |b, store| Ok(b.sessions(store).close(None, &id, &actor, &|s| b.consoles.end(s))?)).await?;
+    b.metrics.sessions_closed.fetch_add(1, Relaxed);
+    Ok(Json(closed).into_response())
+}
+
+// ---- admin: rollouts -------------------------------------------------------------------------
+
+fn engine<'a>(b: &'a Broker, store: &'a mut crate::store::Store, actor: Actor) -> Engine<'a> {
+    Engine::new(pool_service(b, store), actor)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutQuery {
+    image: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn admin_rollouts(State(b): B, a: Admin, Q(q): Q<RolloutQuery>) -> ApiResult<Response> {
+    let actor = a.actor();
+    let limit = q.limit.unwrap_or(20).min(1000);
+    let r = b.blocking(move |b, store| Ok(engine(b, store, actor).status(q.image.as_deref(), limit)?)).await?;
+    Ok(Json(r).into_response())
+}
+
+fn parse_channel(s: &str) -> ApiResult<Channel> {
+    Channel::parse(s).ok_or_else(|| {
+        ApiError::BadRequest(format!("channel {:?} is not one of dev, test, prod", s.escape_default().to_string()))
+    })
+}
+
+/// How long a promote or resume request waits for its rollout before answering 202: a
+/// rollout runs its waves and soaks for minutes, in the broker, after the answer.
+const ROLLOUT_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs a rollout (promote or resume) on the blocking pool. It answers with the result when
+/// the rollout ends or is refused within [`ROLLOUT_ANSWER_WAIT`], else 202 with its status so far.
+async fn run_rollout<F>(b: Arc<Broker>, image: String, actor: Actor, run: F) -> ApiResult<Response>
+where
+    F: FnOnce(&mut Engine) -> Result<crate::rollout::RolloutReport, crate::rollout::RolloutError> + Send + 'static,
+{
+    let task = {
+        let b = b.clone();
+        tokio::spawn(async move { b.blocking(move |b, store| Ok(run(&mut engine(b, store, actor))?)).await })
+    };
+    match tokio::time::timeout(ROLLOUT_ANSWER_WAIT, task).await {
+        Ok(joined) => {
+            let report = joined.map_err(|e| ApiError::Internal(e.to_string()))??;
+            Ok(Json(report).into_response())
+        }
+        Err(_) => {
+            let status = b
+                .blocking(move |b, store| {
+                    Ok(engine(b, store, Actor("api".into())).status(Some(&image), 1)?.into_iter().next())
+                })
+                .await?;
+            Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+        }
+    }
+}
+
+fn default_waves() -> String {
+    "1,10%,50%,100%".into()
+}
+
+fn default_soak() -> String {
+    "120s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Promote {
+    version: u32,
+    to: String,
+    #[serde(default = "default_waves")]
+    waves: String,
+    #[serde(default = "default_soak")]
+    soak: String,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+pub async fn admin_promote(
+    State(b): B,
+    a: Admin,
+    P(image): P<String>,
+    JsonBody(p): JsonBody<Promote>,
+) -> ApiResult<Response> {
+    let to = parse_channel(&p.to)?;
+    let soak = humantime::parse_duration(&p.soak).map_err(|e| ApiError::BadRequest(format!("soak: {e}")))?;
+    let (img, actor) = (image.clone(), a.actor());
+    run_rollout(b, image, actor, move |e| {
+        e.promote(&PromoteOptions {
+            image: &img,
+            version: p.version,
+            to,
+            waves: &p.waves,
+            soak,
+            force: p.force,
+            reason: p.reason.as_deref(),
+        })
+    })
+    .await
+}
+
+pub async fn admin_resume_rollout(State(b): B, a: Admin, P(image): P<String>) -> ApiResult<Response> {
+    let (img, actor) = (image.clone(), a.actor());
+    run_rollout(b, image, actor, move |e| e.resume(&img)).await
+}
+
+pub async fn admin_halt_rollout(State(b): B, a: Admin, P(image): P<String>) -> ApiResult<Response> {
+    let actor = a.actor();
+    Ok(Json(b.blocking(move |b, store| Ok(engine(b, store, actor).halt(&image)?)).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRollback {
+    channel: String,
+    #[serde(default)]
+    to: Option<u32>,
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn admin_rollback_channel(
+    State(b): B,
+    a: Admin,
+    P(image): P<String>,
+    JsonBody(r): JsonBody<ChannelRollback>,
+) -> ApiResult<Response> {
+    let channel = parse_channel(&r.channel)?;
+    let actor = a.actor();
+    let out = b
+        .blocking(move |b, store| Ok(engine(b, store, actor).rollback_channel(&image, channel, r.to, r.force)?))
+        .await?;
+    Ok(Json(out).into_response())
+}

@@ -1,0 +1,280 @@
+//! The HTML5 console for browser-only thin clients (ChromeOS): a page with noVNC, and a
+//! WebSocket proxy from the page to the desktop's VNC display.
+//!
+//! The proxy admits a connection only when its `Origin` is the broker's own (a page of
+//! another site cannot drive it with the user's browser) and it carries the session's own
+//! console token, in the subprotocol list (`vdim-console-token.<hex>`) so no URL, and so no
+//! log line, ever holds it. The proxy then logs in to the display with a fresh one-time VNC
+//! ticket that it spends right away, and closes when the session ends, when another console
+//! of the same session takes over, or when either side closes.
+
+use super::error::ApiError;
+use super::vnc::{self, NoAuthServer, Step, VncError};
+use super::Broker;
+use crate::users::{self, UserError, VncTicket};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+const TOKEN_PROTOCOL_PREFIX: &str = "vdim-console-token.";
+/// How often a console checks that its session is still open in the catalog (it may be
+/// ended by another process, e.g. `vdim user remove`).
+const SESSION_CHECK: Duration = Duration::from_secs(2);
+/// WebSocket close code sent when the session ended or another console took over.
+const CLOSE_SESSION_ENDED: u16 = 4000;
+
+const PAGE: &str = include_str!("static/console.html");
+const PORTAL: &str = include_str!("static/portal.html");
+
+#[derive(Debug, Error)]
+enum ConsoleError {
+    #[error(transparent)]
+    Vnc(#[from] VncError),
+    #[error("the browser connection failed: {0}")]
+    Browser(#[from] axum::Error),
+    #[error("the display connection failed: {0}")]
+    Display(#[from] std::io::Error),
+    #[error("the browser closed the connection during the handshake")]
+    BrowserGone,
+}
+
+/// Open consoles by session: a generation number per session, `ENDED` once it ended.
+#[derive(Debug, Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+const ENDED: u64 = u64::MAX;
+
+impl Registry {
+    /// A new console of `session`; older ones of the same session close.
+    fn attach(&self, session: &str) -> (u64, watch::Receiver<u64>) {
+        let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = m.entry(session.to_string()).or_insert_with(|| watch::channel(0).0);
+        let generation = tx.borrow().saturating_add(1).min(ENDED - 1);
+        tx.send_replace(generation);
+        (generation, tx.subscribe())
+    }
+
+    fn detach(&self, session: &str) {
+        let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(session).is_some_and(|tx| tx.receiver_count() == 0) {
+            m.remove(session);
+        }
+    }
+
+    /// The session ended: its consoles close.
+    pub fn end(&self, session: &str) {
+        let tx = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session);
+        if let Some(tx) = tx {
+            tx.send_replace(ENDED);
+        }
+    }
+}
+
+fn html(body: &'static str, b: &Broker) -> Response {
+    let ws = b.public.origin.replacen("http", "ws", 1);
+    let csp = format!(
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
+         connect-src 'self' {ws}; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    );
+    let mut r = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response();
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `/`: sign in with a token, pick a pool, open its console.
+pub async fn portal(State(b): State<Arc<Broker>>) -> Response {
+    html(PORTAL, &b)
+}
+
+/// `/console/{id}`: the console page. It holds no secret (the token is in the fragment), so
+/// it is the same page for every session id of the right form.
+pub async fn page(
+    State(b): State<Arc<Broker>>,
+    super::api::P(id): super::api::P<String>,
+) -> Result<Response, ApiError> {
+    if !users::is_session_id(&id) {
+        return Err(UserError::SessionNotFound(id.escape_default().to_string()).into());
+    }
+    Ok(html(PAGE, &b))
+}
+
+/// `/static/{file}`: the page scripts and style, compiled in.
+pub async fn asset(super::api::P(file): super::api::P<String>) -> Result<Response, ApiError> {
+    let (body, kind) = match file.as_str() {
+        "console.js" => (include_str!("static/console.js"), "text/javascript; charset=utf-8"),
+        "portal.js" => (include_str!("static/portal.js"), "text/javascript; charset=utf-8"),
+        "vdim.css" => (include_str!("static/vdim.css"), "text/css; charset=utf-8"),
+        _ => {
+            return Err(ApiError::NoRoute { method: "GET".into(), path: format!("/static/{}", file.escape_default()) })
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")], body).into_response())
+}
+
+fn console_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL_PREFIX).map(str::to_string))
+}
+
+/// `/console/{id}/ws`: Origin, then the console token, then the display ticket, then upgrade.
+pub async fn ws(
+    State(b): State<Arc<Broker>>,
+    super::api::P(id): super::api::P<String>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if origin != b.public.origin {
+        return Err(ApiError::Origin {
+            origin: origin.escape_default().to_string(),
+            expected: b.public.origin.clone(),
+        });
+    }
+    let token = console_token(&headers).ok_or_else(|| UserError::ConsoleDenied(id.escape_default().to_string()))?;
+    let upgrade = upgrade.map_err(|r| ApiError::BadRequest(r.body_text()))?;
+    // The ticket set here is used by this connection before any other console sets one.
+    let gate = b.vnc_gate.clone().lock_owned().await;
+    let ticket = b.blocking(move |b, store| Ok(b.sessions(store).vnc_ticket(&id, &token)?)).await?;
+    Ok(upgrade.protocols(["binary"]).on_upgrade(move |socket| async move {
+        let id = ticket.session.id.clone();
+        let (generation, changes) = b.consoles.attach(&id);
+        b.metrics.console_connections.fetch_add(1, Relaxed);
+        b.metrics.console_connections_total.fetch_add(1, Relaxed);
+        let (tx, rx) = socket.split();
+        match proxy(&b, ticket, tx, rx, gate, generation, changes).await {
+            Ok(why) => tracing::info!(session = %id, why, "console closed"),
+            Err(e) => tracing::warn!(session = %id, error = %e, "console failed"),
+        }
+        b.metrics.console_connections.fetch_sub(1, Relaxed);
+        b.consoles.detach(&id);
+    }))
+}
+
+type Tx = SplitSink<WebSocket, Message>;
+type Rx = SplitStream<WebSocket>;
+
+async fn next_binary(rx: &mut Rx) -> Result<Option<Vec<u8>>, ConsoleError> {
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(d))) => return Ok(Some(d.to_vec())),
+            Some(Ok(Message::Close(_))) | None => return Ok(None),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+async fn close(tx: &mut Tx, code: u16, reason: &'static str) {
+    let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+}
+
+async fn proxy(
+    b: &Arc<Broker>,
+    t: VncTicket,
+    mut tx: Tx,
+    mut rx: Rx,
+    gate: tokio::sync::OwnedMutexGuard<()>,
+    generation: u64,
+    mut changes: watch::Receiver<u64>,
+) -> Result<&'static str, ConsoleError> {
+    let mut display = TcpStream::connect((t.endpoint.listen.as_str(), t.endpoint.port)).await?;
+    display.set_nodelay(true)?;
+    let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
+    // Spent: nobody else can log in with it, whether or not this login worked.
+    let session = t.session.clone();
+    if let Err(e) = b.blocking(move |b, store| Ok(b.sessions(store).spend_vnc_ticket(&session)?)).await {
+        tracing::warn!(session = %t.session.id, error = %e.message(), "could not replace the spent VNC ticket");
+    }
+    drop(gate);
+    if let Err(e) = login {
+        close(&mut tx, 1011, "the desktop's display refused the console").await;
+        return Err(e.into());
+    }
+
+    tx.send(Message::Binary(NoAuthServer::greeting().to_vec().into())).await?;
+    let mut handshake = NoAuthServer::default();
+    let rest = loop {
+        let Some(data) = next_binary(&mut rx).await? else { return Err(ConsoleError::BrowserGone) };
+        match handshake.feed(&data)? {
+            Step::More => {}
+            Step::Send(bytes) => tx.send(Message::Binary(bytes.into())).await?,
+            Step::Done { send, rest } => {
+                if !send.is_empty() {
+                    tx.send(Message::Binary(send.into())).await?;
+                }
+                break rest;
+            }
+        }
+    };
+    let (mut from_display, mut to_display) = display.into_split();
+    if !rest.is_empty() {
+        to_display.write_all(&rest).await?;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut check = tokio::time::interval(SESSION_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            m = rx.next() => match m {
+                Some(Ok(Message::Binary(d))) => to_display.write_all(&d).await?,
+                Some(Ok(Message::Close(_))) | None => return Ok("the browser closed it"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            },
+            n = from_display.read(&mut buf) => {
+                let n = n?;
+                if n == 0 {
+                    close(&mut tx, 1000, "the desktop's display closed").await;
+                    return Ok("the display closed it");
+                }
+                tx.send(Message::Binary(buf[..n].to_vec().into())).await?;
+            }
+            changed = changes.changed() => {
+                let now = *changes.borrow();
+                if changed.is_err() || now == ENDED {
+                    close(&mut tx, CLOSE_SESSION_ENDED, "the session ended").await;
+                    return Ok("the session ended");
+                }
+                if now != generation {
+                    close(&mut tx, CLOSE_SESSION_ENDED, "another console of this session took over").await;
+                    return Ok("another console took over");
+                }
+            }
+            _ = check.tick() => {
+                let id = t.session.id.clone();
+                match b.blocking(move |b, store| Ok(b.sessions(store).get(None, &id)?)).await {
+                    Ok(_) => {}
+                    Err(e) if e.status() == StatusCode::NOT_FOUND => {
+                        close(&mut tx, CLOSE_SESSION_ENDED, "the session ended").await;
+                        return Ok("the session ended");
+                    }
+                    Err(e) => tracing::warn!(session = %t.session.id, error = %e.message(), "cannot check the session"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Prometheus text exposition: the broker's own counters, plus what the catalog says at
+//! scrape time (open sessions, desktops by state, rollouts by state). Hand-written: the
+//! format is a few lines, a metrics crate would be the bigger dependency.
+
+use crate::catalog::users::DesktopCounts;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub sessions_opened: AtomicU64,
+    pub sessions_reconnected: AtomicU64,
+    pub sessions_closed: AtomicU64,
+    pub sessions_ended_by_reaper: AtomicU64,
+    pub pool_exhausted: AtomicU64,
+    pub console_connections: AtomicI64,
+    pub console_connections_total: AtomicU64,
+    pub http_responses: Mutex<BTreeMap<u16, u64>>,
+}
+
+/// What the catalog says at scrape time.
+#[derive(Debug, Default)]
+pub struct CatalogFacts {
+    pub open_sessions: u64,
+    pub desktops: Vec<DesktopCounts>,
+    pub rollouts: Vec<(String, u64)>,
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn count_response(&self, status: u16) {
+        let mut m = self.http_responses.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(status).or_default() += 1;
+    }
+
+    pub fn render(&self, facts: &CatalogFacts) -> String {
+        let mut s = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in lines {
+                let _ = writeln!(s, "{name}{labels} {value}");
+            }
+        };
+        let one = |v: String| vec![(String::new(), v)];
+        metric("vdim_sessions_open", "gauge", "Sessions open now.", one(facts.open_sessions.to_string()));
+        metric(
+            "vdim_sessions_opened_total",
+            "counter",
+            "Sessions opened by this broker.",
+            one(self.sessions_opened.load(Relaxed).to_string()),
+        );
+        metric(
+            "vdim_sessions_reconnected_total",
+            "counter",
+            "Session requests answered with the user's open session.",
+            one(self.sessions_reconnected.load(Relaxed).to_string()),
+        );
+        metric(
+            "vdim_sessions_closed_total",
+            "counter",
+            "Logoffs through the API.",
+            one(self.sessions_closed.load(Relaxed).to_string()),
+        );
+        metric(
+            "vdim_sessions_reaped_total",
+            "counter",
+            "Sessions ended by expiry or because their desktop was given back elsewhere.",
+            one(self.sessions_ended_by_reaper.load(Relaxed).to_string()),
+        );
+        metric(
+            "vdim_pool_exhausted_total",
+            "counter",
+            "Session requests refused because the pool had no idle desktop.",
+            one(self.pool_exhausted.load(Relaxed).to_string()),
+        );
+        let mut desktops = vec![];
+        for d in &facts.desktops {
+            for (state, n) in [("idle", d.idle), ("in_use", d.in_use), ("resetting", d.resetting)] {
+                desktops.push((format!("{{pool=\"{}\",state=\"{state}\"}}", label(&d.pool)), n.to_string()));
+            }
+        }
+        metric("vdim_desktops", "gauge", "Desktops by pool and state.", desktops);
+        metric(
+            "vdim_rollouts",
+            "gauge",
+            "Rollouts by state.",
+            facts.rollouts.iter().map(|(st, n)| (format!("{{state=\"{}\"}}", label(st)), n.to_string())).collect(),
+        );
+        metric(
+            "vdim_console_connections",
+            "gauge",
+            "HTML5 console connections open now.",
+            one(self.console_connections.load(Relaxed).to_string()),
+        );
+        metric(
+            "vdim_console_connections_total",
+            "counter",
+            "HTML5 console connections made.",
+            one(self.console_connections_total.load(Relaxed).to_string()),
+        );
+        let codes = self.http_responses.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        metric(
+            "vdim_http_responses_total",
+            "counter",
+            "HTTP responses by status code.",
+            codes.iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), n.to_string())).collect(),
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.sessions_opened.fetch_add(2, Relaxed);
+        m.count_response(201);
+        let facts = CatalogFacts {
+            open_sessions: 2,
+            desktops: vec![DesktopCounts { pool: "finance".into(), idle: 18, in_use: 2, resetting: 0 }],
+            rollouts: vec![("running".into(), 1)],
+        };
+        let text = m.render(&facts);
+        for line in [
+            "# TYPE vdim_sessions_open gauge",
+            "vdim_sessions_open 2",
+            "vdim_sessions_opened_total 2",
+            "vdim_desktops{pool=\"finance\",state=\"in_use\"} 2",
+            "vdim_rollouts{state=\"running\"} 1",
+            "vdim_http_responses_total{code=\"201\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+}

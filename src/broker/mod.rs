@@ -1,0 +1,419 @@
+//! The thin-client broker, `vdim serve`: an axum server on tokio that turns HTTP requests
+//! into calls of the same services the CLI uses (`users::Users`, `users::Sessions`,
+//! `pool::Pools`, `store::Store`), and maps their errors to status codes in one place
+//! ([`error`]). Those services are synchronous (SQLite, libvirt), so each call runs on
+//! tokio's blocking pool with a catalog connection taken from a small pool of them.
+//!
+//! ```text
+//!  thin client ─HTTP(S)─► router ─► token → user ─► service call (blocking pool) ─► JSON / .vv
+//!  browser ─WS(S)─► /console/{id}/ws ─► Origin + console token ─► VNC login ─► byte pipe
+//!  reaper (every ttl/4, 1-30 s) ─► expire sessions, finish interrupted logoffs, close consoles
+//! ```
+//! Plain HTTP is only served on loopback; anything else needs `--tls-cert` and `--tls-key`.
+//! Nothing secret is logged: tokens travel in headers (`Authorization`,
+//! `Sec-WebSocket-Protocol`) or URL fragments, and only methods, paths and statuses are logged.
+
+pub mod api;
+mod console;
+pub mod error;
+mod metrics;
+mod tls;
+pub mod vnc;
+pub mod vv;
+
+use crate::catalog::CatalogError;
+use crate::home::Home;
+use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
+use crate::store::{Actor, Store, StoreError};
+use crate::users::Sessions;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use error::ApiError;
+use std::future::IntoFuture;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::Semaphore;
+
+/// JSON request bodies are small; anything larger is refused with 413.
+pub const BODY_LIMIT: usize = 16 * 1024;
+/// Catalog connections (and so concurrent service calls) per broker.
+const CATALOG_CONNECTIONS: usize = 8;
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("refusing to serve plain HTTP on {0}: only loopback addresses may go without TLS; give --tls-cert and --tls-key")]
+    Insecure(SocketAddr),
+    #[error("--public-url {0:?} must be http:// or https:// and a host, without path, query or fragment")]
+    PublicUrl(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("cannot finish interrupted logoffs at start: {0}")]
+    Heal(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What `vdim serve` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub home: Home,
+    pub connect: String,
+    pub virt_type: String,
+    pub profiles: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub public_url: Option<String>,
+    pub novnc: PathBuf,
+    pub session_ttl: Duration,
+    /// Adds `/bench/noop`, a bare handler outside every layer, as the benchmark's baseline.
+    pub bench_noop: bool,
+}
+
+/// The broker's own address as browsers and thin clients see it.
+#[derive(Debug, Clone)]
+pub struct Public {
+    /// `https://broker.example:8443`, no trailing slash: URLs in responses start with it.
+    pub base: String,
+    /// What a browser sends as `Origin` for pages of this broker.
+    pub origin: String,
+    /// The host name or address alone.
+    pub host: String,
+    pub tls: bool,
+}
+
+impl Public {
+    pub fn parse(url: &str) -> Result<Public, BrokerError> {
+        let bad = || BrokerError::PublicUrl(url.to_string());
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let scheme = scheme.to_ascii_lowercase();
+        let tls = match scheme.as_str() {
+            "https" => true,
+            "http" => false,
+            _ => return Err(bad()),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest).to_ascii_lowercase();
+        if authority.is_empty()
+            || authority.chars().any(|c| c.is_control() || c.is_whitespace() || "/?#@\\\"'<>".contains(c))
+        {
+            return Err(bad());
+        }
+        let default_port = if tls { ":443" } else { ":80" };
+        let authority = authority.strip_suffix(default_port).unwrap_or(&authority).to_string();
+        let host = if let Some(v6) = authority.strip_prefix('[') {
+            v6.split(']').next().unwrap_or_default().to_string()
+        } else {
+            authority.split(':').next().unwrap_or_default().to_string()
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let origin = format!("{scheme}://{authority}");
+        Ok(Public { base: origin.clone(), origin, host, tls })
+    }
+}
+
+/// Catalog connections for the blocking pool: taken for one service call, then put back.
+struct Stores {
+    home: Home,
+    idle: Mutex<Vec<Store>>,
+    permits: Semaphore,
+}
+
+/// SQLite's own busy handler sleeps in steps of up to 100 ms, which a session request would
+/// wait behind any concurrent writer; the broker's connections retry every millisecond
+/// instead, for as long as the CLI's do (30 s).
+fn retry_soon(count: i32) -> bool {
+    std::thread::sleep(Duration::from_millis(1));
+    count < 30_000
+}
+
+impl Stores {
+    fn take(&self) -> Result<Store, ApiError> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(s) => Ok(s),
+            None => {
+                let mut s = Store::open(self.home.clone())?;
+                s.catalog().read(|tx| tx.conn().busy_handler(Some(retry_soon)).map_err(CatalogError::from))?;
+                Ok(s)
+            }
+        }
+    }
+    fn put(&self, s: Store) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+    }
+}
+
+/// The broker's shared state.
+pub struct Broker {
+    pub(crate) hv: Arc<dyn Hypervisor>,
+    pub(crate) profiles: PathBuf,
+    pub(crate) virt_type: String,
+    pub(crate) public: Public,
+    pub(crate) session_ttl: Duration,
+    pub(crate) consoles: console::Registry,
+    pub(crate) metrics: metrics::Metrics,
+    /// One console login at a time: a VNC ticket is set and used before the next is set.
+    pub(crate) vnc_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Session opens take turns (first come, first served) instead of racing for SQLite's
+    /// write lock: same outcome, no retry sleeps in the tail.
+    pub(crate) open_gate: tokio::sync::Mutex<()>,
+    stores: Stores,
+}
+
+impl Broker {
+    /// Runs a synchronous service call on the blocking pool with a catalog connection.
+    pub(crate) async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Broker, &mut Store) -> Result<T, ApiError> + Send + 'static,
+    {
+        let _permit = self.stores.permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = me.stores.take()?;
+            let out = f(&me, &mut store);
+            me.stores.put(store);
+            out
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("service call panicked or was cancelled: {e}")))?
+    }
+
+    pub(crate) fn sessions<'a>(&'a self, store: &'a mut Store) -> Sessions<'a> {
+        Sessions::new(store, self.hv.as_ref(), self.profiles.clone())
+    }
+}
+
+/// Runs the broker until SIGINT or SIGTERM.
+pub fn serve(opts: ServeOptions) -> Result<(), BrokerError> {
+    if opts.tls.is_none() && !opts.listen.ip().is_loopback() {
+        return Err(BrokerError::Insecure(opts.listen));
+    }
+    let tls = opts.tls.as_ref().map(|(c, k)| tls::server_config(c, k)).transpose()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(BrokerError::Runtime)?;
+    let out = rt.block_on(run(opts, tls));
+    rt.shutdown_timeout(Duration::from_secs(5));
+    out
+}
+
+async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Result<(), BrokerError> {
+    let bind = |source| BrokerError::Bind { addr: opts.listen, source };
+    let listener = std::net::TcpListener::bind(opts.listen).map_err(bind)?;
+    listener.set_nonblocking(true).map_err(bind)?;
+    let local = listener.local_addr().map_err(bind)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let public = Public::parse(&opts.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}")))?;
+    // Fail early on a home without a catalog.
+    drop(Store::open(opts.home.clone())?);
+    let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&opts.connect)?);
+    let broker = Arc::new(Broker {
+        hv,
+        profiles: opts.profiles.clone(),
+        virt_type: opts.virt_type.clone(),
+        public,
+        session_ttl: opts.session_ttl,
+        consoles: console::Registry::default(),
+        metrics: metrics::Metrics::default(),
+        vnc_gate: Arc::new(tokio::sync::Mutex::new(())),
+        open_gate: tokio::sync::Mutex::new(()),
+        stores: Stores {
+            home: opts.home.clone(),
+            idle: Mutex::new(vec![]),
+            permits: Semaphore::new(CATALOG_CONNECTIONS),
+        },
+    });
+    let healed = broker
+        .blocking(|b, store| Ok(b.sessions(store).heal(&Actor("broker".into()))?))
+        .await
+        .map_err(|e| BrokerError::Heal(e.message()))?;
+    if !healed.finished.is_empty() || !healed.ended.is_empty() || !healed.failed.is_empty() {
+        tracing::warn!(ended = ?healed.ended, finished = ?healed.finished, failed = ?healed.failed, "healed sessions at start");
+    }
+    if !opts.novnc.join("core/rfb.js").is_file() {
+        tracing::warn!(dir = %opts.novnc.display(), "noVNC not found: the HTML5 console will not load (run scripts/setup-console, or pass --novnc)");
+    }
+    tokio::spawn(reaper(broker.clone()));
+    let app = router(broker.clone(), &opts);
+    println!(
+        "vdim serve: listening on {} (API {}/api/v1, console {}/console/SESSION)",
+        broker.public.base, broker.public.base, broker.public.base
+    );
+    let _ = std::io::stdout().flush();
+    match tls {
+        Some(config) => {
+            let server =
+                axum_server::from_tcp_rustls(listener, axum_server::tls_rustls::RustlsConfig::from_config(config))
+                    .serve(app.into_make_service());
+            tokio::select! {
+                r = server => r.map_err(BrokerError::Serve),
+                _ = shutdown_signal() => Ok(()),
+            }
+        }
+        None => {
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(bind)?;
+            tokio::select! {
+                r = axum::serve(listener, app).into_future() => r.map_err(BrokerError::Serve),
+                _ = shutdown_signal() => Ok(()),
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Ends expired sessions and finishes interrupted logoffs, then closes their consoles.
+async fn reaper(b: Arc<Broker>) {
+    let every = (b.session_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let reaped =
+            b.blocking(|b, store| Ok(b.sessions(store).reap(&Actor("broker".into()), &|s| b.consoles.end(s))?)).await;
+        match reaped {
+            Ok(r) => {
+                b.metrics
+                    .sessions_ended_by_reaper
+                    .fetch_add(r.ended.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e.message(), "reaping sessions failed"),
+        }
+    }
+}
+
+fn router(b: Arc<Broker>, opts: &ServeOptions) -> Router {
+    let thin_client = Router::new()
+        .route("/api/v1/pools", get(api::pools))
+        .route("/api/v1/pools/{pool}/sessions", post(api::open_session))
+        .route("/api/v1/sessions", get(api::my_sessions))
+        .route("/api/v1/sessions/{id}", get(api::my_session).delete(api::close_session))
+        .route("/api/v1/sessions/{id}/console.vv", get(api::console_vv));
+    let admin = Router::new()
+        .route("/api/v1/admin/images", get(api::admin_images))
+        .route("/api/v1/admin/images/{image}", get(api::admin_image))
+        .route("/api/v1/admin/pools", get(api::admin_pools).post(api::admin_create_pool))
+        .route("/api/v1/admin/pools/{pool}", get(api::admin_pool).delete(api::admin_delete_pool))
+        .route("/api/v1/admin/pools/{pool}/start", post(api::admin_start_pool))
+        .route("/api/v1/admin/pools/{pool}/stop", post(api::admin_stop_pool))
+        .route("/api/v1/admin/pools/{pool}/resize", post(api::admin_resize_pool))
+        .route("/api/v1/admin/pools/{pool}/update", post(api::admin_update_pool))
+        .route("/api/v1/admin/pools/{pool}/pin", post(api::admin_pin_pool))
+        .route("/api/v1/admin/pools/{pool}/unpin", post(api::admin_unpin_pool))
+        .route("/api/v1/admin/pools/{pool}/rollback", post(api::admin_rollback_pool))
+        .route("/api/v1/admin/pools/{pool}/entitlements", get(api::admin_entitlements))
+        .route("/api/v1/admin/pools/{pool}/entitlements/{user}", put(api::admin_entitle).delete(api::admin_unentitle))
+        .route("/api/v1/admin/users", get(api::admin_users).post(api::admin_add_user))
+        .route("/api/v1/admin/users/{user}", delete(api::admin_remove_user))
+        .route("/api/v1/admin/sessions", get(api::admin_sessions))
+        .route("/api/v1/admin/sessions/{id}", delete(api::admin_close_session))
+        .route("/api/v1/admin/audit", get(api::admin_audit))
+        .route("/api/v1/admin/rollouts", get(api::admin_rollouts))
+        .route("/api/v1/admin/images/{image}/promote", post(api::admin_promote))
+        .route("/api/v1/admin/images/{image}/rollout/halt", post(api::admin_halt_rollout))
+        .route("/api/v1/admin/images/{image}/rollout/resume", post(api::admin_resume_rollout))
+        .route("/api/v1/admin/images/{image}/rollback", post(api::admin_rollback_channel));
+    let consoles = Router::new()
+        .route("/", get(console::portal))
+        .route("/static/{file}", get(console::asset))
+        .route("/favicon.ico", get(|| async { axum::http::StatusCode::NO_CONTENT }))
+        .route("/console/{id}", get(console::page))
+        .route("/console/{id}/ws", get(console::ws))
+        .nest_service("/novnc", tower_http::services::ServeDir::new(&opts.novnc));
+    let mut app = Router::new()
+        .merge(thin_client)
+        .merge(admin)
+        .merge(consoles)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(b.clone(), observe));
+    if opts.bench_noop {
+        // Added after the layers: the bare axum baseline the benchmark compares against.
+        app = app.route("/bench/noop", get(|| async { "ok" }));
+    }
+    app.with_state(b)
+}
+
+/// Counts responses by status and logs method, path and status (never headers or queries:
+/// that is where tokens travel).
+async fn observe(State(b): State<Arc<Broker>>, req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    b.metrics.count_response(status);
+    tracing::info!(%method, %path, status, ms = t.elapsed().as_secs_f64() * 1e3, "request");
+    resp
+}
+
+async fn no_route(req: Request) -> ApiError {
+    ApiError::NoRoute { method: req.method().to_string(), path: req.uri().path().escape_default().to_string() }
+}
+
+async fn healthz(State(b): State<Arc<Broker>>) -> Result<Response, ApiError> {
+    let open = b.blocking(|_, store| Ok(store.catalog().read(|tx| tx.open_session_count())?)).await?;
+    Ok(axum::Json(serde_json::json!({"status": "ok", "sessions_open": open})).into_response())
+}
+
+async fn metrics(State(b): State<Arc<Broker>>) -> Result<Response, ApiError> {
+    let facts = b
+        .blocking(|_, store| {
+            Ok(store.catalog().read(|tx| -> Result<_, crate::catalog::CatalogError> {
+                Ok(metrics::CatalogFacts {
+                    open_sessions: tx.open_session_count()?,
+                    desktops: tx.desktop_counts()?,
+                    rollouts: tx.rollout_state_counts()?,
+                })
+            })?)
+        })
+        .await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], b.metrics.render(&facts)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_url_gives_the_browser_origin() {
+        let p = Public::parse("https://Broker.example:443/").unwrap();
+        assert_eq!((p.origin.as_str(), p.host.as_str(), p.tls), ("https://broker.example", "broker.example", true));
+        let p = Public::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!((p.base.as_str(), p.host.as_str()), ("http://127.0.0.1:8080", "127.0.0.1"));
+        let p = Public::parse("https://[::1]:8443").unwrap();
+        assert_eq!(p.host, "::1");
+        for bad in ["ftp://x", "https://", "https://x/path", "https://x?q", "https://u@x", "http://x\n", "x"] {
+            assert!(Public::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

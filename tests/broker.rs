@@ -1,0 +1,1032 @@
+//! The thin-client broker through the real `vdim serve` binary and real clients: HTTP from
+//! reqwest and raw sockets, remote-viewer under Xvfb for `.vv` files, headless Chromium with
+//! noVNC for the HTML5 console, a VNC handshake for the display's password. Libvirt is real:
+//! qemu:///system under TCG with the test guest where a display must exist, the in-process
+//! test:///default driver (inside the broker process) where only the catalog matters.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+// ---- harness -------------------------------------------------------------------------------
+
+/// A running `vdim serve` on 127.0.0.1 with a port of its own; killed on drop.
+struct Server {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    base: String,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(env: &Env, connect: &str, extra: &[&str]) -> Server {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = env.path(&format!("serve-{n}.log"));
+        let mut child = env
+            .cmd()
+            .env("VDIM_VIRT_TYPE", "qemu")
+            // Everything, so the test can check no secret is ever logged.
+            .env("VDIM_LOG", "debug")
+            .args(["--connect", connect, "serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start vdim serve");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("vdim serve did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+            })
+            .to_string();
+        let addr = base.split("://").nth(1).unwrap().to_string();
+        Server { child, _stdout: stdout, base, addr, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// HTTP through reqwest on a runtime of the test's own.
+struct Http {
+    rt: tokio::runtime::Runtime,
+    c: reqwest::Client,
+    base: String,
+}
+
+impl Http {
+    fn new(base: &str) -> Http {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let c = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        Http { rt, c, base: base.to_string() }
+    }
+
+    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+        let mut r = self.c.request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.header("content-type", "application/json").body(b.to_string());
+        }
+        self.rt.block_on(async {
+            let resp = r.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+    }
+
+    fn json(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let (s, text) = self.call(method, path, token, body.map(|b| b.to_string()).as_deref());
+        (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    #[track_caller]
+    fn ok(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
+        let (s, v) = self.json(method, path, Some(token), body);
+        assert!((200..300).contains(&s), "{method} {path} -> {s}: {v}");
+        v
+    }
+}
+
+/// A raw HTTP/1.1 request (no client-side URL normalisation); returns the status and head.
+fn raw(addr: &str, head: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// A WebSocket upgrade of a console: status only (101 means admitted).
+fn ws_status(srv: &Server, session: &str, origin: Option<&str>, console_token: Option<&str>) -> u16 {
+    let mut head = format!(
+        "GET /console/{session}/ws HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        srv.addr
+    );
+    if let Some(o) = origin {
+        head += &format!("Origin: {o}\r\n");
+    }
+    if let Some(t) = console_token {
+        head += &format!("Sec-WebSocket-Protocol: binary, vdim-console-token.{t}\r\n");
+    }
+    head += "\r\n";
+    raw(&srv.addr, &head).0
+}
+
+fn add_user_cli(env: &Env, name: &str, admin: bool) -> String {
+    let mut args = vec!["user", "add", name];
+    if admin {
+        args.push("--admin");
+    }
+    env.vdim_json(&args)["token"].as_str().unwrap().to_string()
+}
+
+fn add_user_api(http: &Http, admin: &str, name: &str) -> String {
+    let (s, v) = http.json("POST", "/api/v1/admin/users", Some(admin), Some(json!({"name": name})));
+    assert_eq!(s, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// A pool of the test-linux profile created and started inside the broker (test driver).
+fn create_pool_api(http: &Http, admin: &str, name: &str, size: u32, persistent: bool) {
+    let body = json!({"name": name, "image": "img", "size": size, "profile": "test-linux", "persistent": persistent, "start": true});
+    let (s, v) = http.json("POST", "/api/v1/admin/pools", Some(admin), Some(body));
+    assert_eq!(s, 201, "{v}");
+}
+
+/// A broker on test:///default with image "img" and an administrator.
+struct TestDriverBroker {
+    srv: Server,
+    http: Http,
+    admin: String,
+    env: Env,
+}
+
+fn test_driver_broker(extra: &[&str]) -> TestDriverBroker {
+    let env = Env::new();
+    marker_image(&env, "img", "bk-test");
+    let admin = add_user_cli(&env, "admin", true);
+    let srv = Server::start(&env, "test:///default", extra);
+    let http = Http::new(&srv.base);
+    TestDriverBroker { srv, http, admin, env }
+}
+
+/// What an administrator sees: pools with desktops and users, sessions, users, audit size.
+fn snapshot(http: &Http, admin: &str) -> Value {
+    let mut pools = vec![];
+    for p in http.ok("GET", "/api/v1/admin/pools", admin, None).as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        pools.push(http.ok("GET", &format!("/api/v1/admin/pools/{name}"), admin, None));
+        pools.push(http.ok("GET", &format!("/api/v1/admin/pools/{name}/entitlements"), admin, None));
+    }
+    json!({
+        "pools": pools,
+        "users": http.ok("GET", "/api/v1/admin/users", admin, None),
+        "sessions": http.ok("GET", "/api/v1/admin/sessions", admin, None),
+        "audit": http.ok("GET", "/api/v1/admin/audit?limit=10000", admin, None).as_array().unwrap().len(),
+    })
+}
+
+/// An Xvfb display of the test's own; killed on drop.
+struct Xvfb {
+    child: Child,
+    display: String,
+}
+
+impl Xvfb {
+    fn start() -> Xvfb {
+        let mut n = 100 + std::process::id() % 400;
+        loop {
+            while Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&format!("/tmp/.X{n}-lock")).exists()
+            {
+                n += 1;
+            }
+            let display = format!(":{n}");
+            let mut child = Command::new("Xvfb")
+                .args([&display, "-screen", "0", "1024x768x24", "-nolisten", "tcp"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("Xvfb (scripts/setup-host installs xvfb)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Ours once its socket exists and it still runs (another X server may have won the number).
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if child.try_wait().unwrap().is_none() {
+                        return Xvfb { child, display };
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(Instant::now() < deadline, "Xvfb {display} did not start");
+            n += 1;
+        }
+    }
+}
+
+impl Drop for Xvfb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Viewer {
+    Opened,
+    AuthFailed,
+}
+
+/// remote-viewer on a `.vv` file: what its SPICE main channel reported, and a screenshot of
+/// the X display once the channel is open.
+fn remote_viewer(x: &Xvfb, vv: &Path, log: &Path, shot: &Path) -> Viewer {
+    let out = File::create(log).unwrap();
+    let mut child = Command::new("remote-viewer")
+        .arg("--debug")
+        .arg(vv)
+        .env("DISPLAY", &x.display)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("remote-viewer (scripts/setup-host installs virt-viewer)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let verdict = loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("main channel: opened") {
+            break Some(Viewer::Opened);
+        }
+        if text.contains("main channel: auth failure") {
+            break Some(Viewer::AuthFailed);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if verdict == Some(Viewer::Opened) {
+        std::thread::sleep(Duration::from_secs(3));
+        sh("import", &["-display", &x.display, "-window", "root", shot.to_str().unwrap()]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    verdict.unwrap_or_else(|| {
+        panic!("remote-viewer said neither opened nor auth failure:\n{}", std::fs::read_to_string(log).unwrap())
+    })
+}
+
+/// Pixels of a PNG as RGB, with its size.
+fn png_rgb(path: &Path) -> (u32, u32, Vec<[u8; 3]>) {
+    let mut dec = png::Decoder::new(File::open(path).unwrap());
+    dec.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let step = info.color_type.samples();
+    assert!(info.bit_depth == png::BitDepth::Eight && step >= 3, "{info:?}");
+    let px = buf[..info.buffer_size()].chunks(step).map(|c| [c[0], c[1], c[2]]).collect();
+    (info.width, info.height, px)
+}
+
+/// Pixels below row `top` that look like the VGA text console's light grey text.
+fn text_pixels(path: &Path, top: u32) -> usize {
+    let (w, _, px) = png_rgb(path);
+    px.iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u32 / w >= top)
+        .filter(|(_, p)| {
+            let (lo, hi) = (*p.iter().min().unwrap(), *p.iter().max().unwrap());
+            lo > 100 && hi - lo < 24
+        })
+        .count()
+}
+
+/// Screenshots a human may want to look at stay in target/tmp.
+fn keep(path: &Path, name: &str) -> PathBuf {
+    let dest = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::copy(path, &dest).unwrap();
+    dest
+}
+
+/// The first bytes of a qcow2's virtual disk, read while QEMU may hold it.
+fn disk_head(env: &Env, overlay: &Path) -> String {
+    let out = env.path("head.raw");
+    let _ = std::fs::remove_file(&out);
+    sh(
+        "qemu-img",
+        &[
+            "dd",
+            "-U",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "bs=512",
+            "count=1",
+            &format!("if={}", overlay.display()),
+            &format!("of={}", out.display()),
+        ],
+    );
+    let b = std::fs::read(&out).unwrap();
+    String::from_utf8_lossy(&b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]).into_owned()
+}
+
+fn inode(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+}
+
+fn virsh(args: &[&str]) -> String {
+    let mut a = vec!["-c", "qemu:///system"];
+    a.extend_from_slice(args);
+    String::from_utf8_lossy(&sh("virsh", &a).stdout).into_owned()
+}
+
+/// A started qemu:///system pool of the test guest, entitled to "alice", with the broker.
+struct QemuBroker {
+    srv: Server,
+    http: Http,
+    alice: String,
+    pool: String,
+    t: LibvirtEnv,
+}
+
+fn qemu_broker(tag: &str, size: u32, label: &str) -> QemuBroker {
+    let t = LibvirtEnv::new(tag);
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", label);
+    let size = size.to_string();
+    t.vdim_json(&["pool", "create", &pool, "--image", "img", "--size", &size, "--profile", "test-linux", "--start"]);
+    let alice = add_user_cli(&t.env, "alice", false);
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+    let srv = Server::start(&t.env, "qemu:///system", &[]);
+    let http = Http::new(&srv.base);
+    QemuBroker { srv, http, alice, pool, t }
+}
+
+#[track_caller]
+fn assert_no_secret_in(log: &str, secrets: &[&str]) {
+    for s in secrets {
+        assert!(!log.contains(s), "a secret ({}...) appears in the server log", &s[..8]);
+    }
+}
+
+// ---- real libvirt, real guest ----------------------------------------------------------------
+
+#[test]
+fn entitled_user_gets_a_desktop_whose_display_takes_the_vv_ticket_and_refuses_others() {
+    let q = qemu_broker("bkvv", 1, "bk-vv");
+    let (http, pool) = (&q.http, q.pool.as_str());
+    let bob = add_user_cli(&q.t.env, "bob", false);
+
+    let (s, v) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(&bob), None);
+    assert_eq!(s, 403, "not entitled: {v}");
+    assert!(v["error"].as_str().unwrap().contains(&format!("'bob' is not entitled to pool '{pool}'")), "{v}");
+
+    let (s, sess) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(&q.alice), None);
+    assert_eq!(s, 201, "{sess}");
+    let (id, desktop) = (sess["id"].as_str().unwrap(), sess["desktop"].as_str().unwrap());
+    assert_eq!(desktop, format!("vdim-{pool}-001"));
+    assert_eq!(sess["vv_url"], format!("{}/api/v1/sessions/{id}/console.vv", q.srv.base));
+    assert!(sess["console_url"].as_str().unwrap().starts_with(&format!("{}/console/{id}#token=", q.srv.base)));
+    assert!(sess["expires_at"].as_str().unwrap().ends_with('Z'));
+    let (s, _) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(&bob), None);
+    assert_eq!(s, 403, "still not entitled after alice got the desktop");
+
+    // Two downloads: the second ticket replaces the first (one-time tickets).
+    let vv_path = format!("/api/v1/sessions/{id}/console.vv");
+    let get_vv = || {
+        let req = q.http.c.get(format!("{}{vv_path}", q.srv.base)).bearer_auth(&q.alice);
+        let resp = q.http.rt.block_on(async { req.send().await }).unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/x-virt-viewer");
+        assert_eq!(resp.headers()["cache-control"], "no-store");
+        q.http.rt.block_on(resp.text()).unwrap()
+    };
+    let (first, second) = (get_vv(), get_vv());
+    let kv = |text: &str| -> BTreeMap<String, String> {
+        assert!(text.starts_with("[virt-viewer]\n"), "{text}");
+        text.lines().skip(1).map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())).unwrap()).collect()
+    };
+    let (a, b) = (kv(&first), kv(&second));
+    assert_eq!(b["type"], "spice");
+    assert_eq!(b["host"], "127.0.0.1");
+    assert_eq!(b["delete-this-file"], "1");
+    assert_eq!(b["secure-attention"], "ctrl+alt+end");
+    assert_eq!(b["release-cursor"], "shift+f12");
+    assert!(b["title"].contains(pool) && b["title"].contains(desktop), "{}", b["title"]);
+    assert!(b["password"].len() >= 32 && b["password"].bytes().all(|c| c.is_ascii_hexdigit()), "128+ bits");
+    assert_ne!(a["password"], b["password"]);
+    let xml = virsh(&["dumpxml", "--security-info", desktop]);
+    let spice = xml.lines().find(|l| l.contains("<graphics type='spice'")).unwrap();
+    assert!(
+        spice.contains(&format!("passwd='{}'", b["password"]))
+            && spice.contains("passwdValidTo=")
+            && spice.contains("connected='disconnect'"),
+        "{spice}"
+    );
+
+    // A real SPICE client: the current ticket opens the display, the replaced one and a guess do not.
+    let x = Xvfb::start();
+    let write_vv = |name: &str, text: &str| {
+        let p = q.t.env.path(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let old = write_vv("old.vv", &first);
+    let guess = write_vv("guess.vv", &second.replace(&b["password"], &"0".repeat(48)));
+    let good = write_vv("good.vv", &second);
+    let shot = q.t.env.path("remote-viewer.png");
+    assert_eq!(remote_viewer(&x, &old, &q.t.env.path("rv-old.log"), &shot), Viewer::AuthFailed, "the replaced ticket");
+    assert_eq!(remote_viewer(&x, &guess, &q.t.env.path("rv-guess.log"), &shot), Viewer::AuthFailed, "a wrong ticket");
+    assert_eq!(remote_viewer(&x, &good, &q.t.env.path("rv-good.log"), &shot), Viewer::Opened, "the .vv's ticket");
+    assert!(!good.exists(), "remote-viewer deletes the .vv (delete-this-file=1)");
+    let kept = keep(&shot, "broker-remote-viewer.png");
+    assert!(text_pixels(&shot, 60) > 500, "the viewer shows the guest's text console: {}", kept.display());
+
+    // The VNC display takes passwords too, never none: a wrong one is refused by QEMU itself.
+    let hv = vdim::hypervisor::Libvirt::connect("qemu:///system").unwrap();
+    let ep = vdim::hypervisor::Hypervisor::graphics(&hv, desktop, vdim::hypervisor::GraphicsKind::Vnc).unwrap();
+    let login = http.rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect((ep.listen.as_str(), ep.port)).await.unwrap();
+        vdim::broker::vnc::client_login(&mut s, desktop, "guess123").await
+    });
+    assert!(matches!(login, Err(vdim::broker::vnc::VncError::Refused { .. })), "{login:?}");
+
+    // The Linux endpoint script: session, .vv, remote-viewer; logoff when the viewer closes.
+    let tc_log = q.t.env.path("thin-client.log");
+    let out = File::create(&tc_log).unwrap();
+    let mut script = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/thin-client"))
+        .args([&q.srv.base, pool])
+        .env("VDIM_TOKEN", &q.alice)
+        .env("VDIM_VIEWER", "remote-viewer --debug")
+        .env("DISPLAY", &x.display)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&tc_log).unwrap().contains("main channel: opened") {
+        assert!(
+            Instant::now() < deadline,
+            "thin-client did not open the desktop:\n{}",
+            std::fs::read_to_string(&tc_log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The user closes the viewer.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", script.id())).unwrap();
+    for pid in children.split_whitespace() {
+        sh("kill", &[pid]);
+    }
+    let status = loop {
+        if let Some(st) = script.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(30), "thin-client did not exit");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let tc = std::fs::read_to_string(&tc_log).unwrap();
+    assert!(status.success() && tc.contains("logged off (desktop reset: done)"), "{status}: {tc}");
+    assert_eq!(http.json("GET", &format!("/api/v1/sessions/{id}"), Some(&q.alice), None).0, 404, "logged off");
+
+    assert_no_secret_in(&q.srv.log(), &[&q.alice, &bob, &b["password"], &a["password"]]);
+    assert_no_secret_in(&tc, &[&q.alice]);
+}
+
+#[test]
+fn logoff_resets_the_overlay_even_across_a_broker_crash() {
+    let q = qemu_broker("bkrs", 1, "bk-reset");
+    let (pool, env) = (q.pool.clone(), &q.t.env);
+    let open = |http: &Http| -> (String, String) {
+        let (s, v) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(&q.alice), None);
+        assert_eq!(s, 201, "{v}");
+        (v["id"].as_str().unwrap().to_string(), v["desktop"].as_str().unwrap().to_string())
+    };
+    let (id, desktop) = open(&q.http);
+    let overlay = env.home().join("desktops").join(&pool).join(format!("{desktop}.qcow2"));
+    q.t.wait_marker(&pool, &desktop, "bk-reset", 120);
+
+    // The user leaves data on the system disk (written while the desktop is stopped).
+    let scribble = |label: &str| {
+        virsh(&["destroy", &desktop]);
+        qemu_io_write(&overlay, 0x5a, 8 << 20, 64 << 10);
+        assert!(qemu_io_read_pattern(&overlay, 0x5a, 8 << 20, 64 << 10), "{label}: the write is there");
+        inode(&overlay)
+    };
+    let before = scribble("logoff");
+    let (s, v) = q.http.json("DELETE", &format!("/api/v1/sessions/{id}"), Some(&q.alice), None);
+    assert_eq!((s, v["reset"].as_str()), (200, Some("done")), "{v}");
+    assert_ne!(inode(&overlay), before, "a new overlay file");
+    assert!(!qemu_io_read_pattern(&overlay, 0x5a, 8 << 20, 64 << 10), "the user's data is gone");
+    assert!(disk_head(env, &overlay).starts_with("VDIM-TEST bk-reset health=ok"), "the version's marker is intact");
+    q.t.wait_marker(&pool, &desktop, "bk-reset", 120);
+    let (s, _) = q.http.json("GET", &format!("/api/v1/sessions/{id}"), Some(&q.alice), None);
+    assert_eq!(s, 404, "the session is over");
+
+    // A crash between "session ended" and the reset: the desktop is not handed out, and the
+    // next broker finishes the logoff when it starts.
+    let (id, desktop2) = open(&q.http);
+    assert_eq!(desktop2, desktop, "the one desktop, clean again");
+    let before = scribble("crash");
+    let QemuBroker { srv, http, alice, t, .. } = q;
+    drop(http);
+    srv.crash();
+    let mut cat = vdim::catalog::Catalog::open(&t.env.home().join("catalog.db"), false).unwrap();
+    assert!(cat.write(|tx| tx.end_session(&id)).unwrap(), "session ended, then the crash");
+    drop(cat);
+    let show = t.vdim_json(&["pool", "show", &pool]);
+    assert_eq!(show["desktops"][0]["assigned_to"], "alice", "not handed out before its reset");
+    let srv = Server::start(&t.env, "qemu:///system", &[]);
+    let http = Http::new(&srv.base);
+    assert_ne!(inode(&overlay), before, "healed at start");
+    assert!(!qemu_io_read_pattern(&overlay, 0x5a, 8 << 20, 64 << 10));
+    assert!(disk_head(&t.env, &overlay).starts_with("VDIM-TEST bk-reset health=ok"));
+    let show = t.vdim_json(&["pool", "show", &pool]);
+    assert_eq!(show["desktops"][0]["assigned_to"], Value::Null);
+    assert_eq!(show["desktops"][0]["needs_reset"], false);
+    let (s, v) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(&alice), None);
+    assert_eq!(s, 201, "the healed desktop is available: {v}");
+    drop((srv, http));
+    drop(t);
+}
+
+#[test]
+fn html5_console_in_headless_chromium_shows_the_guest_screen_and_closes_at_logoff() {
+    let dir = std::env::var("VDIM_CONSOLE_DIR").unwrap_or_else(|_| "/var/cache/vdim/console".into());
+    assert!(
+        Path::new(&dir).join("node_modules/@novnc/novnc/core/rfb.js").is_file()
+            && Path::new(&dir).join("node_modules/playwright-core").is_dir(),
+        "noVNC and playwright-core are missing in {dir}: run scripts/setup-console"
+    );
+    let q = qemu_broker("bkhc", 1, "bk-html5");
+    let (s, sess) = q.http.json("POST", &format!("/api/v1/pools/{}/sessions", q.pool), Some(&q.alice), None);
+    assert_eq!(s, 201, "{sess}");
+    let (id, desktop) = (sess["id"].as_str().unwrap(), sess["desktop"].as_str().unwrap());
+    let console_url = sess["console_url"].as_str().unwrap();
+    let console_token = console_url.split("#token=").nth(1).unwrap();
+    q.t.wait_marker(&q.pool, desktop, "bk-html5", 120);
+
+    // Another site's page cannot use the console, nor can a request without the token.
+    assert_eq!(ws_status(&q.srv, id, Some("http://evil.example"), Some(console_token)), 403);
+    assert_eq!(ws_status(&q.srv, id, None, Some(console_token)), 403);
+    assert_eq!(ws_status(&q.srv, id, Some(&q.srv.base), None), 401);
+    assert_eq!(ws_status(&q.srv, id, Some(&q.srv.base), Some(&"0".repeat(64))), 401);
+
+    let shot = q.t.env.path("console.png");
+    let out = Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console.cjs"))
+        .args([console_url, shot.to_str().unwrap(), &format!("{}/api/v1/sessions/{id}", q.srv.base)])
+        .env("VDIM_CONSOLE_DIR", &dir)
+        .env("VDIM_TOKEN", &q.alice)
+        .output()
+        .expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "console.cjs failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["connected"], true, "noVNC did not connect: {r}\n{}", q.srv.log());
+    assert_eq!((r["width"].as_u64(), r["height"].as_u64()), (Some(720), Some(400)), "the guest's VGA text mode: {r}");
+    assert!(!r["urlAfterConnect"].as_str().unwrap().contains("token="), "the page drops the token from its URL: {r}");
+    let kept = keep(&shot, "broker-console.png");
+    let text = text_pixels(&shot, 40);
+    assert!(text > 1500, "the screenshot shows the guest console's text ({text} text pixels): {}", kept.display());
+    assert_eq!(r["logoffStatus"], 200, "{r}");
+    assert_eq!(r["afterLogoff"], "disconnected", "the console closes when the session ends: {r}");
+    assert_eq!(ws_status(&q.srv, id, Some(&q.srv.base), Some(console_token)), 401, "an ended session's token is dead");
+    let log = q.srv.log();
+    assert!(log.contains("console closed") && log.contains("the session ended"), "{log}");
+    assert_no_secret_in(&log, &[&q.alice, console_token]);
+}
+
+// ---- test:///default: the catalog side --------------------------------------------------------
+
+#[test]
+fn authorization_matrix_every_endpoint_by_every_kind_of_caller() {
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    create_pool_api(http, admin, "mp", 4, false);
+    create_pool_api(http, admin, "mq", 2, false);
+    let alice = add_user_api(http, admin, "alice");
+    let bob = add_user_api(http, admin, "bob");
+    http.ok("PUT", "/api/v1/admin/pools/mp/entitlements/alice", admin, None);
+    http.ok("PUT", "/api/v1/admin/pools/mq/entitlements/bob", admin, None);
+    let (_, s) = http.json("POST", "/api/v1/pools/mp/sessions", Some(&alice), None);
+    let sid = s["id"].as_str().unwrap().to_string();
+    let (_, t2) = http.json("POST", "/api/v1/pools/mq/sessions", Some(&bob), None);
+    let tid = t2["id"].as_str().unwrap().to_string();
+    let bob_console = t2["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
+    let alice_first = s["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
+    let mut console_tokens = vec![bob_console.clone(), alice_first.clone()];
+
+    // (method, path, body, [no token, owner/entitled user, other user, admin]); 0 = not tried.
+    let create = json!({"name": "mx", "image": "img", "size": 1, "profile": "test-linux"}).to_string();
+    let rows: Vec<(&str, String, Option<String>, [u16; 4])> = vec![
+        ("GET", "/healthz".into(), None, [200, 200, 200, 200]),
+        ("GET", "/metrics".into(), None, [200, 200, 200, 200]),
+        ("GET", "/".into(), None, [200, 200, 200, 200]),
+        ("GET", "/static/console.js".into(), None, [200, 200, 200, 200]),
+        ("GET", format!("/console/{sid}"), None, [200, 200, 200, 200]),
+        ("GET", "/api/v1/pools".into(), None, [401, 200, 200, 200]),
+        ("POST", "/api/v1/pools/mp/sessions".into(), None, [401, 200, 403, 403]),
+        ("GET", "/api/v1/sessions".into(), None, [401, 200, 200, 200]),
+        ("GET", format!("/api/v1/sessions/{sid}"), None, [401, 200, 404, 404]),
+        // 503 for the owner: authorised, but the test driver runs no display to ticket.
+        ("GET", format!("/api/v1/sessions/{sid}/console.vv"), None, [401, 503, 404, 404]),
+        ("DELETE", format!("/api/v1/sessions/{sid}"), None, [401, 0, 404, 404]),
+        ("GET", "/api/v1/admin/images".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/images/img".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/pools".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/pools/mp".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/pools/mp/entitlements".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/users".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/sessions".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/audit".into(), None, [401, 403, 403, 200]),
+        ("GET", "/api/v1/admin/rollouts?image=img".into(), None, [401, 403, 403, 200]),
+        // Authorised, refused by the promotion rules: test already runs version 1.
+        (
+            "POST",
+            "/api/v1/admin/images/img/promote".into(),
+            Some(r#"{"version": 1, "to": "test"}"#.into()),
+            [401, 403, 403, 409],
+        ),
+        ("POST", "/api/v1/admin/images/img/rollout/halt".into(), None, [401, 403, 403, 409]),
+        ("POST", "/api/v1/admin/images/img/rollout/resume".into(), None, [401, 403, 403, 409]),
+        (
+            "POST",
+            "/api/v1/admin/images/img/rollback".into(),
+            Some(r#"{"channel": "prod"}"#.into()),
+            [401, 403, 403, 409],
+        ),
+        ("POST", "/api/v1/admin/pools".into(), Some(create), [401, 403, 403, 201]),
+        ("POST", "/api/v1/admin/pools/mx/start".into(), None, [401, 403, 403, 200]),
+        ("POST", "/api/v1/admin/pools/mx/resize".into(), Some(r#"{"size": 2}"#.into()), [401, 403, 403, 200]),
+        ("POST", "/api/v1/admin/pools/mx/update".into(), None, [401, 403, 403, 409]),
+        ("POST", "/api/v1/admin/pools/mx/rollback".into(), None, [401, 403, 403, 409]),
+        ("POST", "/api/v1/admin/pools/mx/pin".into(), Some(r#"{"version": 1}"#.into()), [401, 403, 403, 200]),
+        ("POST", "/api/v1/admin/pools/mx/unpin".into(), None, [401, 403, 403, 200]),
+        ("POST", "/api/v1/admin/pools/mx/stop".into(), None, [401, 403, 403, 200]),
+        ("PUT", "/api/v1/admin/pools/mx/entitlements/bob".into(), None, [401, 403, 403, 200]),
+        ("DELETE", "/api/v1/admin/pools/mx/entitlements/bob".into(), None, [401, 403, 403, 200]),
+        ("POST", "/api/v1/admin/users".into(), Some(r#"{"name": "carol"}"#.into()), [401, 403, 403, 201]),
+        ("DELETE", "/api/v1/admin/users/carol".into(), None, [401, 403, 403, 200]),
+        ("DELETE", "/api/v1/admin/pools/mx?force=true".into(), None, [401, 403, 403, 200]),
+        // bob is not an administrator even for his own session.
+        ("DELETE", format!("/api/v1/admin/sessions/{tid}"), None, [401, 403, 403, 200]),
+    ];
+    let callers = [None, Some(alice.as_str()), Some(bob.as_str()), Some(admin)];
+    for (method, path, body, want) in &rows {
+        let before = snapshot(http, admin);
+        for (who, (caller, want)) in callers.iter().zip(want).enumerate().take(3) {
+            if *want == 0 {
+                continue;
+            }
+            let (got, text) = http.call(method, path, *caller, body.as_deref());
+            assert_eq!(got, *want, "{method} {path} as caller #{who}: {text}");
+            if who == 1 && method == &"POST" && path.ends_with("/sessions") {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["id"], sid.as_str(), "the owner reconnects to her session");
+                console_tokens.push(v["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().into());
+            }
+        }
+        if want[..3].iter().all(|&w| w == 0 || w >= 400) {
+            assert_eq!(snapshot(http, admin), before, "refused {method} {path} changed something");
+        }
+        let (got, text) = http.call(method, path, callers[3], body.as_deref());
+        assert_eq!(got, want[3], "{method} {path} as admin: {text}");
+    }
+    assert_eq!(http.json("GET", "/api/v1/admin/pools/mx", Some(admin), None).0, 404, "deleted by the admin row");
+    let (_, bobs) = http.json("GET", "/api/v1/sessions", Some(&bob), None);
+    assert!(!bobs.to_string().contains(&sid), "bob never sees alice's session: {bobs}");
+
+    // The console WebSocket: Origin, then the session's own console token; nothing else opens it.
+    let alice_console = console_tokens.last().unwrap().clone();
+    let base = t.srv.base.clone();
+    assert_eq!(ws_status(&t.srv, &sid, Some(&base), None), 401, "no token");
+    assert_eq!(
+        ws_status(&t.srv, &sid, Some(&base), Some(&alice_console)),
+        503,
+        "owner: admitted, no display on test:///"
+    );
+    assert_ne!(alice_console, alice_first);
+    assert_eq!(ws_status(&t.srv, &sid, Some(&base), Some(&alice_first)), 401, "replaced by the reconnect");
+    assert_eq!(ws_status(&t.srv, &sid, Some(&base), Some(&bob_console)), 401, "another session's token");
+    assert_eq!(ws_status(&t.srv, &sid, Some(&base), Some(admin)), 401, "a bearer token is not a console token");
+    assert_eq!(ws_status(&t.srv, &sid, Some("http://evil.example"), Some(&alice_console)), 403, "foreign origin");
+
+    // Last: the owner logs off, once.
+    assert_eq!(http.call("DELETE", &format!("/api/v1/sessions/{sid}"), Some(&alice), None).0, 200);
+    assert_eq!(http.call("DELETE", &format!("/api/v1/sessions/{sid}"), Some(&alice), None).0, 404);
+    let mut secrets = vec![alice.as_str(), bob.as_str(), admin];
+    secrets.extend(console_tokens.iter().map(String::as_str));
+    assert_no_secret_in(&t.srv.log(), &secrets);
+}
+
+#[test]
+fn five_hundred_concurrent_session_requests_on_twenty_desktops() {
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    create_pool_api(http, admin, "rush", 20, false);
+    let tokens: Vec<String> = (0..500).map(|i| add_user_api(http, admin, &format!("u{i:03}"))).collect();
+    for i in 0..500 {
+        http.ok("PUT", &format!("/api/v1/admin/pools/rush/entitlements/u{i:03}"), admin, None);
+    }
+    let url = format!("{}/api/v1/pools/rush/sessions", t.srv.base);
+    let results: Vec<(u16, Value)> = http.rt.block_on(async {
+        let all = tokens.iter().map(|tok| {
+            let (c, url) = (http.c.clone(), url.clone());
+            async move {
+                let r = c.post(url).bearer_auth(tok).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        });
+        futures_util::future::join_all(all).await
+    });
+    let created: Vec<&Value> = results.iter().filter(|(s, _)| *s == 201).map(|(_, v)| v).collect();
+    let exhausted: Vec<&Value> = results.iter().filter(|(s, _)| *s == 503).map(|(_, v)| v).collect();
+    let other: Vec<&(u16, Value)> = results.iter().filter(|(s, _)| *s != 201 && *s != 503).collect();
+    assert_eq!((created.len(), exhausted.len()), (20, 480), "unexpected: {other:?}");
+    let desktops: BTreeSet<&str> = created.iter().map(|v| v["desktop"].as_str().unwrap()).collect();
+    assert_eq!(desktops.len(), 20, "no desktop twice");
+    assert!(
+        exhausted.iter().all(|v| v["error"].as_str().unwrap().contains("pool 'rush' is exhausted")),
+        "{:?}",
+        exhausted[0]
+    );
+    // The catalog agrees: 20 desktops, 20 different users, 20 open sessions.
+    let show = http.ok("GET", "/api/v1/admin/pools/rush", admin, None);
+    let users: BTreeSet<&str> =
+        show["desktops"].as_array().unwrap().iter().map(|d| d["assigned_to"].as_str().unwrap()).collect();
+    assert_eq!(users.len(), 20);
+    assert_eq!(http.ok("GET", "/api/v1/admin/sessions", admin, None).as_array().unwrap().len(), 20);
+    let metrics = http.call("GET", "/metrics", None, None).1;
+    for line in
+        ["vdim_sessions_open 20", "vdim_pool_exhausted_total 480", "vdim_desktops{pool=\"rush\",state=\"in_use\"} 20"]
+    {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
+
+    // One user hammering: one session, the other answers reconnect to it.
+    let lone = add_user_api(http, admin, "lone");
+    create_pool_api(http, admin, "solo", 3, false);
+    http.ok("PUT", "/api/v1/admin/pools/solo/entitlements/lone", admin, None);
+    let url = format!("{}/api/v1/pools/solo/sessions", t.srv.base);
+    let same: Vec<(u16, Value)> = http.rt.block_on(async {
+        let all = (0..20).map(|_| {
+            let (c, url, tok) = (http.c.clone(), url.clone(), lone.clone());
+            async move {
+                let r = c.post(url).bearer_auth(tok).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        });
+        futures_util::future::join_all(all).await
+    });
+    assert_eq!(same.iter().filter(|(s, _)| *s == 201).count(), 1, "{same:?}");
+    assert_eq!(same.iter().filter(|(s, _)| *s == 200).count(), 19, "{same:?}");
+    let ids: BTreeSet<&str> = same.iter().map(|(_, v)| v["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "all the same session");
+}
+
+#[test]
+fn hostile_requests_get_the_right_status_and_change_nothing() {
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    create_pool_api(http, admin, "hp", 2, false);
+    let alice = add_user_api(http, admin, "alice");
+    let bob = add_user_api(http, admin, "bob");
+    http.ok("PUT", "/api/v1/admin/pools/hp/entitlements/alice", admin, None);
+    http.ok("PUT", "/api/v1/admin/pools/hp/entitlements/bob", admin, None);
+    let bob_session = http.ok("POST", "/api/v1/pools/hp/sessions", &bob, None)["id"].as_str().unwrap().to_string();
+    let (_, v) = http.json("POST", "/api/v1/admin/users", Some(admin), Some(json!({"name": "brief", "expires": "1s"})));
+    let brief = v["token"].as_str().unwrap().to_string();
+    let before = snapshot(http, admin);
+
+    let big = format!(r#"{{"name": "big", "image": "img", "size": 1, "profile": "{}"}}"#, "x".repeat(20_000));
+    let bodies: Vec<(&str, &str, String, u16)> = vec![
+        ("POST", "/api/v1/admin/pools", big, 413),
+        ("POST", "/api/v1/admin/pools", "{".into(), 400),
+        ("POST", "/api/v1/admin/pools", "[1, 2]".into(), 400),
+        ("POST", "/api/v1/admin/pools", r#"{"name": "x", "image": "img", "size": "many"}"#.into(), 400),
+        ("POST", "/api/v1/admin/pools", r#"{"name": "x", "image": "img", "size": 1, "evil": true}"#.into(), 400),
+        ("POST", "/api/v1/admin/pools", r#"{"name": "../x", "image": "img", "size": 1}"#.into(), 400),
+        ("POST", "/api/v1/admin/pools", r#"{"name": "x", "image": "img", "size": 100000}"#.into(), 400),
+        (
+            "POST",
+            "/api/v1/admin/pools",
+            r#"{"name": "x", "image": "nosuch", "size": 1, "profile": "test-linux"}"#.into(),
+            404,
+        ),
+        ("POST", "/api/v1/admin/users", r#"{"name": "Bad\nName"}"#.into(), 400),
+        ("POST", "/api/v1/admin/users", r#"{"name": "alice"}"#.into(), 409),
+        ("POST", "/api/v1/admin/pools/hp/resize", r#"{"size": -1}"#.into(), 400),
+    ];
+    for (method, path, body, want) in &bodies {
+        let (got, text) = http.call(method, path, Some(admin), Some(body));
+        assert_eq!(got, *want, "{method} {path} {}: {text}", &body[..body.len().min(60)]);
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("errors are JSON: {text}"));
+        assert_eq!(v["status"], *want);
+    }
+
+    // Path tricks, sent raw so no client normalises them.
+    let get = |path: &str, token: &str| {
+        raw(
+            &t.srv.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"),
+        )
+        .0
+    };
+    for (path, want) in [
+        ("/api/v1/sessions/..%2f..%2fadmin%2fusers", 404),
+        ("/api/v1/sessions/../admin/users", 404),
+        ("/api/v1/sessions/%2e%2e/console.vv", 404),
+        ("/api/v1/admin/../pools", 404),
+        ("/api/v1/pools/..%2f..%2fetc/sessions", 405),
+        ("/novnc/../../../../etc/passwd", 404),
+        ("/novnc/..%2f..%2f..%2f..%2fetc%2fpasswd", 404),
+        ("/static/..%2fmod.rs", 404),
+        ("/console/..%2f..%2fetc", 404),
+        (&format!("/api/v1/sessions/{bob_session}"), 404),
+        (&format!("/api/v1/sessions/{bob_session}/console.vv"), 404),
+    ] {
+        assert_eq!(get(path, &alice), want, "GET {path} as alice");
+    }
+    let post = |path: &str| {
+        raw(&t.srv.addr, &format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")).0
+    };
+    assert_eq!(post("/api/v1/pools/..%2f..%2fetc/sessions"), 400);
+    assert_eq!(post("/api/v1/pools/nosuch/sessions"), 404);
+    let delete = raw(&t.srv.addr, &format!("DELETE /api/v1/sessions/{bob_session} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n")).0;
+    assert_eq!(delete, 404, "alice cannot log bob off");
+
+    // Token tricks.
+    for bad in [
+        format!("Bearer {alice}x"),
+        format!("Bearer {}", &alice[..63]),
+        format!("Basic {alice}"),
+        "Bearer".into(),
+        format!("Bearer {}", alice.to_uppercase()),
+    ] {
+        let (s, _) = raw(
+            &t.srv.addr,
+            &format!("GET /api/v1/pools HTTP/1.1\r\nHost: x\r\nAuthorization: {bad}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(s, 401, "{bad}");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (s, v) = http.json("GET", "/api/v1/pools", Some(&brief), None);
+    assert_eq!(s, 401, "expired token: {v}");
+    assert!(v["error"].as_str().unwrap().contains("expired"), "{v}");
+
+    assert_eq!(snapshot(http, admin), before, "hostile requests changed something");
+    let (s, _) = http.json("GET", &format!("/api/v1/sessions/{bob_session}"), Some(&bob), None);
+    assert_eq!(s, 200, "bob's session is untouched");
+}
+
+#[test]
+fn persistent_pool_gives_each_user_their_own_desktop_back() {
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    create_pool_api(http, admin, "own", 2, true);
+    let alice = add_user_api(http, admin, "alice");
+    let bob = add_user_api(http, admin, "bob");
+    for u in ["alice", "bob"] {
+        http.ok("PUT", &format!("/api/v1/admin/pools/own/entitlements/{u}"), admin, None);
+    }
+    let a1 = http.ok("POST", "/api/v1/pools/own/sessions", &alice, None);
+    let closed = http.ok("DELETE", &format!("/api/v1/sessions/{}", a1["id"].as_str().unwrap()), &alice, None);
+    assert_eq!(closed["reset"], "kept", "a persistent desktop keeps its disk: {closed}");
+    let b1 = http.ok("POST", "/api/v1/pools/own/sessions", &bob, None);
+    assert_ne!(b1["desktop"], a1["desktop"], "alice's desktop stays hers");
+    let a2 = http.ok("POST", "/api/v1/pools/own/sessions", &alice, None);
+    assert_eq!(a2["desktop"], a1["desktop"], "alice gets her own desktop back");
+    assert_ne!(a2["id"], a1["id"]);
+}
+
+#[test]
+fn logoff_moves_a_desktop_that_an_update_marked_for_a_new_version() {
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    let body =
+        json!({"name": "mv", "image": "img", "channel": "dev", "size": 2, "profile": "test-linux", "start": true});
+    assert_eq!(http.json("POST", "/api/v1/admin/pools", Some(admin), Some(body)).0, 201);
+    let alice = add_user_api(http, admin, "alice");
+    http.ok("PUT", "/api/v1/admin/pools/mv/entitlements/alice", admin, None);
+    let s = http.ok("POST", "/api/v1/pools/mv/sessions", &alice, None);
+    let desktop = s["desktop"].as_str().unwrap().to_string();
+    seal_marker(&t.env, "img", "bk-v2", "ok");
+    let r = http.ok("POST", "/api/v1/admin/pools/mv/update", admin, None);
+    assert_eq!(r["at_logoff"], json!([desktop]), "in use: moves at logoff: {r}");
+    let d = |show: &Value| {
+        show["desktops"].as_array().unwrap().iter().find(|d| d["name"] == desktop.as_str()).unwrap().clone()
+    };
+    let before = d(&http.ok("GET", "/api/v1/admin/pools/mv", admin, None));
+    assert_eq!((before["version"].as_u64(), before["will_run"].as_u64()), (Some(1), Some(2)));
+    http.ok("DELETE", &format!("/api/v1/sessions/{}", s["id"].as_str().unwrap()), &alice, None);
+    let after = d(&http.ok("GET", "/api/v1/admin/pools/mv", admin, None));
+    assert_eq!((after["version"].as_u64(), after["will_run"].as_u64()), (Some(2), Some(2)), "{after}");
+    assert_eq!(after["assigned_to"], Value::Null);
+}
+
+#[test]
+fn sessions_expire_and_are_logged_off_by_the_broker() {
+    let t = test_driver_broker(&["--session-ttl", "2s"]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    create_pool_api(http, admin, "ttl", 1, false);
+    let alice = add_user_api(http, admin, "alice");
+    http.ok("PUT", "/api/v1/admin/pools/ttl/entitlements/alice", admin, None);
+    let s = http.ok("POST", "/api/v1/pools/ttl/sessions", &alice, None);
+    let id = s["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let show = http.ok("GET", "/api/v1/admin/pools/ttl", admin, None);
+        if show["desktops"][0]["assigned_to"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the expired session was not logged off: {show}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(http.json("GET", &format!("/api/v1/sessions/{id}"), Some(&alice), None).0, 404);
+    let audit = http.ok("GET", "/api/v1/admin/audit?pool=ttl", admin, None);
+    assert!(audit.as_array().unwrap().iter().any(|e| e["action"] == "session.expire"), "{audit}");
+    assert!(http.call("GET", "/metrics", None, None).1.contains("vdim_sessions_reaped_total 1"));
+    let again = http.ok("POST", "/api/v1/pools/ttl/sessions", &alice, None);
+    assert_ne!(again["id"].as_str().unwrap(), id);
+}
+
+#[test]
+fn plain_http_only_on_loopback_and_tls_with_a_certificate() {
+    let env = Env::new();
+    let r = env.vdim(&["--connect", "test:///default", "serve", "--listen", "0.0.0.0:0"]);
+    r.assert_failure().assert_stderr_contains("only loopback addresses may go without TLS");
+
+    let (cert, key) = (env.path("cert.pem"), env.path("key.pem"));
+    sh(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=vdim-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    );
+    let missing = env.vdim(&[
+        "--connect",
+        "test:///default",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        "/nonexistent.pem",
+    ]);
+    missing.assert_failure().assert_stderr_contains("/nonexistent.pem");
+
+    let srv = Server::start(
+        &env,
+        "test:///default",
+        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+    );
+    assert!(srv.base.starts_with("https://127.0.0.1:"), "{}", srv.base);
+    let curl = |extra: &[&str]| {
+        let mut a = vec!["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"];
+        a.extend_from_slice(extra);
+        let out = Command::new("curl").args(&a).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl(&["--cacert", cert.to_str().unwrap(), &format!("{}/healthz", srv.base)]), "200");
+    assert_eq!(curl(&[&format!("{}/healthz", srv.base)]), "000", "an unknown certificate is not trusted");
+    assert_eq!(curl(&[&format!("http://{}/healthz", srv.addr)]), "000", "no plain HTTP on the TLS port");
+}
