@@ -206,6 +206,11 @@ pub enum PoolCmd {
         /// Boot the desktops right away
         #[arg(long)]
         start: bool,
+        /// IP address the desktops' SPICE and VNC displays listen on: 127.0.0.1 (only this
+        /// host), this host's address, or 0.0.0.0 / :: (every address; then give
+        /// 'vdim serve --display-host'). remote-viewer on another machine needs a reachable one
+        #[arg(long, value_name = "ADDR", default_value = pool::DEFAULT_DISPLAY_LISTEN, value_parser = display_listen_arg)]
+        display_listen: std::net::IpAddr,
     },
     /// All pools
     List,
@@ -250,6 +255,11 @@ pub enum PoolCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `--display-listen`: the same check as the API's, with its message.
+fn display_listen_arg(s: &str) -> std::result::Result<std::net::IpAddr, String> {
+    pool::parse_display_listen(s).map_err(|e| e.to_string())
 }
 
 pub(crate) fn print<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
@@ -358,21 +368,31 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
     let hv = connect(g)?;
     let mut pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
     match cmd {
-        PoolCmd::Create { name, image, channel, size, profile, persistent, start } => {
+        PoolCmd::Create { name, image, channel, size, profile, persistent, start, display_listen } => {
             let virt = pool::parse_virt_type(&g.virt_type)?;
-            let o =
-                CreateOptions { name: &name, image: &image, channel, size, profile: &profile, persistent, virt, start };
+            let o = CreateOptions {
+                name: &name,
+                image: &image,
+                channel,
+                size,
+                profile: &profile,
+                persistent,
+                virt,
+                start,
+                display_listen,
+            };
             let v = pools.create(&o, &actor)?;
             print(g.json, &v, |v| {
                 format!(
-                    "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}",
+                    "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}, displays on {}",
                     v.pool.name,
                     v.desktops.len(),
                     v.pool.image,
                     v.pool.version,
                     v.pool.channel,
                     v.pool.profile,
-                    v.pool.virt_type
+                    v.pool.virt_type,
+                    v.pool.display_listen
                 )
             })
         }
@@ -404,7 +424,7 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             print(g.json, &v, |v| {
                 let p = &v.pool;
                 let mut s = format!(
-                    "pool {}: image {} channel {} (at version {}), runs version {}{}, {} desktops, profile {}{}\n",
+                    "pool {}: image {} channel {} (at version {}), runs version {}{}, {} desktops, profile {}{}, displays on {}\n",
                     p.name,
                     p.image,
                     p.channel,
@@ -413,7 +433,8 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                     p.pinned.map(|x| format!(" (pinned at {x})")).unwrap_or_default(),
                     p.size,
                     p.profile,
-                    if p.persistent { ", persistent" } else { "" }
+                    if p.persistent { ", persistent" } else { "" },
+                    p.display_listen
                 );
                 s += &format!("{:<24} {:<22} {:>7} {:>8}  user\n", "desktop", "state", "version", "will run");
                 for d in &v.desktops {

@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// How long a session lasts before the broker logs it off
     #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
     pub session_ttl: Duration,
+    /// Host name or IP address thin clients reach this hypervisor at: the host of .vv files for
+    /// pools whose displays listen on every address (--display-listen 0.0.0.0 or ::)
+    #[arg(long, env = "VDIM_DISPLAY_HOST", value_name = "HOST", value_parser = broker::vv::parse_display_host)]
+    pub display_host: Option<String>,
     /// Serve /bench/noop, a bare handler, as the benchmark's baseline
     #[arg(long, hide = true)]
     pub bench_noop: bool,
@@ -143,6 +147,7 @@ pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
         public_url: a.public_url,
         novnc: a.novnc,
         session_ttl: a.session_ttl,
+        display_host: a.display_host,
         bench_noop: a.bench_noop,
     };
     Ok(broker::serve(opts)?)

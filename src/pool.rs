@@ -23,12 +23,16 @@ use crate::store::{self, Actor, Store, StoreError};
 use serde::Serialize;
 use serde_json::json;
 use std::fs;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
 /// Desktop names carry a three-digit index.
 pub const MAX_POOL_SIZE: u32 = 999;
+
+/// Where a pool's desktop displays listen unless told otherwise: only this host reaches them.
+pub const DEFAULT_DISPLAY_LISTEN: &str = "127.0.0.1";
 
 #[derive(Debug, Error)]
 pub enum PoolError {
@@ -66,6 +70,8 @@ pub enum PoolError {
     Io { what: &'static str, path: String, source: std::io::Error },
     #[error("virt type '{0}' is not one of auto, kvm, qemu")]
     VirtType(String),
+    #[error("display listen address {0:?} is not an IP address (e.g. 127.0.0.1, 192.0.2.10, 0.0.0.0 or ::)")]
+    DisplayListen(String),
 }
 
 pub type Result<T> = std::result::Result<T, PoolError>;
@@ -94,6 +100,12 @@ pub fn random_secret(bytes: usize) -> String {
     hex::encode(b)
 }
 
+/// A pool's display listen address: an IPv4 or IPv6 literal, nothing else (no host names,
+/// no zone ids), so the value that reaches the domain XML is always a plain address.
+pub fn parse_display_listen(s: &str) -> Result<IpAddr> {
+    s.parse::<IpAddr>().map_err(|_| PoolError::DisplayListen(s.to_string()))
+}
+
 pub fn parse_virt_type(s: &str) -> Result<VirtType> {
     match s {
         "kvm" => Ok(VirtType::Kvm),
@@ -113,6 +125,8 @@ pub struct CreateOptions<'a> {
     pub persistent: bool,
     pub virt: VirtType,
     pub start: bool,
+    /// Where the desktops' SPICE and VNC displays listen.
+    pub display_listen: IpAddr,
 }
 
 #[derive(Debug, Serialize)]
@@ -240,7 +254,7 @@ impl<'a> Pools<'a> {
             serial_log: profile.wants_serial_log().then_some(serial.as_path()),
             nvram: profile.uses_uefi().then_some(nvram.as_path()),
             graphics_password: &secret,
-            listen: "127.0.0.1",
+            listen: &pool.display_listen,
             pool: &pool.name,
             version,
         };
@@ -300,6 +314,7 @@ impl<'a> Pools<'a> {
         fs::create_dir_all(&pool_dir).map_err(io("create", &pool_dir))?;
         fs::create_dir_all(&run_dir).map_err(io("create", &run_dir))?;
         let virt_type = o.virt.as_str();
+        let display_listen = o.display_listen.to_string();
         let pool = Pool {
             id: 0,
             name: o.name.to_string(),
@@ -312,6 +327,7 @@ impl<'a> Pools<'a> {
             profile: o.profile.to_string(),
             persistent: o.persistent,
             virt_type: virt_type.to_string(),
+            display_listen: display_listen.clone(),
             running: false,
             created: String::new(),
         };
@@ -342,6 +358,7 @@ impl<'a> Pools<'a> {
                     profile: o.profile,
                     persistent: o.persistent,
                     virt_type,
+                    display_listen: &display_listen,
                 })?;
                 for i in 1..=o.size {
                     let name = desktop_name(o.name, i);
@@ -353,7 +370,10 @@ impl<'a> Pools<'a> {
                     image: Some(&image.name),
                     pool: Some(o.name),
                     version: Some(version.number),
-                    detail: json!({"size": o.size, "channel": o.channel, "profile": o.profile, "persistent": o.persistent, "virt_type": virt_type}),
+                    detail: json!({
+                        "size": o.size, "channel": o.channel, "profile": o.profile, "persistent": o.persistent,
+                        "virt_type": virt_type, "display_listen": display_listen,
+                    }),
                 })?;
                 Ok(())
             })
@@ -1000,6 +1020,19 @@ mod tests {
         assert!(!is_desktop_of("a", "vdim-a-b-001"), "pool a-b's desktop is not pool a's");
         assert!(!is_desktop_of("a", "vdim-a-01"));
         assert!(!is_desktop_of("a", "vdim-ab-001"));
+    }
+
+    #[test]
+    fn display_listen_is_an_ip_literal_only() {
+        for ok in ["127.0.0.1", "0.0.0.0", "192.0.2.10", "::", "::1", "fd00::5"] {
+            assert_eq!(parse_display_listen(ok).unwrap().to_string(), ok);
+        }
+        for bad in
+            ["not-an-ip", "localhost", "1.2.3.4'/>", "", " 0.0.0.0", "1.2.3.4\n", "fe80::1%eth0", "[::1]", "1.2.3"]
+        {
+            let e = parse_display_listen(bad).unwrap_err().to_string();
+            assert!(e.contains("is not an IP address"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

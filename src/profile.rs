@@ -596,7 +596,15 @@ pub fn domain_xml(profile: &Profile, virt: VirtType, spec: &DesktopSpec) -> Resu
                 &[("type", "vnc"), ("autoport", "yes"), ("passwd", vnc_password(spec.graphics_password))],
             ),
         }
-        x.empty("listen", &[("type", "address"), ("address", spec.listen)]);
+        // VNC stays on loopback whatever the pool's display address: only the broker's console
+        // proxy uses it, and its password is 8 characters (libvirt's limit). Remote clients get
+        // SPICE, whose one-time tickets are full length.
+        let listen = match graphics {
+            Graphics::Spice => spec.listen,
+            Graphics::Vnc if spec.listen.contains(':') => "::1",
+            Graphics::Vnc => "127.0.0.1",
+        };
+        x.empty("listen", &[("type", "address"), ("address", listen)]);
         x.close("graphics");
     }
     let video = match hw.video {

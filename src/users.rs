@@ -20,8 +20,9 @@
 //! VNC limitation: VNC authentication uses at most 8 password characters (DES). The VNC
 //! password is 8 characters from a 64-symbol alphabet (48 bits) derived from a 192-bit ticket.
 //! It is only ever used by the broker's own console proxy (the browser never sees it), valid
-//! 120 s, replaced by an unknown random one right after the proxy authenticated, and the VNC
-//! display listens on loopback only. SPICE tickets carry the full 192 bits.
+//! 120 s, and replaced by an unknown random one right after the proxy authenticated. The VNC
+//! display listens where the pool's displays do: loopback unless the pool was created with
+//! `--display-listen`. SPICE tickets carry the full 192 bits.
 
 use crate::catalog::users::{NewSession, Session, User};
 use crate::catalog::{Audit, Catalog, CatalogError};
@@ -501,6 +502,17 @@ impl<'a> Sessions<'a> {
             .hv
             .set_graphics_password(&s.desktop, kind, password, SystemTime::now() + TICKET_TTL)
             .map_err(|source| UserError::NoConsole { desktop: s.desktop.clone(), session: s.id.clone(), source })
+    }
+
+    /// Where the session's SPICE display listens now, its ticket untouched: checked before a
+    /// new ticket would disconnect a viewer already on it.
+    pub fn spice_display(&mut self, caller: &User, id: &str) -> Result<(Session, GraphicsEndpoint)> {
+        let session = self.get(Some(caller), id)?;
+        self.check_holds(&session)?;
+        match self.pools.hv.graphics(&session.desktop, GraphicsKind::Spice) {
+            Ok(endpoint) => Ok((session, endpoint)),
+            Err(source) => Err(UserError::NoConsole { desktop: session.desktop, session: session.id, source }),
+        }
     }
 
     /// A fresh SPICE ticket on the session's desktop (clients holding an older one are

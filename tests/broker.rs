@@ -515,6 +515,64 @@ fn entitled_user_gets_a_desktop_whose_display_takes_the_vv_ticket_and_refuses_ot
 }
 
 #[test]
+fn a_display_on_every_address_gets_the_display_host_in_its_vv_and_without_one_a_clear_refusal() {
+    let t = LibvirtEnv::new("bkdh");
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", "bk-dh");
+    let admin = add_user_cli(&t.env, "admin", true);
+    let alice = add_user_cli(&t.env, "alice", false);
+
+    // A broker without --display-host; the pool comes through the admin API.
+    let srv = Server::start(&t.env, "qemu:///system", &[]);
+    let http = Http::new(&srv.base);
+    let body = json!({"name": pool, "image": "img", "size": 1, "profile": "test-linux", "start": true,
+                      "display_listen": "0.0.0.0"});
+    let (s, v) = http.json("POST", "/api/v1/admin/pools", Some(&admin), Some(body));
+    assert_eq!((s, v["display_listen"].as_str()), (201, Some("0.0.0.0")), "{v}");
+    http.ok("PUT", &format!("/api/v1/admin/pools/{pool}/entitlements/alice"), &admin, None);
+    let sess = http.ok("POST", &format!("/api/v1/pools/{pool}/sessions"), &alice, None);
+    let (id, desktop) = (sess["id"].as_str().unwrap().to_string(), sess["desktop"].as_str().unwrap().to_string());
+    let vv_path = format!("/api/v1/sessions/{id}/console.vv");
+    let spice = || -> String {
+        let xml = virsh(&["dumpxml", "--security-info", &desktop]);
+        xml.lines().find(|l| l.contains("<graphics type='spice'")).unwrap().to_string()
+    };
+    let before = spice();
+    assert!(before.contains("listen='0.0.0.0'"), "{before}");
+
+    // No guess: the broker says what the administrator must do, and leaves the display alone.
+    let (s, v) = http.json("GET", &vv_path, Some(&alice), None);
+    assert_eq!(s, 503, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains("--display-host") && msg.contains(&desktop) && msg.contains("0.0.0.0"), "{msg}");
+    assert_eq!(spice(), before, "the refused request set no ticket (it would have disconnected a viewer)");
+    assert!(srv.log().contains("--display-host"), "the refusal is logged for the administrator");
+    drop(http);
+    drop(srv);
+
+    // The administrator names an address that reaches this host but is not 127.0.0.1: the
+    // display answers there only because it listens on every address.
+    let srv = Server::start(&t.env, "qemu:///system", &["--display-host", "127.0.0.2"]);
+    let http = Http::new(&srv.base);
+    let (s, text) = http.call("GET", &vv_path, Some(&alice), None);
+    assert_eq!(s, 200, "{text}");
+    assert!(text.starts_with("[virt-viewer]\n"), "{text}");
+    let kv: BTreeMap<&str, &str> = text.lines().skip(1).map(|l| l.split_once('=').unwrap()).collect();
+    let live = spice();
+    let port = live.split(" port='").nth(1).and_then(|r| r.split('\'').next()).unwrap();
+    assert_eq!((kv["host"], kv["port"]), ("127.0.0.2", port), "{text}\n{live}");
+    assert!(live.contains(&format!("passwd='{}'", kv["password"])), "the .vv's ticket is on the display: {live}");
+
+    // And a real viewer gets in through that address.
+    let x = Xvfb::start();
+    let vv = t.env.path("wildcard.vv");
+    std::fs::write(&vv, &text).unwrap();
+    let shot = t.env.path("rv-wildcard.png");
+    assert_eq!(remote_viewer(&x, &vv, &t.env.path("rv-wildcard.log"), &shot), Viewer::Opened);
+    assert_no_secret_in(&srv.log(), &[&alice, &admin, kv["password"]]);
+}
+
+#[test]
 fn logoff_resets_the_overlay_even_across_a_broker_crash() {
     let q = qemu_broker("bkrs", 1, "bk-reset");
     let (pool, env) = (q.pool.clone(), &q.t.env);
@@ -832,6 +890,20 @@ fn hostile_requests_get_the_right_status_and_change_nothing() {
         (
             "POST",
             "/api/v1/admin/pools",
+            r#"{"name": "x", "image": "img", "size": 1, "profile": "test-linux", "display_listen": "1.2.3.4'/>"}"#
+                .into(),
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/admin/pools",
+            r#"{"name": "x", "image": "img", "size": 1, "profile": "test-linux", "display_listen": "localhost"}"#
+                .into(),
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/admin/pools",
             r#"{"name": "x", "image": "nosuch", "size": 1, "profile": "test-linux"}"#.into(),
             404,
         ),
@@ -970,6 +1042,26 @@ fn sessions_expire_and_are_logged_off_by_the_broker() {
     assert!(http.call("GET", "/metrics", None, None).1.contains("vdim_sessions_reaped_total 1"));
     let again = http.ok("POST", "/api/v1/pools/ttl/sessions", &alice, None);
     assert_ne!(again["id"].as_str().unwrap(), id);
+}
+
+#[test]
+fn display_host_is_refused_unless_a_plain_host_name_or_address() {
+    let env = Env::new();
+    // --listen off loopback without TLS: a value that got through would still not start a
+    // server (the test fails on the message, it does not hang).
+    for bad in ["evil\nproxy=http://attacker", "host name", "[::1]", "0.0.0.0", "-h", "h/x"] {
+        let arg = format!("--display-host={bad}");
+        let r = env.vdim(&["--connect", "test:///default", "serve", "--listen", "0.0.0.0:0", &arg]);
+        r.assert_failure().assert_stderr_contains("display host");
+        let out = env
+            .cmd()
+            .env("VDIM_DISPLAY_HOST", bad)
+            .args(["--connect", "test:///default", "serve", "--listen", "0.0.0.0:0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("display host"), "VDIM_DISPLAY_HOST={bad:?}: {err}");
+    }
 }
 
 #[test]

@@ -289,3 +289,94 @@ fn delete_removes_exactly_its_own_desktops_and_gc_keeps_what_pools_use() {
     assert!(t.env.home().join("desktops").join(&ab).join(format!("vdim-{ab}-001.qcow2")).exists());
     t.vdim(&["image", "verify"]).assert_success();
 }
+
+/// The `<graphics type='KIND' ...>...</graphics>` element of a domain's XML.
+fn graphics_element<'a>(xml: &'a str, kind: &str) -> &'a str {
+    let start = xml.find(&format!("<graphics type='{kind}'")).unwrap_or_else(|| panic!("no {kind} graphics: {xml}"));
+    let len = xml[start..].find("</graphics>").unwrap_or_else(|| panic!("unclosed {kind} graphics: {xml}"));
+    &xml[start..start + len]
+}
+
+/// The TCP port in a live graphics element (`port='5901'`).
+fn graphics_port(element: &str) -> u16 {
+    let rest = element.split(" port='").nth(1).unwrap_or_else(|| panic!("no port: {element}"));
+    rest.split('\'').next().unwrap().parse().unwrap_or_else(|e| panic!("port in {element}: {e}"))
+}
+
+/// The local addresses (`addr:port`) of the TCP sockets listening on `port` (iproute2's ss).
+fn listening_on(port: u16) -> Vec<String> {
+    let out = sh("ss", &["-H", "-l", "-t", "-n", &format!("sport = :{port}")]);
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().nth(3)).map(String::from).collect()
+}
+
+#[test]
+fn display_listen_puts_spice_and_vnc_on_the_pools_address_and_refuses_anything_but_an_ip() {
+    let t = LibvirtEnv::new("lsn");
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", "lsn-v1");
+    let create = |extra: &[&str]| {
+        let mut a = vec!["pool", "create", &pool, "--image", "img", "--size", "1", "--profile", "test-linux"];
+        a.extend_from_slice(extra);
+        t.vdim(&a)
+    };
+
+    // Anything but an IP address literal is refused before anything is defined or written.
+    for bad in ["not-an-ip", "1.2.3.4'/>", "localhost", ""] {
+        create(&["--display-listen", bad, "--start"]).assert_failure().assert_stderr_contains("is not an IP address");
+    }
+    assert!(t.domains().is_empty(), "nothing defined: {:?}", t.domains());
+    assert!(!t.env.home().join("desktops").join(&pool).exists(), "no overlay written");
+    assert!(!t.env.home().join("run").join(&pool).exists(), "no runtime directory written");
+    t.vdim(&["pool", "show", &pool]).assert_exit_code(4);
+    assert_eq!(t.vdim_json(&["audit", "--pool", &pool]), serde_json::json!([]), "nothing recorded");
+
+    // On every address: the live domain has both displays there, and QEMU listens there.
+    let mut args = vec!["--json", "pool", "create", &pool, "--image", "img", "--size", "1", "--profile", "test-linux"];
+    args.extend(["--display-listen", "0.0.0.0", "--start"]);
+    let created = t.vdim(&args);
+    created.assert_success();
+    assert_eq!(created.json()["display_listen"], "0.0.0.0", "{}", created.stdout());
+    assert_eq!(t.vdim_json(&["pool", "show", &pool])["display_listen"], "0.0.0.0");
+    let text = t.vdim(&["pool", "show", &pool]);
+    assert!(text.assert_success().stdout().contains("displays on 0.0.0.0"), "{}", text.stdout());
+    let audit = t.vdim_json(&["audit", "--pool", &pool]);
+    assert_eq!(audit[0]["detail"]["display_listen"], "0.0.0.0", "{audit}");
+
+    let name = format!("vdim-{pool}-001");
+    let xml = String::from_utf8_lossy(&sh("virsh", &["-c", "qemu:///system", "dumpxml", &name]).stdout).into_owned();
+    let g = graphics_element(&xml, "spice");
+    assert!(
+        g.contains("listen='0.0.0.0'") && g.contains("<listen type='address' address='0.0.0.0'/>"),
+        "spice listens on 0.0.0.0: {g}"
+    );
+    assert!(!g.contains("127.0.0.1"), "spice: {g}");
+    let port = graphics_port(g);
+    assert_eq!(listening_on(port), [format!("0.0.0.0:{port}")], "QEMU's spice socket is bound on every address");
+    // VNC (8-character passwords, used only by the broker's console proxy) never leaves loopback.
+    let g = graphics_element(&xml, "vnc");
+    assert!(
+        g.contains("<listen type='address' address='127.0.0.1'/>") && !g.contains("0.0.0.0"),
+        "vnc stays on loopback: {g}"
+    );
+    let port = graphics_port(g);
+    assert_eq!(listening_on(port), [format!("127.0.0.1:{port}")], "QEMU's vnc socket is bound on loopback only");
+
+    // Desktops added later get the pool's address too.
+    t.vdim_json(&["pool", "resize", &pool, "2"]);
+    let added = format!("vdim-{pool}-002");
+    let xml = String::from_utf8_lossy(&sh("virsh", &["-c", "qemu:///system", "dumpxml", &added]).stdout).into_owned();
+    let g = graphics_element(&xml, "spice");
+    assert!(g.contains("<listen type='address' address='0.0.0.0'/>"), "resized desktop's spice: {g}");
+
+    // Without the option a pool keeps its displays on loopback, as before.
+    let lo = t.pool_name("lo");
+    let v = t.vdim_json(&["pool", "create", &lo, "--image", "img", "--size", "1", "--profile", "test-linux"]);
+    assert_eq!(v["display_listen"], "127.0.0.1");
+    let xml =
+        String::from_utf8_lossy(&sh("virsh", &["-c", "qemu:///system", "dumpxml", &format!("vdim-{lo}-001")]).stdout)
+            .into_owned();
+    for kind in ["spice", "vnc"] {
+        let g = graphics_element(&xml, kind);
+        assert!(g.contains("<listen type='address' address='127.0.0.1'/>"), "default {kind}: {g}");
+    }
+}

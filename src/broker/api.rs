@@ -20,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,21 +199,26 @@ pub async fn close_session(State(b): B, Caller(u): Caller, P(id): P<String>) -> 
     Ok(Json(closed).into_response())
 }
 
-/// The host a thin client connects to: the display's listen address, or the broker's own
-/// host when the display listens on every address.
-fn display_host<'a>(listen: &'a str, public: &'a Public) -> &'a str {
-    match listen.parse::<IpAddr>() {
-        Ok(ip) if ip.is_unspecified() => &public.host,
-        _ => listen,
-    }
-}
-
+/// The `.vv` file: the host is the display's own address, or `--display-host` for a display
+/// on every address ([`vv::client_host`]).
 pub async fn console_vv(State(b): B, Caller(u): Caller, P(id): P<String>) -> ApiResult<Response> {
-    let t = b.blocking(move |b, store| Ok(b.sessions(store).spice_ticket(&u, &id)?)).await?;
+    let t = b
+        .blocking(move |b, store| {
+            let mut sessions = b.sessions(store);
+            // A display the thin client could not be pointed at fails before a new ticket
+            // disconnects a viewer already on it.
+            let (session, endpoint) = sessions.spice_display(&u, &id)?;
+            if let Err(e) = vv::client_host(&session.desktop, &endpoint.listen, b.display_host.as_deref()) {
+                tracing::warn!(desktop = %session.desktop, listen = %endpoint.listen, "refused a .vv: the display is on every address and 'vdim serve' has no --display-host");
+                return Err(e.into());
+            }
+            Ok(sessions.spice_ticket(&u, &id)?)
+        })
+        .await?;
     let file = VvFile {
         pool: &t.session.pool,
         desktop: &t.session.desktop,
-        host: display_host(&t.endpoint.listen, &b.public),
+        host: vv::client_host(&t.session.desktop, &t.endpoint.listen, b.display_host.as_deref())?,
         port: t.endpoint.port,
         tls_port: t.endpoint.tls_port,
         password: &t.password,
@@ -274,6 +278,9 @@ pub struct CreatePool {
     persistent: bool,
     #[serde(default)]
     start: bool,
+    /// IP address the desktops' displays listen on [default: 127.0.0.1].
+    #[serde(default)]
+    display_listen: Option<String>,
 }
 
 pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<CreatePool>) -> ApiResult<Response> {
@@ -282,6 +289,8 @@ pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<Crea
         None => Channel::Prod,
         Some(s) => parse_channel(s)?,
     };
+    let display_listen =
+        pool::parse_display_listen(c.display_listen.as_deref().unwrap_or(pool::DEFAULT_DISPLAY_LISTEN))?;
     let view = b
         .blocking(move |b, store| {
             let virt = pool::parse_virt_type(&b.virt_type)?;
@@ -294,6 +303,7 @@ pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<Crea
                 persistent: c.persistent,
                 virt,
                 start: c.start,
+                display_listen,
             };
             Ok(pool_service(b, store).create(&o, &actor)?)
         })

@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -192,6 +193,16 @@ async fn close(tx: &mut Tx, code: u16, reason: &'static str) {
     let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
+/// The address the proxy dials for a display listening on `listen`: a display on every
+/// address is reached on this host's loopback of the same family.
+fn local_address(listen: &str) -> &str {
+    match listen.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) if ip.is_unspecified() => "127.0.0.1",
+        Ok(IpAddr::V6(ip)) if ip.is_unspecified() => "::1",
+        _ => listen,
+    }
+}
+
 async fn proxy(
     b: &Arc<Broker>,
     t: VncTicket,
@@ -201,7 +212,7 @@ async fn proxy(
     generation: u64,
     mut changes: watch::Receiver<u64>,
 ) -> Result<&'static str, ConsoleError> {
-    let mut display = TcpStream::connect((t.endpoint.listen.as_str(), t.endpoint.port)).await?;
+    let mut display = TcpStream::connect((local_address(&t.endpoint.listen), t.endpoint.port)).await?;
     display.set_nodelay(true)?;
     let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
     // Spent: nobody else can log in with it, whether or not this login worked.
@@ -276,5 +287,18 @@ async fn proxy(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_address;
+
+    #[test]
+    fn a_display_on_every_address_is_dialled_on_loopback() {
+        assert_eq!(local_address("0.0.0.0"), "127.0.0.1");
+        assert_eq!(local_address("::"), "::1");
+        assert_eq!(local_address("127.0.0.1"), "127.0.0.1");
+        assert_eq!(local_address("192.0.2.10"), "192.0.2.10");
     }
 }

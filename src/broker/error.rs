@@ -3,8 +3,10 @@
 //!
 //! 400 bad input · 401 no valid token · 403 not allowed · 404 no such thing (another user's
 //! session included) · 409 conflicts with the current state · 413 body too large ·
-//! 503 pool exhausted, stopped, or the desktop's display not reachable now.
+//! 503 pool exhausted, stopped, or the desktop's display not reachable now (no console, or
+//! a display on every address while the broker has no `--display-host`).
 
+use super::vv::VvError;
 use crate::catalog::CatalogError;
 use crate::lock::LockError;
 use crate::names::NameError;
@@ -32,6 +34,8 @@ pub enum ApiError {
     Name(#[from] NameError),
     #[error(transparent)]
     Rollout(#[from] RolloutError),
+    #[error(transparent)]
+    Vv(#[from] VvError),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -72,9 +76,11 @@ fn store_status(e: &StoreError) -> StatusCode {
 
 fn pool_status(e: &PoolError) -> StatusCode {
     match e {
-        PoolError::Name(_) | PoolError::Size { .. } | PoolError::NameTooLong(_) | PoolError::VirtType(_) => {
-            StatusCode::BAD_REQUEST
-        }
+        PoolError::Name(_)
+        | PoolError::Size { .. }
+        | PoolError::NameTooLong(_)
+        | PoolError::VirtType(_)
+        | PoolError::DisplayListen(_) => StatusCode::BAD_REQUEST,
         PoolError::Profile(ProfileError::NotFound { .. } | ProfileError::InvalidProfileName { .. }) => {
             StatusCode::BAD_REQUEST
         }
@@ -128,6 +134,8 @@ impl ApiError {
             ApiError::Store(e) => store_status(e),
             ApiError::Catalog(e) => catalog_status(e),
             ApiError::Rollout(e) => rollout_status(e),
+            ApiError::Vv(VvError::NoDisplayHost { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Vv(VvError::BadValue { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Name(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
@@ -183,6 +191,9 @@ mod tests {
             (UserError::Exists("a".into()).into(), 409),
             (ApiError::TooLarge { limit: 1 }, 413),
             (ApiError::BadRequest("x".into()), 400),
+            (PoolError::DisplayListen("x".into()).into(), 400),
+            (VvError::NoDisplayHost { desktop: "d".into(), listen: "0.0.0.0".into() }.into(), 503),
+            (VvError::BadValue { desktop: "d".into(), key: "host" }.into(), 500),
         ];
         for (e, code) in cases {
             assert_eq!(e.status().as_u16(), code, "{e}");

@@ -80,6 +80,9 @@ pub struct ServeOptions {
     pub public_url: Option<String>,
     pub novnc: PathBuf,
     pub session_ttl: Duration,
+    /// The host `.vv` files name for displays listening on every address (checked with
+    /// [`vv::parse_display_host`]); without it such a display gets no `.vv`.
+    pub display_host: Option<String>,
     /// Adds `/bench/noop`, a bare handler outside every layer, as the benchmark's baseline.
     pub bench_noop: bool,
 }
@@ -166,6 +169,8 @@ pub struct Broker {
     pub(crate) virt_type: String,
     pub(crate) public: Public,
     pub(crate) session_ttl: Duration,
+    /// `--display-host`: where thin clients reach displays that listen on every address.
+    pub(crate) display_host: Option<String>,
     pub(crate) consoles: console::Registry,
     pub(crate) metrics: metrics::Metrics,
     /// One console login at a time: a VNC ticket is set and used before the next is set.
@@ -228,6 +233,7 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
         virt_type: opts.virt_type.clone(),
         public,
         session_ttl: opts.session_ttl,
+        display_host: opts.display_host.clone(),
         consoles: console::Registry::default(),
         metrics: metrics::Metrics::default(),
         vnc_gate: Arc::new(tokio::sync::Mutex::new(())),
@@ -244,6 +250,23 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
         .map_err(|e| BrokerError::Heal(e.message()))?;
     if !healed.finished.is_empty() || !healed.ended.is_empty() || !healed.failed.is_empty() {
         tracing::warn!(ended = ?healed.ended, finished = ?healed.finished, failed = ?healed.failed, "healed sessions at start");
+    }
+    if broker.display_host.is_none() {
+        let wildcard = broker
+            .blocking(|_, store| {
+                Ok(store
+                    .catalog()
+                    .read(|tx| tx.pools())?
+                    .into_iter()
+                    .filter(|p| is_wildcard(&p.display_listen))
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .unwrap_or_default();
+        if !wildcard.is_empty() {
+            tracing::warn!(pools = ?wildcard, "these pools' displays listen on every address: remote-viewer gets no .vv for them until 'vdim serve' has --display-host");
+        }
     }
     if !opts.novnc.join("core/rfb.js").is_file() {
         tracing::warn!(dir = %opts.novnc.display(), "noVNC not found: the HTML5 console will not load (run scripts/setup-console, or pass --novnc)");
@@ -273,6 +296,10 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
             }
         }
     }
+}
+
+fn is_wildcard(listen: &str) -> bool {
+    listen.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified())
 }
 
 async fn shutdown_signal() {

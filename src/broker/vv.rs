@@ -1,8 +1,16 @@
 //! The `.vv` file remote-viewer opens: an INI `[virt-viewer]` section with the display's
 //! address and a one-time ticket. One value with a newline in it could add any key (a
 //! different host, a `proxy=`), so every value is checked, not escaped: INI has no escaping.
+//!
+//! The host is the address the desktop's display listens on. A display listening on every
+//! address (`0.0.0.0`, `::`) names none a thin client could use, so the administrator says
+//! which one reaches this hypervisor (`vdim serve --display-host`); the broker never guesses.
 
+use std::net::IpAddr;
 use thiserror::Error;
+
+/// Longest DNS name.
+const MAX_HOST_LEN: usize = 253;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum VvError {
@@ -10,6 +18,42 @@ pub enum VvError {
         "refusing to write {key} into a .vv file for desktop '{desktop}': it contains a control character or is empty"
     )]
     BadValue { desktop: String, key: &'static str },
+    #[error(
+        "desktop '{desktop}' has its display on every address ({listen}), and the broker was not told which one \
+         thin clients reach this host at: an administrator must start 'vdim serve' with --display-host HOST \
+         (or VDIM_DISPLAY_HOST); the HTML5 console works meanwhile"
+    )]
+    NoDisplayHost { desktop: String, listen: String },
+}
+
+/// `--display-host`: a host name or IP address, letters, digits, `.`, `-` and `:` only (so
+/// nothing else can reach a `.vv` file), not a wildcard address, at most 253 characters.
+pub fn parse_display_host(s: &str) -> Result<String, String> {
+    let problem = if s.is_empty() || s.len() > MAX_HOST_LEN {
+        Some(format!("must be 1 to {MAX_HOST_LEN} characters"))
+    } else if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b)) {
+        Some("may contain only letters, digits, '.', '-' and ':'".to_string())
+    } else if s.starts_with(['-', '.']) {
+        Some("must not start with '-' or '.'".to_string())
+    } else if s.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+        Some("is a wildcard address; give the address or name thin clients reach this host at".to_string())
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(s.to_string()),
+        Some(p) => Err(format!("display host {:?} {p}", s.escape_default().to_string())),
+    }
+}
+
+/// The host a `.vv` file names for a display listening on `listen`: that address, or for a
+/// wildcard listen the administrator's `display_host`, and never a guess.
+pub fn client_host<'a>(desktop: &str, listen: &'a str, display_host: Option<&'a str>) -> Result<&'a str, VvError> {
+    match listen.parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => display_host
+            .ok_or_else(|| VvError::NoDisplayHost { desktop: desktop.to_string(), listen: listen.to_string() }),
+        _ => Ok(listen),
+    }
 }
 
 #[derive(Debug)]
@@ -71,6 +115,44 @@ mod tests {
             "[virt-viewer]\ntype=spice\nhost=127.0.0.1\npassword=abc123\ntitle=finance - vdim-finance-001 (vdim)\n\
              port=5901\ndelete-this-file=1\nsecure-attention=ctrl+alt+end\nrelease-cursor=shift+f12\n"
         );
+    }
+
+    #[test]
+    fn a_specific_address_is_the_host_and_a_wildcard_needs_the_display_host() {
+        for listen in ["127.0.0.1", "192.0.2.10", "fd00::5"] {
+            assert_eq!(client_host("d", listen, None), Ok(listen));
+            assert_eq!(client_host("d", listen, Some("vdi.example")), Ok(listen), "a specific address wins");
+        }
+        for listen in ["0.0.0.0", "::"] {
+            assert_eq!(client_host("d", listen, Some("vdi.example")), Ok("vdi.example"));
+            let e = client_host("d", listen, None).unwrap_err();
+            assert!(e.to_string().contains("--display-host"), "{e}");
+        }
+    }
+
+    #[test]
+    fn display_host_is_a_plain_name_or_address() {
+        for ok in ["vdi.example.com", "192.0.2.10", "fd00::5", "hv-01", "HV1.Example"] {
+            assert_eq!(parse_display_host(ok).as_deref(), Ok(ok));
+        }
+        let long = "a".repeat(254);
+        for bad in [
+            "",
+            "h\nproxy=http://evil",
+            "h\r",
+            "h st",
+            "[::1]",
+            "h/x",
+            "h_x",
+            "-h",
+            ".h",
+            "0.0.0.0",
+            "::",
+            "h\u{e9}",
+            long.as_str(),
+        ] {
+            assert!(parse_display_host(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -177,4 +177,9 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX sessions_open_user_pool ON sessions(user_id, pool) WHERE ended IS NULL;
     CREATE INDEX sessions_unreleased ON sessions(ended) WHERE released IS NULL;
     "#,
+    // 5: the address a pool's desktop displays (SPICE, VNC) listen on. Pools made before
+    // listen on loopback, as they always did.
+    r#"
+    ALTER TABLE pools ADD COLUMN display_listen TEXT NOT NULL DEFAULT '127.0.0.1';
+    "#,
 ];

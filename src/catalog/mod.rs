@@ -523,6 +523,32 @@ mod tests {
     }
 
     #[test]
+    fn migration_5_gives_existing_pools_loopback_displays() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        // A catalog as vdim left it before migration 5, with one pool.
+        let conn = Connection::open(&p).unwrap();
+        for (i, sql) in migrations::MIGRATIONS[..4].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (i + 1) as i64).unwrap();
+        }
+        conn.execute_batch(&format!(
+            "INSERT INTO images (id, name, created, virtual_size) VALUES (1, 'img', 'then', 1);
+             INSERT INTO versions (image_id, number, digest, file_size, virtual_size, author, created)
+                 VALUES (1, 1, '{}', 1, 1, 't', 'then');
+             INSERT INTO pools (name, image_id, channel, version, size, profile, virt_type, created)
+                 VALUES ('old', 1, 'prod', 1, 1, 'windows11', 'qemu', 'then');",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        drop(conn);
+        let mut c = Catalog::open(&p, false).unwrap();
+        assert_eq!(c.schema_version().unwrap(), 5);
+        let pool = c.read(|tx| tx.pool("old")).unwrap().unwrap();
+        assert_eq!(pool.display_listen, "127.0.0.1");
+    }
+
+    #[test]
     fn foreign_keys_refuse_a_channel_on_a_missing_version() {
         let (_d, mut c) = cat();
         let r = c.write(|tx| {

@@ -19,6 +19,8 @@ pub struct Pool {
     pub profile: String,
     pub persistent: bool,
     pub virt_type: String,
+    /// The IP address its desktops' displays (SPICE, VNC) listen on.
+    pub display_listen: String,
     pub running: bool,
     pub created: String,
 }
@@ -41,7 +43,7 @@ pub struct Desktop {
 }
 
 const POOL_COLS: &str = "p.id, p.name, p.image_id, i.name, p.channel, p.version, p.pinned, p.size, p.profile,
-     p.persistent, p.virt_type, p.running, p.created";
+     p.persistent, p.virt_type, p.running, p.created, p.display_listen";
 
 fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
     let channel: String = r.get(4)?;
@@ -59,6 +61,7 @@ fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
         virt_type: r.get(10)?,
         running: r.get(11)?,
         created: r.get(12)?,
+        display_listen: r.get(13)?,
     })
 }
 
@@ -89,6 +92,8 @@ pub struct NewPool<'a> {
     pub profile: &'a str,
     pub persistent: bool,
     pub virt_type: &'a str,
+    /// An IP address, checked by the caller (it goes into domain XML).
+    pub display_listen: &'a str,
 }
 
 impl Tx<'_> {
@@ -117,8 +122,9 @@ impl Tx<'_> {
 
     pub fn insert_pool(&self, p: &NewPool) -> Result<i64> {
         self.0.execute(
-            "INSERT INTO pools (name, image_id, channel, version, size, profile, persistent, virt_type, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO pools (name, image_id, channel, version, size, profile, persistent, virt_type, created,
+                                display_listen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 p.name,
                 p.image_id,
@@ -128,7 +134,8 @@ impl Tx<'_> {
                 p.profile,
                 p.persistent,
                 p.virt_type,
-                now()
+                now(),
+                p.display_listen
             ],
         )?;
         let id = self.0.last_insert_rowid();
