@@ -80,6 +80,11 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| PoolError::Io { what, path: path.display().to_string(), source }
 }
 
+/// Where a desktop's overlay lives, relative to the vdim home (what the catalog records).
+fn overlay_rel(pool: &str, desktop: &str) -> String {
+    format!("desktops/{pool}/{desktop}.qcow2")
+}
+
 pub fn desktop_name(pool: &str, index: u32) -> String {
     format!("vdim-{pool}-{index:03}")
 }
@@ -242,6 +247,21 @@ impl<'a> Pools<'a> {
         Ok(())
     }
 
+    /// Overlays and domains for new desktops of `pool` (on `pool.version`), made before any
+    /// catalog row names them; the caller commits the rows or undoes these on failure.
+    fn provision(&self, pool: &Pool, profile: &Profile, indexes: &[u32], digest: &str, vsize: u64) -> Result<()> {
+        let names: Vec<String> = indexes.iter().map(|i| desktop_name(&pool.name, *i)).collect();
+        let overlays: Vec<(PathBuf, String, u64)> = names
+            .iter()
+            .map(|n| (self.home().root().join(overlay_rel(&pool.name, n)), digest.to_string(), vsize))
+            .collect();
+        self.write_overlays(&overlays)?;
+        names
+            .iter()
+            .zip(&overlays)
+            .try_for_each(|(n, (overlay, ..))| self.define_desktop(pool, profile, n, overlay, pool.version))
+    }
+
     fn define_desktop(&self, pool: &Pool, profile: &Profile, name: &str, overlay: &Path, version: u32) -> Result<()> {
         let run_dir = self.home().run().join(&pool.name);
         let serial = self.serial_log(&pool.name, name);
@@ -331,21 +351,8 @@ impl<'a> Pools<'a> {
             running: false,
             created: String::new(),
         };
-        let overlays: Vec<(PathBuf, String, u64)> = (1..=o.size)
-            .map(|i| {
-                (
-                    pool_dir.join(format!("{}.qcow2", desktop_name(o.name, i))),
-                    version.digest.clone(),
-                    version.virtual_size,
-                )
-            })
-            .collect();
-        let made = self.write_overlays(&overlays).and_then(|_| {
-            (1..=o.size).try_for_each(|i| {
-                let name = desktop_name(o.name, i);
-                self.define_desktop(&pool, &profile, &name, &overlays[i as usize - 1].0, version.number)
-            })
-        });
+        let indexes: Vec<u32> = (1..=o.size).collect();
+        let made = self.provision(&pool, &profile, &indexes, &version.digest, version.virtual_size);
         // Files and domains exist before the catalog names them; undo them on any failure.
         let committed = made.and_then(|_| {
             self.store.catalog().write(|tx| -> Result<()> {
@@ -362,7 +369,7 @@ impl<'a> Pools<'a> {
                 })?;
                 for i in 1..=o.size {
                     let name = desktop_name(o.name, i);
-                    tx.insert_desktop(id, i, &name, &format!("desktops/{}/{name}.qcow2", o.name), version.number)?;
+                    tx.insert_desktop(id, i, &name, &overlay_rel(o.name, &name), version.number)?;
                 }
                 tx.audit(Audit {
                     actor: &actor.0,
@@ -860,19 +867,12 @@ impl<'a> Pools<'a> {
             if let Some((i, _)) = new.iter().find(|(i, _)| *i > MAX_POOL_SIZE) {
                 return Err(PoolError::Size { size: *i, max: MAX_POOL_SIZE });
             }
-            let overlays: Vec<(PathBuf, String, u64)> = new
-                .iter()
-                .map(|(_, dn)| (self.home().pool_dir(name).join(format!("{dn}.qcow2")), digest.clone(), vsize))
-                .collect();
-            let made = self.write_overlays(&overlays).and_then(|_| {
-                new.iter().zip(&overlays).try_for_each(|((_, dn), (overlay, ..))| {
-                    self.define_desktop(&pool, &profile, dn, overlay, pool.version)
-                })
-            });
+            let indexes: Vec<u32> = new.iter().map(|(i, _)| *i).collect();
+            let made = self.provision(&pool, &profile, &indexes, &digest, vsize);
             let committed = made.and_then(|_| {
                 self.store.catalog().write(|tx| -> Result<()> {
                     for (i, dn) in &new {
-                        tx.insert_desktop(pool.id, *i, dn, &format!("desktops/{name}/{dn}.qcow2"), pool.version)?;
+                        tx.insert_desktop(pool.id, *i, dn, &overlay_rel(name, dn), pool.version)?;
                     }
                     tx.set_pool_size(pool.id, size)?;
                     tx.audit(Audit {
@@ -889,7 +889,7 @@ impl<'a> Pools<'a> {
             if let Err(e) = committed {
                 for (_, dn) in &new {
                     let _ = self.remove_domain(dn);
-                    let _ = fs::remove_file(self.home().pool_dir(name).join(format!("{dn}.qcow2")));
+                    let _ = fs::remove_file(self.home().root().join(overlay_rel(name, dn)));
                 }
                 return Err(e);
             }
