@@ -152,6 +152,9 @@ pub trait Hypervisor: Send + Sync {
     ) -> Result<GraphicsEndpoint, HypervisorError>;
     /// The listen address and ports of a running domain's console (autoport resolved).
     fn graphics(&self, name: &str, kind: GraphicsKind) -> Result<GraphicsEndpoint, HypervisorError>;
+    /// Ask the QEMU guest agent inside a running domain for a `guest-ping`: Ok when it
+    /// answered within `timeout` seconds.
+    fn agent_ping(&self, name: &str, timeout: i32) -> Result<(), HypervisorError>;
     /// Lifecycle events of domains whose name starts with `prefix`, delivered on a channel.
     /// Dropping the returned Subscription deregisters the callback.
     fn subscribe(&self, prefix: &str) -> Result<Subscription, HypervisorError>;
@@ -403,6 +406,13 @@ impl Hypervisor for Libvirt {
             .map_err(|e| domain_error(OP, name, &e))?;
         tracing::info!(domain = %name, %kind, valid_to = %valid_to, "console password set");
         self.graphics(name, kind)
+    }
+
+    fn agent_ping(&self, name: &str, timeout: i32) -> Result<(), HypervisorError> {
+        let dom = self.domain(name, "ping the guest agent of")?;
+        dom.qemu_agent_command(r#"{"execute":"guest-ping"}"#, timeout, 0)
+            .map(|_| ())
+            .map_err(|e| domain_error("ping the guest agent of", name, &e))
     }
 
     fn graphics(&self, name: &str, kind: GraphicsKind) -> Result<GraphicsEndpoint, HypervisorError> {

@@ -886,6 +886,7 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ("windows10", include_str!("../images/profiles/windows10.toml")),
     ("windows-server-2022", include_str!("../images/profiles/windows-server-2022.toml")),
     ("test-linux", include_str!("../images/profiles/test-linux.toml")),
+    ("test-linux-agent", include_str!("../images/profiles/test-linux-agent.toml")),
 ];
 
 /// Write the shipped profiles into `dir`, never overwriting an admin's edited copy.

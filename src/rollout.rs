@@ -17,6 +17,7 @@ use crate::hypervisor::{DomainState, HypervisorError, LifecycleKind};
 use crate::lock::{self, LockError, Mode};
 use crate::names::{self, NameError};
 use crate::pool::{PoolError, Pools};
+use crate::profile::Profile;
 use crate::rules::{self, Health, PromotionDenied, WaveSize};
 use crate::store::{Actor, Store, StoreError};
 use serde::Serialize;
@@ -56,6 +57,11 @@ pub enum RolloutError {
 }
 
 pub type Result<T> = std::result::Result<T, RolloutError>;
+
+/// Seconds one guest-agent ping may take.
+const AGENT_PING_TIMEOUT: i32 = 5;
+/// How long after a soak a guest agent may take to answer at all.
+const AGENT_GRACE: Duration = Duration::from_secs(60);
 
 /// What `rollout status` and `promote` print.
 #[derive(Debug, Clone, Serialize)]
@@ -427,8 +433,11 @@ impl<'a> Engine<'a> {
             }
             Ok(())
         })?;
-        let outcome = self.soak(&all, &sub, soak_start, soak)?;
+        let mut outcome = self.soak(&all, &sub, soak_start, soak)?;
         drop(sub);
+        if outcome.values().all(|(h, _, _)| *h == Health::Healthy) {
+            self.ping_agents(picks, &mut outcome)?;
+        }
         let failed: Vec<(String, String, SystemTime, SystemTime)> = outcome
             .iter()
             .filter_map(|(d, (h, at, seen))| match h {
@@ -436,6 +445,9 @@ impl<'a> Engine<'a> {
                 Health::Crashed(why) => Some((d.clone(), format!("crashed ({why})"), *at, *seen)),
                 Health::RebootLoop(n) => Some((d.clone(), format!("reboot loop ({n} reboots)"), *at, *seen)),
                 Health::Stopped(why) => Some((d.clone(), format!("stopped ({why})"), *at, *seen)),
+                Health::AgentSilent(why) => {
+                    Some((d.clone(), format!("guest agent did not answer ({why})"), *at, *seen))
+                }
             })
             .collect();
         if failed.is_empty() {
@@ -456,6 +468,53 @@ impl<'a> Engine<'a> {
             return Ok(());
         }
         self.fail(r, k, &failed)
+    }
+
+    /// The extra signal where a profile has the guest agent channel: a desktop that ran the
+    /// whole soak must also answer a `guest-ping`, at the latest `AGENT_GRACE` after it (a slow
+    /// boot is not a silent agent; an agent that never answers is).
+    fn ping_agents(
+        &mut self,
+        picks: &BTreeMap<String, Vec<String>>,
+        outcome: &mut BTreeMap<String, (Health, SystemTime, SystemTime)>,
+    ) -> Result<()> {
+        let profiles = self.pools.profiles.clone();
+        let mut waiting: Vec<String> = vec![];
+        for (pool, desktops) in picks {
+            let profile = self
+                .store()
+                .catalog()
+                .read(|tx| -> Result<String> { Ok(tx.pool(pool)?.map(|p| p.profile).unwrap_or_default()) })?;
+            match Profile::load(&profiles, &profile) {
+                Ok(p) if p.has_guest_agent() => waiting.extend(desktops.iter().cloned()),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("pool '{pool}': no guest-agent check, its profile does not load: {e}"),
+            }
+        }
+        let deadline = Instant::now() + AGENT_GRACE;
+        let mut last_error: BTreeMap<String, String> = BTreeMap::new();
+        while !waiting.is_empty() {
+            waiting.retain(|d| match self.pools.hypervisor().agent_ping(d, AGENT_PING_TIMEOUT) {
+                Ok(()) => false,
+                Err(e) => {
+                    last_error.insert(d.clone(), e.to_string());
+                    true
+                }
+            });
+            if waiting.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        for d in waiting {
+            let now = SystemTime::now();
+            let why = last_error.remove(&d).unwrap_or_default();
+            outcome.insert(
+                d,
+                (Health::AgentSilent(format!("{why}; waited {} s after the soak", AGENT_GRACE.as_secs())), now, now),
+            );
+        }
+        Ok(())
     }
 
     /// Watch the desktops for `soak`: lifecycle events first, a state check as backstop.

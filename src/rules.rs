@@ -326,6 +326,8 @@ pub enum Health {
     Crashed(String),
     RebootLoop(u32),
     Stopped(String),
+    /// Ran the whole soak, but its guest agent (where the profile has one) did not answer.
+    AgentSilent(String),
 }
 
 /// Reboots within one soak that count as a boot loop.

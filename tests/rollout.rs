@@ -310,3 +310,63 @@ fn halt_stops_between_waves_keeps_what_moved_and_resume_finishes() {
     assert_eq!(r["state"], "succeeded");
     assert!(desktops(&t, &pp).iter().all(|d| d["version"] == 2));
 }
+
+#[test]
+fn where_the_profile_has_a_guest_agent_a_silent_agent_fails_the_wave() {
+    let t = LibvirtEnv::new("agent");
+    let pp = t.pool_name("p");
+    marker_image(&t.env, "img", "agent-v1");
+    t.vdim_json(&[
+        "pool",
+        "create",
+        &pp,
+        "--image",
+        "img",
+        "--channel",
+        "prod",
+        "--size",
+        "2",
+        "--profile",
+        "test-linux-agent",
+        "--start",
+    ]);
+    // A good version: the guest's agent answers at the end of each soak.
+    seal_marker(&t.env, "img", "agent-v2", "ok");
+    let r = t.vdim_json(&[
+        "promote",
+        "img",
+        "2",
+        "--to",
+        "prod",
+        "--soak",
+        "15s",
+        "--waves",
+        "1,100%",
+        "--force",
+        "--reason",
+        "agent test",
+    ]);
+    assert_eq!(r["state"], "succeeded", "{r}");
+    // A version that boots and runs but whose agent never answers (a hung service, say).
+    seal_marker(&t.env, "img", "agent-v3 agent=off", "ok");
+    let r = t.vdim(&[
+        "--json",
+        "promote",
+        "img",
+        "3",
+        "--to",
+        "prod",
+        "--soak",
+        "15s",
+        "--waves",
+        "1,100%",
+        "--force",
+        "--reason",
+        "agent test",
+    ]);
+    r.assert_failure().assert_stderr_contains("guest agent did not answer");
+    let rep = r.json();
+    assert_eq!(rep["state"], "failed");
+    assert_eq!(rep["waves"][0]["moved"], 1, "caught in the canary wave: {rep}");
+    assert!(desktops(&t, &pp).iter().all(|d| d["version"] == 2), "everything back on v2");
+}

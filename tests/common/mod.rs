@@ -221,7 +221,7 @@ pub fn marker_image(env: &Env, name: &str, label: &str) {
 /// Seal a new version whose disk marker is `VDIM-TEST <label> health=<health>`.
 pub fn seal_marker(env: &Env, name: &str, label: &str, health: &str) -> serde_json::Value {
     let d = env.vdim_json(&["image", "edit", name]);
-    let m = env.path(&format!("marker-{label}"));
+    let m = env.path(&format!("marker-{}", label.replace(|c: char| !c.is_ascii_alphanumeric(), "_")));
     let mut data = format!("VDIM-TEST {label} health={health}").into_bytes();
     data.resize(512, 0);
     std::fs::write(&m, &data).unwrap();
