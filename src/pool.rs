@@ -14,7 +14,7 @@ use crate::catalog::pools::NewPool;
 use crate::catalog::{Audit, CatalogError, Channel, Desktop, Pool, Tx};
 use crate::home::Home;
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
-use crate::lock::{self, Lock, LockError, Mode};
+use crate::lock::{self, Lock, LockError};
 use crate::names::{self, NameError};
 use crate::profile::{self, DesktopSpec, Profile, ProfileError, VirtType};
 use crate::qcow2::{self, Qcow2Error};
@@ -186,17 +186,12 @@ impl<'a> Pools<'a> {
     }
 
     fn lock_pool(&self, pool: &str) -> Result<(Lock, Lock)> {
-        let locks = self.home().locks();
-        let store =
-            lock::acquire(&locks, "store", "the image store (gc is running)", Mode::Shared, Duration::from_secs(2))?;
-        let p = lock::acquire(
-            &locks,
+        Ok(lock::for_change(
+            &self.home().locks(),
             &format!("pool-{pool}"),
             &format!("pool '{pool}'"),
-            Mode::Exclusive,
             Duration::from_secs(10),
-        )?;
-        Ok((store, p))
+        )?)
     }
 
     fn load_pool(tx: &Tx, name: &str) -> Result<Pool> {
@@ -874,15 +869,7 @@ impl<'a> Pools<'a> {
                     for (i, dn) in &new {
                         tx.insert_desktop(pool.id, *i, dn, &overlay_rel(name, dn), pool.version)?;
                     }
-                    tx.set_pool_size(pool.id, size)?;
-                    tx.audit(Audit {
-                        actor: &actor.0,
-                        action: "pool.resize",
-                        pool: Some(name),
-                        image: Some(&pool.image),
-                        detail: json!({"from": current, "to": size}),
-                        ..Default::default()
-                    })?;
+                    record_resize(tx, &pool, actor, current, size)?;
                     Ok(())
                 })
             });
@@ -912,15 +899,7 @@ impl<'a> Pools<'a> {
                 for d in &doomed {
                     tx.delete_desktop(d.id)?;
                 }
-                tx.set_pool_size(pool.id, size)?;
-                tx.audit(Audit {
-                    actor: &actor.0,
-                    action: "pool.resize",
-                    pool: Some(name),
-                    image: Some(&pool.image),
-                    detail: json!({"from": current, "to": size}),
-                    ..Default::default()
-                })?;
+                record_resize(tx, &pool, actor, current, size)?;
                 Ok(())
             })?;
             for d in doomed {
@@ -955,6 +934,20 @@ impl<'a> Pools<'a> {
         })?;
         self.remove_leftovers(name)
     }
+}
+
+/// The pool's new size and its audit entry, in the caller's transaction.
+fn record_resize(tx: &Tx, pool: &Pool, actor: &Actor, from: u32, to: u32) -> Result<()> {
+    tx.set_pool_size(pool.id, to)?;
+    tx.audit(Audit {
+        actor: &actor.0,
+        action: "pool.resize",
+        pool: Some(&pool.name),
+        image: Some(&pool.image),
+        detail: json!({"from": from, "to": to}),
+        ..Default::default()
+    })?;
+    Ok(())
 }
 
 /// Record a plan in the catalog: moves now become pending resets, in-use desktops get a

@@ -212,7 +212,8 @@ impl<'a> Engine<'a> {
     /// Start a promotion and run it to the end (or to its failure) in this process.
     pub fn promote(&mut self, o: &PromoteOptions) -> Result<RolloutReport> {
         names::validate("image", o.image)?;
-        let waves = rules::parse_waves(o.waves).map_err(RolloutError::Waves)?;
+        // Refuse bad waves before anything is recorded; run() parses them again from the row.
+        rules::parse_waves(o.waves).map_err(RolloutError::Waves)?;
         if o.force && o.reason.is_none_or(|r| r.trim().is_empty()) {
             return Err(RolloutError::ForceWithoutReason);
         }
@@ -255,7 +256,6 @@ impl<'a> Engine<'a> {
             })?;
             Ok(id)
         })?;
-        let _ = waves;
         self.run(id)
     }
 

@@ -228,9 +228,10 @@ fn ensure_space(dir: &Path, need: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Bytes a (possibly sparse) file really occupies.
 fn allocated_bytes(meta: &fs::Metadata) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    (meta.blocks() * 512).min(meta.len().max(meta.blocks() * 512))
+    meta.blocks() * 512
 }
 
 /// Removes a temporary file unless disarmed: no half-written layer survives an error.
@@ -320,21 +321,12 @@ impl Store {
 
     /// Shared store lock + exclusive image lock: what every command changing an image holds.
     pub fn lock_image(&self, image: &str) -> Result<(Lock, Lock)> {
-        let store = lock::acquire(
-            &self.home.locks(),
-            "store",
-            "the image store (gc is running)",
-            Mode::Shared,
-            Duration::from_secs(2),
-        )?;
-        let img = lock::acquire(
+        Ok(lock::for_change(
             &self.home.locks(),
             &format!("image-{image}"),
             &format!("image '{image}'"),
-            Mode::Exclusive,
             Duration::from_secs(2),
-        )?;
-        Ok((store, img))
+        )?)
     }
 
     pub fn layer_path(&self, v: &Version) -> PathBuf {
@@ -422,8 +414,8 @@ impl Store {
         fs::set_permissions(&path, fs::Permissions::from_mode(LAYER_MODE)).map_err(io("set mode of", &path))?;
         let final_path = self.home.layer(&digest);
         if final_path.exists() {
-            // Same bytes already stored (content-addressed): keep the existing file.
-            drop(std::mem::replace(tmp, TmpFile(Some(path))));
+            // Same bytes already stored (content-addressed): keep the existing file;
+            // the temporary copy goes when its guard drops.
         } else {
             fs::rename(&path, &final_path).map_err(io("rename", &path))?;
             tmp.disarm();
@@ -912,7 +904,7 @@ impl Store {
             _ => PathBuf::from("."),
         };
         ensure_space(&dir, chain_bytes, &format!("exporting '{name}' version {number}"))?;
-        let tmp = TmpFile(Some(Home::tmp_path(&dir, "export.qcow2")));
+        let mut tmp = TmpFile(Some(Home::tmp_path(&dir, "export.qcow2")));
         let pb = progress_bar(100, &format!("exporting {name} v{number}"), false);
         qemu_img::convert_to_qcow2(&self.layer_path(&v), "qcow2", tmp.path(), pb.as_ref())?;
         if let Some(pb) = pb {
@@ -920,7 +912,6 @@ impl Store {
         }
         fsync_file(tmp.path())?;
         fs::rename(tmp.path(), dest).map_err(io("rename", tmp.path()))?;
-        let mut tmp = tmp;
         tmp.disarm();
         let size = fs::metadata(dest).map_err(io("read", dest))?.len();
         self.catalog.write(|tx| {

@@ -489,10 +489,10 @@ impl Tx<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cat() -> (tempfile::TempDir, Catalog) {
+    pub(crate) fn cat() -> (tempfile::TempDir, Catalog) {
         let d = tempfile::tempdir().unwrap();
         let c = Catalog::open(&d.path().join("c.db"), true).unwrap();
         (d, c)

@@ -276,14 +276,10 @@ impl Tx<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Catalog, CatalogError};
+    use super::super::CatalogError;
     use super::*;
 
-    fn cat() -> (tempfile::TempDir, Catalog) {
-        let d = tempfile::tempdir().unwrap();
-        let c = Catalog::open(&d.path().join("c.db"), true).unwrap();
-        (d, c)
-    }
+    use super::super::tests::cat;
 
     fn h(c: char) -> String {
         c.to_string().repeat(64)
