@@ -27,20 +27,7 @@ fn a_pool_boots_its_version_updates_and_rolls_back_with_one_command() {
     let pool = t.pool_name("p");
     marker_image(&t.env, "img", "boot-v1");
     // The pool follows dev, which seal moves: the "promotion" of this test.
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pool,
-        "--image",
-        "img",
-        "--channel",
-        "dev",
-        "--size",
-        "3",
-        "--profile",
-        "test-linux",
-        "--start",
-    ]);
+    t.create_pool(&pool, "img", "dev", 3, "test-linux", &["--start"]);
     let show = t.vdim_json(&["pool", "show", &pool]);
     let desktops: Vec<String> =
         show["desktops"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
@@ -99,19 +86,7 @@ fn an_in_use_desktop_moves_only_at_logoff_unless_forced() {
     let t = LibvirtEnv::new("inuse");
     let pool = t.pool_name("p");
     marker_image(&t.env, "img", "inuse-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pool,
-        "--image",
-        "img",
-        "--channel",
-        "dev",
-        "--size",
-        "2",
-        "--profile",
-        "test-linux",
-    ]);
+    t.create_pool(&pool, "img", "dev", 2, "test-linux", &[]);
     let a = t.vdim_json(&["pool", "assign", &pool, "alice"]);
     let busy = a["name"].as_str().unwrap().to_string();
     seal_marker(&t.env, "img", "inuse-v2", "ok");
@@ -146,20 +121,7 @@ fn a_persistent_pool_moves_only_with_force_and_keeps_user_data_across_logoff() {
     let t = LibvirtEnv::new("pers");
     let pool = t.pool_name("p");
     marker_image(&t.env, "img", "pers-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pool,
-        "--image",
-        "img",
-        "--channel",
-        "dev",
-        "--size",
-        "1",
-        "--profile",
-        "test-linux",
-        "--persistent",
-    ]);
+    t.create_pool(&pool, "img", "dev", 1, "test-linux", &["--persistent"]);
     let d = t.vdim_json(&["pool", "assign", &pool, "carol"]);
     let overlay = t.env.home().join("desktops").join(&pool).join(format!("{}.qcow2", d["name"].as_str().unwrap()));
     qemu_io_write(&overlay, 0x43, 8 << 20, 4096);
@@ -179,7 +141,7 @@ fn windows11_profile_runs_under_tcg_with_secure_boot_and_tpm() {
     let src = t.env.path("w11.qcow2");
     sh("qemu-img", &["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "1G"]);
     t.vdim_json(&["image", "import", "win11", src.to_str().unwrap()]);
-    t.vdim_json(&["pool", "create", &pool, "--image", "win11", "--size", "1", "--profile", "windows11", "--start"]);
+    t.create_pool(&pool, "win11", "prod", 1, "windows11", &["--start"]);
     let name = format!("vdim-{pool}-001");
     std::thread::sleep(std::time::Duration::from_secs(3));
     let state = sh("virsh", &["-c", "qemu:///system", "domstate", &name]);
@@ -233,7 +195,7 @@ fn bad_pool_requests_define_nothing_and_write_nothing() {
     t.vdim(&["pool", "show", &pool]).assert_exit_code(4);
     t.vdim(&["rollback", &pool]).assert_exit_code(4);
     // A pool with no history has nothing to roll back to.
-    t.vdim_json(&["pool", "create", &pool, "--image", "img", "--size", "1", "--profile", "test-linux"]);
+    t.create_pool(&pool, "img", "prod", 1, "test-linux", &[]);
     t.vdim(&["rollback", &pool]).assert_failure().assert_stderr_contains("nothing to roll back to");
     t.vdim(&["pool", "create", &pool, "--image", "img", "--size", "1", "--profile", "test-linux"])
         .assert_failure()
@@ -247,32 +209,8 @@ fn delete_removes_exactly_its_own_desktops_and_gc_keeps_what_pools_use() {
     let a = t.pool_name("a");
     let ab = t.pool_name("a-b");
     marker_image(&t.env, "img", "del-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &a,
-        "--image",
-        "img",
-        "--channel",
-        "dev",
-        "--size",
-        "2",
-        "--profile",
-        "test-linux",
-    ]);
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &ab,
-        "--image",
-        "img",
-        "--channel",
-        "dev",
-        "--size",
-        "2",
-        "--profile",
-        "test-linux",
-    ]);
+    t.create_pool(&a, "img", "dev", 2, "test-linux", &[]);
+    t.create_pool(&ab, "img", "dev", 2, "test-linux", &[]);
     t.vdim_json(&["pool", "pin", &a, "1"]);
     // dev moves on four times; v1 stays needed because pool a is pinned at it.
     for n in 2..=5 {
@@ -370,7 +308,7 @@ fn display_listen_puts_spice_and_vnc_on_the_pools_address_and_refuses_anything_b
 
     // Without the option a pool keeps its displays on loopback, as before.
     let lo = t.pool_name("lo");
-    let v = t.vdim_json(&["pool", "create", &lo, "--image", "img", "--size", "1", "--profile", "test-linux"]);
+    let v = t.create_pool(&lo, "img", "prod", 1, "test-linux", &[]);
     assert_eq!(v["display_listen"], "127.0.0.1");
     let xml =
         String::from_utf8_lossy(&sh("virsh", &["-c", "qemu:///system", "dumpxml", &format!("vdim-{lo}-001")]).stdout)

@@ -23,34 +23,8 @@ fn a_good_version_goes_to_test_then_prod_in_waves_and_can_be_rolled_back_at_once
     let t = LibvirtEnv::new("good");
     let (tp, pp) = (t.pool_name("t"), t.pool_name("p"));
     marker_image(&t.env, "img", "good-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &tp,
-        "--image",
-        "img",
-        "--channel",
-        "test",
-        "--size",
-        "1",
-        "--profile",
-        "test-linux",
-        "--start",
-    ]);
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pp,
-        "--image",
-        "img",
-        "--channel",
-        "prod",
-        "--size",
-        "4",
-        "--profile",
-        "test-linux",
-        "--start",
-    ]);
+    t.create_pool(&tp, "img", "test", 1, "test-linux", &["--start"]);
+    t.create_pool(&pp, "img", "prod", 4, "test-linux", &["--start"]);
     seal_marker(&t.env, "img", "good-v2", "ok");
     // Gates: prod only after test; dev is not a promotion target; no such version.
     t.vdim(&["promote", "img", "2", "--to", "prod"]).assert_failure().assert_stderr_contains("has not run on test");
@@ -97,20 +71,7 @@ fn a_crashing_version_is_caught_in_the_first_wave_and_undone() {
     let t = LibvirtEnv::new("bad");
     let pp = t.pool_name("p");
     marker_image(&t.env, "img", "bad-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pp,
-        "--image",
-        "img",
-        "--channel",
-        "prod",
-        "--size",
-        "4",
-        "--profile",
-        "test-linux",
-        "--start",
-    ]);
+    t.create_pool(&pp, "img", "prod", 4, "test-linux", &["--start"]);
     let before = desktops(&t, &pp);
     for d in &before {
         t.wait_marker(&pp, d["name"].as_str().unwrap(), "bad-v1", 120);
@@ -182,19 +143,7 @@ fn a_vdim_killed_mid_wave_is_found_by_the_next_command_and_resumed() {
     let t = LibvirtEnv::new("kill");
     let pp = t.pool_name("p");
     marker_image(&t.env, "img", "kill-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pp,
-        "--image",
-        "img",
-        "--channel",
-        "prod",
-        "--size",
-        "3",
-        "--profile",
-        "test-linux",
-    ]);
+    t.create_pool(&pp, "img", "prod", 3, "test-linux", &[]);
     seal_marker(&t.env, "img", "kill-v2", "ok");
     let mut child = t
         .env
@@ -256,19 +205,7 @@ fn halt_stops_between_waves_keeps_what_moved_and_resume_finishes() {
     let t = LibvirtEnv::new("halt");
     let pp = t.pool_name("p");
     marker_image(&t.env, "img", "halt-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pp,
-        "--image",
-        "img",
-        "--channel",
-        "prod",
-        "--size",
-        "2",
-        "--profile",
-        "test-linux",
-    ]);
+    t.create_pool(&pp, "img", "prod", 2, "test-linux", &[]);
     seal_marker(&t.env, "img", "halt-v2", "ok");
     let child = t
         .env
@@ -316,20 +253,7 @@ fn where_the_profile_has_a_guest_agent_a_silent_agent_fails_the_wave() {
     let t = LibvirtEnv::new("agent");
     let pp = t.pool_name("p");
     marker_image(&t.env, "img", "agent-v1");
-    t.vdim_json(&[
-        "pool",
-        "create",
-        &pp,
-        "--image",
-        "img",
-        "--channel",
-        "prod",
-        "--size",
-        "2",
-        "--profile",
-        "test-linux-agent",
-        "--start",
-    ]);
+    t.create_pool(&pp, "img", "prod", 2, "test-linux-agent", &["--start"]);
     // A good version: the guest's agent answers at the end of each soak.
     seal_marker(&t.env, "img", "agent-v2", "ok");
     let r = t.vdim_json(&[

@@ -167,6 +167,23 @@ impl LibvirtEnv {
         r.assert_success();
         r.json()
     }
+    /// `vdim pool create` of a pool this test owns; `extra` flags such as `--start`.
+    pub fn create_pool(
+        &self,
+        pool: &str,
+        image: &str,
+        channel: &str,
+        size: u32,
+        profile: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let size = size.to_string();
+        let mut args =
+            vec!["pool", "create", pool, "--image", image, "--channel", channel, "--size", &size, "--profile", profile];
+        args.extend_from_slice(extra);
+        self.vdim_json(&args)
+    }
+
     /// Domains libvirt has whose names start with this test's prefix.
     pub fn domains(&self) -> Vec<String> {
         let out = Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]).output().unwrap();
