@@ -11,6 +11,28 @@
 //!
 //! Every read is bounded by the file size and a fixed cap; no length taken from the file is
 //! trusted before it is checked.
+//!
+//! ## Sparse VMDK: refuse whatever QEMU could read differently
+//!
+//! QEMU 7.2's block/vmdk.c and vdim must agree on every byte that decides which files are
+//! opened and how large the disk is. Where they could disagree, vdim refuses; the store then
+//! checks `qemu-img info` of the same bytes (create type, one extent that is the file
+//! itself, the virtual size found here). "oslo" is openstack/oslo.utils'
+//! `imageutils/format_inspector.py` (`VMDKInspector`).
+//!
+//! | check | attack it stops | follows |
+//! |---|---|---|
+//! | capacity 0 refused | QEMU re-reads the embedded text (up to 1 MiB) as a descriptor *file* whose extents name host files (`vmdk_open_vmdk4`) | QEMU (stricter) |
+//! | descriptor at sector 1, within 64 KiB, before the grain tables | text vdim checks is not the text QEMU searches at its fixed 0x200 | oslo |
+//! | text NUL-terminated inside its region, only NULs after | QEMU's `strstr` stops at the first NUL: text hidden behind it or running past the region | QEMU |
+//! | ASCII only (printable, tab, LF; CR only before LF) | parsers splitting lines differently; sscanf treating VT/FF/CR as blanks | oslo (stricter) |
+//! | each line: blank, `#` comment, known `key=value`, `ddb.k = "v"`, or the extent | any line vdim does not understand | oslo (stricter: known keys) |
+//! | keys version, CID, parentCID (= ffffffff), createType, encoding, isNativeSnapshot, each once | duplicates where QEMU takes the first; a parent CID of a differencing disk | QEMU |
+//! | `createType`, `CID` occur only as their keys; `parentFileNameHint` nowhere | QEMU finds them as substrings anywhere, comments and ddb values included | QEMU |
+//! | createType matches the header (compressed: streamOptimized) | a descriptor claiming one kind while QEMU reads another | QEMU |
+//! | exactly one extent `RW <capacity> SPARSE "<name>"`, name without `/`, `\` | an extent naming a host path, or read across newlines by sscanf (`RW` / `2048 FLAT "/etc/shadow" 0`) | oslo (stricter) |
+//! | grain directory at end: footer marker, magic and end-of-stream valid; footer = header except the grain directory | QEMU takes capacity and every other field from the footer | oslo + QEMU (stricter: all fields) |
+//! | parent hint searched in QEMU's 10 KiB at sector 1 | a backing VMDK named outside the declared descriptor | QEMU |
 
 use std::fmt;
 use std::fs::{self, File};
@@ -1622,6 +1644,165 @@ mod tests {
         assert!(matches!(err(&p, None), ImgFmtError::Malformed { .. }));
         let p = copy_with(dir, &vdi, "v2.vdi", |b| b[0x46] = 2);
         assert!(matches!(err(&p, None), ImgFmtError::UnsupportedVersion { .. }));
+    }
+
+    /// A monolithicSparse VMDK from qemu-img with its embedded descriptor replaced.
+    fn vmdk_with_descriptor(dir: &Path, name: &str, edit: impl FnOnce(&str) -> String) -> PathBuf {
+        let base = create(dir, "vmdk", &format!("base-{name}"), &[]);
+        copy_with(dir, &base, name, |b| {
+            let region = &mut b[512..512 + 20 * 512];
+            let text = text_prefix(region);
+            let new = edit(&text);
+            region.fill(0);
+            region[..new.len()].copy_from_slice(new.as_bytes());
+        })
+    }
+
+    fn refused_line(e: &ImgFmtError) -> Option<usize> {
+        match e {
+            ImgFmtError::VmdkDescriptorRefused { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn vmdk_descriptor_lines_are_whitelisted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let same = vmdk_with_descriptor(dir, "same.vmdk", str::to_string);
+        inspect(&same, None).expect("qemu-img's own descriptor is accepted");
+        let vmware = vmdk_with_descriptor(dir, "vmware.vmdk", |t| {
+            t.replace("version=1\n", "version=1\r\nencoding=\"UTF-8\"\nisNativeSnapshot=\"no\"\n")
+                .replace("ddb.adapterType = \"ide\"", "ddb.adapterType = \"lsilogic\"\nddb.uuid = \"60 00 c2 9b\"")
+        });
+        inspect(&vmware, None).expect("VMware's keys, CRLF and ddb lines are accepted");
+
+        type Edit<'a> = &'a dyn Fn(&str) -> String;
+        let cases: [(&str, Edit); 16] = [
+            ("unknown-key", &|t| t.replace("version=1\n", "version=1\nfileName=\"x\"\n")),
+            ("key-twice", &|t| t.replace("version=1\n", "version=1\nversion=1\n")),
+            ("non-ascii", &|t| t.replace("\"ide\"", "\"id\u{e9}\"")),
+            ("control-char", &|t| t.replace("\"ide\"", "\"id\x0be\"")),
+            ("lone-cr", &|t| {
+                t.replace("ddb.adapterType = \"ide\"\n", "ddb.adapterType = \"ide\"\rRW 8 FLAT \"x\" 0\n")
+            }),
+            ("absolute-extent", &|t| t.replace("SPARSE \"base-", "SPARSE \"/etc/")),
+            ("relative-extent", &|t| t.replace("SPARSE \"base-", "SPARSE \"../base-")),
+            ("flat-extent", &|t| t.replace("SPARSE", "FLAT").replace(".vmdk\"\n", ".vmdk\" 0\n")),
+            ("two-extents", &|t| t.replace("# The Disk Data Base", "RW 20480 SPARSE \"b.vmdk\"\n# The Disk Data Base")),
+            ("rdonly-extent", &|t| t.replace("# The Disk Data Base", "RDONLY 20480 SPARSE \"b.vmdk\"\n#")),
+            ("extent-size", &|t| t.replace("RW 20480", "RW 40960")),
+            // sscanf reads "RW" on one line and the rest of an extent on the next.
+            ("split-extent", &|t| t.replace("# The Disk Data Base", "RW\n2048 FLAT \"/etc/shadow\" 0\n#")),
+            // strstr finds the first createType, even inside a comment.
+            ("comment-create-type", &|t| format!("#createType=\"monolithicFlat\"\n{t}")),
+            ("ddb-create-type", &|t| format!("{t}ddb.note = \"createType=\\\"vmfs\\\"\"\n")),
+            ("wrong-create-type", &|t| t.replace("\"monolithicSparse\"", "\"streamOptimized\"")),
+            ("parent-cid", &|t| t.replace("parentCID=ffffffff", "parentCID=12345678")),
+        ];
+        for (name, edit) in cases {
+            let p = vmdk_with_descriptor(dir, &format!("{name}.vmdk"), |t| {
+                let changed = edit(t);
+                assert_ne!(changed, t, "{name}: the edit applies");
+                changed
+            });
+            let e = err(&p, None);
+            assert!(refused_line(&e).is_some(), "{name}: {e}");
+        }
+        // The line number points at the offending line.
+        let p = vmdk_with_descriptor(dir, "line.vmdk", |t| t.replace("version=1\n", "version=1\nbogus\n"));
+        assert_eq!(refused_line(&err(&p, None)), Some(3));
+    }
+
+    #[test]
+    fn vmdk_header_fields_qemu_reads_differently_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let good = create(dir, "vmdk", "good.vmdk", &[]);
+        let cap0 = copy_with(dir, &good, "cap0.vmdk", |b| b[12..20].fill(0));
+        assert!(matches!(err(&cap0, None), ImgFmtError::VmdkCapacityZero { .. }));
+        // oslo.utils: the descriptor starts at sector 1, where QEMU reads it.
+        let moved = copy_with(dir, &good, "moved.vmdk", |b| {
+            b[28..36].copy_from_slice(&2u64.to_le_bytes());
+            b.copy_within(512..512 + 20 * 512, 1024);
+        });
+        assert!(matches!(err(&moved, None), ImgFmtError::Malformed { .. }));
+        let overlap = copy_with(dir, &good, "overlap.vmdk", |b| b[56..64].copy_from_slice(&5u64.to_le_bytes()));
+        assert!(matches!(err(&overlap, None), ImgFmtError::Malformed { .. }));
+        let huge = copy_with(dir, &good, "huge.vmdk", |b| b[36..44].copy_from_slice(&4096u64.to_le_bytes()));
+        assert!(matches!(err(&huge, None), ImgFmtError::Malformed { .. }));
+        // QEMU's searches stop at the first NUL; nothing may hide behind it or run past the region.
+        let hidden =
+            copy_with(dir, &good, "hidden.vmdk", |b| b[512 + 19 * 512..512 + 19 * 512 + 5].copy_from_slice(b"CID=1"));
+        assert!(matches!(err(&hidden, None), ImgFmtError::Malformed { .. }));
+        let unterminated = vmdk_with_descriptor(dir, "unterminated.vmdk", |t| {
+            let mut t = t.to_string();
+            while t.len() < 20 * 512 {
+                t.push_str("# padding\n");
+            }
+            t.truncate(20 * 512);
+            t
+        });
+        assert!(matches!(err(&unterminated, None), ImgFmtError::Malformed { .. }));
+    }
+
+    /// A streamOptimized VMDK with data, rewritten the way VMware writes it: the grain
+    /// directory "at end" in the header, and the real header in a footer before the
+    /// end-of-stream marker.
+    fn vmdk_with_footer(dir: &Path, name: &str, edit_footer: impl FnOnce(&mut [u8])) -> PathBuf {
+        let raw = dir.join(format!("{name}.raw"));
+        let data: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(&raw, data).expect("write raw");
+        let so = dir.join(format!("{name}.so"));
+        qemu_img(
+            dir,
+            &["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]
+                .iter()
+                .copied()
+                .chain([raw.to_str().expect("utf-8"), so.to_str().expect("utf-8")])
+                .collect::<Vec<_>>(),
+        );
+        copy_with(dir, &so, name, |b| {
+            let mut footer = vec![0u8; 1536];
+            footer[12..16].copy_from_slice(&3u32.to_le_bytes()); // marker type: footer
+            footer[512..1024].copy_from_slice(&b[..512]); // the header, real grain directory
+            edit_footer(&mut footer[512..1024]);
+            b[56..64].copy_from_slice(&VMDK_GD_AT_END.to_le_bytes());
+            b.extend_from_slice(&footer); // ... and an all-zero end-of-stream marker
+        })
+    }
+
+    #[test]
+    fn vmdk_footer_must_match_its_header() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let good = vmdk_with_footer(dir, "good.vmdk", |_| {});
+        assert_eq!(inspect(&good, None).expect("a consistent footer").virtual_size, Some(3 * MIB));
+        let raw = dir.join("good.vmdk.raw");
+        qemu_img(
+            dir,
+            &["compare", "-q", "-f", "raw", "-F", "vmdk", raw.to_str().expect("utf-8"), good.to_str().expect("utf-8")],
+        );
+        for (name, edit) in [
+            (
+                "capacity",
+                &(|f: &mut [u8]| f[12..20].copy_from_slice(&(1u64 << 30 >> 9).to_le_bytes())) as &dyn Fn(&mut [u8]),
+            ),
+            ("descriptor", &|f: &mut [u8]| f[36..44].copy_from_slice(&1u64.to_le_bytes())),
+            ("version", &|f: &mut [u8]| f[4] = 1),
+            ("compression", &|f: &mut [u8]| f[77] = 0),
+            ("another-footer", &|f: &mut [u8]| f[56..64].copy_from_slice(&VMDK_GD_AT_END.to_le_bytes())),
+            ("magic", &|f: &mut [u8]| f[0] = b'X'),
+        ] {
+            let p = vmdk_with_footer(dir, &format!("{name}.vmdk"), edit);
+            let e = err(&p, None);
+            assert!(matches!(e, ImgFmtError::Malformed { .. }), "{name}: {e}");
+        }
+        let eos = copy_with(dir, &good, "eos.vmdk", |b| {
+            let n = b.len();
+            b[n - 500] = 1;
+        });
+        assert!(matches!(err(&eos, None), ImgFmtError::Malformed { .. }));
     }
 
     #[test]

@@ -154,12 +154,16 @@ fn failed(op: &'static str, path: &Path, r: &Run) -> QemuImgError {
     let mut stderr = r.stderr.trim().to_string();
     if stderr.is_empty() {
         stderr = match r.status.signal_name() {
-            Some("SIGXFSZ") => "killed by SIGXFSZ: its output grew past the size qemu-img measure \
-                                predicted"
-                .to_string(),
+            Some("SIGXFSZ") => {
+                "killed by SIGXFSZ (vdim capped its output at the size qemu-img measure predicted)".to_string()
+            }
             Some(sig) => format!("killed by {sig} (resource limit reached?)"),
             None => format!("exit status {}", r.status),
         };
+    }
+    // RLIMIT_FSIZE: qemu-img ignores SIGXFSZ and reports EFBIG.
+    if stderr.contains("File too large") {
+        stderr.push_str(" (vdim capped its output at the size qemu-img measure predicted)");
     }
     QemuImgError::Failed { op, path: path.display().to_string(), stderr }
 }

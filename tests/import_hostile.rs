@@ -33,6 +33,11 @@ fn layer_bytes(env: &Env, layer: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
+/// Write `pattern` bytes into a raw file in place.
+fn qemu_io_write_raw(path: &Path, pattern: u8, offset: u64, len: u64) {
+    sh("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} {offset} {len}"), path.to_str().unwrap()]);
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -111,7 +116,14 @@ fn a_source_swapped_after_inspection_never_reaches_the_layer() {
     h.resize(2 << 20, b'!');
     std::fs::write(&hostile, &h).unwrap();
     // Whoever controls the drop folder swaps the file the moment vdim hands it to qemu-img.
-    let (path, log) = spy_qemu_img(&env, &format!("mv -f {} {}", hostile.display(), src.display()));
+    let modes = env.path("modes");
+    let swap = format!(
+        "mv -f {} {}; for last; do :; done; stat -c '%a' \"$(dirname \"$last\")\" \"$last\" > {}",
+        hostile.display(),
+        src.display(),
+        modes.display()
+    );
+    let (path, log) = spy_qemu_img(&env, &swap);
 
     let out = env
         .cmd()
@@ -132,6 +144,59 @@ fn a_source_swapped_after_inspection_never_reaches_the_layer() {
     }
     let calls = std::fs::read_to_string(&log).unwrap();
     assert!(!calls.contains(src.to_str().unwrap()), "qemu-img was handed the source path itself: {calls}");
+    let modes = std::fs::read_to_string(&modes).unwrap();
+    assert_eq!(modes.split_whitespace().collect::<Vec<_>>(), ["700", "600"], "a private copy in a private directory");
+}
+
+#[test]
+fn monolithic_sparse_and_stream_optimized_vmdks_made_by_qemu_img_still_import() {
+    let env = Env::new();
+    let raw = env.path("disk.raw");
+    marker_raw(&raw, "vmdk", "ok", 8 << 20);
+    qemu_io_write_raw(&raw, 0x5c, 1 << 20, 1 << 20);
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let src = env.path(&format!("{sub}.vmdk"));
+        let opt = format!("subformat={sub}");
+        sh(
+            "qemu-img",
+            &["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", &opt, raw.to_str().unwrap(), src.to_str().unwrap()],
+        );
+        let r = env.vdim_json(&["image", "import", &sub.to_lowercase(), src.to_str().unwrap()]);
+        assert_eq!(r["virtual_size"], 8 << 20, "{sub}: {r}");
+        let same = Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", "qcow2", raw.to_str().unwrap(), r["path"].as_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(same.success(), "{sub}: the layer holds the disk's data");
+    }
+    // The same data converts to the same layer, stored once; no work files are left.
+    assert_eq!(env.store_files().len(), 1, "{:?}", env.store_files());
+}
+
+/// Even when `qemu-img measure` is wrong, convert cannot write past what was checked.
+#[test]
+fn convert_runs_under_an_output_size_limit_from_the_measurement() {
+    let env = Env::new();
+    let raw = env.path("data.raw");
+    std::fs::write(&raw, vec![0x77u8; 48 << 20]).unwrap();
+    // A measure that predicts 1 MiB for 48 MiB of data.
+    let lie = "case \"$1\" in measure) echo '{\"required\": 1048576, \"fully-allocated\": 1048576}'; exit 0;; esac";
+    let (path, log) = spy_qemu_img(&env, ":");
+    let script = std::fs::read_to_string(env.path("spybin/qemu-img")).unwrap();
+    let script = script.replacen("echo \"$@\"", &format!("{lie}\necho \"$@ fsize=$(ulimit -f)\""), 1);
+    std::fs::write(env.path("spybin/qemu-img"), script).unwrap();
+
+    let out = env.cmd().env("PATH", &path).args(["image", "import", "capped", raw.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the import ran past its measured size");
+    assert!(err.contains("size qemu-img measure predicted"), "the message says the output limit stopped it: {err}");
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let convert = calls.lines().find(|l| l.starts_with("convert")).expect("convert ran");
+    // ulimit -f counts 512-byte blocks: 1 MiB + 1/64 + 16 MiB of slack.
+    let blocks: u64 = convert.rsplit("fsize=").next().unwrap().trim().parse().unwrap_or_else(|_| panic!("{convert}"));
+    assert_eq!(blocks * 512, (1 << 20) + (1 << 20) / 64 + (16 << 20), "{convert}");
+    assert!(env.store_files().is_empty(), "{:?}", env.store_files());
+    env.vdim(&["image", "history", "capped"]).assert_exit_code(4);
 }
 
 /// A 2 GiB qcow2 of one compressed 64 KiB cluster of 0x41, repeated through every L2 entry:
