@@ -467,7 +467,10 @@ impl Store {
             &format!("copying {} into the store", src.display()),
         )?;
         let work = PrivateDir::create(Home::tmp_path(&self.home.layers(), &format!("import-{name}")))?;
-        let copy = work.path().join(src.file_name().unwrap_or("source".as_ref()));
+        // Named after the source so qemu-img's messages say which file they are about.
+        let mut copy_name = std::ffi::OsString::from("source-");
+        copy_name.push(src.file_name().unwrap_or("image".as_ref()));
+        let copy = work.path().join(copy_name);
         copy_sparse(&source, len, &copy).map_err(|e| StoreError::Io {
             what: "copy",
             path: format!("{} to {}", src.display(), copy.display()),
@@ -495,7 +498,7 @@ impl Store {
             });
         }
 
-        let mut tmp = TmpFile(Some(work.path().join(format!("{name}.qcow2"))));
+        let mut tmp = TmpFile(Some(work.path().join("layer.qcow2")));
         let pb = progress_bar(100, &format!("importing {}", src.display()), false);
         qemu_img::convert_to_qcow2(&copy, fmt, tmp.path(), Some(cap), pb.as_ref())?;
         if let Some(pb) = pb {
@@ -1053,5 +1056,59 @@ impl Store {
             })
         })?;
         Ok(ExportReport { image: name.into(), version: number, path: dest.to_path_buf(), size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[test]
+    fn copy_sparse_keeps_the_bytes_and_the_holes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        let f = fs::File::create(&src).expect("create");
+        f.set_len(64 << 20).expect("size");
+        f.write_all_at(b"start", 0).expect("write");
+        f.write_all_at(&[0u8; 1 << 20], 8 << 20).expect("allocated zeros");
+        f.write_all_at(b"middle", 32 << 20).expect("write");
+        f.write_all_at(b"end", (64 << 20) - 3).expect("write");
+        let work = PrivateDir::create(tmp.path().join("work")).expect("dir");
+        assert_eq!(fs::metadata(work.path()).expect("stat").mode() & 0o777, 0o700);
+        let dst = work.path().join("copy");
+        copy_sparse(&fs::File::open(&src).expect("open"), 64 << 20, &dst).expect("copy");
+        assert_eq!(fs::read(&src).expect("read"), fs::read(&dst).expect("read"));
+        let meta = fs::metadata(&dst).expect("stat");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(allocated_bytes(&meta) < 1 << 20, "holes and zero blocks stay holes: {}", allocated_bytes(&meta));
+        let dir = work.path().to_path_buf();
+        drop(work);
+        assert!(!dir.exists(), "the work directory goes with its guard");
+    }
+
+    #[test]
+    fn qemu_img_info_must_agree_with_the_inspection() {
+        let probe = |format, size| imgfmt::Probe { format, virtual_size: Some(size), file_size: 4096 };
+        let (src, copy) = (Path::new("/in/a.vmdk"), Path::new("/store/w/a.vmdk"));
+        let vmdk = |create: &str, extents: serde_json::Value, size: u64| json!({"virtual-size": size, "format-specific": {"type": "vmdk", "data": {"create-type": create, "extents": extents}}});
+        let one = json!([{"filename": "/store/w/a.vmdk"}]);
+        check_info(&vmdk("streamOptimized", one.clone(), 1 << 20), &probe(Format::Vmdk, 1 << 20), src, copy)
+            .expect("agrees");
+        for (info, why) in [
+            (vmdk("monolithicFlat", one.clone(), 1 << 20), "create type"),
+            (vmdk("monolithicSparse", json!([{"filename": "/etc/shadow"}]), 1 << 20), "extents"),
+            (
+                vmdk("monolithicSparse", json!([{"filename": "/store/w/a.vmdk"}, {"filename": "/x"}]), 1 << 20),
+                "extents",
+            ),
+            (vmdk("monolithicSparse", one.clone(), 2 << 20), "virtual size"),
+            (json!({"virtual-size": 1 << 20, "backing-filename": "/etc/passwd"}), "backing file"),
+        ] {
+            let e = check_info(&info, &probe(Format::Vmdk, 1 << 20), src, copy).expect_err(why).to_string();
+            assert!(e.contains(why) && e.contains("/in/a.vmdk"), "{e}");
+        }
+        // A raw file of 1000 bytes is a disk of two sectors to QEMU.
+        check_info(&json!({"virtual-size": 1024}), &probe(Format::Raw, 1000), src, copy).expect("rounded");
     }
 }
