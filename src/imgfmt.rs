@@ -11,6 +11,28 @@
 //!
 //! Every read is bounded by the file size and a fixed cap; no length taken from the file is
 //! trusted before it is checked.
+//!
+//! ## Sparse VMDK: refuse whatever QEMU could read differently
+//!
+//! QEMU 7.2's block/vmdk.c and vdim must agree on every byte that decides which files are
+//! opened and how large the disk is. Where they could disagree, vdim refuses; the store then
+//! checks `qemu-img info` of the same bytes (create type, one extent that is the file
+//! itself, the virtual size found here). "oslo" is openstack/oslo.utils'
+//! `imageutils/format_inspector.py` (`VMDKInspector`).
+//!
+//! | check | attack it stops | follows |
+//! |---|---|---|
+//! | capacity 0 refused | QEMU re-reads the embedded text (up to 1 MiB) as a descriptor *file* whose extents name host files (`vmdk_open_vmdk4`) | QEMU (stricter) |
+//! | descriptor at sector 1, within 64 KiB, before the grain tables | text vdim checks is not the text QEMU searches at its fixed 0x200 | oslo |
+//! | text NUL-terminated inside its region, only NULs after | QEMU's `strstr` stops at the first NUL: text hidden behind it or running past the region | QEMU |
+//! | ASCII only (printable, tab, LF; CR only before LF) | parsers splitting lines differently; sscanf treating VT/FF/CR as blanks | oslo (stricter) |
+//! | each line: blank, `#` comment, known `key=value`, `ddb.k = "v"`, or the extent | any line vdim does not understand | oslo (stricter: known keys) |
+//! | keys version, CID, parentCID (= ffffffff), createType, encoding, isNativeSnapshot, each once | duplicates where QEMU takes the first; a parent CID of a differencing disk | QEMU |
+//! | `createType`, `CID` occur only as their keys; `parentFileNameHint` nowhere | QEMU finds them as substrings anywhere, comments and ddb values included | QEMU |
+//! | createType matches the header (compressed: streamOptimized) | a descriptor claiming one kind while QEMU reads another | QEMU |
+//! | exactly one extent `RW <capacity> SPARSE "<name>"`, name without `/`, `\` | an extent naming a host path, or read across newlines by sscanf (`RW` / `2048 FLAT "/etc/shadow" 0`) | oslo (stricter) |
+//! | grain directory at end: footer marker, magic and end-of-stream valid; footer = header except the grain directory | QEMU takes capacity and every other field from the footer | oslo + QEMU (stricter: all fields) |
+//! | parent hint searched in QEMU's 10 KiB at sector 1 | a backing VMDK named outside the declared descriptor | QEMU |
 
 use std::fmt;
 use std::fs::{self, File};
@@ -188,6 +210,21 @@ pub enum ImgFmtError {
         .path.display()
     )]
     VmdkNotMonolithic { path: PathBuf, detail: String },
+    #[error(
+        "{} is a VMDK whose header declares a capacity of 0 sectors: QEMU would then read its \
+         embedded text as a descriptor file, which can name any file on this host; vdim refuses \
+         it: re-export the disk from its source",
+        .path.display()
+    )]
+    VmdkCapacityZero { path: PathBuf },
+    #[error(
+        "{} is a VMDK whose embedded descriptor vdim refuses ({}{detail}): QEMU could read \
+         it differently from vdim; re-export it with \
+         'qemu-img convert -O vmdk -o subformat=streamOptimized' on a trusted machine",
+        .path.display(),
+        if *.line > 0 { format!("line {}: ", .line) } else { String::new() }
+    )]
+    VmdkDescriptorRefused { path: PathBuf, line: usize, detail: String },
     #[error(
         "{} is a differencing {format} image ({detail}); vdim imports only standalone images: \
          merge it into its parent first",
@@ -389,7 +426,7 @@ fn le64(b: &[u8], off: usize) -> u64 {
 /// An opened, regular, non-empty candidate image with bounded reads.
 struct Image<'a> {
     path: &'a Path,
-    file: File,
+    file: &'a File,
     size: u64,
 }
 
@@ -467,10 +504,32 @@ fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), ImgFmtError> {
 /// claim; an explicit --format that matches the contents takes precedence over the name, so
 /// qcow2 cloud images named `.img` can still be imported deliberately.
 pub fn inspect(path: &Path, claimed: Option<Format>) -> Result<Probe, ImgFmtError> {
+    let (file, _) = open_source(path)?;
+    inspect_file(&file, path, claimed)
+}
+
+/// Open an untrusted source once: a regular, non-empty file (never a FIFO, device or
+/// directory). Returns the file and its size at the moment it was opened.
+pub fn open_source(path: &Path) -> Result<(File, u64), ImgFmtError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let unreadable = |source| ImgFmtError::Unreadable { path: path.to_path_buf(), source };
-    // Stat first: opening a FIFO for reading would block.
+    // Stat first for the clearer message; O_NONBLOCK so a FIFO swapped in meanwhile cannot
+    // block the open, and fstat of what was really opened decides.
     check_regular(path, &fs::metadata(path).map_err(unreadable)?)?;
-    let file = File::open(path).map_err(unreadable)?;
+    let file = fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    check_regular(path, &meta)?;
+    if meta.len() == 0 {
+        return Err(ImgFmtError::Empty { path: path.to_path_buf() });
+    }
+    Ok((file, meta.len()))
+}
+
+/// Inspect the bytes of an already opened `file`; `name` is what messages and the extension
+/// claim refer to (the admin's source path when `file` is a private copy of it).
+pub fn inspect_file(file: &File, name: &Path, claimed: Option<Format>) -> Result<Probe, ImgFmtError> {
+    let path = name;
+    let unreadable = |source| ImgFmtError::Unreadable { path: path.to_path_buf(), source };
     let meta = file.metadata().map_err(unreadable)?;
     check_regular(path, &meta)?;
     let img = Image { path, file, size: meta.len() };
@@ -525,7 +584,7 @@ pub fn inspect(path: &Path, claimed: Option<Format>) -> Result<Probe, ImgFmtErro
 fn check_qcow2(img: &Image) -> Result<u64, ImgFmtError> {
     const F: &str = "qcow2";
     let path = || img.path.to_path_buf();
-    let buf = qcow2::read_header_bytes(&img.file, img.size).map_err(|e| img.unreadable(e))?;
+    let buf = qcow2::read_header_bytes(img.file, img.size).map_err(|e| img.unreadable(e))?;
 
     // Checked on the raw field before anything else can fail: the reference is the danger.
     let backing_offset = qcow2::be64(&buf, 8);
@@ -606,36 +665,13 @@ fn cross_check_qcow2_rs(buf: &[u8], h: &qcow2::RawHeader) -> Result<(), String> 
 // ---------------------------------------------------------------------------------------
 // VMDK
 
-struct Extent {
-    kind: String,
-    file: Option<String>,
-}
-
-/// Extent lines: `RW 20480 SPARSE "a.vmdk"`, `RW 20480 FLAT "a-flat.vmdk" 0`, `RW 100 ZERO`.
-fn parse_extents(text: &str) -> Vec<Extent> {
-    let mut extents = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        let mut words = line.split_whitespace();
-        if !matches!(words.next(), Some("RW" | "RDONLY" | "NOACCESS")) {
-            continue;
-        }
-        let (Some(_sectors), Some(kind)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let file = line.split_once('"').and_then(|(_, rest)| rest.split_once('"')).map(|(name, _)| name.to_string());
-        extents.push(Extent { kind: kind.to_string(), file });
-    }
-    extents
-}
-
-/// `key = "value"` from a descriptor, quotes removed.
-fn descriptor_value(text: &str, key: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let rest = line.trim().strip_prefix(key)?.trim_start();
-        let value = rest.strip_prefix('=')?.trim();
-        Some(value.trim_matches('"').to_string())
-    })
+/// The file names of extent lines (`RW 20480 FLAT "a-flat.vmdk" 0`), for messages.
+fn extent_files(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|line| matches!(line.split_whitespace().next(), Some("RW" | "RDONLY" | "NOACCESS")))
+        .filter_map(|line| line.split_once('"').and_then(|(_, rest)| rest.split_once('"')))
+        .map(|(name, _)| name.to_string())
+        .collect()
 }
 
 /// QEMU finds a VMDK parent with a bare substring search, wherever the text sits.
@@ -655,86 +691,302 @@ fn text_prefix(bytes: &[u8]) -> String {
 
 fn vmdk_text_error(path: &Path, head: &[u8]) -> ImgFmtError {
     let text = text_prefix(head);
-    let extent = parse_extents(&text)
+    let extent = extent_files(&text)
         .into_iter()
-        .find_map(|e| e.file)
+        .next()
         .or_else(|| vmdk_parent_hint(head))
         .unwrap_or_else(|| "no extent file could be read".to_string());
     ImgFmtError::VmdkDescriptor { path: path.to_path_buf(), extent }
 }
 
+/// The hosted sparse extent header (VMDK4Header in QEMU's block/vmdk.c), little-endian,
+/// offsets from the start of the file; sizes and offsets in sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SparseHeader {
+    version: u32,
+    flags: u32,
+    capacity: u64,
+    grain: u64,
+    desc_offset: u64,
+    desc_size: u64,
+    gd_offset: u64,
+    rgd_offset: u64,
+    grain_offset: u64,
+    compress: u16,
+}
+
+/// The header fields after the magic: QEMU replaces all of them with the footer's.
+const VMDK_HEADER_FIELDS: std::ops::Range<usize> = 4..79;
+/// The grain directory offset inside the header: the one field header and footer differ in.
+const VMDK_GD_FIELD: std::ops::Range<usize> = 56..64;
+const VMDK_GD_AT_END: u64 = u64::MAX;
+const VMDK_FLAG_RGD: u32 = 1 << 1;
+const VMDK_COMPRESSION_DEFLATE: u16 = 1;
+/// Where QEMU reads the embedded descriptor of a sparse file, whatever the header says,
+/// and where oslo.utils requires it to be.
+const VMDK_DESC_SECTOR: u64 = 1;
+/// QEMU's DESC_SIZE: the bytes from sector 1 it searches for the parent hint and CIDs.
+const VMDK_QEMU_DESC_LEN: u64 = 20 * SECTOR;
+const VMDK_MAX_DESCRIPTOR: u64 = 64 * KIB;
+
+impl SparseHeader {
+    /// `b` starts with the magic.
+    fn parse(b: &[u8]) -> SparseHeader {
+        SparseHeader {
+            version: le32(b, 4),
+            flags: le32(b, 8),
+            capacity: le64(b, 12),
+            grain: le64(b, 20),
+            desc_offset: le64(b, 28),
+            desc_size: le64(b, 36),
+            rgd_offset: le64(b, 48),
+            gd_offset: le64(b, 56),
+            grain_offset: le64(b, 64),
+            compress: le16(b, 77),
+        }
+    }
+
+    /// The createType QEMU reports for this header (it never reads the text's own).
+    fn create_type(&self) -> &'static str {
+        if self.compress == VMDK_COMPRESSION_DEFLATE {
+            "streamOptimized"
+        } else {
+            "monolithicSparse"
+        }
+    }
+}
+
 fn check_vmdk_sparse(img: &Image, head: &[u8]) -> Result<u64, ImgFmtError> {
     const F: &str = "vmdk";
-    /// QEMU reads the parent hint from this region whatever the header says.
-    const QEMU_DESC_OFFSET: u64 = 0x200;
-    const QEMU_DESC_SIZE: u64 = 20 * SECTOR;
-    const MAX_DESCRIPTOR: u64 = 64 * KIB;
     let path = || img.path.to_path_buf();
     let not_monolithic = |detail: String| ImgFmtError::VmdkNotMonolithic { path: path(), detail };
 
-    // SparseExtentHeader, little-endian: magic, version, flags, capacity, grainSize,
-    // descriptorOffset, descriptorSize (sizes and offsets in sectors).
     if head.len() < SECTOR as usize {
         return Err(img.malformed(F, "its sparse extent header is truncated".into()));
     }
-    let version = le32(head, 4);
-    if !(1..=3).contains(&version) {
-        return Err(ImgFmtError::UnsupportedVersion { path: path(), format: F, version: version.to_string() });
+    let h = SparseHeader::parse(head);
+    if !(1..=3).contains(&h.version) {
+        return Err(ImgFmtError::UnsupportedVersion { path: path(), format: F, version: h.version.to_string() });
     }
-    let capacity = le64(head, 12);
-    let grain = le64(head, 20);
-    let desc_offset = le64(head, 28);
-    let desc_size = le64(head, 36);
-
-    let fixed = img.read_clamped(QEMU_DESC_OFFSET, QEMU_DESC_SIZE)?;
+    // QEMU reads the parent hint from sector 1 whatever the header says.
+    let fixed = img.read_clamped(VMDK_DESC_SECTOR * SECTOR, VMDK_QEMU_DESC_LEN)?;
     if let Some(parent) = vmdk_parent_hint(&fixed) {
         return Err(ImgFmtError::BackingFile { path: path(), format: F, backing: parent });
     }
-    if desc_offset == 0 || desc_size == 0 {
+    if h.capacity == 0 {
+        return Err(ImgFmtError::VmdkCapacityZero { path: path() });
+    }
+    if h.desc_offset == 0 || h.desc_size == 0 {
         return Err(not_monolithic("it has no embedded descriptor, so it is one extent of a multi-file VMDK".into()));
     }
-    let (Some(off), Some(len)) = (desc_offset.checked_mul(SECTOR), desc_size.checked_mul(SECTOR)) else {
-        return Err(img.malformed(F, "its descriptor offset or size overflows".into()));
-    };
-    if len > MAX_DESCRIPTOR {
-        return Err(img.malformed(F, format!("its embedded descriptor of {len} bytes exceeds {MAX_DESCRIPTOR} bytes")));
+    if h.desc_offset != VMDK_DESC_SECTOR {
+        return Err(img.malformed(
+            F,
+            format!("its embedded descriptor starts at sector {}; QEMU reads it from sector 1", h.desc_offset),
+        ));
     }
-    let raw = img.read(F, "embedded descriptor", off, len)?;
-    if let Some(parent) = vmdk_parent_hint(&raw) {
-        return Err(ImgFmtError::BackingFile { path: path(), format: F, backing: parent });
+    let len = h
+        .desc_size
+        .checked_mul(SECTOR)
+        .filter(|&l| l <= VMDK_MAX_DESCRIPTOR)
+        .ok_or_else(|| img.malformed(F, format!("its embedded descriptor exceeds {VMDK_MAX_DESCRIPTOR} bytes")))?;
+    let desc_end = VMDK_DESC_SECTOR + h.desc_size;
+    let mut tables = vec![("grain directory", h.gd_offset), ("first grain", h.grain_offset)];
+    if h.flags & VMDK_FLAG_RGD != 0 {
+        tables.push(("redundant grain directory", h.rgd_offset));
     }
-    let text = text_prefix(&raw);
-    match descriptor_value(&text, "createType").as_deref() {
-        Some("monolithicSparse" | "streamOptimized") => {}
-        Some(other) => return Err(not_monolithic(format!("its createType is '{other}'"))),
-        None => {
-            return Err(not_monolithic(
-                "its embedded descriptor has no createType, so it is one extent of a \
-                 multi-file VMDK"
-                    .into(),
-            ))
-        }
+    if let Some((what, _)) = tables.iter().find(|(_, at)| *at != VMDK_GD_AT_END && *at < desc_end) {
+        return Err(img.malformed(F, format!("its {what} overlaps the embedded descriptor")));
     }
-    let extents = parse_extents(&text);
-    match extents.as_slice() {
-        [one] if one.kind == "SPARSE" => {}
-        [one] => {
-            return Err(not_monolithic(format!(
-                "its extent is {} and names '{}'",
-                one.kind,
-                one.file.as_deref().unwrap_or("")
-            )))
-        }
-        many => {
-            let files: Vec<&str> = many.iter().filter_map(|e| e.file.as_deref()).collect();
-            return Err(not_monolithic(format!("its descriptor lists {} extents ({})", many.len(), files.join(", "))));
-        }
+    let raw = img.read(F, "embedded descriptor", VMDK_DESC_SECTOR * SECTOR, len)?;
+    // QEMU's string searches stop at the first NUL: the text must end inside the region,
+    // and nothing may hide after it.
+    let end = raw
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or_else(|| img.malformed(F, "its embedded descriptor is not NUL-terminated inside its region".into()))?;
+    if raw[end..].iter().any(|&c| c != 0) {
+        return Err(img.malformed(F, "its embedded descriptor has bytes after its terminating NUL".into()));
     }
-    if grain == 0 {
+    if find(&raw[..end], b"createType").is_none() {
+        return Err(not_monolithic(
+            "its embedded descriptor has no createType, so it is one extent of a multi-file VMDK".into(),
+        ));
+    }
+    check_descriptor(&raw[..end], &h).map_err(|(line, detail)| ImgFmtError::VmdkDescriptorRefused {
+        path: path(),
+        line,
+        detail,
+    })?;
+    if h.gd_offset == VMDK_GD_AT_END {
+        check_vmdk_footer(img, head).map_err(|r| img.malformed(F, r))?;
+    }
+    if h.grain == 0 {
         return Err(img.malformed(F, "its grain size is zero".into()));
     }
-    let size = capacity.checked_mul(SECTOR).ok_or_else(|| img.malformed(F, "its capacity overflows".into()))?;
+    let size = h.capacity.checked_mul(SECTOR).ok_or_else(|| img.malformed(F, "its capacity overflows".into()))?;
     img.check_size(F, size)
+}
+
+/// A streamOptimized file may keep its real header in a footer (grain directory "at end");
+/// QEMU then reads every field from the footer, so the footer must say what the header says.
+fn check_vmdk_footer(img: &Image, head: &[u8]) -> Result<(), String> {
+    if img.size < 3 * SECTOR + SECTOR {
+        return Err("its footer lies beyond the start of the file".into());
+    }
+    let f = img.read("vmdk", "footer", img.size - 3 * SECTOR, 3 * SECTOR).map_err(|e| e.to_string())?;
+    let (marker, footer, eos) = (&f[..512], &f[512..1024], &f[1024..]);
+    let pad_zero = |m: &[u8]| m[16..].iter().all(|&b| b == 0);
+    if le32(marker, 8) != 0 || le32(marker, 12) != 3 || !pad_zero(marker) {
+        return Err("its footer marker is invalid".into());
+    }
+    if eos.iter().any(|&b| b != 0) {
+        return Err("its end-of-stream marker is invalid".into());
+    }
+    if !footer.starts_with(b"KDMV") {
+        return Err("its footer has no KDMV magic".into());
+    }
+    let (hf, ff) = (SparseHeader::parse(head), SparseHeader::parse(footer));
+    let same_except_gd = |b: &[u8]| {
+        let mut v = b[VMDK_HEADER_FIELDS].to_vec();
+        v[VMDK_GD_FIELD.start - 4..VMDK_GD_FIELD.end - 4].fill(0);
+        v
+    };
+    if same_except_gd(head) != same_except_gd(footer) {
+        let field = [
+            ("version", hf.version != ff.version),
+            ("capacity", hf.capacity != ff.capacity),
+            ("descriptor", hf.desc_offset != ff.desc_offset || hf.desc_size != ff.desc_size),
+            ("compression", hf.compress != ff.compress),
+        ]
+        .into_iter()
+        .find(|(_, differs)| *differs)
+        .map_or("header fields", |(name, _)| name);
+        return Err(format!("its footer disagrees with its header ({field})"));
+    }
+    if ff.gd_offset == VMDK_GD_AT_END || ff.gd_offset.checked_mul(SECTOR).is_none_or(|o| o >= img.size) {
+        return Err("its footer's grain directory is missing or lies beyond the end of the file".into());
+    }
+    Ok(())
+}
+
+/// Header keys vdim accepts in an embedded descriptor, each at most once.
+const VMDK_KEYS: [&str; 6] = ["version", "CID", "parentCID", "createType", "encoding", "isNativeSnapshot"];
+/// Words QEMU finds with a bare `strstr` anywhere in the text, and how often each may occur
+/// (always as the key of its own line): the first occurrence wins in QEMU.
+const VMDK_SEARCHED: [(&str, usize); 3] = [("createType", 1), ("CID", 2), ("parentFileNameHint", 0)];
+
+/// Whitelist an embedded descriptor line by line; `Err((line, why))`, lines counted from 1.
+fn check_descriptor(text: &[u8], h: &SparseHeader) -> Result<(), (usize, String)> {
+    for (i, &c) in text.iter().enumerate() {
+        let ok = matches!(c, b' '..=b'~' | b'\t' | b'\n') || (c == b'\r' && text.get(i + 1) == Some(&b'\n'));
+        if !ok {
+            let line = 1 + text[..i].iter().filter(|&&b| b == b'\n').count();
+            return Err((line, format!("byte {c:#04x} is not plain ASCII text")));
+        }
+    }
+    let text = std::str::from_utf8(text).map_err(|_| (0, "it is not ASCII".to_string()))?;
+    let mut seen: Vec<&str> = Vec::new();
+    let mut extents = 0;
+    for (n, raw_line) in text.split('\n').enumerate() {
+        let n = n + 1;
+        let line = raw_line.strip_suffix('\r').unwrap_or(raw_line).trim_matches([' ', '\t']);
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("ddb.") {
+            ddb_line(rest).map_err(|why| (n, why))?;
+            continue;
+        }
+        if line.starts_with(['R', 'N']) && !line.contains('=') {
+            extent_line(line, h.capacity).map_err(|why| (n, why))?;
+            extents += 1;
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err((n, "it is neither a comment, a key=value line, a ddb line nor an extent".into()));
+        };
+        if !VMDK_KEYS.contains(&key) {
+            return Err((n, format!("'{key}' is not a descriptor key vdim knows")));
+        }
+        if seen.contains(&key) {
+            return Err((n, format!("'{key}' appears twice")));
+        }
+        seen.push(key);
+        // QEMU writes CIDs with %x: one to eight hex digits.
+        let hex8 = |v: &str| (1..=8).contains(&v.len()) && v.bytes().all(|c| c.is_ascii_hexdigit());
+        let quoted = |v: &str| {
+            v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).filter(|v| !v.contains('"')).map(str::to_string)
+        };
+        let valid = match key {
+            "version" => matches!(value, "1" | "2" | "3"),
+            "CID" => hex8(value),
+            // Any other parent CID belongs to a differencing disk.
+            "parentCID" => value == "ffffffff",
+            "createType" => quoted(value).as_deref() == Some(h.create_type()),
+            "encoding" => quoted(value).is_some(),
+            _ => matches!(value, "\"no\"" | "\"yes\""),
+        };
+        if !valid {
+            let expected = if key == "createType" {
+                format!(" (the header makes it \"{}\")", h.create_type())
+            } else {
+                String::new()
+            };
+            return Err((n, format!("'{key}' has the value {value}{expected}")));
+        }
+    }
+    if !seen.contains(&"createType") {
+        return Err((0, "it has no createType".into()));
+    }
+    if !(seen.contains(&"CID") && seen.contains(&"parentCID")) {
+        return Err((0, "it lacks CID or parentCID".into()));
+    }
+    if extents != 1 {
+        return Err((0, format!("it lists {extents} extents; a monolithic VMDK has exactly one")));
+    }
+    for (word, allowed) in VMDK_SEARCHED {
+        let count = text.matches(word).count();
+        if count != allowed {
+            return Err((0, format!("'{word}' occurs {count} times where QEMU searches the whole text for it")));
+        }
+    }
+    Ok(())
+}
+
+/// `RW <capacity> SPARSE "<name>"`: the file itself (QEMU opens no other file for it), named
+/// without a path.
+fn extent_line(line: &str, capacity: u64) -> Result<(), String> {
+    let mut words = line.split([' ', '\t']).filter(|w| !w.is_empty());
+    let (access, sectors, kind) = (words.next(), words.next(), words.next());
+    if access != Some("RW") || kind != Some("SPARSE") {
+        return Err(format!("extent '{line}' is not 'RW <sectors> SPARSE \"<file name>\"'"));
+    }
+    if sectors.and_then(|s| s.parse::<u64>().ok()).filter(|s| s.to_string() == sectors.unwrap_or("")) != Some(capacity)
+    {
+        return Err(format!("extent '{line}' does not cover the header's {capacity} sectors"));
+    }
+    let name = words.collect::<Vec<_>>().join(" ");
+    let name = name.strip_prefix('"').and_then(|n| n.strip_suffix('"')).unwrap_or("");
+    if name.is_empty() || name.contains(['"', '/', '\\']) || name == "." || name == ".." {
+        return Err(format!("extent '{line}' does not name a plain file name"));
+    }
+    Ok(())
+}
+
+/// `ddb.<key> = "<value>"`: the disk database, which QEMU never interprets.
+fn ddb_line(rest: &str) -> Result<(), String> {
+    let bad = || format!("'ddb.{rest}' is not a ddb.<key> = \"<value>\" line");
+    let (key, value) = rest.split_once('=').ok_or_else(bad)?;
+    let key = key.trim_end_matches([' ', '\t']);
+    let value = value.trim_start_matches([' ', '\t']);
+    let key_ok = !key.is_empty() && key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_');
+    let value_ok = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')).is_some_and(|v| !v.contains('"'));
+    if key_ok && value_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1392,6 +1644,165 @@ mod tests {
         assert!(matches!(err(&p, None), ImgFmtError::Malformed { .. }));
         let p = copy_with(dir, &vdi, "v2.vdi", |b| b[0x46] = 2);
         assert!(matches!(err(&p, None), ImgFmtError::UnsupportedVersion { .. }));
+    }
+
+    /// A monolithicSparse VMDK from qemu-img with its embedded descriptor replaced.
+    fn vmdk_with_descriptor(dir: &Path, name: &str, edit: impl FnOnce(&str) -> String) -> PathBuf {
+        let base = create(dir, "vmdk", &format!("base-{name}"), &[]);
+        copy_with(dir, &base, name, |b| {
+            let region = &mut b[512..512 + 20 * 512];
+            let text = text_prefix(region);
+            let new = edit(&text);
+            region.fill(0);
+            region[..new.len()].copy_from_slice(new.as_bytes());
+        })
+    }
+
+    fn refused_line(e: &ImgFmtError) -> Option<usize> {
+        match e {
+            ImgFmtError::VmdkDescriptorRefused { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn vmdk_descriptor_lines_are_whitelisted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let same = vmdk_with_descriptor(dir, "same.vmdk", str::to_string);
+        inspect(&same, None).expect("qemu-img's own descriptor is accepted");
+        let vmware = vmdk_with_descriptor(dir, "vmware.vmdk", |t| {
+            t.replace("version=1\n", "version=1\r\nencoding=\"UTF-8\"\nisNativeSnapshot=\"no\"\n")
+                .replace("ddb.adapterType = \"ide\"", "ddb.adapterType = \"lsilogic\"\nddb.uuid = \"60 00 c2 9b\"")
+        });
+        inspect(&vmware, None).expect("VMware's keys, CRLF and ddb lines are accepted");
+
+        type Edit<'a> = &'a dyn Fn(&str) -> String;
+        let cases: [(&str, Edit); 16] = [
+            ("unknown-key", &|t| t.replace("version=1\n", "version=1\nfileName=\"x\"\n")),
+            ("key-twice", &|t| t.replace("version=1\n", "version=1\nversion=1\n")),
+            ("non-ascii", &|t| t.replace("\"ide\"", "\"id\u{e9}\"")),
+            ("control-char", &|t| t.replace("\"ide\"", "\"id\x0be\"")),
+            ("lone-cr", &|t| {
+                t.replace("ddb.adapterType = \"ide\"\n", "ddb.adapterType = \"ide\"\rRW 8 FLAT \"x\" 0\n")
+            }),
+            ("absolute-extent", &|t| t.replace("SPARSE \"base-", "SPARSE \"/etc/")),
+            ("relative-extent", &|t| t.replace("SPARSE \"base-", "SPARSE \"../base-")),
+            ("flat-extent", &|t| t.replace("SPARSE", "FLAT").replace(".vmdk\"\n", ".vmdk\" 0\n")),
+            ("two-extents", &|t| t.replace("# The Disk Data Base", "RW 20480 SPARSE \"b.vmdk\"\n# The Disk Data Base")),
+            ("rdonly-extent", &|t| t.replace("# The Disk Data Base", "RDONLY 20480 SPARSE \"b.vmdk\"\n#")),
+            ("extent-size", &|t| t.replace("RW 20480", "RW 40960")),
+            // sscanf reads "RW" on one line and the rest of an extent on the next.
+            ("split-extent", &|t| t.replace("# The Disk Data Base", "RW\n2048 FLAT \"/etc/shadow\" 0\n#")),
+            // strstr finds the first createType, even inside a comment.
+            ("comment-create-type", &|t| format!("#createType=\"monolithicFlat\"\n{t}")),
+            ("ddb-create-type", &|t| format!("{t}ddb.note = \"createType=\\\"vmfs\\\"\"\n")),
+            ("wrong-create-type", &|t| t.replace("\"monolithicSparse\"", "\"streamOptimized\"")),
+            ("parent-cid", &|t| t.replace("parentCID=ffffffff", "parentCID=12345678")),
+        ];
+        for (name, edit) in cases {
+            let p = vmdk_with_descriptor(dir, &format!("{name}.vmdk"), |t| {
+                let changed = edit(t);
+                assert_ne!(changed, t, "{name}: the edit applies");
+                changed
+            });
+            let e = err(&p, None);
+            assert!(refused_line(&e).is_some(), "{name}: {e}");
+        }
+        // The line number points at the offending line.
+        let p = vmdk_with_descriptor(dir, "line.vmdk", |t| t.replace("version=1\n", "version=1\nbogus\n"));
+        assert_eq!(refused_line(&err(&p, None)), Some(3));
+    }
+
+    #[test]
+    fn vmdk_header_fields_qemu_reads_differently_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let good = create(dir, "vmdk", "good.vmdk", &[]);
+        let cap0 = copy_with(dir, &good, "cap0.vmdk", |b| b[12..20].fill(0));
+        assert!(matches!(err(&cap0, None), ImgFmtError::VmdkCapacityZero { .. }));
+        // oslo.utils: the descriptor starts at sector 1, where QEMU reads it.
+        let moved = copy_with(dir, &good, "moved.vmdk", |b| {
+            b[28..36].copy_from_slice(&2u64.to_le_bytes());
+            b.copy_within(512..512 + 20 * 512, 1024);
+        });
+        assert!(matches!(err(&moved, None), ImgFmtError::Malformed { .. }));
+        let overlap = copy_with(dir, &good, "overlap.vmdk", |b| b[56..64].copy_from_slice(&5u64.to_le_bytes()));
+        assert!(matches!(err(&overlap, None), ImgFmtError::Malformed { .. }));
+        let huge = copy_with(dir, &good, "huge.vmdk", |b| b[36..44].copy_from_slice(&4096u64.to_le_bytes()));
+        assert!(matches!(err(&huge, None), ImgFmtError::Malformed { .. }));
+        // QEMU's searches stop at the first NUL; nothing may hide behind it or run past the region.
+        let hidden =
+            copy_with(dir, &good, "hidden.vmdk", |b| b[512 + 19 * 512..512 + 19 * 512 + 5].copy_from_slice(b"CID=1"));
+        assert!(matches!(err(&hidden, None), ImgFmtError::Malformed { .. }));
+        let unterminated = vmdk_with_descriptor(dir, "unterminated.vmdk", |t| {
+            let mut t = t.to_string();
+            while t.len() < 20 * 512 {
+                t.push_str("# padding\n");
+            }
+            t.truncate(20 * 512);
+            t
+        });
+        assert!(matches!(err(&unterminated, None), ImgFmtError::Malformed { .. }));
+    }
+
+    /// A streamOptimized VMDK with data, rewritten the way VMware writes it: the grain
+    /// directory "at end" in the header, and the real header in a footer before the
+    /// end-of-stream marker.
+    fn vmdk_with_footer(dir: &Path, name: &str, edit_footer: impl FnOnce(&mut [u8])) -> PathBuf {
+        let raw = dir.join(format!("{name}.raw"));
+        let data: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(&raw, data).expect("write raw");
+        let so = dir.join(format!("{name}.so"));
+        qemu_img(
+            dir,
+            &["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]
+                .iter()
+                .copied()
+                .chain([raw.to_str().expect("utf-8"), so.to_str().expect("utf-8")])
+                .collect::<Vec<_>>(),
+        );
+        copy_with(dir, &so, name, |b| {
+            let mut footer = vec![0u8; 1536];
+            footer[12..16].copy_from_slice(&3u32.to_le_bytes()); // marker type: footer
+            footer[512..1024].copy_from_slice(&b[..512]); // the header, real grain directory
+            edit_footer(&mut footer[512..1024]);
+            b[56..64].copy_from_slice(&VMDK_GD_AT_END.to_le_bytes());
+            b.extend_from_slice(&footer); // ... and an all-zero end-of-stream marker
+        })
+    }
+
+    #[test]
+    fn vmdk_footer_must_match_its_header() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let good = vmdk_with_footer(dir, "good.vmdk", |_| {});
+        assert_eq!(inspect(&good, None).expect("a consistent footer").virtual_size, Some(3 * MIB));
+        let raw = dir.join("good.vmdk.raw");
+        qemu_img(
+            dir,
+            &["compare", "-q", "-f", "raw", "-F", "vmdk", raw.to_str().expect("utf-8"), good.to_str().expect("utf-8")],
+        );
+        for (name, edit) in [
+            (
+                "capacity",
+                &(|f: &mut [u8]| f[12..20].copy_from_slice(&(1u64 << 30 >> 9).to_le_bytes())) as &dyn Fn(&mut [u8]),
+            ),
+            ("descriptor", &|f: &mut [u8]| f[36..44].copy_from_slice(&1u64.to_le_bytes())),
+            ("version", &|f: &mut [u8]| f[4] = 1),
+            ("compression", &|f: &mut [u8]| f[77] = 0),
+            ("another-footer", &|f: &mut [u8]| f[56..64].copy_from_slice(&VMDK_GD_AT_END.to_le_bytes())),
+            ("magic", &|f: &mut [u8]| f[0] = b'X'),
+        ] {
+            let p = vmdk_with_footer(dir, &format!("{name}.vmdk"), edit);
+            let e = err(&p, None);
+            assert!(matches!(e, ImgFmtError::Malformed { .. }), "{name}: {e}");
+        }
+        let eos = copy_with(dir, &good, "eos.vmdk", |b| {
+            let n = b.len();
+            b[n - 500] = 1;
+        });
+        assert!(matches!(err(&eos, None), ImgFmtError::Malformed { .. }));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! qemu-img parses untrusted images, so every call states the format (`-f`/`-F`, never a
 //! probe), runs under an address-space and CPU-time limit and a wall-clock timeout
-//! (OpenStack CVE-2015-5162: a crafted image made qemu-img eat all memory).
+//! (OpenStack CVE-2015-5162: a crafted image made qemu-img eat all memory). An import's
+//! convert also runs under RLIMIT_FSIZE at the size `measure` predicted, so an expansion
+//! bomb cannot write past what was checked to fit.
 
 use indicatif::ProgressBar;
 use std::io::Read;
@@ -30,13 +32,20 @@ pub struct Limits {
     pub address_space: u64,
     pub cpu_seconds: u64,
     pub timeout: Duration,
+    /// RLIMIT_FSIZE: the largest file qemu-img may write (none: unlimited).
+    pub output_bytes: Option<u64>,
 }
 
 /// For header-only work (info, check of a layer, rebase -u).
-pub const INSPECT: Limits = Limits { address_space: 1 << 30, cpu_seconds: 60, timeout: Duration::from_secs(120) };
+pub const INSPECT: Limits =
+    Limits { address_space: 1 << 30, cpu_seconds: 60, timeout: Duration::from_secs(120), output_bytes: None };
 /// For copying data (convert): large images take long, but never forever.
-pub const COPY: Limits =
-    Limits { address_space: 4 << 30, cpu_seconds: 4 * 3600, timeout: Duration::from_secs(6 * 3600) };
+pub const COPY: Limits = Limits {
+    address_space: 4 << 30,
+    cpu_seconds: 4 * 3600,
+    timeout: Duration::from_secs(6 * 3600),
+    output_bytes: None,
+};
 
 struct Run {
     stdout: String,
@@ -63,10 +72,12 @@ fn run(
     let mut cmd = Command::new("qemu-img");
     // Its own process group: a timeout kills everything it started, not just the first pid.
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
-    let Limits { address_space, cpu_seconds, .. } = limits;
-    // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+    let Limits { address_space, cpu_seconds, output_bytes, .. } = limits;
+    // SAFETY: only async-signal-safe calls (setrlimit, prctl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // A killed vdim takes its qemu-img along instead of leaving it writing.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             let set = |res, v: u64| {
                 let lim = libc::rlimit { rlim_cur: v, rlim_max: v };
                 if libc::setrlimit(res, &lim) != 0 {
@@ -77,6 +88,9 @@ fn run(
             set(libc::RLIMIT_AS, address_space)?;
             set(libc::RLIMIT_CPU, cpu_seconds)?;
             set(libc::RLIMIT_CORE, 0)?;
+            if let Some(max) = output_bytes {
+                set(libc::RLIMIT_FSIZE, max)?;
+            }
             Ok(())
         });
     }
@@ -140,9 +154,16 @@ fn failed(op: &'static str, path: &Path, r: &Run) -> QemuImgError {
     let mut stderr = r.stderr.trim().to_string();
     if stderr.is_empty() {
         stderr = match r.status.signal_name() {
+            Some("SIGXFSZ") => {
+                "killed by SIGXFSZ (vdim capped its output at the size qemu-img measure predicted)".to_string()
+            }
             Some(sig) => format!("killed by {sig} (resource limit reached?)"),
             None => format!("exit status {}", r.status),
         };
+    }
+    // RLIMIT_FSIZE: qemu-img ignores SIGXFSZ and reports EFBIG.
+    if stderr.contains("File too large") {
+        stderr.push_str(" (vdim capped its output at the size qemu-img measure predicted)");
     }
     QemuImgError::Failed { op, path: path.display().to_string(), stderr }
 }
@@ -157,6 +178,7 @@ impl SignalName for std::process::ExitStatus {
             libc::SIGKILL => Some("SIGKILL"),
             libc::SIGXCPU => Some("SIGXCPU"),
             libc::SIGSEGV => Some("SIGSEGV"),
+            libc::SIGXFSZ => Some("SIGXFSZ"),
             libc::SIGABRT => Some("SIGABRT"),
             _ => Some("a signal"),
         }
@@ -184,11 +206,35 @@ pub fn info(path: &Path, format: &str) -> Result<serde_json::Value, QemuImgError
     })
 }
 
-/// Convert `src` (format stated) into a standalone qcow2 at `dst` (must not exist).
+/// Bytes a standalone qcow2 converted from `path` needs (`qemu-img measure`, "required").
+pub fn measure_qcow2(path: &Path, format: &str) -> Result<u64, QemuImgError> {
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "measure".as_ref(),
+        "--output=json".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        "-o".as_ref(),
+        "compat=1.1".as_ref(),
+        path.as_os_str(),
+    ];
+    let r = run("measure", path, &args, INSPECT, None)?;
+    if !r.status.success() {
+        return Err(failed("measure", path, &r));
+    }
+    let output = |why: String| QemuImgError::Output { op: "measure", path: path.display().to_string(), why };
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).map_err(|e| output(e.to_string()))?;
+    v.get("required").and_then(serde_json::Value::as_u64).ok_or_else(|| output("no \"required\" size".into()))
+}
+
+/// Convert `src` (format stated) into a standalone qcow2 at `dst` (must not exist), writing
+/// at most `max_output` bytes when given.
 pub fn convert_to_qcow2(
     src: &Path,
     src_format: &str,
     dst: &Path,
+    max_output: Option<u64>,
     progress: Option<&ProgressBar>,
 ) -> Result<(), QemuImgError> {
     let mut args: Vec<&std::ffi::OsStr> = vec![
@@ -206,7 +252,7 @@ pub fn convert_to_qcow2(
     }
     args.push(src.as_os_str());
     args.push(dst.as_os_str());
-    let r = run("convert", src, &args, COPY, progress)?;
+    let r = run("convert", src, &args, Limits { output_bytes: max_output, ..COPY }, progress)?;
     if !r.status.success() {
         return Err(failed("convert", src, &r));
     }

@@ -35,6 +35,8 @@ pub const ROLLBACK_WINDOW: usize = 3;
 const LAYER_MODE: u32 = 0o444;
 /// Room left free after any write, so the catalog's own WAL can still commit.
 const SPACE_MARGIN: u64 = 64 << 20;
+/// Added to `qemu-img measure`'s prediction (and 1/64 of it) for an import's output cap.
+const OUTPUT_SLACK: u64 = 16 << 20;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -66,6 +68,14 @@ pub enum StoreError {
     Removed { image: String, version: u32, removed: String },
     #[error("{0} already exists: choose another path or remove it first")]
     Exists(String),
+    #[error(
+        "importing {image} needs {need} bytes in {store} once converted (measured by qemu-img, \
+         with margin), but only {free} bytes are free; free some space (try 'vdim image gc') or \
+         check whether the image is an expansion bomb"
+    )]
+    WouldNotFit { image: String, store: String, need: u64, free: u64 },
+    #[error("{path} reads differently in qemu-img than in vdim's inspection ({why}); vdim refuses such files: re-export the image from its source")]
+    QemuDisagrees { path: String, why: String },
     #[error("the import of {path} produced an image vdim did not expect: {why}")]
     Unexpected { path: String, why: String },
 }
@@ -252,6 +262,108 @@ impl Drop for TmpFile {
     }
 }
 
+/// A private (0700) work directory in the store, removed with everything in it on drop.
+struct PrivateDir(PathBuf);
+impl PrivateDir {
+    fn create(path: PathBuf) -> Result<PrivateDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().mode(0o700).create(&path).map_err(io("create directory", &path))?;
+        Ok(PrivateDir(path))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copy the first `len` bytes of `src` to a new 0600 file at `dst`, leaving holes where the
+/// source has holes (SEEK_DATA/SEEK_HOLE) or all-zero blocks.
+fn copy_sparse(src: &fs::File, len: u64, dst: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const BLOCK: usize = 64 << 10;
+    let out = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dst)?;
+    let seek = |from: u64, whence| {
+        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+        let r = unsafe { libc::lseek(src.as_raw_fd(), from as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let mut buf = vec![0u8; 16 * BLOCK];
+    let mut pos = 0;
+    while pos < len {
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => pos,
+            Err(e) => return Err(e),
+        };
+        if data >= len {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        let mut at = data;
+        while at < hole {
+            let n = buf.len().min((hole - at) as usize);
+            src.read_exact_at(&mut buf[..n], at)?;
+            for (i, block) in buf[..n].chunks(BLOCK).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    out.write_all_at(block, at + (i * BLOCK) as u64)?;
+                }
+            }
+            at += n as u64;
+        }
+        pos = hole.max(data + 1);
+    }
+    out.set_len(len)?;
+    Ok(())
+}
+
+/// What `qemu-img info` says of the private copy must be what the inspection found: a
+/// format that reads differently in QEMU than in vdim is refused before conversion.
+fn check_info(info: &serde_json::Value, probe: &imgfmt::Probe, src: &Path, copy: &Path) -> Result<()> {
+    let disagree = |why: String| StoreError::QemuDisagrees { path: src.display().to_string(), why };
+    for key in ["backing-filename", "full-backing-filename"] {
+        if let Some(b) = info.get(key) {
+            return Err(disagree(format!("qemu-img reports a backing file {b}")));
+        }
+    }
+    if info.pointer("/format-specific/data/data-file").is_some() {
+        return Err(disagree("qemu-img reports an external data file".into()));
+    }
+    // QEMU presents every size in whole 512-byte sectors.
+    let expected = probe.virtual_size.map(|s| s.next_multiple_of(512));
+    let seen = info.get("virtual-size").and_then(serde_json::Value::as_u64);
+    if seen != expected {
+        return Err(disagree(format!(
+            "qemu-img reads a virtual size of {seen:?} bytes, the inspection found {expected:?}"
+        )));
+    }
+    if probe.format == Format::Vmdk {
+        let data = info.pointer("/format-specific/data");
+        let create_type = data.and_then(|d| d.get("create-type")).and_then(serde_json::Value::as_str);
+        if !matches!(create_type, Some("monolithicSparse" | "streamOptimized")) {
+            return Err(disagree(format!("qemu-img reads create type {create_type:?}")));
+        }
+        let extents: Vec<&str> = data
+            .and_then(|d| d.get("extents"))
+            .and_then(serde_json::Value::as_array)
+            .map(|a| a.iter().map(|e| e.get("filename").and_then(serde_json::Value::as_str).unwrap_or("?")).collect())
+            .unwrap_or_default();
+        if extents != [copy.to_string_lossy()] {
+            return Err(disagree(format!("qemu-img reads the extents {extents:?}, not the file itself")));
+        }
+    }
+    Ok(())
+}
+
 fn progress_bar(len: u64, msg: &str, bytes: bool) -> Option<ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
@@ -345,37 +457,54 @@ impl Store {
             Err(e) => Err(e.into()),
         })?;
 
-        // Our own header inspection first: qemu-img never sees a file we have not vetted.
-        let probe = imgfmt::inspect(src, opts.format)?;
-        let fmt = probe.format.qemu_name();
-        let info = qemu_img::info(src, fmt)?;
-        for key in ["backing-filename", "full-backing-filename"] {
-            if let Some(b) = info.get(key) {
-                return Err(StoreError::Unexpected {
-                    path: src.display().to_string(),
-                    why: format!("qemu-img reports a backing file {b}"),
-                });
-            }
-        }
-        if info.pointer("/format-specific/data/data-file").is_some() {
-            return Err(StoreError::Unexpected {
-                path: src.display().to_string(),
-                why: "qemu-img reports an external data file".into(),
-            });
-        }
-        let src_meta = fs::metadata(src).map_err(io("read", src))?;
+        // Open the source once and work only on a private copy of those bytes: a file
+        // swapped in at `src` afterwards (a drop folder, a share) is never read.
+        let (source, len) = imgfmt::open_source(src)?;
+        let allocated = allocated_bytes(&source.metadata().map_err(io("read", src))?);
         ensure_space(
             &self.home.layers(),
-            allocated_bytes(&src_meta) + allocated_bytes(&src_meta) / 100,
-            &format!("importing {}", src.display()),
+            allocated + allocated / 100,
+            &format!("copying {} into the store", src.display()),
         )?;
+        let work = PrivateDir::create(Home::tmp_path(&self.home.layers(), &format!("import-{name}")))?;
+        // Named after the source so qemu-img's messages say which file they are about.
+        let mut copy_name = std::ffi::OsString::from("source-");
+        copy_name.push(src.file_name().unwrap_or("image".as_ref()));
+        let copy = work.path().join(copy_name);
+        copy_sparse(&source, len, &copy).map_err(|e| StoreError::Io {
+            what: "copy",
+            path: format!("{} to {}", src.display(), copy.display()),
+            source: e,
+        })?;
+        drop(source);
+        let copied = fs::File::open(&copy).map_err(io("open", &copy))?;
 
-        let mut tmp = TmpFile(Some(Home::tmp_path(&self.home.layers(), &format!("import-{name}.qcow2"))));
+        // Our own header inspection first: qemu-img never sees a file we have not vetted.
+        let probe = imgfmt::inspect_file(&copied, src, opts.format)?;
+        let fmt = probe.format.qemu_name();
+        let info = qemu_img::info(&copy, fmt)?;
+        check_info(&info, &probe, src, &copy)?;
+
+        // Expansion bombs: measure first, refuse what cannot fit, and cap the output there.
+        let required = qemu_img::measure_qcow2(&copy, fmt)?;
+        let cap = required.saturating_add(required / 64).saturating_add(OUTPUT_SLACK);
+        let free = free_bytes(&self.home.layers()).map_err(io("check free space of", &self.home.layers()))?;
+        if free < cap.saturating_add(SPACE_MARGIN) {
+            return Err(StoreError::WouldNotFit {
+                image: src.display().to_string(),
+                store: self.home.layers().display().to_string(),
+                need: cap.saturating_add(SPACE_MARGIN),
+                free,
+            });
+        }
+
+        let mut tmp = TmpFile(Some(work.path().join("layer.qcow2")));
         let pb = progress_bar(100, &format!("importing {}", src.display()), false);
-        qemu_img::convert_to_qcow2(src, fmt, tmp.path(), pb.as_ref())?;
+        qemu_img::convert_to_qcow2(&copy, fmt, tmp.path(), Some(cap), pb.as_ref())?;
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
+        fs::remove_file(&copy).map_err(io("remove", &copy))?;
         let header = qcow2::read_header(tmp.path())?;
         if header.backing_file.is_some() || header.external_data_file {
             return Err(StoreError::Unexpected {
@@ -863,7 +992,9 @@ impl Store {
                 continue;
             }
             if !dry_run {
-                fs::remove_file(&path).map_err(io("remove", &path))?;
+                // An interrupted import leaves its private work directory.
+                let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                removed.map_err(io("remove", &path))?;
             }
             removed.push(GcItem { image: None, version: None, path: path.display().to_string(), bytes, reason: why });
         }
@@ -906,7 +1037,7 @@ impl Store {
         ensure_space(&dir, chain_bytes, &format!("exporting '{name}' version {number}"))?;
         let mut tmp = TmpFile(Some(Home::tmp_path(&dir, "export.qcow2")));
         let pb = progress_bar(100, &format!("exporting {name} v{number}"), false);
-        qemu_img::convert_to_qcow2(&self.layer_path(&v), "qcow2", tmp.path(), pb.as_ref())?;
+        qemu_img::convert_to_qcow2(&self.layer_path(&v), "qcow2", tmp.path(), None, pb.as_ref())?;
         if let Some(pb) = pb {
             pb.finish_and_clear();
         }
@@ -925,5 +1056,59 @@ impl Store {
             })
         })?;
         Ok(ExportReport { image: name.into(), version: number, path: dest.to_path_buf(), size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[test]
+    fn copy_sparse_keeps_the_bytes_and_the_holes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src");
+        let f = fs::File::create(&src).expect("create");
+        f.set_len(64 << 20).expect("size");
+        f.write_all_at(b"start", 0).expect("write");
+        f.write_all_at(&[0u8; 1 << 20], 8 << 20).expect("allocated zeros");
+        f.write_all_at(b"middle", 32 << 20).expect("write");
+        f.write_all_at(b"end", (64 << 20) - 3).expect("write");
+        let work = PrivateDir::create(tmp.path().join("work")).expect("dir");
+        assert_eq!(fs::metadata(work.path()).expect("stat").mode() & 0o777, 0o700);
+        let dst = work.path().join("copy");
+        copy_sparse(&fs::File::open(&src).expect("open"), 64 << 20, &dst).expect("copy");
+        assert_eq!(fs::read(&src).expect("read"), fs::read(&dst).expect("read"));
+        let meta = fs::metadata(&dst).expect("stat");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(allocated_bytes(&meta) < 1 << 20, "holes and zero blocks stay holes: {}", allocated_bytes(&meta));
+        let dir = work.path().to_path_buf();
+        drop(work);
+        assert!(!dir.exists(), "the work directory goes with its guard");
+    }
+
+    #[test]
+    fn qemu_img_info_must_agree_with_the_inspection() {
+        let probe = |format, size| imgfmt::Probe { format, virtual_size: Some(size), file_size: 4096 };
+        let (src, copy) = (Path::new("/in/a.vmdk"), Path::new("/store/w/a.vmdk"));
+        let vmdk = |create: &str, extents: serde_json::Value, size: u64| json!({"virtual-size": size, "format-specific": {"type": "vmdk", "data": {"create-type": create, "extents": extents}}});
+        let one = json!([{"filename": "/store/w/a.vmdk"}]);
+        check_info(&vmdk("streamOptimized", one.clone(), 1 << 20), &probe(Format::Vmdk, 1 << 20), src, copy)
+            .expect("agrees");
+        for (info, why) in [
+            (vmdk("monolithicFlat", one.clone(), 1 << 20), "create type"),
+            (vmdk("monolithicSparse", json!([{"filename": "/etc/shadow"}]), 1 << 20), "extents"),
+            (
+                vmdk("monolithicSparse", json!([{"filename": "/store/w/a.vmdk"}, {"filename": "/x"}]), 1 << 20),
+                "extents",
+            ),
+            (vmdk("monolithicSparse", one.clone(), 2 << 20), "virtual size"),
+            (json!({"virtual-size": 1 << 20, "backing-filename": "/etc/passwd"}), "backing file"),
+        ] {
+            let e = check_info(&info, &probe(Format::Vmdk, 1 << 20), src, copy).expect_err(why).to_string();
+            assert!(e.contains(why) && e.contains("/in/a.vmdk"), "{e}");
+        }
+        // A raw file of 1000 bytes is a disk of two sectors to QEMU.
+        check_info(&json!({"virtual-size": 1024}), &probe(Format::Raw, 1000), src, copy).expect("rounded");
     }
 }
