@@ -46,7 +46,7 @@ impl Server {
         stdout.read_line(&mut banner).unwrap();
         let base = banner
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap_or_else(|| {
                 let _ = child.kill();
                 panic!("vdim serve did not start: {banner:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
@@ -210,6 +210,15 @@ fn a_thousand_slow_connections_neither_starve_a_session_open_nor_stay_open() {
     assert_eq!(status, 201, "{v}");
     assert!(took < Duration::from_secs(1), "the session open took {took:?} behind {SLOW} slow connections");
     eprintln!("session open behind {SLOW} slow connections: {:.1} ms", took.as_secs_f64() * 1e3);
+    // The cap was reached and the slow connections, not the users, made room.
+    let metrics = user.call("GET", "/metrics", Some(&admin)).1;
+    let counter = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (evicted, refused) = (counter("vdim_connections_evicted_total"), counter("vdim_connections_refused_total"));
+    eprintln!("evicted {evicted}, refused {refused}");
+    assert!(evicted >= 600 && refused == 0, "evicted {evicted}, refused {refused}");
 
     // Every slow connection is closed by the server within the header timeout (+ slack).
     let deadline = last_opened + HEADER_TIMEOUT + Duration::from_secs(2);
@@ -367,4 +376,90 @@ fn thin_clients_get_an_error_id_without_host_paths_or_libvirt_text_and_the_log_h
     assert!(s >= 500, "{s} {v}");
     assert!(v["error"].as_str().unwrap().to_lowercase().contains("libvirt"), "{v}");
     assert!(v["error_id"].is_string(), "{v}");
+}
+
+#[test]
+fn a_request_body_that_does_not_arrive_in_time_gets_408_and_changes_nothing() {
+    let env = Env::new();
+    let admin = add_user(&env, "admin", true);
+    let srv = Server::start(&env, "test:///default", &["--request-timeout", "2s"]);
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    let t = Instant::now();
+    write!(
+        s,
+        "POST /api/v1/admin/users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\
+         Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{{\"name\":"
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let took = t.elapsed();
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head:?} after {took:?}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "{took:?}");
+    let users = Http::new(&srv.base).ok("GET", "/api/v1/admin/users", &admin, None);
+    assert_eq!(users.as_array().unwrap().len(), 1, "{users}");
+}
+
+#[test]
+fn tls_handshakes_that_never_finish_are_closed_by_the_header_timeout() {
+    let env = Env::new();
+    let (cert, key) = (env.path("cert.pem"), env.path("key.pem"));
+    sh(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=vdim-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    );
+    let srv = Server::start(
+        &env,
+        "test:///default",
+        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--header-timeout", "2s"],
+    );
+    // Half of them say nothing, half start a ClientHello (a TLS record header) and stop.
+    let socks: Vec<TcpStream> = (0..100)
+        .map(|i| {
+            let mut s = TcpStream::connect(&srv.addr).unwrap();
+            if i % 2 == 1 {
+                s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+            }
+            s
+        })
+        .collect();
+    let opened = Instant::now();
+    let t = Instant::now();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--cacert"])
+        .arg(&cert)
+        .arg(format!("{}/healthz", srv.base))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let deadline = opened + Duration::from_secs(4);
+    let open = socks.iter().filter(|s| !closed_by_server(s, deadline)).count();
+    assert_eq!(open, 0, "{open} of 100 stalled TLS handshakes still open after the header timeout");
 }

@@ -59,6 +59,8 @@ const CATALOG_CONNECTIONS: usize = 8;
 const CHECK_CONNECTIONS: usize = 4;
 /// File descriptors kept for everything but client sockets (catalog, libvirt, consoles' VNC).
 const RESERVED_FILES: u64 = 256;
+/// The accept queue's length (nginx uses 511; the kernel caps it at somaxconn).
+const LISTEN_BACKLOG: u32 = 1024;
 /// Connections at most on `--metrics-listen`.
 const METRICS_CONNECTIONS: usize = 64;
 
@@ -316,17 +318,9 @@ async fn run(
     max_connections: usize,
 ) -> Result<(), BrokerError> {
     let bind = |addr: SocketAddr| move |source| BrokerError::Bind { addr, source };
-    let listener = std::net::TcpListener::bind(opts.listen).map_err(bind(opts.listen))?;
-    listener.set_nonblocking(true).map_err(bind(opts.listen))?;
+    let listener = listen(opts.listen).map_err(bind(opts.listen))?;
     let local = listener.local_addr().map_err(bind(opts.listen))?;
-    let metrics_listener = match opts.metrics_listen {
-        Some(addr) => {
-            let l = std::net::TcpListener::bind(addr).map_err(bind(addr))?;
-            l.set_nonblocking(true).map_err(bind(addr))?;
-            Some(l)
-        }
-        None => None,
-    };
+    let metrics_listener = opts.metrics_listen.map(|a| listen(a).map_err(bind(a))).transpose()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public = Public::parse(&opts.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}")))?;
     // Fail early on a home without a catalog.
@@ -390,17 +384,24 @@ async fn run(
     let _ = std::io::stdout().flush();
     let limits = listener::Limits { header_timeout: opts.header_timeout, max_connections };
     if let Some(l) = metrics_listener {
-        let l = tokio::net::TcpListener::from_std(l).map_err(BrokerError::Serve)?;
         let app = metrics_router(broker.clone());
         let limits = listener::Limits { max_connections: METRICS_CONNECTIONS, ..limits };
         tokio::spawn(listener::serve(l, None, app, limits, listener::Connections::new(METRICS_CONNECTIONS)));
     }
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(BrokerError::Serve)?;
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::select! {
         _ = listener::serve(listener, acceptor, app, limits, broker.connections.clone()) => Ok(()),
         _ = shutdown_signal() => Ok(()),
     }
+}
+
+/// A listening socket with a deep accept queue (the kernel's default 128 overflows under a
+/// burst of connections, and clients then wait for SYN retries).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn is_wildcard(listen: &str) -> bool {
