@@ -463,3 +463,25 @@ fn tls_handshakes_that_never_finish_are_closed_by_the_header_timeout() {
     let open = socks.iter().filter(|s| !closed_by_server(s, deadline)).count();
     assert_eq!(open, 0, "{open} of 100 stalled TLS handshakes still open after the header timeout");
 }
+
+#[test]
+fn serve_refuses_limits_it_cannot_keep() {
+    let env = Env::new();
+    let serve = |extra: &[&str]| {
+        let mut a = vec!["--connect", "test:///default", "serve", "--listen", "127.0.0.1:0"];
+        a.extend_from_slice(extra);
+        env.vdim(&a)
+    };
+    serve(&["--max-connections", "0"])
+        .assert_failure()
+        .assert_stderr_contains("--max-connections must be more than zero");
+    serve(&["--header-timeout", "0s"])
+        .assert_failure()
+        .assert_stderr_contains("--header-timeout must be more than zero");
+    serve(&["--request-timeout", "0s"])
+        .assert_failure()
+        .assert_stderr_contains("--request-timeout must be more than zero");
+    serve(&["--max-connections", "1000000000"]).assert_failure().assert_stderr_contains(
+        "--max-connections 1000000000 needs 1000000256 open files but the hard limit (ulimit -Hn)",
+    );
+}
