@@ -63,6 +63,22 @@ pub struct ServeArgs {
     /// Serve /bench/noop, a bare handler, as the benchmark's baseline
     #[arg(long, hide = true)]
     pub bench_noop: bool,
+    /// How long a client may take for its TLS handshake and for each request head (also the
+    /// keep-alive idle time); slower connections are closed
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// How long a thin-client or public request may take in all (503 after it; 408 when
+    /// its body has not arrived)
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Open client connections at most; at the cap the oldest connection that is not in a
+    /// request makes room [default: 4096, or fewer if the open-files limit is lower]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Also serve /metrics without a token on this plain-HTTP address (loopback or an admin
+    /// network); on --listen, /metrics needs an admin token
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn open_store(g: &Global) -> Result<Store> {
@@ -149,6 +165,10 @@ pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
         session_ttl: a.session_ttl,
         display_host: a.display_host,
         bench_noop: a.bench_noop,
+        header_timeout: a.header_timeout,
+        request_timeout: a.request_timeout,
+        max_connections: a.max_connections,
+        metrics_listen: a.metrics_listen,
     };
     Ok(broker::serve(opts)?)
 }

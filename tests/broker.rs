@@ -700,7 +700,7 @@ fn authorization_matrix_every_endpoint_by_every_kind_of_caller() {
     let create = json!({"name": "mx", "image": "img", "size": 1, "profile": "test-linux"}).to_string();
     let rows: Vec<(&str, String, Option<String>, [u16; 4])> = vec![
         ("GET", "/healthz".into(), None, [200, 200, 200, 200]),
-        ("GET", "/metrics".into(), None, [200, 200, 200, 200]),
+        ("GET", "/metrics".into(), None, [401, 403, 403, 200]),
         ("GET", "/".into(), None, [200, 200, 200, 200]),
         ("GET", "/static/console.js".into(), None, [200, 200, 200, 200]),
         ("GET", format!("/console/{sid}"), None, [200, 200, 200, 200]),
@@ -836,7 +836,7 @@ fn five_hundred_concurrent_session_requests_on_twenty_desktops() {
         show["desktops"].as_array().unwrap().iter().map(|d| d["assigned_to"].as_str().unwrap()).collect();
     assert_eq!(users.len(), 20);
     assert_eq!(http.ok("GET", "/api/v1/admin/sessions", admin, None).as_array().unwrap().len(), 20);
-    let metrics = http.call("GET", "/metrics", None, None).1;
+    let metrics = http.call("GET", "/metrics", Some(admin), None).1;
     for line in
         ["vdim_sessions_open 20", "vdim_pool_exhausted_total 480", "vdim_desktops{pool=\"rush\",state=\"in_use\"} 20"]
     {
@@ -1039,7 +1039,7 @@ fn sessions_expire_and_are_logged_off_by_the_broker() {
     assert_eq!(http.json("GET", &format!("/api/v1/sessions/{id}"), Some(&alice), None).0, 404);
     let audit = http.ok("GET", "/api/v1/admin/audit?pool=ttl", admin, None);
     assert!(audit.as_array().unwrap().iter().any(|e| e["action"] == "session.expire"), "{audit}");
-    assert!(http.call("GET", "/metrics", None, None).1.contains("vdim_sessions_reaped_total 1"));
+    assert!(http.call("GET", "/metrics", Some(admin), None).1.contains("vdim_sessions_reaped_total 1"));
     let again = http.ok("POST", "/api/v1/pools/ttl/sessions", &alice, None);
     assert_ne!(again["id"].as_str().unwrap(), id);
 }

@@ -1,11 +1,13 @@
 //! The JSON API: thin-client endpoints for any user, `/api/v1/admin/...` for administrators.
 //! Every handler authenticates first (so a request without a valid token learns nothing),
 //! parses its input, calls one service function on the blocking pool, and returns its
-//! report; errors become statuses in `error` only.
+//! report; errors become statuses in `error` only. The token is checked in the broker's
+//! checking lane ([`Broker::checking`], after a syntax check that needs no catalog); a
+//! service call's permit is taken only after that.
 
 use super::error::ApiError;
 use super::vv::{self, VvFile};
-use super::{Broker, Public, BODY_LIMIT};
+use super::{Broker, Deadline, Public, BODY_LIMIT};
 use crate::catalog::users::{Session, User};
 use crate::catalog::Channel;
 use crate::pool::{self, CreateOptions, Pools};
@@ -43,8 +45,9 @@ impl FromRequestParts<Arc<Broker>> for Caller {
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, t)| t.trim().to_string())
+            .filter(|t| crate::users::is_token(t))
             .ok_or(UserError::Unauthenticated)?;
-        let user = b.blocking(move |_, store| Ok(Users::new(store).authenticate(&token)?)).await?;
+        let user = b.checking(move |_, store| Ok(Users::new(store).authenticate(&token)?)).await?;
         Ok(Caller(user))
     }
 }
@@ -99,14 +102,20 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Q<T> {
 }
 
 /// A JSON body (an empty one reads as `{}`): 413 above [`BODY_LIMIT`], 400 when malformed
-/// or carrying unknown fields.
+/// or carrying unknown fields, 408 when it has not arrived by the request's [`Deadline`].
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, s: &S) -> ApiResult<Self> {
-        let bytes = Bytes::from_request(req, s).await.map_err(|r| {
+        let deadline = req.extensions().get::<Deadline>().copied();
+        let read = Bytes::from_request(req, s);
+        let read = match deadline {
+            Some(Deadline(at)) => tokio::time::timeout_at(at, read).await.map_err(|_| ApiError::BodyTimeout)?,
+            None => read.await,
+        };
+        let bytes = read.map_err(|r| {
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::TooLarge { limit: BODY_LIMIT }
             } else {

@@ -2,9 +2,17 @@
 //! own errors; nothing else in the broker picks a status.
 //!
 //! 400 bad input · 401 no valid token · 403 not allowed · 404 no such thing (another user's
-//! session included) · 409 conflicts with the current state · 413 body too large ·
-//! 503 pool exhausted, stopped, or the desktop's display not reachable now (no console, or
-//! a display on every address while the broker has no `--display-host`).
+//! session included) · 408 the request body did not arrive in time · 409 conflicts with the
+//! current state · 413 body too large · 503 pool exhausted, stopped, the request took longer
+//! than `--request-timeout`, or the desktop's display not reachable now (no console, or a
+//! display on every address while the broker has no `--display-host`).
+//!
+//! It is also where a message is judged fit for a thin client. Messages about the caller's
+//! own request (4xx) and the few 503s that name only pools and desktops go out as they are.
+//! Anything else (a 500, a console that libvirt could not give) may carry host paths or
+//! libvirt's words: the client gets a short, actionable message with an error id, the log
+//! gets the full message under the same id, and the admin API ([`with_detail`]) puts the
+//! full message back in the body for administrators.
 
 use super::vv::VvError;
 use crate::catalog::CatalogError;
@@ -46,6 +54,10 @@ pub enum ApiError {
     Origin { origin: String, expected: String },
     #[error("the broker could not run the request: {0}")]
     Internal(String),
+    #[error("the request did not finish within {}; try again", humantime::format_duration(*after))]
+    Timeout { after: std::time::Duration },
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
 }
 
 fn catalog_status(e: &CatalogError) -> StatusCode {
@@ -141,7 +153,32 @@ impl ApiError {
             ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::Origin { .. } => StatusCode::FORBIDDEN,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
+    }
+
+    /// The message for a client that is not an administrator, when [`ApiError::message`]
+    /// may carry host detail (paths, libvirt's or SQLite's words): `None` when it is fit to
+    /// show as it is.
+    pub fn public_message(&self) -> Option<String> {
+        let safe_503 = matches!(
+            self,
+            ApiError::User(
+                UserError::PoolStopped(_) | UserError::Pool(PoolError::Exhausted { .. }) | UserError::LoggingOff { .. }
+            ) | ApiError::Pool(PoolError::Exhausted { .. })
+                | ApiError::Vv(VvError::NoDisplayHost { .. })
+                | ApiError::Timeout { .. }
+        );
+        if !self.status().is_server_error() || safe_503 {
+            return None;
+        }
+        Some(match self {
+            ApiError::User(UserError::NoConsole { desktop, .. }) => {
+                format!("the console of desktop {desktop} is not available now; try again in a moment or contact your administrator")
+            }
+            _ => "the broker could not complete this request; try again or contact your administrator".to_string(),
+        })
     }
 
     /// The message with its causes, as the CLI prints them.
@@ -159,17 +196,59 @@ impl ApiError {
     }
 }
 
+/// The full message of an error whose body carries only its public message, for
+/// [`with_detail`].
+#[derive(Debug, Clone)]
+struct Detail {
+    message: String,
+    id: String,
+}
+
+/// A short random id that ties a client's error to its log line.
+fn error_id() -> String {
+    let mut b = [0u8; 6];
+    if getrandom::fill(&mut b).is_err() {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        b[..6].copy_from_slice(&N.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_be_bytes()[2..]);
+    }
+    hex::encode(b)
+}
+
+fn body(status: StatusCode, message: &str, id: Option<&str>) -> Response {
+    let mut v = serde_json::json!({"error": message, "status": status.as_u16()});
+    if let Some(id) = id {
+        v["error_id"] = id.into();
+    }
+    let mut r = (status, Json(v)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// For the admin API: puts the full message of an internal error back in the body.
+pub async fn with_detail(resp: Response) -> Response {
+    match resp.extensions().get::<Detail>().cloned() {
+        Some(d) => body(resp.status(), &format!("{} (error id {})", d.message, d.id), Some(&d.id)),
+        None => resp,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let message = self.message();
-        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(%status, error = %message, "request failed");
+        let Some(public) = self.public_message() else {
+            return body(status, &message, None);
+        };
+        let id = error_id();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(error_id = %id, %status, error = %message, "request failed");
+        } else {
+            tracing::error!(error_id = %id, %status, error = %message, "request failed");
         }
-        let mut r = (status, Json(serde_json::json!({"error": message, "status": status.as_u16()}))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
-        }
+        let mut r = body(status, &format!("{public} (error id {id})"), Some(&id));
+        r.extensions_mut().insert(Detail { message, id });
         r
     }
 }
@@ -194,9 +273,34 @@ mod tests {
             (PoolError::DisplayListen("x".into()).into(), 400),
             (VvError::NoDisplayHost { desktop: "d".into(), listen: "0.0.0.0".into() }.into(), 503),
             (VvError::BadValue { desktop: "d".into(), key: "host" }.into(), 500),
+            (ApiError::Timeout { after: std::time::Duration::from_secs(1) }, 503),
+            (ApiError::BodyTimeout, 408),
         ];
         for (e, code) in cases {
             assert_eq!(e.status().as_u16(), code, "{e}");
+        }
+    }
+
+    #[test]
+    fn internal_detail_is_kept_from_thin_clients() {
+        let libvirt = crate::hypervisor::HypervisorError::Connect {
+            uri: "qemu+unix:///system?socket=/srv/x.sock".into(),
+            message: "Failed to connect socket to '/srv/x.sock'".into(),
+        };
+        let e: ApiError =
+            UserError::NoConsole { desktop: "vdim-a-001".into(), session: "s".into(), source: libvirt }.into();
+        let public = e.public_message().expect("scrubbed");
+        assert!(public.contains("vdim-a-001") && !public.contains('/') && !public.contains("ibvirt"), "{public}");
+        assert!(e.message().contains("/srv/x.sock"));
+        let e = ApiError::Internal("cannot open /srv/home/catalog.db".into());
+        assert!(!e.public_message().unwrap().contains('/'));
+        for shown in [
+            ApiError::from(PoolError::Exhausted { pool: "p".into(), size: 1 }),
+            UserError::NotEntitled { user: "a".into(), pool: "p".into() }.into(),
+            ApiError::Timeout { after: std::time::Duration::from_secs(60) },
+            ApiError::BodyTimeout,
+        ] {
+            assert_eq!(shown.public_message(), None, "{shown}");
         }
     }
 

@@ -1,6 +1,7 @@
-//! Prometheus text exposition: the broker's own counters, plus what the catalog says at
-//! scrape time (open sessions, desktops by state, rollouts by state). Hand-written: the
-//! format is a few lines, a metrics crate would be the bigger dependency.
+//! Prometheus text exposition: the broker's own counters, plus what the catalog and the
+//! listener say at scrape time (open sessions, desktops by state, rollouts by state,
+//! connections). Hand-written: the format is a few lines, a metrics crate would be the
+//! bigger dependency. Served to administrators, or on `--metrics-listen` without a token.
 
 use crate::catalog::users::DesktopCounts;
 use std::collections::BTreeMap;
@@ -20,12 +21,15 @@ pub struct Metrics {
     pub http_responses: Mutex<BTreeMap<u16, u64>>,
 }
 
-/// What the catalog says at scrape time.
+/// What the catalog and the main listener say at scrape time.
 #[derive(Debug, Default)]
-pub struct CatalogFacts {
+pub struct Facts {
     pub open_sessions: u64,
     pub desktops: Vec<DesktopCounts>,
     pub rollouts: Vec<(String, u64)>,
+    pub connections_open: u64,
+    pub connections_evicted: u64,
+    pub connections_refused: u64,
 }
 
 fn label(v: &str) -> String {
@@ -38,7 +42,7 @@ impl Metrics {
         *m.entry(status).or_default() += 1;
     }
 
-    pub fn render(&self, facts: &CatalogFacts) -> String {
+    pub fn render(&self, facts: &Facts) -> String {
         let mut s = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -103,6 +107,19 @@ impl Metrics {
             "HTML5 console connections made.",
             one(self.console_connections_total.load(Relaxed).to_string()),
         );
+        metric("vdim_connections", "gauge", "Client connections open now.", one(facts.connections_open.to_string()));
+        metric(
+            "vdim_connections_evicted_total",
+            "counter",
+            "Waiting connections closed to make room at --max-connections.",
+            one(facts.connections_evicted.to_string()),
+        );
+        metric(
+            "vdim_connections_refused_total",
+            "counter",
+            "Connections refused at --max-connections because every connection was busy.",
+            one(facts.connections_refused.to_string()),
+        );
         let codes = self.http_responses.lock().unwrap_or_else(|p| p.into_inner()).clone();
         metric(
             "vdim_http_responses_total",
@@ -123,10 +140,13 @@ mod tests {
         let m = Metrics::default();
         m.sessions_opened.fetch_add(2, Relaxed);
         m.count_response(201);
-        let facts = CatalogFacts {
+        let facts = Facts {
             open_sessions: 2,
             desktops: vec![DesktopCounts { pool: "finance".into(), idle: 18, in_use: 2, resetting: 0 }],
             rollouts: vec![("running".into(), 1)],
+            connections_open: 3,
+            connections_evicted: 4,
+            connections_refused: 0,
         };
         let text = m.render(&facts);
         for line in [
@@ -136,6 +156,8 @@ mod tests {
             "vdim_desktops{pool=\"finance\",state=\"in_use\"} 2",
             "vdim_rollouts{state=\"running\"} 1",
             "vdim_http_responses_total{code=\"201\"} 1",
+            "vdim_connections 3",
+            "vdim_connections_evicted_total 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

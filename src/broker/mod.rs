@@ -10,12 +10,23 @@
 //!  reaper (every ttl/4, 1-30 s) ─► expire sessions, finish interrupted logoffs, close consoles
 //! ```
 //! Plain HTTP is only served on loopback; anything else needs `--tls-cert` and `--tls-key`.
+//!
+//! Under abuse: connections are accepted by [`listener`] (header timeout, a connection cap
+//! that evicts waiting connections first). Service calls run in two lanes of the blocking
+//! pool: token checks and anonymous reads in a small lane of their own, so that a flood of
+//! bad tokens or health checks waits only behind itself; service calls take a permit only
+//! after the token was checked. Thin-client and public routes end after `--request-timeout`
+//! (503), and a body that does not arrive by then gets 408. Errors that could carry host
+//! detail reach thin clients as a short message with an error id; the log has the detail
+//! under that id, and the admin API keeps it in the body. `/metrics` needs an admin token on
+//! the main listener, or none on `--metrics-listen`.
 //! Nothing secret is logged: tokens travel in headers (`Authorization`,
 //! `Sec-WebSocket-Protocol`) or URL fragments, and only methods, paths and statuses are logged.
 
 pub mod api;
 mod console;
 pub mod error;
+pub mod listener;
 mod metrics;
 mod tls;
 pub mod vnc;
@@ -32,7 +43,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 use error::ApiError;
-use std::future::IntoFuture;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +55,14 @@ use tokio::sync::Semaphore;
 pub const BODY_LIMIT: usize = 16 * 1024;
 /// Catalog connections (and so concurrent service calls) per broker.
 const CATALOG_CONNECTIONS: usize = 8;
+/// Catalog connections for token checks and anonymous reads, apart from service calls.
+const CHECK_CONNECTIONS: usize = 4;
+/// File descriptors kept for everything but client sockets (catalog, libvirt, consoles' VNC).
+const RESERVED_FILES: u64 = 256;
+/// The accept queue's length (nginx uses 511; the kernel caps it at somaxconn).
+const LISTEN_BACKLOG: u32 = 1024;
+/// Connections at most on `--metrics-listen`.
+const METRICS_CONNECTIONS: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -66,6 +84,12 @@ pub enum BrokerError {
     Runtime(std::io::Error),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("--max-connections {max} needs {need} open files but the hard limit (ulimit -Hn) is {limit}: lower it or raise the limit")]
+    NoFile { max: usize, need: u64, limit: u64 },
+    #[error("cannot raise the open-files limit to {need}: {source}")]
+    RaiseNoFile { need: u64, source: std::io::Error },
+    #[error("{what} must be more than zero")]
+    Zero { what: &'static str },
 }
 
 /// What `vdim serve` was asked to do.
@@ -85,6 +109,14 @@ pub struct ServeOptions {
     pub display_host: Option<String>,
     /// Adds `/bench/noop`, a bare handler outside every layer, as the benchmark's baseline.
     pub bench_noop: bool,
+    /// How long a client may take for the TLS handshake and for each request head.
+    pub header_timeout: Duration,
+    /// How long a thin-client or public request may take in all.
+    pub request_timeout: Duration,
+    /// Open connections at most; `None`: 4096, or fewer when the open-files limit is lower.
+    pub max_connections: Option<usize>,
+    /// A second, plain-HTTP listener serving only `/metrics`, without a token.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The broker's own address as browsers and thin clients see it.
@@ -134,7 +166,10 @@ impl Public {
 struct Stores {
     home: Home,
     idle: Mutex<Vec<Store>>,
+    /// Service calls, taken only once the caller is known.
     permits: Semaphore,
+    /// Token checks and anonymous reads.
+    check_permits: Semaphore,
 }
 
 /// SQLite's own busy handler sleeps in steps of up to 100 ms, which a session request would
@@ -178,17 +213,41 @@ pub struct Broker {
     /// Session opens take turns (first come, first served) instead of racing for SQLite's
     /// write lock: same outcome, no retry sleeps in the tail.
     pub(crate) open_gate: tokio::sync::Mutex<()>,
+    /// `--request-timeout`: thin-client and public routes.
+    pub(crate) request_timeout: Duration,
+    /// The main listener's connections.
+    pub(crate) connections: Arc<listener::Connections>,
     stores: Stores,
 }
 
 impl Broker {
-    /// Runs a synchronous service call on the blocking pool with a catalog connection.
+    /// Runs a synchronous service call on the blocking pool with a catalog connection; for
+    /// callers already authenticated (or the broker itself).
     pub(crate) async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&Broker, &mut Store) -> Result<T, ApiError> + Send + 'static,
     {
-        let _permit = self.stores.permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.run_blocking(&self.stores.permits, f).await
+    }
+
+    /// Like [`Broker::blocking`], in the lane for token checks and anonymous reads: what an
+    /// unauthenticated client can make the broker do never waits for, or delays, a service
+    /// call.
+    pub(crate) async fn checking<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Broker, &mut Store) -> Result<T, ApiError> + Send + 'static,
+    {
+        self.run_blocking(&self.stores.check_permits, f).await
+    }
+
+    async fn run_blocking<T, F>(self: &Arc<Self>, permits: &Semaphore, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Broker, &mut Store) -> Result<T, ApiError> + Send + 'static,
+    {
+        let _permit = permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut store = me.stores.take()?;
@@ -210,18 +269,58 @@ pub fn serve(opts: ServeOptions) -> Result<(), BrokerError> {
     if opts.tls.is_none() && !opts.listen.ip().is_loopback() {
         return Err(BrokerError::Insecure(opts.listen));
     }
+    for (what, d) in [("--header-timeout", opts.header_timeout), ("--request-timeout", opts.request_timeout)] {
+        if d.is_zero() {
+            return Err(BrokerError::Zero { what });
+        }
+    }
+    if opts.max_connections == Some(0) {
+        return Err(BrokerError::Zero { what: "--max-connections" });
+    }
+    let max_connections = raise_open_files(opts.max_connections)?;
     let tls = opts.tls.as_ref().map(|(c, k)| tls::server_config(c, k)).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(BrokerError::Runtime)?;
-    let out = rt.block_on(run(opts, tls));
+    let out = rt.block_on(run(opts, tls, max_connections));
     rt.shutdown_timeout(Duration::from_secs(5));
     out
 }
 
-async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Result<(), BrokerError> {
-    let bind = |source| BrokerError::Bind { addr: opts.listen, source };
-    let listener = std::net::TcpListener::bind(opts.listen).map_err(bind)?;
-    listener.set_nonblocking(true).map_err(bind)?;
-    let local = listener.local_addr().map_err(bind)?;
+/// The number of client connections to allow: the soft open-files limit is raised (like
+/// nginx's `worker_rlimit_nofile`) to cover them plus [`RESERVED_FILES`].
+fn raise_open_files(max: Option<usize>) -> Result<usize, BrokerError> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the rlimit we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(BrokerError::RaiseNoFile { need: 0, source: std::io::Error::last_os_error() });
+    }
+    let hard = r.rlim_max;
+    let max = match max {
+        Some(m) => m,
+        None => 4096.min(hard.saturating_sub(RESERVED_FILES).max(16) as usize),
+    };
+    let need = max as u64 + RESERVED_FILES;
+    if need > hard {
+        return Err(BrokerError::NoFile { max, need, limit: hard });
+    }
+    if r.rlim_cur < need {
+        r.rlim_cur = need;
+        // SAFETY: setrlimit reads the rlimit we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(BrokerError::RaiseNoFile { need, source: std::io::Error::last_os_error() });
+        }
+    }
+    Ok(max)
+}
+
+async fn run(
+    opts: ServeOptions,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_connections: usize,
+) -> Result<(), BrokerError> {
+    let bind = |addr: SocketAddr| move |source| BrokerError::Bind { addr, source };
+    let listener = listen(opts.listen).map_err(bind(opts.listen))?;
+    let local = listener.local_addr().map_err(bind(opts.listen))?;
+    let metrics_listener = opts.metrics_listen.map(|a| listen(a).map_err(bind(a))).transpose()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public = Public::parse(&opts.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}")))?;
     // Fail early on a home without a catalog.
@@ -238,10 +337,13 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
         metrics: metrics::Metrics::default(),
         vnc_gate: Arc::new(tokio::sync::Mutex::new(())),
         open_gate: tokio::sync::Mutex::new(()),
+        request_timeout: opts.request_timeout,
+        connections: listener::Connections::new(max_connections),
         stores: Stores {
             home: opts.home.clone(),
             idle: Mutex::new(vec![]),
             permits: Semaphore::new(CATALOG_CONNECTIONS),
+            check_permits: Semaphore::new(CHECK_CONNECTIONS),
         },
     });
     let healed = broker
@@ -273,29 +375,33 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
     }
     tokio::spawn(reaper(broker.clone()));
     let app = router(broker.clone(), &opts);
+    let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(BrokerError::Serve)?;
+    let metrics_note = metrics_addr.map(|a| format!(", metrics http://{a}/metrics")).unwrap_or_default();
     println!(
-        "vdim serve: listening on {} (API {}/api/v1, console {}/console/SESSION)",
+        "vdim serve: listening on {} (API {}/api/v1, console {}/console/SESSION{metrics_note})",
         broker.public.base, broker.public.base, broker.public.base
     );
     let _ = std::io::stdout().flush();
-    match tls {
-        Some(config) => {
-            let server =
-                axum_server::from_tcp_rustls(listener, axum_server::tls_rustls::RustlsConfig::from_config(config))
-                    .serve(app.into_make_service());
-            tokio::select! {
-                r = server => r.map_err(BrokerError::Serve),
-                _ = shutdown_signal() => Ok(()),
-            }
-        }
-        None => {
-            let listener = tokio::net::TcpListener::from_std(listener).map_err(bind)?;
-            tokio::select! {
-                r = axum::serve(listener, app).into_future() => r.map_err(BrokerError::Serve),
-                _ = shutdown_signal() => Ok(()),
-            }
-        }
+    let limits = listener::Limits { header_timeout: opts.header_timeout, max_connections };
+    if let Some(l) = metrics_listener {
+        let app = metrics_router(broker.clone());
+        let limits = listener::Limits { max_connections: METRICS_CONNECTIONS, ..limits };
+        tokio::spawn(listener::serve(l, None, app, limits, listener::Connections::new(METRICS_CONNECTIONS)));
     }
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::select! {
+        _ = listener::serve(listener, acceptor, app, limits, broker.connections.clone()) => Ok(()),
+        _ = shutdown_signal() => Ok(()),
+    }
+}
+
+/// A listening socket with a deep accept queue (the kernel's default 128 overflows under a
+/// burst of connections, and clients then wait for SYN retries).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn is_wildcard(listen: &str) -> bool {
@@ -338,7 +444,7 @@ async fn reaper(b: Arc<Broker>) {
 }
 
 fn router(b: Arc<Broker>, opts: &ServeOptions) -> Router {
-    let thin_client = Router::new()
+    let thin_client: Router<Arc<Broker>> = Router::new()
         .route("/api/v1/pools", get(api::pools))
         .route("/api/v1/pools/{pool}/sessions", post(api::open_session))
         .route("/api/v1/sessions", get(api::my_sessions))
@@ -367,7 +473,10 @@ fn router(b: Arc<Broker>, opts: &ServeOptions) -> Router {
         .route("/api/v1/admin/images/{image}/promote", post(api::admin_promote))
         .route("/api/v1/admin/images/{image}/rollout/halt", post(api::admin_halt_rollout))
         .route("/api/v1/admin/images/{image}/rollout/resume", post(api::admin_resume_rollout))
-        .route("/api/v1/admin/images/{image}/rollback", post(api::admin_rollback_channel));
+        .route("/api/v1/admin/images/{image}/rollback", post(api::admin_rollback_channel))
+        .route("/metrics", get(metrics))
+        // Administrators keep the detail of internal errors in the body.
+        .route_layer(middleware::map_response(error::with_detail));
     let consoles = Router::new()
         .route("/", get(console::portal))
         .route("/static/{file}", get(console::asset))
@@ -375,14 +484,17 @@ fn router(b: Arc<Broker>, opts: &ServeOptions) -> Router {
         .route("/console/{id}", get(console::page))
         .route("/console/{id}/ws", get(console::ws))
         .nest_service("/novnc", tower_http::services::ServeDir::new(&opts.novnc));
-    let mut app = Router::new()
+    let public = Router::new()
         .merge(thin_client)
-        .merge(admin)
         .merge(consoles)
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(request_timeout));
+    let mut app = Router::new()
+        .merge(public)
+        .merge(admin)
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(b.clone(), deadline))
         .layer(middleware::from_fn_with_state(b.clone(), observe));
     if opts.bench_noop {
         // Added after the layers: the bare axum baseline the benchmark compares against.
@@ -403,23 +515,65 @@ async fn observe(State(b): State<Arc<Broker>>, req: Request, next: Next) -> Resp
     resp
 }
 
+/// When the request must be answered by: `--request-timeout` from its head. Body reads
+/// ([`api::JsonBody`]) stop there on every route.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline(pub tokio::time::Instant);
+
+async fn deadline(State(b): State<Arc<Broker>>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(Deadline(tokio::time::Instant::now() + b.request_timeout));
+    next.run(req).await
+}
+
+/// Thin-client and public routes end at their [`Deadline`]. Admin routes run on (creating a
+/// pool of many desktops takes its time): their callers are authenticated administrators.
+async fn request_timeout(req: Request, next: Next) -> Response {
+    let Some(Deadline(at)) = req.extensions().get::<Deadline>().copied() else { return next.run(req).await };
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout_at(at, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::Timeout { after: at - started }.into_response(),
+    }
+}
+
 async fn no_route(req: Request) -> ApiError {
     ApiError::NoRoute { method: req.method().to_string(), path: req.uri().path().escape_default().to_string() }
 }
 
 async fn healthz(State(b): State<Arc<Broker>>) -> Result<Response, ApiError> {
-    let open = b.blocking(|_, store| Ok(store.catalog().read(|tx| tx.open_session_count())?)).await?;
+    let open = b.checking(|_, store| Ok(store.catalog().read(|tx| tx.open_session_count())?)).await?;
     Ok(axum::Json(serde_json::json!({"status": "ok", "sessions_open": open})).into_response())
 }
 
-async fn metrics(State(b): State<Arc<Broker>>) -> Result<Response, ApiError> {
+/// `/metrics` on the main listener: administrators only.
+async fn metrics(State(b): State<Arc<Broker>>, _a: api::Admin) -> Result<Response, ApiError> {
+    scrape(&b).await
+}
+
+/// The `--metrics-listen` listener: `/metrics` without a token, nothing else.
+fn metrics_router(b: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(b): State<Arc<Broker>>| async move { scrape(&b).await }))
+        .fallback(no_route)
+        .with_state(b)
+}
+
+async fn scrape(b: &Arc<Broker>) -> Result<Response, ApiError> {
+    let (open, evicted, refused) = (
+        b.connections.open() as u64,
+        b.connections.evicted.load(std::sync::atomic::Ordering::Relaxed),
+        b.connections.refused.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let facts = b
-        .blocking(|_, store| {
+        .checking(move |_, store| {
             Ok(store.catalog().read(|tx| -> Result<_, crate::catalog::CatalogError> {
-                Ok(metrics::CatalogFacts {
+                Ok(metrics::Facts {
                     open_sessions: tx.open_session_count()?,
                     desktops: tx.desktop_counts()?,
                     rollouts: tx.rollout_state_counts()?,
+                    connections_open: open,
+                    connections_evicted: evicted,
+                    connections_refused: refused,
                 })
             })?)
         })
