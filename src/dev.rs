@@ -83,7 +83,7 @@ pub fn start(
     let domain = domain_name(&draft.image);
     let profile = Profile::load(profiles, profile)?;
     let run = store.home().run().join("dev");
-    std::fs::create_dir_all(&run).map_err(|source| DevError::Io { path: run.display().to_string(), source })?;
+    crate::home::create_private_dir(&run).map_err(|source| DevError::Io { path: run.display().to_string(), source })?;
     let serial = run.join(format!("{}.serial.log", draft.image));
     let nvram = run.join(format!("{}.nvram", draft.image));
     if !hv.exists(&domain)? {

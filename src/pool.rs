@@ -2,7 +2,7 @@
 //! through thin copy-on-write overlays.
 //!
 //! ```text
-//!  layers/<v3>.qcow2 (0444) ◄── desktops/finance/vdim-finance-001.qcow2 ◄── domain vdim-finance-001
+//!  layers/<v3>.qcow2 (0440) ◄── desktops/finance/vdim-finance-001.qcow2 ◄── domain vdim-finance-001
 //!                           ◄── desktops/finance/vdim-finance-002.qcow2 ◄── domain vdim-finance-002
 //! ```
 //! Moving a desktop to another version never copies data: its overlay is replaced by a new
@@ -326,8 +326,8 @@ impl<'a> Pools<'a> {
         let home = self.home();
         let pool_dir = home.pool_dir(o.name);
         let run_dir = home.run().join(o.name);
-        fs::create_dir_all(&pool_dir).map_err(io("create", &pool_dir))?;
-        fs::create_dir_all(&run_dir).map_err(io("create", &run_dir))?;
+        crate::home::create_private_dir(&pool_dir).map_err(io("create", &pool_dir))?;
+        crate::home::create_private_dir(&run_dir).map_err(io("create", &run_dir))?;
         let virt_type = o.virt.as_str();
         let display_listen = o.display_listen.to_string();
         let pool = Pool {

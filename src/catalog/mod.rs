@@ -15,6 +15,7 @@ pub use pools::{Desktop, Pool};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 use thiserror::Error;
@@ -33,6 +34,8 @@ pub enum CatalogError {
     TooNew { path: String, found: i64, known: i64 },
     #[error("catalog {path}: {source}")]
     Open { path: String, source: rusqlite::Error },
+    #[error("cannot create the catalog {path}")]
+    Create { path: String, source: std::io::Error },
     #[error("catalog query failed")]
     Sql(#[from] rusqlite::Error),
 }
@@ -142,6 +145,16 @@ impl Catalog {
         let p = path.display().to_string();
         if !create && !path.exists() {
             return Err(CatalogError::NotInitialized { path: p });
+        }
+        if create {
+            // SQLite would create it 0644; its -wal and -shm files copy the database's mode.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(crate::home::PRIVATE_FILE)
+                .open(path)
+                .map_err(|source| CatalogError::Create { path: p.clone(), source })?;
         }
         let conn = Connection::open(path).map_err(|source| CatalogError::Open { path: p.clone(), source })?;
         let setup = || -> rusqlite::Result<()> {
