@@ -83,6 +83,8 @@ pub struct ServeOptions {
     /// The host `.vv` files name for displays listening on every address (checked with
     /// [`vv::parse_display_host`]); without it such a display gets no `.vv`.
     pub display_host: Option<String>,
+    /// `--display-ca` (and `--display-host-subject`): what `.vv` files of TLS displays carry.
+    pub display_tls: Option<vv::DisplayTls>,
     /// Adds `/bench/noop`, a bare handler outside every layer, as the benchmark's baseline.
     pub bench_noop: bool,
 }
@@ -171,6 +173,8 @@ pub struct Broker {
     pub(crate) session_ttl: Duration,
     /// `--display-host`: where thin clients reach displays that listen on every address.
     pub(crate) display_host: Option<String>,
+    /// `--display-ca`: the CA (and subject) of hosts' SPICE TLS certificates.
+    pub(crate) display_tls: Option<vv::DisplayTls>,
     pub(crate) consoles: console::Registry,
     pub(crate) metrics: metrics::Metrics,
     /// One console login at a time: a VNC ticket is set and used before the next is set.
@@ -234,6 +238,7 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
         public,
         session_ttl: opts.session_ttl,
         display_host: opts.display_host.clone(),
+        display_tls: opts.display_tls.clone(),
         consoles: console::Registry::default(),
         metrics: metrics::Metrics::default(),
         vnc_gate: Arc::new(tokio::sync::Mutex::new(())),

@@ -556,9 +556,38 @@ pub(crate) mod tests {
         .unwrap();
         drop(conn);
         let mut c = Catalog::open(&p, false).unwrap();
-        assert_eq!(c.schema_version().unwrap(), 5);
+        assert_eq!(c.schema_version().unwrap(), migrations::MIGRATIONS.len() as i64);
         let pool = c.read(|tx| tx.pool("old")).unwrap().unwrap();
         assert_eq!(pool.display_listen, "127.0.0.1");
+        assert!(!pool.insecure_display);
+    }
+
+    #[test]
+    fn migration_6_marks_plaintext_pools_off_loopback_insecure() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        let conn = Connection::open(&p).unwrap();
+        for (i, sql) in migrations::MIGRATIONS[..5].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (i + 1) as i64).unwrap();
+        }
+        conn.execute_batch(&format!(
+            "INSERT INTO images (id, name, created, virtual_size) VALUES (1, 'img', 'then', 1);
+             INSERT INTO versions (image_id, number, digest, file_size, virtual_size, author, created)
+                 VALUES (1, 1, '{}', 1, 1, 't', 'then');
+             INSERT INTO pools (name, image_id, channel, version, size, profile, virt_type, created, display_listen)
+                 VALUES ('lo', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '127.0.0.1'),
+                        ('lo6', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '::1'),
+                        ('any', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '0.0.0.0'),
+                        ('lan', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '192.0.2.10');",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        drop(conn);
+        let mut c = Catalog::open(&p, false).unwrap();
+        let pools = c.read(|tx| tx.pools()).unwrap();
+        let insecure: Vec<_> = pools.iter().filter(|p| p.insecure_display).map(|p| p.name.as_str()).collect();
+        assert_eq!(insecure, ["any", "lan"], "they served plaintext SPICE off loopback");
     }
 
     #[test]
