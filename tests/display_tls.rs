@@ -259,14 +259,20 @@ fn a_tls_display_on_a_remote_host_opens_in_remote_viewer_only_with_the_right_ca(
     add_user(&env, "admin");
     let alice = add_user(&env, "alice");
     env.vdim(&["pool", "entitle", pool, "alice"]).assert_success();
+    // A broker not given the CA refuses the .vv, saying what to configure.
+    let plain = Serve::start(&env, &host.uri, &[]);
+    let (s, body) = plain.call("POST", &format!("/api/v1/pools/{pool}/sessions"), &alice);
+    assert_eq!(s, 201, "{body}");
+    let sess: Value = serde_json::from_str(&body).unwrap();
+    let vv_path = format!("/api/v1/sessions/{}/console.vv", sess["id"].as_str().unwrap());
+    let (s, body) = plain.call("GET", &vv_path, &alice);
+    assert!(s == 503 && body.contains("--display-ca") && body.contains(desktop), "{s} {body}");
+    drop(plain);
+
     let ca = spice_dir.join("ca-cert.pem");
     let subject = format!("O=vdim test,CN={}", host.addr);
     let srv =
         Serve::start(&env, &host.uri, &["--display-ca", ca.to_str().unwrap(), "--display-host-subject", &subject]);
-    let (s, body) = srv.call("POST", &format!("/api/v1/pools/{pool}/sessions"), &alice);
-    assert_eq!(s, 201, "{body}");
-    let sess: Value = serde_json::from_str(&body).unwrap();
-    let vv_path = format!("/api/v1/sessions/{}/console.vv", sess["id"].as_str().unwrap());
     let (s, vv) = srv.call("GET", &vv_path, &alice);
     assert_eq!(s, 200, "{vv}");
     let kv = vv_keys(&vv);

@@ -273,6 +273,23 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
             tracing::warn!(pools = ?wildcard, "these pools' displays listen on every address: remote-viewer gets no .vv for them until 'vdim serve' has --display-host");
         }
     }
+    if broker.display_tls.is_none() {
+        let tls = broker
+            .blocking(|_, store| {
+                Ok(store
+                    .catalog()
+                    .read(|tx| tx.pools())?
+                    .into_iter()
+                    .filter(|p| crate::pool::display_tls(&p.display_listen, p.insecure_display))
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .unwrap_or_default();
+        if !tls.is_empty() {
+            tracing::warn!(pools = ?tls, "these pools' displays are SPICE over TLS: remote-viewer gets no .vv for them until 'vdim serve' has --display-ca");
+        }
+    }
     if !opts.novnc.join("core/rfb.js").is_file() {
         tracing::warn!(dir = %opts.novnc.display(), "noVNC not found: the HTML5 console will not load (run scripts/setup-console, or pass --novnc)");
     }
