@@ -34,13 +34,31 @@ pub enum CatalogError {
     TooNew { path: String, found: i64, known: i64 },
     #[error("catalog {path}: {source}")]
     Open { path: String, source: rusqlite::Error },
-    #[error("cannot create the catalog {path}")]
+    #[error("cannot create the catalog {path} or make it private (0600)")]
     Create { path: String, source: std::io::Error },
     #[error("catalog query failed")]
     Sql(#[from] rusqlite::Error),
 }
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
+
+/// A catalog (and its -wal, -shm) that an older vdim left readable by others becomes 0600.
+fn tighten_modes(db: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::metadata(&name) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&name, std::fs::Permissions::from_mode(crate::home::PRIVATE_FILE))?
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -157,6 +175,7 @@ impl Catalog {
                 .map_err(|source| CatalogError::Create { path: p.clone(), source })?;
         }
         let conn = Connection::open(path).map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        tighten_modes(path).map_err(|source| CatalogError::Create { path: p.clone(), source })?;
         let setup = || -> rusqlite::Result<()> {
             conn.busy_timeout(Duration::from_secs(30))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -560,6 +579,24 @@ pub(crate) mod tests {
         let pool = c.read(|tx| tx.pool("old")).unwrap().unwrap();
         assert_eq!(pool.display_listen, "127.0.0.1");
         assert!(!pool.insecure_display);
+    }
+
+    #[test]
+    fn catalog_files_are_0600_new_or_left_open_by_an_older_vdim() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(Catalog::open(&p, true).unwrap());
+        assert_eq!(mode(&p), 0o600);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = Catalog::open(&p, false).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        let wal = d.path().join("c.db-wal");
+        if wal.exists() {
+            assert_eq!(mode(&wal), 0o600);
+        }
+        drop(c);
     }
 
     #[test]
