@@ -211,6 +211,10 @@ pub enum PoolCmd {
         /// 'vdim serve --display-host'). remote-viewer on another machine needs a reachable one
         #[arg(long, value_name = "ADDR", default_value = pool::DEFAULT_DISPLAY_LISTEN, value_parser = display_listen_arg)]
         display_listen: std::net::IpAddr,
+        /// Off loopback, SPICE in plaintext instead of TLS (tickets and screens readable on the
+        /// network); without it such a pool needs the host's libvirt configured for SPICE TLS
+        #[arg(long)]
+        insecure_display: bool,
     },
     /// All pools
     List,
@@ -255,6 +259,17 @@ pub enum PoolCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// How a pool's displays are protected, as `pool show` says it.
+fn display_security(p: &crate::catalog::Pool) -> &'static str {
+    if p.insecure_display {
+        " (INSECURE: plaintext SPICE off loopback, --insecure-display)"
+    } else if pool::display_tls(&p.display_listen, false) {
+        " (SPICE over TLS)"
+    } else {
+        " (loopback only)"
+    }
 }
 
 /// `--display-listen`: the same check as the API's, with its message.
@@ -368,7 +383,17 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
     let hv = connect(g)?;
     let mut pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
     match cmd {
-        PoolCmd::Create { name, image, channel, size, profile, persistent, start, display_listen } => {
+        PoolCmd::Create {
+            name,
+            image,
+            channel,
+            size,
+            profile,
+            persistent,
+            start,
+            display_listen,
+            insecure_display,
+        } => {
             let virt = pool::parse_virt_type(&g.virt_type)?;
             let o = CreateOptions {
                 name: &name,
@@ -380,11 +405,12 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 virt,
                 start,
                 display_listen,
+                insecure_display,
             };
             let v = pools.create(&o, &actor)?;
             print(g.json, &v, |v| {
                 format!(
-                    "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}, displays on {}",
+                    "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}, displays on {}{}",
                     v.pool.name,
                     v.desktops.len(),
                     v.pool.image,
@@ -392,7 +418,8 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                     v.pool.channel,
                     v.pool.profile,
                     v.pool.virt_type,
-                    v.pool.display_listen
+                    v.pool.display_listen,
+                    display_security(&v.pool)
                 )
             })
         }
@@ -424,7 +451,7 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
             print(g.json, &v, |v| {
                 let p = &v.pool;
                 let mut s = format!(
-                    "pool {}: image {} channel {} (at version {}), runs version {}{}, {} desktops, profile {}{}, displays on {}\n",
+                    "pool {}: image {} channel {} (at version {}), runs version {}{}, {} desktops, profile {}{}, displays on {}{}\n",
                     p.name,
                     p.image,
                     p.channel,
@@ -434,7 +461,8 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                     p.size,
                     p.profile,
                     if p.persistent { ", persistent" } else { "" },
-                    p.display_listen
+                    p.display_listen,
+                    display_security(p)
                 );
                 s += &format!("{:<24} {:<22} {:>7} {:>8}  user\n", "desktop", "state", "version", "will run");
                 for d in &v.desktops {

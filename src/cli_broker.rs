@@ -60,6 +60,14 @@ pub struct ServeArgs {
     /// pools whose displays listen on every address (--display-listen 0.0.0.0 or ::)
     #[arg(long, env = "VDIM_DISPLAY_HOST", value_name = "HOST", value_parser = broker::vv::parse_display_host)]
     pub display_host: Option<String>,
+    /// CA certificate (PEM) that signed the hosts' SPICE TLS certificates, i.e. the ca-cert.pem
+    /// of libvirt's spice_tls_x509_cert_dir: .vv files of TLS displays carry it
+    #[arg(long, env = "VDIM_DISPLAY_CA", value_name = "FILE")]
+    pub display_ca: Option<PathBuf>,
+    /// Subject of the hosts' SPICE server certificate (e.g. "O=Example,CN=hv1.example") for
+    /// remote-viewer to expect; without it remote-viewer checks the host name against it
+    #[arg(long, requires = "display_ca", value_name = "SUBJECT", value_parser = broker::vv::parse_host_subject)]
+    pub display_host_subject: Option<String>,
     /// Serve /bench/noop, a bare handler, as the benchmark's baseline
     #[arg(long, hide = true)]
     pub bench_noop: bool,
@@ -152,7 +160,25 @@ pub fn entitle(g: &Global, pools: &mut Pools, pool: &str, user: &str, grant: boo
     })
 }
 
+fn read_display_ca(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(broker::vv::MAX_CA_BYTES as u64 + 1).read_to_string(&mut text))
+        .map_err(|e| anyhow::anyhow!("cannot read the display CA {}: {e}", path.display()))?;
+    Ok(text)
+}
+
 pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
+    let display_tls = match &a.display_ca {
+        None => None,
+        Some(path) => {
+            let pem = read_display_ca(path)?;
+            let ca = broker::vv::parse_display_ca(&pem)
+                .map_err(|why| anyhow::anyhow!("display CA {} {why}", path.display()))?;
+            Some(broker::vv::DisplayTls { ca, host_subject: a.display_host_subject.clone() })
+        }
+    };
     let opts = ServeOptions {
         home: Home::new(g.home.clone().unwrap_or_else(Home::default_root)),
         connect: g.connect.clone(),
@@ -164,6 +190,7 @@ pub fn serve(g: &Global, a: ServeArgs) -> Result<()> {
         novnc: a.novnc,
         session_ttl: a.session_ttl,
         display_host: a.display_host,
+        display_tls,
         bench_noop: a.bench_noop,
         header_timeout: a.header_timeout,
         request_timeout: a.request_timeout,

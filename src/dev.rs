@@ -83,7 +83,7 @@ pub fn start(
     let domain = domain_name(&draft.image);
     let profile = Profile::load(profiles, profile)?;
     let run = store.home().run().join("dev");
-    std::fs::create_dir_all(&run).map_err(|source| DevError::Io { path: run.display().to_string(), source })?;
+    crate::home::create_private_dir(&run).map_err(|source| DevError::Io { path: run.display().to_string(), source })?;
     let serial = run.join(format!("{}.serial.log", draft.image));
     let nvram = run.join(format!("{}.nvram", draft.image));
     if !hv.exists(&domain)? {
@@ -96,6 +96,7 @@ pub fn start(
             nvram: profile.uses_uefi().then_some(nvram.as_path()),
             graphics_password: &secret,
             listen: "127.0.0.1",
+            display_tls: false,
             pool: &draft.image,
             version: draft.base_version,
         };
@@ -110,14 +111,15 @@ pub fn start(
         // VNC takes 8 characters at most; SPICE gets a longer ticket.
         let password = pool::random_secret(if kind == GraphicsKind::Vnc { 4 } else { 16 });
         match hv.set_graphics_password(&domain, kind, &password, until) {
-            Ok(GraphicsEndpoint { listen, port, .. }) => consoles.push(Console {
+            // Dev desktops listen on loopback in plaintext, so the plain port is always there.
+            Ok(GraphicsEndpoint { listen, port: Some(port), .. }) => consoles.push(Console {
                 kind,
                 listen,
                 port,
                 password,
                 valid_until: humantime::format_rfc3339_seconds(until).to_string(),
             }),
-            Err(HypervisorError::NoGraphics { .. }) => {}
+            Ok(_) | Err(HypervisorError::NoGraphics { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }

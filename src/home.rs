@@ -3,7 +3,7 @@
 //! ```text
 //! $VDIM_HOME/
 //!   catalog.db            SQLite catalog (WAL)
-//!   layers/<sha256>.qcow2 sealed version layers, mode 0444, backing = "<parent sha256>.qcow2"
+//!   layers/<sha256>.qcow2 sealed version layers, mode 0440, backing = "<parent sha256>.qcow2"
 //!   layers/.tmp-<pid>-*   work in progress of a running command (gc removes dead ones)
 //!   drafts/<image>-*.qcow2 writable dev clones, backing = "../layers/<sha256>.qcow2"
 //!   desktops/<pool>/      desktop overlays, backing = "../../layers/<sha256>.qcow2"
@@ -11,8 +11,40 @@
 //!   run/                  serial logs, NVRAM and other per-desktop runtime files
 //! ```
 //! Backing paths are relative so the whole home can move without breaking a chain.
+//!
+//! Desktops' disks hold users' data and the catalog holds token hashes, so nothing in the
+//! home is readable by other local users: directories are 0700, files 0600, sealed layers
+//! 0440. Modes are set when a file is created (explicit modes, and a 077 umask for what
+//! qemu-img and SQLite create), never by a chmod after a window in which it was readable.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of every directory vdim creates in its home.
+pub const PRIVATE_DIR: u32 = 0o700;
+/// Mode of overlays, drafts, the catalog and other files vdim creates in its home.
+pub const PRIVATE_FILE: u32 = 0o600;
+/// Mode of a sealed layer: read-only, never readable by other users. `verify` accepts this
+/// or stricter.
+pub const LAYER_MODE: u32 = 0o440;
+
+/// Files this process and its children (qemu-img) create get no group or other bits unless
+/// given explicitly. Called once at the start of `vdim`.
+pub fn private_umask() {
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
+/// `mkdir -p` whose new directories are 0700 from the start; an existing directory that
+/// others can reach is made 0700 too.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(path)?;
+    let meta = std::fs::metadata(path)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone)]
 pub struct Home {
@@ -105,5 +137,19 @@ mod tests {
         assert_eq!(tmp_owner(name), Some(std::process::id() as i32));
         assert!(pid_alive(std::process::id() as i32));
         assert_eq!(tmp_owner("abc.qcow2"), None);
+    }
+
+    #[test]
+    fn private_dirs_are_0700_even_when_they_existed_open() {
+        let d = tempfile::tempdir().unwrap();
+        let new = d.path().join("a/b");
+        create_private_dir(&new).unwrap();
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&open).unwrap();
+        for p in [d.path().join("a"), new, open] {
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, PRIVATE_DIR, "{p:?}");
+        }
     }
 }

@@ -93,7 +93,8 @@ impl fmt::Display for GraphicsKind {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GraphicsEndpoint {
     pub listen: String,
-    pub port: u16,
+    /// The plaintext port; none for a TLS-only SPICE display.
+    pub port: Option<u16>,
     pub tls_port: Option<u16>,
 }
 
@@ -150,6 +151,10 @@ pub trait Hypervisor: Send + Sync {
         password: &str,
         valid_to: SystemTime,
     ) -> Result<GraphicsEndpoint, HypervisorError>;
+    /// Whether this host's libvirt serves SPICE over TLS (qemu.conf `spice_tls = 1` with
+    /// certificates in `spice_tls_x509_cert_dir`). Answered by libvirt itself, so it holds for
+    /// remote hosts: a throwaway definition with a TLS port is validated, then removed.
+    fn spice_tls(&self) -> Result<bool, HypervisorError>;
     /// The listen address and ports of a running domain's console (autoport resolved).
     fn graphics(&self, name: &str, kind: GraphicsKind) -> Result<GraphicsEndpoint, HypervisorError>;
     /// Ask the QEMU guest agent inside a running domain for a `guest-ping`: Ok when it
@@ -237,6 +242,30 @@ impl Libvirt {
 impl Hypervisor for Libvirt {
     fn uri(&self) -> &str {
         &self.uri
+    }
+
+    fn spice_tls(&self) -> Result<bool, HypervisorError> {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("the OS random source works");
+        let name = format!("vdim-probe-spice-tls-{}", hex::encode(r));
+        // libvirt refuses a tlsPort at define time when qemu.conf has spice_tls = 0.
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>16</memory><os><type>hvm</type></os>\
+             <devices><graphics type='spice' autoport='no' port='65534' tlsPort='65535'>\
+             <listen type='address' address='127.0.0.1'/></graphics></devices></domain>"
+        );
+        let conn = self.conn()?;
+        match conn.define_domain_xml(&xml) {
+            Ok(dom) => {
+                dom.undefine().map_err(|e| domain_error("undefine", &name, &e))?;
+                Ok(true)
+            }
+            Err(e) if e.code().to_raw() == sys::VIR_ERR_CONFIG_UNSUPPORTED && e.message().contains("TLS") => {
+                tracing::debug!(uri = %self.uri, message = %e.message(), "no SPICE TLS");
+                Ok(false)
+            }
+            Err(e) => Err(domain_error("define", &name, &e)),
+        }
     }
 
     fn define(&self, xml: &str) -> Result<(), HypervisorError> {
@@ -463,8 +492,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn endpoint(graphics: &XmlElement) -> Result<GraphicsEndpoint, String> {
     // Inactive domains and unallocated autoports read -1.
     let port_attr = |attr: &str| graphics.attr(attr).and_then(|p| p.parse::<u16>().ok()).filter(|p| *p > 0);
-    let port = port_attr("port").ok_or("the domain is not running or listens on a socket")?;
-    let tls_port = port_attr("tlsPort");
+    let (port, tls_port) = (port_attr("port"), port_attr("tlsPort"));
+    if port.is_none() && tls_port.is_none() {
+        return Err("the domain is not running or listens on a socket".into());
+    }
     let listen = graphics
         .attr("listen")
         .map(str::to_string)
@@ -1017,7 +1048,7 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].attr("passwd"), Some("o'ld"));
         let spice = endpoint(&all[1]).expect("spice endpoint");
-        assert_eq!(spice, GraphicsEndpoint { listen: "0.0.0.0".into(), port: 5902, tls_port: Some(5903) });
+        assert_eq!(spice, GraphicsEndpoint { listen: "0.0.0.0".into(), port: Some(5902), tls_port: Some(5903) });
         let mut vnc = all[0].clone();
         vnc.set_attr("passwd", "n<e>w'\"&");
         vnc.set_attr("passwdValidTo", "2026-11-22T10:00:00");
@@ -1226,7 +1257,7 @@ mod tests {
         assert_eq!(hv.state(&name).expect("state").0, DomainState::Running);
 
         let before = hv.graphics(&name, GraphicsKind::Vnc).expect("vnc endpoint");
-        assert!(before.port > 0);
+        assert!(before.port.is_some());
         assert_eq!(before.listen, "127.0.0.1");
 
         let valid_to = SystemTime::now() + Duration::from_secs(600);
@@ -1235,7 +1266,7 @@ mod tests {
         assert_eq!(hv.graphics(&name, GraphicsKind::Vnc).expect("vnc"), vnc);
         let spice =
             hv.set_graphics_password(&name, GraphicsKind::Spice, "tkt-spice-1", valid_to).expect("spice password");
-        assert!(spice.port > 0 && spice.port != vnc.port);
+        assert!(spice.port.is_some() && spice.port != vnc.port);
 
         let xml = hv.xml(&name).expect("xml");
         let live = find_elements(&xml, "graphics");

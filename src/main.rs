@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    vdim::home::private_umask();
     let cli = vdim::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VDIM_LOG").unwrap_or_else(|_| "warn".into()))

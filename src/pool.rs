@@ -2,7 +2,7 @@
 //! through thin copy-on-write overlays.
 //!
 //! ```text
-//!  layers/<v3>.qcow2 (0444) ◄── desktops/finance/vdim-finance-001.qcow2 ◄── domain vdim-finance-001
+//!  layers/<v3>.qcow2 (0440) ◄── desktops/finance/vdim-finance-001.qcow2 ◄── domain vdim-finance-001
 //!                           ◄── desktops/finance/vdim-finance-002.qcow2 ◄── domain vdim-finance-002
 //! ```
 //! Moving a desktop to another version never copies data: its overlay is replaced by a new
@@ -72,6 +72,13 @@ pub enum PoolError {
     VirtType(String),
     #[error("display listen address {0:?} is not an IP address (e.g. 127.0.0.1, 192.0.2.10, 0.0.0.0 or ::)")]
     DisplayListen(String),
+    #[error(
+        "pool '{pool}' would put its SPICE displays on {listen}, off loopback, but the libvirt at {uri} has no \
+         SPICE TLS: set spice_tls = 1 and spice_tls_x509_cert_dir (holding ca-cert.pem, server-cert.pem, \
+         server-key.pem) in that host's qemu.conf and restart its libvirtd, or pass --insecure-display to send \
+         console traffic and tickets in plaintext"
+    )]
+    DisplayTlsUnavailable { pool: String, listen: String, uri: String },
 }
 
 pub type Result<T> = std::result::Result<T, PoolError>;
@@ -111,6 +118,12 @@ pub fn parse_display_listen(s: &str) -> Result<IpAddr> {
     s.parse::<IpAddr>().map_err(|_| PoolError::DisplayListen(s.to_string()))
 }
 
+/// Whether a pool's SPICE displays speak TLS only: every display off loopback, unless the
+/// administrator chose plaintext (`--insecure-display`).
+pub fn display_tls(listen: &str, insecure_display: bool) -> bool {
+    !insecure_display && !listen.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 pub fn parse_virt_type(s: &str) -> Result<VirtType> {
     match s {
         "kvm" => Ok(VirtType::Kvm),
@@ -132,6 +145,8 @@ pub struct CreateOptions<'a> {
     pub start: bool,
     /// Where the desktops' SPICE and VNC displays listen.
     pub display_listen: IpAddr,
+    /// Plaintext SPICE off loopback instead of TLS (recorded on the pool, shown by `show`).
+    pub insecure_display: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -270,6 +285,7 @@ impl<'a> Pools<'a> {
             nvram: profile.uses_uefi().then_some(nvram.as_path()),
             graphics_password: &secret,
             listen: &pool.display_listen,
+            display_tls: display_tls(&pool.display_listen, pool.insecure_display),
             pool: &pool.name,
             version,
         };
@@ -307,6 +323,19 @@ impl<'a> Pools<'a> {
             return Err(PoolError::Size { size: o.size, max: MAX_POOL_SIZE });
         }
         let profile = Profile::load(&self.profiles, o.profile)?;
+        let listen = o.display_listen.to_string();
+        // Loopback needs no TLS, and plaintext elsewhere only when asked for.
+        let insecure_display = o.insecure_display && !o.display_listen.is_loopback();
+        if profile.graphics().contains(&profile::Graphics::Spice)
+            && display_tls(&listen, insecure_display)
+            && !self.hv.spice_tls()?
+        {
+            return Err(PoolError::DisplayTlsUnavailable {
+                pool: o.name.to_string(),
+                listen,
+                uri: self.hv.uri().to_string(),
+            });
+        }
         let _locks = self.lock_pool(o.name)?;
         let (image, version) = self.store.catalog().read(|tx| -> Result<_> {
             if tx.pool(o.name)?.is_some() {
@@ -326,8 +355,8 @@ impl<'a> Pools<'a> {
         let home = self.home();
         let pool_dir = home.pool_dir(o.name);
         let run_dir = home.run().join(o.name);
-        fs::create_dir_all(&pool_dir).map_err(io("create", &pool_dir))?;
-        fs::create_dir_all(&run_dir).map_err(io("create", &run_dir))?;
+        crate::home::create_private_dir(&pool_dir).map_err(io("create", &pool_dir))?;
+        crate::home::create_private_dir(&run_dir).map_err(io("create", &run_dir))?;
         let virt_type = o.virt.as_str();
         let display_listen = o.display_listen.to_string();
         let pool = Pool {
@@ -343,6 +372,7 @@ impl<'a> Pools<'a> {
             persistent: o.persistent,
             virt_type: virt_type.to_string(),
             display_listen: display_listen.clone(),
+            insecure_display,
             running: false,
             created: String::new(),
         };
@@ -361,6 +391,7 @@ impl<'a> Pools<'a> {
                     persistent: o.persistent,
                     virt_type,
                     display_listen: &display_listen,
+                    insecure_display,
                 })?;
                 for i in 1..=o.size {
                     let name = desktop_name(o.name, i);
@@ -375,6 +406,7 @@ impl<'a> Pools<'a> {
                     detail: json!({
                         "size": o.size, "channel": o.channel, "profile": o.profile, "persistent": o.persistent,
                         "virt_type": virt_type, "display_listen": display_listen,
+                        "insecure_display": insecure_display,
                     }),
                 })?;
                 Ok(())

@@ -337,6 +337,9 @@ pub struct DesktopSpec<'a> {
     pub graphics_password: &'a str,
     /// IP address the displays listen on, e.g. `127.0.0.1`.
     pub listen: &'a str,
+    /// SPICE over TLS only (`defaultMode='secure'`: libvirt opens no plaintext port); needs
+    /// the host's libvirt configured for SPICE TLS.
+    pub display_tls: bool,
     /// Pool and image version, recorded in the domain's `<metadata>`.
     pub pool: &'a str,
     pub version: u32,
@@ -581,15 +584,18 @@ pub fn domain_xml(profile: &Profile, virt: VirtType, spec: &DesktopSpec) -> Resu
     }
     for graphics in &hw.graphics {
         match graphics {
-            Graphics::Spice => x.open(
-                "graphics",
-                &[
+            Graphics::Spice => {
+                let mut attrs = vec![
                     ("type", "spice"),
                     ("autoport", "yes"),
                     ("passwd", spec.graphics_password),
                     ("connected", "disconnect"),
-                ],
-            ),
+                ];
+                if spec.display_tls {
+                    attrs.push(("defaultMode", "secure"));
+                }
+                x.open("graphics", &attrs)
+            }
             // libvirt allows only connected='keep' for VNC, and passwords of 8 characters.
             Graphics::Vnc => x.open(
                 "graphics",
@@ -932,6 +938,7 @@ mod tests {
             nvram: profile.uses_uefi().then_some(Path::new("/var/lib/vdim/nvram/vdim-finance-001_VARS.fd")),
             graphics_password: "s3cret-ticket",
             listen: "127.0.0.1",
+            display_tls: false,
             pool: "finance",
             version: 7,
         }
@@ -1318,6 +1325,22 @@ graphics = ["vnc"]
     }
 
     #[test]
+    fn a_tls_display_is_spice_secure_only_and_vnc_stays_on_loopback() {
+        let profile = shipped("test-linux");
+        let mut s = spec(&profile, "vdim-ok");
+        s.listen = "192.0.2.10";
+        let plain = domain_xml(&profile, VirtType::Qemu, &s).expect("xml");
+        assert!(!plain.contains("defaultMode"), "{plain}");
+        s.display_tls = true;
+        let out = domain_xml(&profile, VirtType::Qemu, &s).expect("xml");
+        let spice =
+            "<graphics type='spice' autoport='yes' passwd='s3cret-ticket' connected='disconnect' defaultMode='secure'>";
+        assert!(out.contains(spice), "{out}");
+        assert_eq!(out.matches("defaultMode").count(), 1, "SPICE only: {out}");
+        assert!(out.contains("<listen type='address' address='127.0.0.1'/>"), "VNC on loopback: {out}");
+    }
+
+    #[test]
     fn uuid_and_listen_are_checked() {
         let profile = shipped("windows11");
         let mut s = spec(&profile, "vdim-ok");
@@ -1424,6 +1447,7 @@ graphics = ["vnc"]
             nvram: Some(&nvram),
             graphics_password: "e2e-ticket",
             listen: "127.0.0.1",
+            display_tls: false,
             pool: "e2e",
             version: 1,
         };

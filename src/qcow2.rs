@@ -514,7 +514,7 @@ fn overlay_header(virtual_size: u64, l1_size: u64, backing: &str, backing_format
     h
 }
 
-/// Create a new qcow2 v3 overlay at `path` (must not exist: O_EXCL, mode 0o644, fsync'd file)
+/// Create a new qcow2 v3 overlay at `path` (must not exist: O_EXCL, mode 0600, fsync'd file)
 /// whose backing file is the string `backing` (normally a RELATIVE path) with backing format
 /// `backing_format` (header extension 0xe2792aca), virtual size `virtual_size`, 64 KiB
 /// clusters, no data allocated. QEMU cannot tell it from
@@ -553,16 +553,18 @@ fn write_overlay(
     let refcounts: Vec<u8> = (0..OVERLAY_META_CLUSTERS + l1_clusters).flat_map(|_| 1u16.to_be_bytes()).collect();
     let file_len = OVERLAY_META_CLUSTERS * OVERLAY_CLUSTER + l1_size * 8;
 
-    let file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(path).map_err(|source| {
-        if source.kind() == io::ErrorKind::AlreadyExists {
-            Qcow2Error::Exists { path: path.to_path_buf() }
-        } else {
-            io_err("create", path)(source)
-        }
-    })?;
+    let file = OpenOptions::new().write(true).create_new(true).mode(crate::home::PRIVATE_FILE).open(path).map_err(
+        |source| {
+            if source.kind() == io::ErrorKind::AlreadyExists {
+                Qcow2Error::Exists { path: path.to_path_buf() }
+            } else {
+                io_err("create", path)(source)
+            }
+        },
+    )?;
     // Zero clusters (the rest of the tables, the L1) are left as holes: they read as zeros.
     let written = (|| {
-        file.set_permissions(Permissions::from_mode(0o644))?;
+        file.set_permissions(Permissions::from_mode(crate::home::PRIVATE_FILE))?;
         file.set_len(file_len)?;
         file.write_all_at(&header, 0)?;
         file.write_all_at(&(2 * OVERLAY_CLUSTER).to_be_bytes(), OVERLAY_CLUSTER)?;
@@ -749,7 +751,7 @@ pub(crate) mod tests {
                 assert!(a == b, "same feature table, so the files must be byte-identical");
             }
             let mode = std::fs::metadata(&ours).expect("stat").permissions().mode();
-            assert_eq!(mode & 0o777, 0o644);
+            assert_eq!(mode & 0o777, 0o600);
 
             assert!(qemu_io_reads(dir, "ours.qcow2", 0x41, 0, 512));
             assert!(!has_allocated_clusters(&ours).expect("scan"));

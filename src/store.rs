@@ -1,7 +1,7 @@
 //! The image store: golden images as chains of immutable, verified qcow2 layers.
 //!
 //! ```text
-//!  import ──► v1 (standalone qcow2) ◄── v2 (delta) ◄── v3 (delta)      layers/<sha256>.qcow2, 0444
+//!  import ──► v1 (standalone qcow2) ◄── v2 (delta) ◄── v3 (delta)      layers/<sha256>.qcow2, 0440
 //!                                                   ▲
 //!                                 edit ──► draft ───┘  seal ──► v4      drafts/<image>-*.qcow2
 //! ```
@@ -32,7 +32,7 @@ use thiserror::Error;
 
 /// How many distinct versions each channel has held that gc keeps for rollback.
 pub const ROLLBACK_WINDOW: usize = 3;
-const LAYER_MODE: u32 = 0o444;
+use crate::home::LAYER_MODE;
 /// Room left free after any write, so the catalog's own WAL can still commit.
 const SPACE_MARGIN: u64 = 64 << 20;
 /// Added to `qemu-img measure`'s prediction (and 1/64 of it) for an import's output cap.
@@ -409,7 +409,7 @@ impl Store {
     /// Create the home layout and the catalog; safe to run again.
     pub fn init(home: Home) -> Result<Store> {
         for d in home.dirs() {
-            fs::create_dir_all(&d).map_err(io("create directory", &d))?;
+            home::create_private_dir(&d).map_err(io("create directory", &d))?;
         }
         let catalog = Catalog::open(&home.catalog(), true)?;
         Ok(Store { home, catalog })
@@ -418,7 +418,7 @@ impl Store {
     pub fn open(home: Home) -> Result<Store> {
         let catalog = Catalog::open(&home.catalog(), false)?;
         for d in home.dirs() {
-            fs::create_dir_all(&d).map_err(io("create directory", &d))?;
+            home::create_private_dir(&d).map_err(io("create directory", &d))?;
         }
         Ok(Store { home, catalog })
     }
@@ -533,7 +533,7 @@ impl Store {
         self.report(name, version)
     }
 
-    /// Make a finished temporary file a sealed layer: fsync, hash, chmod 0444, rename to
+    /// Make a finished temporary file a sealed layer: fsync, hash, chmod 0440, rename to
     /// `<sha256>.qcow2`, fsync the directory. Returns (digest, size).
     fn seal_file(&self, tmp: &mut TmpFile, what: &str) -> Result<(String, u64)> {
         let path = tmp.path().to_path_buf();
@@ -782,8 +782,8 @@ impl Store {
                 continue;
             }
             let mode = meta.permissions().mode() & 0o7777;
-            if mode != LAYER_MODE {
-                report(format!("mode is {mode:04o}, sealed layers must be 0444"));
+            if mode & !LAYER_MODE != 0 {
+                report(format!("mode is {mode:04o}, sealed layers must be 0440 or stricter (read-only, private)"));
             }
             match hash_file(&path, &format!("verifying {image} v{}", v.number)) {
                 Ok(d) if d == v.digest => {}

@@ -467,7 +467,7 @@ fn entitled_user_gets_a_desktop_whose_display_takes_the_vv_ticket_and_refuses_ot
     let hv = vdim::hypervisor::Libvirt::connect("qemu:///system").unwrap();
     let ep = vdim::hypervisor::Hypervisor::graphics(&hv, desktop, vdim::hypervisor::GraphicsKind::Vnc).unwrap();
     let login = http.rt.block_on(async {
-        let mut s = tokio::net::TcpStream::connect((ep.listen.as_str(), ep.port)).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect((ep.listen.as_str(), ep.port.unwrap())).await.unwrap();
         vdim::broker::vnc::client_login(&mut s, desktop, "guess123").await
     });
     assert!(matches!(login, Err(vdim::broker::vnc::VncError::Refused { .. })), "{login:?}");
@@ -526,7 +526,7 @@ fn a_display_on_every_address_gets_the_display_host_in_its_vv_and_without_one_a_
     let srv = Server::start(&t.env, "qemu:///system", &[]);
     let http = Http::new(&srv.base);
     let body = json!({"name": pool, "image": "img", "size": 1, "profile": "test-linux", "start": true,
-                      "display_listen": "0.0.0.0"});
+                      "display_listen": "0.0.0.0", "insecure_display": true});
     let (s, v) = http.json("POST", "/api/v1/admin/pools", Some(&admin), Some(body));
     assert_eq!((s, v["display_listen"].as_str()), (201, Some("0.0.0.0")), "{v}");
     http.ok("PUT", &format!("/api/v1/admin/pools/{pool}/entitlements/alice"), &admin, None);

@@ -270,7 +270,7 @@ fn display_listen_puts_spice_and_vnc_on_the_pools_address_and_refuses_anything_b
 
     // On every address: the live domain has both displays there, and QEMU listens there.
     let mut args = vec!["--json", "pool", "create", &pool, "--image", "img", "--size", "1", "--profile", "test-linux"];
-    args.extend(["--display-listen", "0.0.0.0", "--start"]);
+    args.extend(["--display-listen", "0.0.0.0", "--insecure-display", "--start"]);
     let created = t.vdim(&args);
     created.assert_success();
     assert_eq!(created.json()["display_listen"], "0.0.0.0", "{}", created.stdout());

@@ -55,7 +55,7 @@ fn imports_every_supported_format_as_a_standalone_sealed_layer() {
         let path = Path::new(r["path"].as_str().unwrap());
         let digest = r["digest"].as_str().unwrap();
         assert_eq!(path.file_name().unwrap().to_str().unwrap(), format!("{digest}.qcow2"));
-        assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o7777, 0o444, "{fmt}");
+        assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o7777, 0o440, "{fmt}");
         assert_eq!(header_backing(path), (None, None), "{fmt}: version 1 must be standalone");
         assert_eq!(r["virtual_size"], 16 << 20);
         let h = env.vdim_json(&["image", "history", &name]);
@@ -112,7 +112,7 @@ fn edit_write_seal_makes_a_relative_delta_layer_and_moves_only_dev() {
         "relative backing"
     );
     assert_eq!(fmt.as_deref(), Some("qcow2"));
-    assert_eq!(std::fs::metadata(&layer2).unwrap().permissions().mode() & 0o7777, 0o444);
+    assert_eq!(std::fs::metadata(&layer2).unwrap().permissions().mode() & 0o7777, 0o440);
     // Reading through the chain sees both the base data and the change.
     assert!(qemu_io_read_pattern(&layer2, 0x11, 1 << 20, 1 << 20));
     assert!(qemu_io_read_pattern(&layer2, 0x22, 4 << 20, 1 << 20));
@@ -161,7 +161,7 @@ fn verify_catches_a_flipped_byte_a_mode_change_a_missing_layer_and_a_wrong_backi
     bytes[at] ^= 0x01;
     std::fs::set_permissions(&l2, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&l2, &bytes).unwrap();
-    std::fs::set_permissions(&l2, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&l2, std::fs::Permissions::from_mode(0o440)).unwrap();
     let p = problems(&env);
     assert!(
         p.iter().any(|p| p["version"] == 2
@@ -177,7 +177,11 @@ fn verify_catches_a_flipped_byte_a_mode_change_a_missing_layer_and_a_wrong_backi
     let p = problems(&env);
     assert_eq!(p.len(), 1, "{p:?}");
     assert!(p[0]["problem"].as_str().unwrap().contains("0644"), "{p:?}");
+    // Readable by every local user: also wrong.
     std::fs::set_permissions(&l2, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let p = problems(&env);
+    assert!(p.len() == 1 && p[0]["problem"].as_str().unwrap().contains("0444"), "{p:?}");
+    std::fs::set_permissions(&l2, std::fs::Permissions::from_mode(0o440)).unwrap();
     assert_eq!(env.vdim_json(&["image", "verify"])["ok"], true);
 
     // A layer moved away.
@@ -191,12 +195,12 @@ fn verify_catches_a_flipped_byte_a_mode_change_a_missing_layer_and_a_wrong_backi
     std::fs::set_permissions(&l3, std::fs::Permissions::from_mode(0o644)).unwrap();
     let orig = std::fs::read(&l3).unwrap();
     sh("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", l3.to_str().unwrap()]);
-    std::fs::set_permissions(&l3, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&l3, std::fs::Permissions::from_mode(0o440)).unwrap();
     let p = problems(&env);
     assert!(p.iter().any(|p| p["version"] == 3 && p["problem"].as_str().unwrap().contains("backing file")), "{p:?}");
     std::fs::set_permissions(&l3, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&l3, orig).unwrap();
-    std::fs::set_permissions(&l3, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&l3, std::fs::Permissions::from_mode(0o440)).unwrap();
     env.vdim(&["image", "verify"]).assert_success();
 }
 

@@ -221,6 +221,10 @@ pub async fn console_vv(State(b): B, Caller(u): Caller, P(id): P<String>) -> Api
                 tracing::warn!(desktop = %session.desktop, listen = %endpoint.listen, "refused a .vv: the display is on every address and 'vdim serve' has no --display-host");
                 return Err(e.into());
             }
+            if endpoint.port.is_none() && b.display_tls.is_none() {
+                tracing::warn!(desktop = %session.desktop, "refused a .vv: the display is TLS-only and 'vdim serve' has no --display-ca");
+                return Err(vv::VvError::NoDisplayCa { desktop: session.desktop.clone() }.into());
+            }
             Ok(sessions.spice_ticket(&u, &id)?)
         })
         .await?;
@@ -231,6 +235,7 @@ pub async fn console_vv(State(b): B, Caller(u): Caller, P(id): P<String>) -> Api
         port: t.endpoint.port,
         tls_port: t.endpoint.tls_port,
         password: &t.password,
+        tls: b.display_tls.as_ref(),
     }
     .render()
     .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -290,6 +295,9 @@ pub struct CreatePool {
     /// IP address the desktops' displays listen on [default: 127.0.0.1].
     #[serde(default)]
     display_listen: Option<String>,
+    /// Plaintext SPICE off loopback instead of TLS.
+    #[serde(default)]
+    insecure_display: bool,
 }
 
 pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<CreatePool>) -> ApiResult<Response> {
@@ -313,6 +321,7 @@ pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<Crea
                 virt,
                 start: c.start,
                 display_listen,
+                insecure_display: c.insecure_display,
             };
             Ok(pool_service(b, store).create(&o, &actor)?)
         })

@@ -212,7 +212,8 @@ async fn proxy(
     generation: u64,
     mut changes: watch::Receiver<u64>,
 ) -> Result<&'static str, ConsoleError> {
-    let mut display = TcpStream::connect((local_address(&t.endpoint.listen), t.endpoint.port)).await?;
+    let port = t.endpoint.port.ok_or_else(|| std::io::Error::other("the VNC display has no TCP port"))?;
+    let mut display = TcpStream::connect((local_address(&t.endpoint.listen), port)).await?;
     display.set_nodelay(true)?;
     let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
     // Spent: nobody else can log in with it, whether or not this login worked.

@@ -100,7 +100,10 @@ fn pool_status(e: &PoolError) -> StatusCode {
         PoolError::Store(s) => store_status(s),
         PoolError::Lock(l) => lock_status(l),
         PoolError::NotFound(_) | PoolError::DesktopNotFound(_) => StatusCode::NOT_FOUND,
-        PoolError::Exists(_) | PoolError::InUse { .. } | PoolError::Denied(_) => StatusCode::CONFLICT,
+        PoolError::Exists(_)
+        | PoolError::InUse { .. }
+        | PoolError::Denied(_)
+        | PoolError::DisplayTlsUnavailable { .. } => StatusCode::CONFLICT,
         PoolError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -146,7 +149,9 @@ impl ApiError {
             ApiError::Store(e) => store_status(e),
             ApiError::Catalog(e) => catalog_status(e),
             ApiError::Rollout(e) => rollout_status(e),
-            ApiError::Vv(VvError::NoDisplayHost { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Vv(VvError::NoDisplayHost { .. } | VvError::NoDisplayCa { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Vv(VvError::BadValue { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Name(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

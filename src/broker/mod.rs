@@ -107,6 +107,8 @@ pub struct ServeOptions {
     /// The host `.vv` files name for displays listening on every address (checked with
     /// [`vv::parse_display_host`]); without it such a display gets no `.vv`.
     pub display_host: Option<String>,
+    /// `--display-ca` (and `--display-host-subject`): what `.vv` files of TLS displays carry.
+    pub display_tls: Option<vv::DisplayTls>,
     /// Adds `/bench/noop`, a bare handler outside every layer, as the benchmark's baseline.
     pub bench_noop: bool,
     /// How long a client may take for the TLS handshake and for each request head.
@@ -206,6 +208,8 @@ pub struct Broker {
     pub(crate) session_ttl: Duration,
     /// `--display-host`: where thin clients reach displays that listen on every address.
     pub(crate) display_host: Option<String>,
+    /// `--display-ca`: the CA (and subject) of hosts' SPICE TLS certificates.
+    pub(crate) display_tls: Option<vv::DisplayTls>,
     pub(crate) consoles: console::Registry,
     pub(crate) metrics: metrics::Metrics,
     /// One console login at a time: a VNC ticket is set and used before the next is set.
@@ -333,6 +337,7 @@ async fn run(
         public,
         session_ttl: opts.session_ttl,
         display_host: opts.display_host.clone(),
+        display_tls: opts.display_tls.clone(),
         consoles: console::Registry::default(),
         metrics: metrics::Metrics::default(),
         vnc_gate: Arc::new(tokio::sync::Mutex::new(())),
@@ -368,6 +373,23 @@ async fn run(
             .unwrap_or_default();
         if !wildcard.is_empty() {
             tracing::warn!(pools = ?wildcard, "these pools' displays listen on every address: remote-viewer gets no .vv for them until 'vdim serve' has --display-host");
+        }
+    }
+    if broker.display_tls.is_none() {
+        let tls = broker
+            .blocking(|_, store| {
+                Ok(store
+                    .catalog()
+                    .read(|tx| tx.pools())?
+                    .into_iter()
+                    .filter(|p| crate::pool::display_tls(&p.display_listen, p.insecure_display))
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .unwrap_or_default();
+        if !tls.is_empty() {
+            tracing::warn!(pools = ?tls, "these pools' displays are SPICE over TLS: remote-viewer gets no .vv for them until 'vdim serve' has --display-ca");
         }
     }
     if !opts.novnc.join("core/rfb.js").is_file() {

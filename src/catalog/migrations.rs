@@ -182,4 +182,10 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE pools ADD COLUMN display_listen TEXT NOT NULL DEFAULT '127.0.0.1';
     "#,
+    // 6: a pool whose displays are plaintext off loopback (`--insecure-display`). Pools made
+    // before with an off-loopback address were plaintext, and say so now.
+    r#"
+    ALTER TABLE pools ADD COLUMN insecure_display INTEGER NOT NULL DEFAULT 0;
+    UPDATE pools SET insecure_display = 1 WHERE display_listen NOT LIKE '127.%' AND display_listen <> '::1';
+    "#,
 ];

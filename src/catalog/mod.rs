@@ -15,6 +15,7 @@ pub use pools::{Desktop, Pool};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 use thiserror::Error;
@@ -33,11 +34,31 @@ pub enum CatalogError {
     TooNew { path: String, found: i64, known: i64 },
     #[error("catalog {path}: {source}")]
     Open { path: String, source: rusqlite::Error },
+    #[error("cannot create the catalog {path} or make it private (0600)")]
+    Create { path: String, source: std::io::Error },
     #[error("catalog query failed")]
     Sql(#[from] rusqlite::Error),
 }
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
+
+/// A catalog (and its -wal, -shm) that an older vdim left readable by others becomes 0600.
+fn tighten_modes(db: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::metadata(&name) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&name, std::fs::Permissions::from_mode(crate::home::PRIVATE_FILE))?
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -143,7 +164,18 @@ impl Catalog {
         if !create && !path.exists() {
             return Err(CatalogError::NotInitialized { path: p });
         }
+        if create {
+            // SQLite would create it 0644; its -wal and -shm files copy the database's mode.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(crate::home::PRIVATE_FILE)
+                .open(path)
+                .map_err(|source| CatalogError::Create { path: p.clone(), source })?;
+        }
         let conn = Connection::open(path).map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        tighten_modes(path).map_err(|source| CatalogError::Create { path: p.clone(), source })?;
         let setup = || -> rusqlite::Result<()> {
             conn.busy_timeout(Duration::from_secs(30))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -543,9 +575,56 @@ pub(crate) mod tests {
         .unwrap();
         drop(conn);
         let mut c = Catalog::open(&p, false).unwrap();
-        assert_eq!(c.schema_version().unwrap(), 5);
+        assert_eq!(c.schema_version().unwrap(), migrations::MIGRATIONS.len() as i64);
         let pool = c.read(|tx| tx.pool("old")).unwrap().unwrap();
         assert_eq!(pool.display_listen, "127.0.0.1");
+        assert!(!pool.insecure_display);
+    }
+
+    #[test]
+    fn catalog_files_are_0600_new_or_left_open_by_an_older_vdim() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(Catalog::open(&p, true).unwrap());
+        assert_eq!(mode(&p), 0o600);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = Catalog::open(&p, false).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        let wal = d.path().join("c.db-wal");
+        if wal.exists() {
+            assert_eq!(mode(&wal), 0o600);
+        }
+        drop(c);
+    }
+
+    #[test]
+    fn migration_6_marks_plaintext_pools_off_loopback_insecure() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        let conn = Connection::open(&p).unwrap();
+        for (i, sql) in migrations::MIGRATIONS[..5].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (i + 1) as i64).unwrap();
+        }
+        conn.execute_batch(&format!(
+            "INSERT INTO images (id, name, created, virtual_size) VALUES (1, 'img', 'then', 1);
+             INSERT INTO versions (image_id, number, digest, file_size, virtual_size, author, created)
+                 VALUES (1, 1, '{}', 1, 1, 't', 'then');
+             INSERT INTO pools (name, image_id, channel, version, size, profile, virt_type, created, display_listen)
+                 VALUES ('lo', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '127.0.0.1'),
+                        ('lo6', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '::1'),
+                        ('any', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '0.0.0.0'),
+                        ('lan', 1, 'prod', 1, 1, 'w', 'qemu', 'then', '192.0.2.10');",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        drop(conn);
+        let mut c = Catalog::open(&p, false).unwrap();
+        let pools = c.read(|tx| tx.pools()).unwrap();
+        let insecure: Vec<_> = pools.iter().filter(|p| p.insecure_display).map(|p| p.name.as_str()).collect();
+        assert_eq!(insecure, ["any", "lan"], "they served plaintext SPICE off loopback");
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct Pool {
     pub virt_type: String,
     /// The IP address its desktops' displays (SPICE, VNC) listen on.
     pub display_listen: String,
+    /// Plaintext SPICE off loopback, as the administrator asked with `--insecure-display`.
+    pub insecure_display: bool,
     pub running: bool,
     pub created: String,
 }
@@ -43,7 +45,8 @@ pub struct Desktop {
 }
 
 const POOL_COLS: &str = "p.id, p.name, p.image_id, i.name, p.channel, p.version, p.pinned, p.size, p.profile,
-     p.persistent, p.virt_type, p.running, p.created, p.display_listen";
+     p.persistent, p.virt_type, p.running, p.created, p.display_listen,
+     p.insecure_display";
 
 fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
     let channel: String = r.get(4)?;
@@ -62,6 +65,7 @@ fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
         running: r.get(11)?,
         created: r.get(12)?,
         display_listen: r.get(13)?,
+        insecure_display: r.get(14)?,
     })
 }
 
@@ -94,6 +98,7 @@ pub struct NewPool<'a> {
     pub virt_type: &'a str,
     /// An IP address, checked by the caller (it goes into domain XML).
     pub display_listen: &'a str,
+    pub insecure_display: bool,
 }
 
 impl Tx<'_> {
@@ -123,8 +128,8 @@ impl Tx<'_> {
     pub fn insert_pool(&self, p: &NewPool) -> Result<i64> {
         self.0.execute(
             "INSERT INTO pools (name, image_id, channel, version, size, profile, persistent, virt_type, created,
-                                display_listen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                display_listen, insecure_display)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 p.name,
                 p.image_id,
@@ -135,7 +140,8 @@ impl Tx<'_> {
                 p.persistent,
                 p.virt_type,
                 now(),
-                p.display_listen
+                p.display_listen,
+                p.insecure_display
             ],
         )?;
         let id = self.0.last_insert_rowid();

@@ -2,6 +2,9 @@
 //! binary with `assert_success` / `assert_exit_code`, and qcow2 fixtures made with qemu-img.
 #![allow(dead_code)]
 
+pub mod host;
+pub mod viewer;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
