@@ -39,5 +39,7 @@ pub mod rollout;
 pub mod rules;
 /// The image store: import, edit, seal, verify, gc, export.
 pub mod store;
+/// Pause points between a command's read and its write, for tests of concurrent commands.
+pub mod test_hook;
 /// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
 pub mod users;
