@@ -23,7 +23,7 @@ pub mod hypervisor;
 pub mod imgfmt;
 /// Per-image and store-wide locks between concurrent commands.
 pub mod lock;
-/// The one naming rule for images, pools and users.
+/// The one naming rule for images, pools and users, and every name derived from them.
 pub mod names;
 /// Pools of desktops: thin overlays, domains, update, rollback, assignment.
 pub mod pool;
