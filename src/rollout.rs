@@ -423,6 +423,7 @@ impl<'a> Engine<'a> {
         // Subscribe before the desktops start, so even a crash at once is seen.
         let sub = self.pools.hypervisor().subscribe("vdim-")?;
         let soak_start = SystemTime::now();
+        crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
         let mut skipped = vec![];
         let mut picks = picks.clone();
         for (pool, ds) in picks.iter_mut() {

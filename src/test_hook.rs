@@ -12,6 +12,7 @@ pub const POOL_SHRINK: &str = "pool-shrink";
 pub const POOL_STOP: &str = "pool-stop";
 pub const POOL_DELETE: &str = "pool-delete";
 pub const SEAL_COPY: &str = "seal-copy";
+pub const ROLLOUT_WAVE: &str = "rollout-wave";
 
 pub fn pause(step: &str) {
     if std::env::var_os("VDIM_TEST_PAUSE_BEFORE").is_none_or(|s| s != step) {

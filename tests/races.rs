@@ -148,6 +148,41 @@ fn delete_refuses_when_a_desktop_is_given_to_a_user_meanwhile() {
     assert!(env.home().join("desktops/p/vdim-p-001.qcow2").exists());
 }
 
+/// A real rollout: its wave has picked both idle desktops when the broker's assignment gives
+/// one to alice; the wave moves only the other, and alice's follows at her logoff.
+#[test]
+fn a_wave_does_not_move_a_desktop_given_to_a_user_after_the_wave_picked_it() {
+    let t = LibvirtEnv::new("wave");
+    let pool = t.pool_name("w");
+    marker_image(&t.env, "img", "wave-v1");
+    t.create_pool(&pool, "img", "test", 2, "test-linux", &[]);
+    seal_marker(&t.env, "img", "wave-v2", "ok");
+    let mut cmd = t.env.cmd();
+    cmd.env("VDIM_VIRT_TYPE", "qemu");
+    let args = ["--json", "promote", "img", "2", "--to", "test", "--waves", "100%", "--soak", "3s"];
+    let promote = Paused::start(cmd, &t.env, vdim::test_hook::ROLLOUT_WAVE, &args);
+    let alice = t.vdim_json(&["pool", "assign", &pool, "alice"]);
+    let (mine, other) = (format!("vdim-{pool}-001"), format!("vdim-{pool}-002"));
+    assert_eq!(alice["name"], mine.as_str());
+    let r = promote.resume();
+    r.assert_success();
+    let rep = r.json();
+    assert_eq!(rep["state"], "succeeded", "{rep}");
+    let wave = &rep["waves"][0]["desktops"];
+    let state = |d: &str| wave.as_array().unwrap().iter().find(|x| x["desktop"] == d).unwrap()["state"].clone();
+    assert_eq!((state(&mine), state(&other)), ("skipped".into(), "healthy".into()), "{wave}");
+    let show = t.vdim_json(&["pool", "show", &pool]);
+    let a = desktop(&show, &mine);
+    assert_eq!(
+        (&a["version"], &a["needs_reset"], &a["assigned_to"], &a["will_run"]),
+        (&1.into(), &false.into(), &"alice".into(), &2.into()),
+        "alice's desktop is untouched until her logoff: {a}"
+    );
+    assert_eq!(desktop(&show, &other)["version"], 2);
+    t.vdim_json(&["pool", "release", &mine]);
+    assert_eq!(desktop(&t.vdim_json(&["pool", "show", &pool]), &mine)["version"], 2);
+}
+
 /// The rollout engine's step, driven through the library: desktops picked while idle, one
 /// given to a user through the broker's own catalog call, then the move.
 #[test]
