@@ -319,3 +319,58 @@ fn pool_dev_and_image_001_dev_desktop_are_different_domains_and_run_dirs() {
     // Image 001 keeps its draft.
     assert_eq!(td_json(&env, &["image", "history", "001"])["draft"]["base_version"], 1);
 }
+
+/// After an upgrade: image 001's dev desktop still has the name an older vdim gave it,
+/// `vdim-dev-001`, which is also pool `dev`'s first desktop. vdim keeps finding the dev
+/// desktop under that name and refuses to make pool `dev` on top of it.
+#[test]
+fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
+    use vdim::hypervisor::Hypervisor;
+    let env = Env::new();
+    marker_image(&env, "001", "race-001");
+    marker_image(&env, "img", "race-v1");
+    let profile = headless_profile(&env);
+    let hv = Libvirt::connect(TEST_DRIVER).unwrap();
+    let mut store = Store::open(vdim::home::Home::new(env.home())).unwrap();
+    let draft = store.edit("001", None, &Actor("tester".into())).unwrap();
+    let p = vdim::profile::Profile::load(&env.home().join("profiles"), profile).unwrap();
+    let spec = vdim::profile::DesktopSpec {
+        name: "vdim-dev-001",
+        uuid: None,
+        disk: &draft.draft,
+        serial_log: Some(&env.home().join("run/dev/001.serial.log")),
+        nvram: None,
+        graphics_password: "secret",
+        listen: "127.0.0.1",
+        pool: "001",
+        version: 1,
+    };
+    hv.define(&vdim::profile::domain_xml(&p, vdim::profile::VirtType::Qemu, &spec).unwrap()).unwrap();
+    hv.start("vdim-dev-001").unwrap();
+    assert_eq!(vdim::dev::domain_name(&mut store, &hv, "001").unwrap(), "vdim-dev-001");
+
+    let mut pools = Pools::new(&mut store, &hv, env.home().join("profiles"));
+    let err = pools
+        .create(
+            &vdim::pool::CreateOptions {
+                name: "dev",
+                image: "img",
+                channel: vdim::catalog::Channel::Prod,
+                size: 2,
+                profile,
+                persistent: false,
+                virt: vdim::profile::VirtType::Qemu,
+                start: false,
+                display_listen: "127.0.0.1".parse().unwrap(),
+            },
+            &Actor("tester".into()),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("domain vdim-dev-001 is the dev desktop of image '001'"), "{err}");
+    assert_eq!(hv.state("vdim-dev-001").unwrap().0, vdim::hypervisor::DomainState::Running, "left running");
+    assert!(pools.show("dev").is_err(), "no pool dev was made");
+    // Sealing finds the old name too: it refuses while that desktop runs.
+    let e = vdim::dev::seal(&mut store, &hv, "001", "n", &Actor("tester".into()), None).unwrap_err().to_string();
+    assert!(e.contains("vdim-dev-001 of '001' is running"), "{e}");
+}
