@@ -679,14 +679,23 @@ fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
         }
         ImageCmd::Edit { name, from, start, profile, author } => {
             let mut store = open_store(g)?;
-            let draft = store.edit(&name, from, &Actor::resolve(author.as_deref()))?;
-            let dev_desktop = if start {
+            let actor = Actor::resolve(author.as_deref());
+            let r = if start {
                 let hv = connect(g)?;
-                Some(crate::dev::start(&store, hv.as_ref(), &profiles_dir(g), &draft, &profile, &g.virt_type)?)
+                let profiles = profiles_dir(g);
+                crate::dev::edit_and_start(
+                    &mut store,
+                    hv.as_ref(),
+                    &profiles,
+                    &name,
+                    from,
+                    &actor,
+                    &profile,
+                    &g.virt_type,
+                )?
             } else {
-                None
+                crate::dev::EditReport { draft: store.edit(&name, from, &actor)?, dev_desktop: None }
             };
-            let r = crate::dev::EditReport { draft, dev_desktop };
             print(g.json, &r, |r| {
                 let d = &r.draft;
                 let mut s = format!(
@@ -724,7 +733,7 @@ fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
         ImageCmd::Discard { name, author } => {
             let mut store = open_store(g)?;
             let hv = connect(g)?;
-            crate::dev::remove(hv.as_ref(), &name)?;
+            crate::dev::remove(&mut store, hv.as_ref(), &name)?;
             store.discard(&name, &Actor::resolve(author.as_deref()))?;
             print(g.json, &serde_json::json!({"image": name, "discarded": true}), |_| {
                 format!("draft of '{name}' discarded")

@@ -1,5 +1,9 @@
 //! The dev desktop: an image's draft booted as a desktop so an admin can patch it, and the
 //! rule that a draft is never sealed while that desktop still writes to it.
+//!
+//! `image edit --start` and `image seal` hold the image lock from first look to last step,
+//! so one cannot start the dev desktop while the other seals; seal also checks again once
+//! the draft is copied, for a desktop started by other means (virsh).
 
 use crate::hypervisor::{DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError};
 use crate::names;
@@ -34,8 +38,14 @@ pub enum DevError {
 
 pub type Result<T> = std::result::Result<T, DevError>;
 
-pub fn domain_name(image: &str) -> String {
-    format!("vdim-dev-{image}")
+/// The dev desktop's domain: `names::dev_domain`, or the name an older vdim gave it while
+/// that domain is still defined and is no pool's desktop.
+pub fn domain_name(store: &mut Store, hv: &dyn Hypervisor, image: &str) -> Result<String> {
+    let legacy = names::legacy_dev_domain(image);
+    if hv.exists(&legacy)? && store.catalog().read(|tx| tx.desktop(&legacy)).map_err(StoreError::from)?.is_none() {
+        return Ok(legacy);
+    }
+    Ok(names::dev_domain(image))
 }
 
 #[derive(Debug, Serialize)]
@@ -69,20 +79,40 @@ fn active(hv: &dyn Hypervisor, domain: &str) -> Result<bool> {
     }
 }
 
+/// `image edit --start`: the draft (made or handed back) booted as the dev desktop, all under
+/// the image lock, so a seal never runs in between.
+#[allow(clippy::too_many_arguments)]
+pub fn edit_and_start(
+    store: &mut Store,
+    hv: &dyn Hypervisor,
+    profiles: &Path,
+    image: &str,
+    from: Option<u32>,
+    actor: &Actor,
+    profile: &str,
+    virt: &str,
+) -> Result<EditReport> {
+    names::validate("image", image).map_err(StoreError::from)?;
+    let locks = store.lock_image(image)?;
+    let draft = store.edit_locked(&locks, image, from, actor)?;
+    let dev_desktop = start(store, hv, profiles, &draft, profile, virt)?;
+    drop(locks);
+    Ok(EditReport { draft, dev_desktop: Some(dev_desktop) })
+}
+
 /// Boot the draft as a dev desktop (defined once, started if not running) and hand out
-/// one-time console tickets for it.
-pub fn start(
-    store: &Store,
+/// one-time console tickets for it. The caller holds the image lock.
+fn start(
+    store: &mut Store,
     hv: &dyn Hypervisor,
     profiles: &Path,
     draft: &DraftReport,
     profile: &str,
     virt: &str,
 ) -> Result<DevDesktop> {
-    names::validate("image", &draft.image).map_err(StoreError::from)?;
-    let domain = domain_name(&draft.image);
+    let domain = domain_name(store, hv, &draft.image)?;
     let profile = Profile::load(profiles, profile)?;
-    let run = store.home().run().join("dev");
+    let run = store.home().dev_run();
     crate::home::create_private_dir(&run).map_err(|source| DevError::Io { path: run.display().to_string(), source })?;
     let serial = run.join(format!("{}.serial.log", draft.image));
     let nvram = run.join(format!("{}.nvram", draft.image));
@@ -137,7 +167,8 @@ pub fn seal(
     shutdown: Option<Duration>,
 ) -> Result<VersionReport> {
     names::validate("image", image).map_err(StoreError::from)?;
-    let domain = domain_name(image);
+    let locks = store.lock_image(image)?;
+    let domain = domain_name(store, hv, image)?;
     if active(hv, &domain)? {
         let Some(timeout) = shutdown else {
             return Err(DevError::Running { image: image.into(), domain });
@@ -151,14 +182,24 @@ pub fn seal(
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    let v = store.seal(image, note, actor)?;
-    remove(hv, image)?;
+    crate::test_hook::pause(crate::test_hook::SEAL_COPY);
+    let v = store.seal_locked(&locks, image, note, actor, || match active(hv, &domain) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(StoreError::DraftInUse {
+            image: image.into(),
+            why: format!("its dev desktop {domain} was started; shut it down and seal again"),
+        }),
+        Err(e) => {
+            Err(StoreError::DraftInUse { image: image.into(), why: format!("cannot tell whether {domain} runs: {e}") })
+        }
+    })?;
+    remove(store, hv, image)?;
     Ok(v)
 }
 
 /// Take the dev desktop away (after seal or discard); nothing to do when there is none.
-pub fn remove(hv: &dyn Hypervisor, image: &str) -> Result<()> {
-    let domain = domain_name(image);
+pub fn remove(store: &mut Store, hv: &dyn Hypervisor, image: &str) -> Result<()> {
+    let domain = domain_name(store, hv, image)?;
     match hv.destroy(&domain).and_then(|_| hv.undefine(&domain)) {
         Ok(()) | Err(HypervisorError::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),

@@ -7,9 +7,11 @@
 //!   layers/.tmp-<pid>-*   work in progress of a running command (gc removes dead ones)
 //!   drafts/<image>-*.qcow2 writable dev clones, backing = "../layers/<sha256>.qcow2"
 //!   desktops/<pool>/      desktop overlays, backing = "../../layers/<sha256>.qcow2"
-//!   locks/                flock files: one per image and pool, one for the whole store
-//!   run/                  serial logs, NVRAM and other per-desktop runtime files
+//!   locks/                flock files: one per image, pool and rollout, one for the whole store
+//!   run/<pool>/           serial logs, NVRAM of a pool's desktops
+//!   run/_dev/             the same for dev desktops (`_` starts no pool name)
 //! ```
+//! Every name below `desktops/`, `run/` and `locks/` comes from `names`, which keeps them disjoint.
 //! Backing paths are relative so the whole home can move without breaking a chain.
 //!
 //! Desktops' disks hold users' data and the catalog holds token hashes, so nothing in the
@@ -17,6 +19,7 @@
 //! 0440. Modes are set when a file is created (explicit modes, and a 077 umask for what
 //! qemu-img and SQLite create), never by a chmod after a window in which it was readable.
 
+use crate::names;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -95,6 +98,14 @@ impl Home {
     }
     pub fn run(&self) -> PathBuf {
         self.root.join("run")
+    }
+    /// Runtime files of `pool`'s desktops.
+    pub fn pool_run(&self, pool: &str) -> PathBuf {
+        self.run().join(names::pool_run_dir(pool))
+    }
+    /// Runtime files of dev desktops.
+    pub fn dev_run(&self) -> PathBuf {
+        self.run().join(names::DEV_RUN_DIR)
     }
 
     /// Every directory a working home has.

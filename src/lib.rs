@@ -23,7 +23,7 @@ pub mod hypervisor;
 pub mod imgfmt;
 /// Per-image and store-wide locks between concurrent commands.
 pub mod lock;
-/// The one naming rule for images, pools and users.
+/// The one naming rule for images, pools and users, and every name derived from them.
 pub mod names;
 /// Pools of desktops: thin overlays, domains, update, rollback, assignment.
 pub mod pool;
@@ -39,5 +39,7 @@ pub mod rollout;
 pub mod rules;
 /// The image store: import, edit, seal, verify, gc, export.
 pub mod store;
+/// Pause points between a command's read and its write, for tests of concurrent commands.
+pub mod test_hook;
 /// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
 pub mod users;

@@ -73,7 +73,13 @@ pub fn acquire(locks_dir: &Path, key: &str, what: &str, mode: Mode, wait: Durati
 /// What every command that changes one object (image, pool) holds: the store lock shared,
 /// so gc waits for it, and the object's own lock exclusive, so no other command interleaves.
 pub fn for_change(locks_dir: &Path, key: &str, what: &str, wait: Duration) -> Result<(Lock, Lock), LockError> {
-    let store = acquire(locks_dir, "store", "the image store (gc is running)", Mode::Shared, Duration::from_secs(2))?;
+    let store = acquire(
+        locks_dir,
+        crate::names::STORE_LOCK,
+        "the image store (gc is running)",
+        Mode::Shared,
+        Duration::from_secs(2),
+    )?;
     let object = acquire(locks_dir, key, what, Mode::Exclusive, wait)?;
     Ok((store, object))
 }

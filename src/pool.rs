@@ -29,7 +29,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// Desktop names carry a three-digit index.
-pub const MAX_POOL_SIZE: u32 = 999;
+pub const MAX_POOL_SIZE: u32 = names::MAX_DESKTOP_INDEX;
 
 /// Where a pool's desktop displays listen unless told otherwise: only this host reaches them.
 pub const DEFAULT_DISPLAY_LISTEN: &str = "127.0.0.1";
@@ -60,6 +60,8 @@ pub enum PoolError {
     Size { size: u32, max: u32 },
     #[error("pool name '{0}' is too long for desktop names: use at most 50 characters")]
     NameTooLong(String),
+    #[error("domain {domain} is the dev desktop of image '{image}' (named by an older vdim) and would be a desktop of pool '{pool}': seal or discard the draft of '{image}' first")]
+    LegacyDevDesktop { domain: String, image: String, pool: String },
     #[error("no desktop named '{0}'")]
     DesktopNotFound(String),
     #[error("desktop '{desktop}' is in use by {user}: {what}")]
@@ -92,18 +94,7 @@ fn overlay_rel(pool: &str, desktop: &str) -> String {
     format!("desktops/{pool}/{desktop}.qcow2")
 }
 
-pub fn desktop_name(pool: &str, index: u32) -> String {
-    format!("vdim-{pool}-{index:03}")
-}
-
-/// Is `domain` one of `pool`'s desktops by name (and not a desktop of pool "<pool>-x")?
-pub fn is_desktop_of(pool: &str, domain: &str) -> bool {
-    domain
-        .strip_prefix("vdim-")
-        .and_then(|r| r.strip_prefix(pool))
-        .and_then(|r| r.strip_prefix('-'))
-        .is_some_and(|n| n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()))
-}
+pub use names::{desktop_domain as desktop_name, is_desktop_of};
 
 /// A password no one knows: displays are never open; the broker sets one-time tickets.
 pub fn random_secret(bytes: usize) -> String {
@@ -178,6 +169,19 @@ pub struct PoolSummary {
     pub pending_moves: usize,
 }
 
+/// What `move_desktops` did with the desktops it was asked to move.
+#[derive(Debug, Default, Serialize)]
+pub struct Moved {
+    /// Moved now (fresh overlays).
+    pub now: Vec<String>,
+    /// Given to a user meanwhile; they move at logoff.
+    pub at_logoff: Vec<String>,
+    /// Given to a user meanwhile; left as they are.
+    pub skipped: Vec<String>,
+    /// Booted by this call.
+    pub started: Vec<String>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct MoveReport {
     #[serde(flatten)]
@@ -203,7 +207,7 @@ impl<'a> Pools<'a> {
     fn lock_pool(&self, pool: &str) -> Result<(Lock, Lock)> {
         Ok(lock::for_change(
             &self.home().locks(),
-            &format!("pool-{pool}"),
+            &names::pool_lock(pool),
             &format!("pool '{pool}'"),
             Duration::from_secs(10),
         )?)
@@ -218,7 +222,7 @@ impl<'a> Pools<'a> {
     }
 
     fn serial_log(&self, pool: &str, desktop: &str) -> PathBuf {
-        self.home().run().join(pool).join(format!("{desktop}.serial.log"))
+        self.home().pool_run(pool).join(format!("{desktop}.serial.log"))
     }
 
     /// Write fresh, empty overlays (path, digest, virtual size), each replacing any old one
@@ -259,8 +263,13 @@ impl<'a> Pools<'a> {
 
     /// Overlays and domains for new desktops of `pool` (on `pool.version`), made before any
     /// catalog row names them; the caller commits the rows or undoes these on failure.
-    fn provision(&self, pool: &Pool, profile: &Profile, indexes: &[u32], digest: &str, vsize: u64) -> Result<()> {
+    fn provision(&mut self, pool: &Pool, profile: &Profile, indexes: &[u32], digest: &str, vsize: u64) -> Result<()> {
         let names: Vec<String> = indexes.iter().map(|i| desktop_name(&pool.name, *i)).collect();
+        if let Some((domain, image)) =
+            self.legacy_dev_desktops(&pool.name)?.into_iter().find(|(d, _)| names.contains(d))
+        {
+            return Err(PoolError::LegacyDevDesktop { domain, image, pool: pool.name.clone() });
+        }
         let overlays: Vec<(PathBuf, String, u64)> = names
             .iter()
             .map(|n| (self.home().root().join(overlay_rel(&pool.name, n)), digest.to_string(), vsize))
@@ -273,7 +282,7 @@ impl<'a> Pools<'a> {
     }
 
     fn define_desktop(&self, pool: &Pool, profile: &Profile, name: &str, overlay: &Path, version: u32) -> Result<()> {
-        let run_dir = self.home().run().join(&pool.name);
+        let run_dir = self.home().pool_run(&pool.name);
         let serial = self.serial_log(&pool.name, name);
         let nvram = run_dir.join(format!("{name}.nvram"));
         let secret = random_secret(16);
@@ -354,7 +363,7 @@ impl<'a> Pools<'a> {
         self.remove_leftovers(o.name)?;
         let home = self.home();
         let pool_dir = home.pool_dir(o.name);
-        let run_dir = home.run().join(o.name);
+        let run_dir = home.pool_run(o.name);
         crate::home::create_private_dir(&pool_dir).map_err(io("create", &pool_dir))?;
         crate::home::create_private_dir(&run_dir).map_err(io("create", &run_dir))?;
         let virt_type = o.virt.as_str();
@@ -423,20 +432,50 @@ impl<'a> Pools<'a> {
     }
 
     /// Domains and files named for `pool` that the catalog does not know.
-    fn remove_leftovers(&self, pool: &str) -> Result<()> {
+    /// Dev desktops an older vdim named `vdim-dev-<image>` that are still defined: with a pool
+    /// named `dev` or `dev-*` they share the pool's desktop names, so nothing here touches them.
+    fn legacy_dev_desktops(&mut self, pool: &str) -> Result<Vec<(String, String)>> {
+        let images = self.store.catalog().read(|tx| -> Result<Vec<String>> {
+            let with_draft: Vec<i64> = tx.drafts()?.into_iter().map(|d| d.image_id).collect();
+            Ok(tx.images()?.into_iter().filter(|i| with_draft.contains(&i.id)).map(|i| i.name).collect())
+        })?;
+        let mut out = vec![];
+        for image in images {
+            let d = names::legacy_dev_domain(&image);
+            if is_desktop_of(pool, &d) && self.hv.exists(&d)? {
+                out.push((d, image));
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_leftovers(&mut self, pool: &str) -> Result<()> {
+        let keep: Vec<String> = self.legacy_dev_desktops(pool)?.into_iter().map(|(d, _)| d).collect();
         for d in self.hv.list(&format!("vdim-{pool}-"))? {
-            if is_desktop_of(pool, &d) {
+            if is_desktop_of(pool, &d) && !keep.contains(&d) {
                 self.remove_domain(&d)?;
             }
         }
         let home = self.home();
-        for dir in [home.pool_dir(pool), home.run().join(pool)] {
-            match fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(PoolError::Io { what: "remove", path: dir.display().to_string(), source: e }),
+        let dir = home.pool_dir(pool);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(PoolError::Io { what: "remove", path: dir.display().to_string(), source: e }),
+        }
+        // Only the pool's own desktops' files: an older vdim kept dev desktops' files in
+        // `run/dev/`, which is also pool `dev`'s run directory.
+        let run = home.pool_run(pool);
+        let Ok(entries) = fs::read_dir(&run) else { return Ok(()) };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let desktop = name.split('.').next().unwrap_or_default();
+            if is_desktop_of(pool, desktop) && !keep.iter().any(|k| k == desktop) {
+                let p = e.path();
+                fs::remove_file(&p).map_err(io("remove", &p))?;
             }
         }
+        let _ = fs::remove_dir(&run);
         Ok(())
     }
 
@@ -543,8 +582,13 @@ impl<'a> Pools<'a> {
     pub fn stop(&mut self, name: &str, force: bool, actor: &Actor) -> Result<Vec<String>> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
-        let (pool, desktops) = self.unless_in_use(name, force, "stopping it would cut the user off")?;
+        let why = "stopping it would cut the user off";
+        let (pool, desktops) = self.unless_in_use(name, force, why)?;
+        crate::test_hook::pause(crate::test_hook::POOL_STOP);
         self.store.catalog().write(|tx| -> Result<()> {
+            // Checked again where the pool stops: from this commit on the broker opens no
+            // session on it, so no user can be given a desktop that is about to stop.
+            still_unused(tx, &pool, rules::Claim::Stop { force }, why)?;
             tx.set_pool_running(pool.id, false)?;
             tx.audit(Audit {
                 actor: &actor.0,
@@ -725,8 +769,11 @@ impl<'a> Pools<'a> {
         Ok(started)
     }
 
-    /// Move named idle desktops of a pool to `to` now (fresh overlays), booting them when
-    /// `boot` or when the pool runs. The rollout engine's step; returns the desktops started.
+    /// Move desktops of a pool, picked while idle, to `to` now (fresh overlays), booting
+    /// them when `boot` or when the pool runs. The rollout engine's step. A desktop given to
+    /// a user since it was picked is not moved now; `rules::when_taken(claim)` says what
+    /// becomes of it.
+    #[allow(clippy::too_many_arguments)]
     pub fn move_desktops(
         &mut self,
         pool: &str,
@@ -735,16 +782,39 @@ impl<'a> Pools<'a> {
         boot: bool,
         actor: &Actor,
         why: &str,
-    ) -> Result<Vec<String>> {
+        claim: rules::Claim,
+    ) -> Result<Moved> {
         let _l = self.lock_pool(pool)?;
-        let p = self.store.catalog().write(|tx| -> Result<Pool> {
+        let (p, mut moved) = self.store.catalog().write(|tx| -> Result<(Pool, Moved)> {
             let p = Self::load_pool(tx, pool)?;
+            let mut moved = Moved::default();
             for name in desktops {
                 let d = tx
                     .desktop(name)?
                     .filter(|d| d.pool_id == p.id)
                     .ok_or_else(|| PoolError::DesktopNotFound(name.clone()))?;
-                tx.mark_reset(d.id, to)?;
+                if tx.claim_for_reset(d.id, to)? {
+                    moved.now.push(d.name);
+                    continue;
+                }
+                match rules::when_taken(claim) {
+                    rules::Taken::Skip => moved.skipped.push(d.name),
+                    rules::Taken::AtLogoff => {
+                        tx.set_target(d.id, (d.version != to).then_some(to))?;
+                        moved.at_logoff.push(d.name);
+                    }
+                    rules::Taken::Refuse => {
+                        return Err(PoolError::InUse {
+                            user: d.assigned_to.unwrap_or_default(),
+                            desktop: d.name,
+                            what: format!("it was given to the user while {why} was about to move it"),
+                        })
+                    }
+                    rules::Taken::Proceed => {
+                        tx.mark_reset(d.id, to)?;
+                        moved.now.push(d.name);
+                    }
+                }
             }
             tx.audit(Audit {
                 actor: &actor.0,
@@ -752,27 +822,32 @@ impl<'a> Pools<'a> {
                 image: Some(&p.image),
                 pool: Some(pool),
                 version: Some(to),
-                detail: json!({"desktops": desktops, "why": why}),
+                detail: json!({"desktops": moved.now, "at_logoff": moved.at_logoff, "skipped": moved.skipped, "why": why}),
             })?;
-            Ok(p)
+            Ok((p, moved))
         })?;
-        let mut started = self.heal_locked(pool)?;
+        moved.started = self.heal_locked(pool)?;
         if boot && !p.running {
-            for name in desktops {
+            for name in &moved.now {
                 if !self.is_active(name)? {
                     self.hv.start(name)?;
-                    started.push(name.clone());
+                    moved.started.push(name.clone());
                 }
             }
         }
-        Ok(started)
+        Ok(moved)
     }
 
     /// Stop desktops a rollout booted in a pool that is not running.
     pub fn stop_if_pool_stopped(&mut self, pool: &str, desktops: &[String]) -> Result<()> {
-        let p = self.store.catalog().read(|tx| Self::load_pool(tx, pool))?;
+        let (p, idle) = self.store.catalog().read(|tx| -> Result<_> {
+            let p = Self::load_pool(tx, pool)?;
+            let idle: Vec<String> =
+                tx.desktops(p.id)?.into_iter().filter(|d| d.assigned_to.is_none()).map(|d| d.name).collect();
+            Ok((p, idle))
+        })?;
         if !p.running {
-            for d in desktops {
+            for d in desktops.iter().filter(|d| idle.contains(d)) {
                 if self.is_active(d)? {
                     self.hv.destroy(d)?;
                 }
@@ -927,9 +1002,19 @@ impl<'a> Pools<'a> {
                     what: format!("shrinking pool '{name}' to {size} would remove it"),
                 });
             }
+            crate::test_hook::pause(crate::test_hook::POOL_SHRINK);
+            // The broker may have given one away since the look above: checked again in the
+            // write, and then the shrink refuses (`rules::when_taken(Claim::Shrink)`).
             self.store.catalog().write(|tx| -> Result<()> {
                 for d in &doomed {
-                    tx.delete_desktop(d.id)?;
+                    if !tx.delete_idle_desktop(d.id)? {
+                        let now = tx.desktop(&d.name)?.and_then(|d| d.assigned_to).unwrap_or_default();
+                        return Err(PoolError::InUse {
+                            desktop: d.name.clone(),
+                            user: now,
+                            what: format!("shrinking pool '{name}' to {size} would remove it"),
+                        });
+                    }
                 }
                 record_resize(tx, &pool, actor, current, size)?;
                 Ok(())
@@ -947,7 +1032,16 @@ impl<'a> Pools<'a> {
     pub fn delete(&mut self, name: &str, force: bool, actor: &Actor) -> Result<()> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
-        let (pool, desktops) = self.unless_in_use(name, force, "deleting the pool would take the desktop away")?;
+        let why = "deleting the pool would take the desktop away";
+        let (pool, desktops) = self.unless_in_use(name, force, why)?;
+        crate::test_hook::pause(crate::test_hook::POOL_DELETE);
+        // Stopped in the same write that checks again: the broker gives no desktop of it away
+        // from here on, so none is deleted from under a user.
+        self.store.catalog().write(|tx| -> Result<()> {
+            still_unused(tx, &pool, rules::Claim::Delete { force }, why)?;
+            tx.set_pool_running(pool.id, false)?;
+            Ok(())
+        })?;
         // Domains first: a desktop still defined must keep its overlay.
         for d in &desktops {
             self.remove_domain(&d.name)?;
@@ -965,6 +1059,22 @@ impl<'a> Pools<'a> {
             Ok(())
         })?;
         self.remove_leftovers(name)
+    }
+}
+
+/// In the caller's write transaction: refuse (unless `claim` is forced) when a desktop of
+/// the pool is assigned now, however idle it was when the command looked.
+fn still_unused(tx: &Tx, pool: &Pool, claim: rules::Claim, why: &str) -> Result<()> {
+    if rules::when_taken(claim) != rules::Taken::Refuse {
+        return Ok(());
+    }
+    match tx.first_assigned(pool.id)? {
+        Some((desktop, user)) => Err(PoolError::InUse {
+            desktop,
+            user,
+            what: format!("{why} (pool '{}'); log them off first or use --force", pool.name),
+        }),
+        None => Ok(()),
     }
 }
 

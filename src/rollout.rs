@@ -188,7 +188,7 @@ impl<'a> Engine<'a> {
         let locks = self.pools.store.home().locks();
         Ok(lock::acquire(
             &locks,
-            &format!("rollout-{image}"),
+            &names::rollout_lock(image),
             &format!("the rollout of '{image}'"),
             Mode::Exclusive,
             Duration::from_secs(2),
@@ -423,13 +423,24 @@ impl<'a> Engine<'a> {
         // Subscribe before the desktops start, so even a crash at once is seen.
         let sub = self.pools.hypervisor().subscribe("vdim-")?;
         let soak_start = SystemTime::now();
-        for (pool, ds) in picks {
+        crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
+        let mut skipped = vec![];
+        let mut picks = picks.clone();
+        for (pool, ds) in picks.iter_mut() {
             let actor = self.actor.clone();
-            self.pools.move_desktops(pool, ds, r.version, true, &actor, &format!("rollout {} wave {}", r.id, k + 1))?;
+            let why = format!("rollout {} wave {}", r.id, k + 1);
+            let moved = self.pools.move_desktops(pool, ds, r.version, true, &actor, &why, rules::Claim::Wave)?;
+            ds.retain(|d| !moved.skipped.contains(d));
+            skipped.extend(moved.skipped);
         }
+        let picks = &picks;
+        let all: Vec<String> = picks.values().flatten().cloned().collect();
         self.store().catalog().write(|tx| -> Result<()> {
             for d in &all {
                 tx.set_rollout_desktop(r.id, d, "soaking", "")?;
+            }
+            for d in &skipped {
+                tx.set_rollout_desktop(r.id, d, "skipped", "given to a user before it moved; follows at logoff")?;
             }
             Ok(())
         })?;
@@ -673,12 +684,15 @@ impl<'a> Engine<'a> {
     /// Move every desktop a rollout touched back to the version it had, and boot it.
     fn revert(&mut self, r: &Rollout, moved: &[RolloutDesktop]) -> Result<()> {
         let mut by_pool: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
-        for d in moved.iter().filter(|d| d.state != "reverted") {
+        for d in moved.iter().filter(|d| d.state != "reverted" && d.state != "skipped") {
             by_pool.entry((d.pool.clone(), d.from_version)).or_default().push(d.desktop.clone());
         }
+        let mut at_logoff = vec![];
         for ((pool, from), ds) in &by_pool {
             let actor = self.actor.clone();
-            self.pools.move_desktops(pool, ds, *from, true, &actor, &format!("revert of rollout {}", r.id))?;
+            let why = format!("revert of rollout {}", r.id);
+            at_logoff
+                .extend(self.pools.move_desktops(pool, ds, *from, true, &actor, &why, rules::Claim::Revert)?.at_logoff);
         }
         self.store().catalog().write(|tx| -> Result<()> {
             for ds in by_pool.values() {
@@ -689,11 +703,8 @@ impl<'a> Engine<'a> {
                         .find(|x| &x.desktop == d)
                         .map(|x| x.detail)
                         .unwrap_or_default();
-                    let detail = if prior.is_empty() {
-                        "moved back".to_string()
-                    } else {
-                        format!("failed: {prior}; moved back")
-                    };
+                    let how = if at_logoff.contains(d) { "in use, moves back at logoff" } else { "moved back" };
+                    let detail = if prior.is_empty() { how.to_string() } else { format!("failed: {prior}; {how}") };
                     tx.set_rollout_desktop(r.id, d, "reverted", &detail)?;
                 }
             }

@@ -179,6 +179,59 @@ pub fn plan_release(persistent: bool, desktop: &DesktopFacts) -> Release {
     }
 }
 
+// ---- desktops given to a user meanwhile ----------------------------------------------------
+//
+//   command looks: desktop idle ──► broker gives it to a user ──► command's write transaction
+//                                                                  claims only idle desktops;
+//                                                                  a taken one gets `when_taken`
+
+/// A command about to move, stop or remove idle desktops it picked earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// A rollout wave moving desktops to the new version.
+    Wave,
+    /// A failed rollout moving its desktops back.
+    Revert,
+    /// `pool resize` to fewer desktops.
+    Shrink,
+    /// `pool stop` (`force`: cut users off).
+    Stop { force: bool },
+    /// `pool delete` (`force`: cut users off).
+    Delete { force: bool },
+}
+
+/// What becomes of a picked desktop that a user was given before the command wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Taken {
+    /// Left with its user, the command carries on with the rest: a wave never moves an
+    /// in-use desktop; it follows the channel at logoff once the rollout succeeds.
+    Skip,
+    /// Moves where the command meant it to when its user logs off: a revert never pulls
+    /// a desktop from under its user, even off a failed version.
+    AtLogoff,
+    /// The whole command refuses, exactly as if the user had been there when it looked,
+    /// and nothing changes: shrink, stop and delete without `--force`.
+    Refuse,
+    /// Taken anyway: `--force` says users are cut off.
+    Proceed,
+}
+
+pub fn when_taken(claim: Claim) -> Taken {
+    match claim {
+        Claim::Wave => Taken::Skip,
+        Claim::Revert => Taken::AtLogoff,
+        Claim::Shrink => Taken::Refuse,
+        Claim::Stop { force } | Claim::Delete { force } => {
+            if force {
+                Taken::Proceed
+            } else {
+                Taken::Refuse
+            }
+        }
+    }
+}
+
 // ---- promotion ---------------------------------------------------------------------------
 //
 //   seal ──► dev ──promote──► test ──(every test desktop healthy)──promote──► prod
@@ -336,6 +389,18 @@ pub const REBOOT_LOOP: u32 = 2;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_desktop_given_to_a_user_meanwhile_is_never_taken_without_force() {
+        assert_eq!(when_taken(Claim::Wave), Taken::Skip);
+        assert_eq!(when_taken(Claim::Revert), Taken::AtLogoff);
+        for c in [Claim::Shrink, Claim::Stop { force: false }, Claim::Delete { force: false }] {
+            assert_eq!(when_taken(c), Taken::Refuse, "{c:?}");
+        }
+        for c in [Claim::Stop { force: true }, Claim::Delete { force: true }] {
+            assert_eq!(when_taken(c), Taken::Proceed, "{c:?}");
+        }
+    }
 
     fn pool(version: u32, pinned: Option<u32>, persistent: bool, history: &[u32]) -> PoolFacts {
         PoolFacts { name: "finance".into(), version, pinned, persistent, channel_version: 2, history: history.to_vec() }

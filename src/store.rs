@@ -60,6 +60,8 @@ pub enum StoreError {
     NoDraft(String),
     #[error("the draft of image '{image}' has no changes since version {base}: nothing to seal (discard it with 'vdim image discard {image}')")]
     NoChanges { image: String, base: u32 },
+    #[error("the draft of image '{image}' was written to while it was being sealed: {why}; nothing was sealed")]
+    DraftInUse { image: String, why: String },
     #[error("the draft of image '{image}' at {path} is damaged or missing: {why}; discard it with 'vdim image discard {image}'")]
     BadDraft { image: String, path: String, why: String },
     #[error("image '{image}' already has a draft on version {base}: seal or discard it first")]
@@ -435,7 +437,7 @@ impl Store {
     pub fn lock_image(&self, image: &str) -> Result<(Lock, Lock)> {
         Ok(lock::for_change(
             &self.home.locks(),
-            &format!("image-{image}"),
+            &names::image_lock(image),
             &format!("image '{image}'"),
             Duration::from_secs(2),
         )?)
@@ -567,7 +569,19 @@ impl Store {
     /// Start (or hand back) the draft of `name`, on version `from` or the newest one.
     pub fn edit(&mut self, name: &str, from: Option<u32>, actor: &Actor) -> Result<DraftReport> {
         names::validate("image", name)?;
-        let _locks = self.lock_image(name)?;
+        let locks = self.lock_image(name)?;
+        self.edit_locked(&locks, name, from, actor)
+    }
+
+    /// `edit` for a caller that holds the image lock (`lock_image`) and keeps it for more.
+    pub fn edit_locked(
+        &mut self,
+        _held: &(Lock, Lock),
+        name: &str,
+        from: Option<u32>,
+        actor: &Actor,
+    ) -> Result<DraftReport> {
+        names::validate("image", name)?;
         let (image, existing, base) = self.catalog.read(|tx| -> Result<_> {
             let image = tx.image(name)?;
             let draft = tx.draft(&image)?;
@@ -648,7 +662,21 @@ impl Store {
     /// clusters are copied and hashed, never the virtual disk.
     pub fn seal(&mut self, name: &str, note: &str, actor: &Actor) -> Result<VersionReport> {
         names::validate("image", name)?;
-        let _locks = self.lock_image(name)?;
+        let locks = self.lock_image(name)?;
+        self.seal_locked(&locks, name, note, actor, || Ok(()))
+    }
+
+    /// `seal` for a caller that holds the image lock; `after_copy` runs once the draft is
+    /// copied and can still refuse (nothing is recorded then): the dev desktop's re-check.
+    pub fn seal_locked(
+        &mut self,
+        _held: &(Lock, Lock),
+        name: &str,
+        note: &str,
+        actor: &Actor,
+        after_copy: impl FnOnce() -> Result<()>,
+    ) -> Result<VersionReport> {
+        names::validate("image", name)?;
         let (image, draft, base) = self.catalog.read(|tx| -> Result<_> {
             let image = tx.image(name)?;
             let draft = tx.draft(&image)?.ok_or_else(|| StoreError::NoDraft(name.into()))?;
@@ -674,6 +702,7 @@ impl Store {
 
         let mut tmp = TmpFile(Some(Home::tmp_path(&self.home.layers(), &format!("seal-{name}.qcow2"))));
         fs::copy(&draft_path, tmp.path()).map_err(io("copy", &draft_path))?;
+        after_copy()?;
         // The layer lives next to its parent: same-directory backing name, format stated.
         qcow2::set_backing(tmp.path(), &layer_backing(&base.digest), "qcow2")?;
         let (digest, size) = self.seal_file(&mut tmp, "hashing the sealed layer")?;
@@ -930,8 +959,13 @@ impl Store {
         actor: &Actor,
         extra: &dyn Fn(&Tx, &Image) -> Result<Vec<u32>>,
     ) -> Result<GcReport> {
-        let _store =
-            lock::acquire(&self.home.locks(), "store", "the image store", Mode::Exclusive, Duration::from_secs(2))?;
+        let _store = lock::acquire(
+            &self.home.locks(),
+            names::STORE_LOCK,
+            "the image store",
+            Mode::Exclusive,
+            Duration::from_secs(2),
+        )?;
         let (doomed, kept) = self.catalog.read(|tx| -> Result<_> {
             let mut doomed = Vec::new();
             let mut kept = 0;

@@ -16,7 +16,7 @@ fn a_dev_desktop_boots_the_draft_and_seal_waits_for_its_shutdown() {
     assert_eq!(r["draft"], d["draft"], "--start boots the existing draft");
     let dd = &r["dev_desktop"];
     let domain = dd["domain"].as_str().unwrap().to_string();
-    assert_eq!(domain, format!("vdim-dev-{image}"));
+    assert_eq!(domain, format!("vdim-dev-{image}-draft"));
     assert!(r["draft"].as_str().unwrap().ends_with(".qcow2"));
     let consoles = dd["consoles"].as_array().unwrap();
     assert!(

@@ -226,6 +226,34 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// `mark_reset`, only while the desktop is still unassigned: the check and the mark are
+    /// one statement, so a desktop the broker gives away meanwhile is never claimed.
+    /// Returns whether it was claimed.
+    pub fn claim_for_reset(&self, desktop_id: i64, version: u32) -> Result<bool> {
+        let n = self.0.execute(
+            "UPDATE desktops SET version = ?2, target = NULL, needs_reset = 1 WHERE id = ?1 AND assigned_to IS NULL",
+            params![desktop_id, version],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Remove a desktop's row only while it is unassigned; returns whether it was removed.
+    pub fn delete_idle_desktop(&self, id: i64) -> Result<bool> {
+        Ok(self.0.execute("DELETE FROM desktops WHERE id = ?1 AND assigned_to IS NULL", [id])? == 1)
+    }
+
+    /// The first desktop of the pool that is assigned now, with its user.
+    pub fn first_assigned(&self, pool_id: i64) -> Result<Option<(String, String)>> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT name, assigned_to FROM desktops WHERE pool_id = ?1 AND assigned_to IS NOT NULL ORDER BY idx LIMIT 1",
+                [pool_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
     pub fn clear_reset(&self, desktop_id: i64) -> Result<()> {
         self.0.execute("UPDATE desktops SET needs_reset = 0 WHERE id = ?1", [desktop_id])?;
         Ok(())
@@ -296,5 +324,77 @@ impl Tx<'_> {
             out.extend(seen);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::tests::cat;
+    use crate::catalog::CatalogError;
+
+    /// A pool "p" of two idle desktops on version 1 of image "a"; returns the pool id.
+    fn pool_of_two(tx: &Tx) -> Result<i64> {
+        let img = tx.insert_image("a", 1)?;
+        tx.insert_version(&img, None, &"0".repeat(64), 1, 1, "t", "")?;
+        tx.insert_version(&img, Some(1), &"1".repeat(64), 1, 1, "t", "")?;
+        let id = tx.insert_pool(&NewPool {
+            name: "p",
+            image_id: img.id,
+            channel: Channel::Prod,
+            version: 1,
+            size: 2,
+            profile: "x",
+            persistent: false,
+            virt_type: "qemu",
+            display_listen: "127.0.0.1",
+            insecure_display: false,
+        })?;
+        for i in 1..=2 {
+            tx.insert_desktop(id, i, &format!("vdim-p-00{i}"), &format!("desktops/p/vdim-p-00{i}.qcow2"), 1)?;
+        }
+        Ok(id)
+    }
+
+    #[test]
+    fn a_desktop_the_broker_assigned_after_the_plan_is_not_claimed() {
+        let (_d, mut c) = cat();
+        let id = c.write(pool_of_two).unwrap();
+        // The plan: every idle desktop moves.
+        let plan: Vec<Desktop> = c.read(|tx| tx.desktops(id)).unwrap();
+        assert!(plan.iter().all(|d| d.assigned_to.is_none()));
+        // The broker's assignment, in its own transaction, takes the first one.
+        let given = c.write(|tx| tx.assign_idle(id, "alice")).unwrap().unwrap();
+        assert_eq!(given.name, "vdim-p-001");
+        let claimed: Vec<String> = c
+            .write(|tx| -> Result<Vec<String>> {
+                let mut out = vec![];
+                for d in &plan {
+                    if tx.claim_for_reset(d.id, 2)? {
+                        out.push(d.name.clone());
+                    }
+                }
+                Ok(out)
+            })
+            .unwrap();
+        assert_eq!(claimed, ["vdim-p-002"]);
+        let now = c.read(|tx| tx.desktops(id)).unwrap();
+        assert_eq!((now[0].version, now[0].needs_reset, now[0].assigned_to.as_deref()), (1, false, Some("alice")));
+        assert_eq!((now[1].version, now[1].needs_reset), (2, true));
+    }
+
+    #[test]
+    fn shrink_and_stop_see_an_assignment_made_after_their_look() {
+        let (_d, mut c) = cat();
+        let id = c.write(pool_of_two).unwrap();
+        let plan: Vec<Desktop> = c.read(|tx| tx.desktops(id)).unwrap();
+        assert_eq!(c.read(|tx| tx.first_assigned(id)).unwrap(), None);
+        c.write(|tx| tx.assign_idle(id, "alice")).unwrap();
+        assert_eq!(c.read(|tx| tx.first_assigned(id)).unwrap(), Some(("vdim-p-001".into(), "alice".into())));
+        let removed = c.write(|tx| tx.delete_idle_desktop(plan[0].id)).unwrap();
+        assert!(!removed, "alice's desktop must not be removed");
+        assert!(c.write(|tx| tx.delete_idle_desktop(plan[1].id)).unwrap());
+        let left = c.read(|tx| Ok::<_, CatalogError>(tx.desktops(id)?.into_iter().map(|d| d.name).collect::<Vec<_>>()));
+        assert_eq!(left.unwrap(), ["vdim-p-001"]);
     }
 }

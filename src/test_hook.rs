@@ -1,0 +1,30 @@
+//! Pause points that let a test interleave two real vdim processes deterministically.
+//!
+//! With `VDIM_TEST_PAUSE_BEFORE=<step>` and `VDIM_TEST_PAUSE_FILE=<path>` in its environment,
+//! a command reaching `step` creates `<path>` and waits until the test removes it (at most
+//! 60 s). Without those variables `pause` returns at once; vdim never sets them itself.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Steps where a command has read its facts and not yet written what it decided.
+pub const POOL_SHRINK: &str = "pool-shrink";
+pub const POOL_STOP: &str = "pool-stop";
+pub const POOL_DELETE: &str = "pool-delete";
+pub const SEAL_COPY: &str = "seal-copy";
+pub const ROLLOUT_WAVE: &str = "rollout-wave";
+
+pub fn pause(step: &str) {
+    if std::env::var_os("VDIM_TEST_PAUSE_BEFORE").is_none_or(|s| s != step) {
+        return;
+    }
+    let Some(file) = std::env::var_os("VDIM_TEST_PAUSE_FILE") else { return };
+    let file = Path::new(&file);
+    if std::fs::write(file, std::process::id().to_string()).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
