@@ -660,7 +660,13 @@ impl<'a> Pools<'a> {
             let image = tx.image(&pool.image)?;
             let mut todo = vec![];
             for d in tx.desktops(pool.id)? {
-                if d.needs_reset && d.assigned_to.is_none() {
+                // A persistent desktop stays assigned to its owner: in use only while in a session.
+                let in_use = match d.assigned_to {
+                    None => false,
+                    Some(_) if pool.persistent => tx.open_session_on(&d.name)?.is_some(),
+                    Some(_) => true,
+                };
+                if d.needs_reset && !in_use {
                     let v = tx.version(&image, d.version)?;
                     todo.push((d, v.digest, v.virtual_size));
                 }
@@ -916,6 +922,13 @@ impl<'a> Pools<'a> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
         let (pool, desktops) = self.unless_in_use(name, force, "deleting the pool would take the desktop away")?;
+        // Sessions end first, so their consoles close before the domains go.
+        self.store.catalog().write(|tx| -> Result<()> {
+            for d in &desktops {
+                tx.end_stale_sessions_on(&d.name)?;
+            }
+            Ok(())
+        })?;
         // Domains first: a desktop still defined must keep its overlay.
         for d in &desktops {
             self.remove_domain(&d.name)?;
@@ -956,6 +969,13 @@ fn apply_plan(tx: &Tx, pool: &Pool, desktops: &[Desktop], plan: &MovePlan) -> Re
     for d in desktops {
         if plan.now.contains(&d.name) {
             tx.mark_reset(d.id, plan.to)?;
+            if d.assigned_to.is_some() {
+                // Moved while in use (--force): its session ends now, so its consoles close.
+                tx.end_stale_sessions_on(&d.name)?;
+                if !pool.persistent {
+                    tx.unassign(d.id)?;
+                }
+            }
         } else if plan.at_logoff.contains(&d.name) {
             tx.set_target(d.id, Some(plan.to))?;
         } else if plan.cancel_pending.contains(&d.name) {

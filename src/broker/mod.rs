@@ -7,7 +7,7 @@
 //! ```text
 //!  thin client ─HTTP(S)─► router ─► token → user ─► service call (blocking pool) ─► JSON / .vv
 //!  browser ─WS(S)─► /console/{id}/ws ─► Origin + console token ─► VNC login ─► byte pipe
-//!  reaper (every ttl/4, 1-30 s) ─► expire sessions, finish interrupted logoffs, close consoles
+//!  reaper (every second) ─► expire sessions, cut their displays off, finish logoffs, close consoles
 //! ```
 //! Plain HTTP is only served on loopback; anything else needs `--tls-cert` and `--tls-key`.
 //! Nothing secret is logged: tokens travel in headers (`Authorization`,
@@ -319,8 +319,8 @@ async fn shutdown_signal() {
 
 /// Ends expired sessions and finishes interrupted logoffs, then closes their consoles.
 async fn reaper(b: Arc<Broker>) {
-    let every = (b.session_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
-    let mut tick = tokio::time::interval(every);
+    // Every second: an expired session's displays are cut off within the console bound (3 s).
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
