@@ -456,8 +456,9 @@ impl<'a> Sessions<'a> {
                         return Err(UserError::LoggingOff { desktop: d.name, session: s.id });
                     }
                     if d.needs_reset {
-                        // Moved by a forced update: the pool command is resetting it now.
-                        return Err(UserError::LoggingOff { desktop: d.name, session: "(moved)".into() });
+                        // Moved by a forced update, which ended its last session: being reset now.
+                        let last = tx.last_session_on(&d.name)?.map(|s| s.id).unwrap_or_default();
+                        return Err(UserError::LoggingOff { desktop: d.name, session: last });
                     }
                     d
                 }
@@ -712,7 +713,7 @@ impl<'a> Sessions<'a> {
         let ended_now = if due.0.is_empty() && due.1.is_empty() {
             vec![]
         } else {
-            self.catalog().write(|tx| -> Result<Vec<Session>> {
+            self.catalog().write(|tx| -> Result<Vec<(Session, bool)>> {
                 let mut done = vec![];
                 for s in due.0 {
                     if tx.end_session(&s.id)? {
@@ -723,25 +724,27 @@ impl<'a> Sessions<'a> {
                             detail: json!({"session": s.id, "desktop": s.desktop, "user": s.user}),
                             ..Default::default()
                         })?;
-                        done.push(s);
+                        done.push((s, true));
                     }
                 }
                 for s in due.1 {
                     if !holds(tx, &s)? && tx.end_session(&s.id)? {
                         tx.mark_released(&s.id)?;
-                        // Given back but not given to anyone else: nobody may stay on its display.
-                        if tx.desktop(&s.desktop)?.is_some_and(|d| d.assigned_to.is_none()) {
-                            done.push(s);
-                        }
+                        // Given back: unless it went to someone else, nobody may stay on its display.
+                        let cut = tx.desktop(&s.desktop)?.is_some_and(|d| d.assigned_to.is_none());
+                        done.push((s, cut));
                     }
                 }
                 Ok(done)
             })?
         };
-        for s in &ended_now {
+        for (s, cut) in &ended_now {
             ended(&s.id);
-            self.cut_off(s);
+            if *cut {
+                self.cut_off(s);
+            }
         }
+        let ended_now: Vec<Session> = ended_now.into_iter().map(|(s, _)| s).collect();
         let mut out = Reaped { ended: ended_now.iter().map(|s| s.id.clone()).collect(), ..Default::default() };
         let before = rfc3339(SystemTime::now() - grace);
         let mine = |s: &Session| out.ended.contains(&s.id) || s.ended.as_deref().is_some_and(|e| e <= before.as_str());

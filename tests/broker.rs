@@ -1222,7 +1222,14 @@ impl RawConsole {
             match self.s.peek(&mut h) {
                 Ok(0) => break,
                 Ok(_) => match self.frame() {
-                    None | Some((8, _)) => break,
+                    None => break,
+                    Some((8, why)) => {
+                        eprintln!(
+                            "{what}: close frame {:?}",
+                            String::from_utf8_lossy(why.get(2..).unwrap_or_default())
+                        );
+                        break;
+                    }
                     Some(_) => {}
                 },
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
@@ -1298,6 +1305,7 @@ fn every_way_a_session_ends_closes_its_console_within_3_s_at_every_stage() {
     t.create_pool(&pool, "img", "dev", 1, "test-linux", &["--persistent", "--start"]);
     let desktop = format!("vdim-{pool}-001");
     let mut alice = add_user_cli(&t.env, "alice", false);
+    let admin = add_user_cli(&t.env, "admin", true);
     t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
     let srv = Server::start(&t.env, "qemu:///system", &[]);
     let http = Http::new(&srv.base);
@@ -1360,11 +1368,21 @@ fn every_way_a_session_ends_closes_its_console_within_3_s_at_every_stage() {
     assert_eq!(s, 403, "no longer entitled");
     t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
 
-    // The desktop moved to a new version by 'pool update --force' while the console works.
-    seal_marker(&t.env, "img", "bk-end-v2", "ok");
+    // The same through the admin API, while the console works.
     let (id, ct) = open_session(&http, &pool, &alice);
     let mut c = RawConsole::open(&srv, &id, &ct);
     c.handshake();
+    let t0 = Instant::now();
+    let e = http.ok("DELETE", &format!("/api/v1/admin/pools/{pool}/entitlements/alice"), &admin, None);
+    assert_eq!(e["sessions_closed"], json!([id]), "{e}");
+    c.closed_within(t0, limit, "entitlement removed by the API");
+    gone(&id, "entitlement removed by the API");
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+
+    // The desktop moved to a new version by 'pool update --force', before the RFB greeting.
+    seal_marker(&t.env, "img", "bk-end-v2", "ok");
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let mut c = RawConsole::open(&srv, &id, &ct);
     let t0 = Instant::now();
     let update = vdim_in_background(&t, &["pool", "update", &pool, "--force"]);
     c.closed_within(t0, limit, "desktop moved");
@@ -1388,7 +1406,7 @@ fn every_way_a_session_ends_closes_its_console_within_3_s_at_every_stage() {
     assert_succeeded(delete);
     gone(&id, "pool deleted");
     assert!(t.domains().is_empty());
-    assert_no_secret_in(&srv.log(), &[&alice, &ct]);
+    assert_no_secret_in(&srv.log(), &[&alice, &admin, &ct]);
 }
 
 /// Established TCP connections to a local port (a SPICE viewer opens several channels).
