@@ -1498,3 +1498,75 @@ fn a_spice_viewer_is_dropped_within_3_s_of_logoff_or_expiry_on_a_kept_desktop_an
     );
     assert_eq!(show["desktops"][0]["assigned_to"], "alice", "and stay the user's own: {show}");
 }
+
+/// A desktop's QEMU stopped (SIGSTOP) so its display and monitor never answer; resumed on drop.
+struct Frozen(String);
+
+impl Frozen {
+    fn new(desktop: &str) -> Frozen {
+        let pid = std::fs::read_to_string(format!("/var/run/libvirt/qemu/{desktop}.pid")).unwrap();
+        let pid = pid.trim().to_string();
+        sh("kill", &["-STOP", &pid]);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_display_that_never_answers_delays_no_token_check_and_its_console_times_out() {
+    let t = LibvirtEnv::new("bkfz");
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", "bk-frozen");
+    t.create_pool(&pool, "img", "dev", 1, "test-linux", &["--start"]);
+    let alice = add_user_cli(&t.env, "alice", false);
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+    let srv = Server::start(&t.env, "qemu:///system", &[]);
+    let http = Http::new(&srv.base);
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let desktop = format!("vdim-{pool}-001");
+
+    // The console starts its login on a display (and monitor) that never answers.
+    let frozen = Frozen::new(&desktop);
+    let mut stuck = TcpStream::connect(&srv.addr).unwrap();
+    let head = format!(
+        "GET /console/{id}/ws HTTP/1.1\r\nHost: {0}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {1}\r\n\
+         Sec-WebSocket-Protocol: binary, vdim-console-token.{ct}\r\n\r\n",
+        srv.addr, srv.base
+    );
+    stuck.write_all(head.as_bytes()).unwrap();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Meanwhile wrong tokens are refused at once: the login in progress gates no token check.
+    for token in ["0".repeat(64), "not-a-token".into()] {
+        let t1 = Instant::now();
+        assert_eq!(ws_status(&srv, &id, Some(&srv.base), Some(&token)), 401);
+        assert!(t1.elapsed() < Duration::from_secs(1), "the token check waited {:?}", t1.elapsed());
+    }
+
+    // And the stuck console is given up by the handshake timeout.
+    stuck.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let (mut got, mut buf) = (vec![], [0u8; 4096]);
+    // Until EOF or a close frame right after the 101 head (a read timeout is 15 s: too late).
+    while !got.windows(5).any(|w| w[..4] == *b"\r\n\r\n" && w[4] == 0x88) {
+        match stuck.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(13)).contains(&took),
+        "closed by the handshake timeout, not after {took:?}: {text}"
+    );
+    drop(frozen);
+    assert_no_secret_in(&srv.log(), &[&alice, &ct]);
+}

@@ -75,6 +75,9 @@ enum ConsoleError {
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// One console login at a time per desktop: a VNC ticket is set and used before the next
+    /// is set on that display. Per desktop, so a display that hangs holds up no other.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     watching: AtomicBool,
 }
 
@@ -103,6 +106,11 @@ impl Registry {
         if let Some(tx) = tx {
             tx.send_replace(ENDED);
         }
+    }
+
+    fn gate(&self, desktop: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(desktop.to_string()).or_default().clone()
     }
 
     fn ids(&self) -> Vec<String> {
@@ -307,8 +315,8 @@ async fn handshake(
     tx: &mut Tx,
     rx: &mut Rx,
 ) -> Result<(TcpStream, Vec<u8>), ConsoleError> {
-    // One login at a time: the ticket set here is used before any other console sets one.
-    let gate = b.vnc_gate.lock().await;
+    let gate = b.consoles.gate(&session.desktop);
+    let gate = gate.lock().await;
     let s = session.clone();
     let t = match b.blocking(move |b, store| Ok(b.sessions(store).vnc_ticket(&s)?)).await {
         Ok(t) => t,

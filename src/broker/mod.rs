@@ -173,8 +173,6 @@ pub struct Broker {
     pub(crate) display_host: Option<String>,
     pub(crate) consoles: console::Registry,
     pub(crate) metrics: metrics::Metrics,
-    /// One console login at a time: a VNC ticket is set and used before the next is set.
-    pub(crate) vnc_gate: Arc<tokio::sync::Mutex<()>>,
     /// Session opens take turns (first come, first served) instead of racing for SQLite's
     /// write lock: same outcome, no retry sleeps in the tail.
     pub(crate) open_gate: tokio::sync::Mutex<()>,
@@ -236,7 +234,6 @@ async fn run(opts: ServeOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Resu
         display_host: opts.display_host.clone(),
         consoles: console::Registry::default(),
         metrics: metrics::Metrics::default(),
-        vnc_gate: Arc::new(tokio::sync::Mutex::new(())),
         open_gate: tokio::sync::Mutex::new(()),
         stores: Stores {
             home: opts.home.clone(),
