@@ -148,14 +148,20 @@ pub fn user(g: &Global, cmd: UserCmd) -> Result<()> {
 /// `vdim pool entitle|unentitle POOL USER`.
 pub fn entitle(g: &Global, pools: &mut Pools, pool: &str, user: &str, grant: bool) -> Result<()> {
     let actor = Actor::resolve(None);
-    let mut users = Users::new(pools.store);
-    let e = if grant { users.entitle(pool, user, &actor)? } else { users.unentitle(pool, user, &actor)? };
+    let e = if grant {
+        Users::new(pools.store).entitle(pool, user, &actor)?
+    } else {
+        Sessions::new(pools.store, pools.hv, profiles_dir(g)).unentitle(pool, user, &actor, &|_| {})?
+    };
     print(g.json, &e, |e| match (grant, e.changed) {
         (true, true) => format!("user '{}' may now open sessions in pool '{}'", e.user, e.pool),
         (true, false) => format!("user '{}' was already entitled to pool '{}'", e.user, e.pool),
-        (false, true) => {
-            format!("user '{}' may no longer open sessions in pool '{}' (open ones last until logoff)", e.user, e.pool)
-        }
+        (false, true) => format!(
+            "user '{}' may no longer open sessions in pool '{}' ({} open session logged off)",
+            e.user,
+            e.pool,
+            e.sessions_closed.len()
+        ),
         (false, false) => format!("user '{}' was not entitled to pool '{}'", e.user, e.pool),
     })
 }

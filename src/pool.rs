@@ -736,7 +736,13 @@ impl<'a> Pools<'a> {
             let image = tx.image(&pool.image)?;
             let mut todo = vec![];
             for d in tx.desktops(pool.id)? {
-                if d.needs_reset && d.assigned_to.is_none() {
+                // A persistent desktop stays assigned to its owner: in use only while in a session.
+                let in_use = match d.assigned_to {
+                    None => false,
+                    Some(_) if pool.persistent => tx.open_session_on(&d.name)?.is_some(),
+                    Some(_) => true,
+                };
+                if d.needs_reset && !in_use {
                     let v = tx.version(&image, d.version)?;
                     todo.push((d, v.digest, v.virtual_size));
                 }
@@ -1040,6 +1046,10 @@ impl<'a> Pools<'a> {
         self.store.catalog().write(|tx| -> Result<()> {
             still_unused(tx, &pool, rules::Claim::Delete { force }, why)?;
             tx.set_pool_running(pool.id, false)?;
+            // Sessions end first, so their consoles close before the domains go.
+            for d in &desktops {
+                tx.end_stale_sessions_on(&d.name)?;
+            }
             Ok(())
         })?;
         // Domains first: a desktop still defined must keep its overlay.
@@ -1098,6 +1108,13 @@ fn apply_plan(tx: &Tx, pool: &Pool, desktops: &[Desktop], plan: &MovePlan) -> Re
     for d in desktops {
         if plan.now.contains(&d.name) {
             tx.mark_reset(d.id, plan.to)?;
+            if d.assigned_to.is_some() {
+                // Moved while in use (--force): its session ends now, so its consoles close.
+                tx.end_stale_sessions_on(&d.name)?;
+                if !pool.persistent {
+                    tx.unassign(d.id)?;
+                }
+            }
         } else if plan.at_logoff.contains(&d.name) {
             tx.set_target(d.id, Some(plan.to))?;
         } else if plan.cancel_pending.contains(&d.name) {

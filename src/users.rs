@@ -9,9 +9,16 @@
 //!           (reconnect) or an idle desktop (own desktop in a persistent pool) + session row]
 //!  .vv ──► SPICE ticket: fresh 192-bit secret on the display, valid 120 s
 //!  console ► VNC ticket: 8 characters derived from a fresh secret, used once by the proxy
-//!  close / expiry ─► [session ended] ─► Pools::release (fresh overlay, due moves) ─► [released]
+//!  close / expiry / user removed / entitlement removed
+//!        ─► [session ended] ─► displays cut off ─► Pools::release (fresh overlay, due moves) ─► [released]
 //!  broker start, every reap ─► finish ended-but-unreleased sessions, end stale ones
 //! ```
+//!
+//! Whoever ends a session cuts its displays off at once: fresh unknown SPICE and VNC
+//! passwords, SPICE with `connected='disconnect'`, so a viewer still on a desktop that is
+//! kept (persistent pools) is dropped and the session's last ticket no longer opens it. The
+//! broker's console proxies watch the catalog, so a session ended by another process (the
+//! CLI) closes its consoles too.
 //!
 //! Secrets: user tokens (256 bits) and console tokens (256 bits) are stored only as SHA-256
 //! hashes and compared in constant time. Display tickets are never stored: the broker sets
@@ -25,7 +32,7 @@
 //! `--display-listen`. SPICE tickets carry the full 192 bits.
 
 use crate::catalog::users::{NewSession, Session, User};
-use crate::catalog::{Audit, Catalog, CatalogError};
+use crate::catalog::{Audit, Catalog, CatalogError, Tx};
 use crate::hypervisor::{GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError};
 use crate::names::{self, NameError};
 use crate::pool::{PoolError, Pools};
@@ -146,6 +153,11 @@ impl Ticket {
     }
 }
 
+/// The session's desktop is still assigned to its user.
+fn holds(tx: &Tx, s: &Session) -> Result<bool> {
+    Ok(tx.desktop(&s.desktop)?.is_some_and(|d| d.assigned_to.as_deref() == Some(s.user.as_str())))
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -178,6 +190,8 @@ pub struct Entitlement {
     pub user: String,
     /// `false` when it already was (entitle) or was not (unentitle) there.
     pub changed: bool,
+    /// Sessions of the user in the pool that unentitle logged off.
+    pub sessions_closed: Vec<String>,
 }
 
 /// A pool as an entitled user sees it.
@@ -264,7 +278,8 @@ impl<'a> Users<'a> {
         self.change_entitlement(pool, user, true, actor)
     }
 
-    pub fn unentitle(&mut self, pool: &str, user: &str, actor: &Actor) -> Result<Entitlement> {
+    /// Removes the entitlement only; [`Sessions::unentitle`] also logs the user's session off.
+    fn unentitle(&mut self, pool: &str, user: &str, actor: &Actor) -> Result<Entitlement> {
         self.change_entitlement(pool, user, false, actor)
     }
 
@@ -285,7 +300,7 @@ impl<'a> Users<'a> {
                     ..Default::default()
                 })?;
             }
-            Ok(Entitlement { pool: pool.to_string(), user: user.to_string(), changed })
+            Ok(Entitlement { pool: pool.to_string(), user: user.to_string(), changed, sessions_closed: vec![] })
         })
     }
 
@@ -379,6 +394,10 @@ pub struct RemovedUser {
 /// twice (by a DELETE and the reaper at once).
 static FINISHING: Mutex<()> = Mutex::new(());
 
+/// The reaper leaves a logoff begun by another process (`vdim user remove`) to that process
+/// for this long, so the two never release the same desktop at once.
+const FINISH_GRACE: Duration = Duration::from_secs(60);
+
 pub struct Sessions<'a> {
     pools: Pools<'a>,
 }
@@ -435,6 +454,11 @@ impl<'a> Sessions<'a> {
                     let logging_off = tx.unreleased_sessions()?.into_iter().find(|s| s.desktop == d.name);
                     if let Some(s) = logging_off {
                         return Err(UserError::LoggingOff { desktop: d.name, session: s.id });
+                    }
+                    if d.needs_reset {
+                        // Moved by a forced update, which ended its last session: being reset now.
+                        let last = tx.last_session_on(&d.name)?.map(|s| s.id).unwrap_or_default();
+                        return Err(UserError::LoggingOff { desktop: d.name, session: last });
                     }
                     d
                 }
@@ -526,9 +550,9 @@ impl<'a> Sessions<'a> {
         Ok(SpiceTicket { session, endpoint, password: ticket.spice_password().to_string(), valid_to })
     }
 
-    /// Checks a console token (unknown session and wrong token look the same) and sets a
-    /// fresh VNC ticket for the proxy to log in with.
-    pub fn vnc_ticket(&mut self, id: &str, console_token: &str) -> Result<VncTicket> {
+    /// Checks a console token (unknown session and wrong token look the same) and that the
+    /// session's desktop has a VNC display; sets nothing.
+    pub fn console_session(&mut self, id: &str, console_token: &str) -> Result<Session> {
         let denied = || UserError::ConsoleDenied(id.escape_default().to_string());
         if !is_session_id(id) || !is_token(console_token) {
             return Err(denied());
@@ -538,9 +562,54 @@ impl<'a> Sessions<'a> {
             return Err(denied());
         }
         self.check_holds(&session)?;
+        if let Err(source) = self.pools.hv.graphics(&session.desktop, GraphicsKind::Vnc) {
+            return Err(UserError::NoConsole { desktop: session.desktop, session: session.id, source });
+        }
+        Ok(session)
+    }
+
+    /// A fresh VNC ticket for the proxy of a session whose console token was checked.
+    pub fn vnc_ticket(&mut self, s: &Session) -> Result<VncTicket> {
+        let session = self.get(None, &s.id)?;
+        self.check_holds(&session)?;
         let password = Ticket::new()?.vnc_password();
         let endpoint = self.set_ticket(&session, GraphicsKind::Vnc, &password)?;
         Ok(VncTicket { session, endpoint, password })
+    }
+
+    /// Sessions among `ids` that a console may no longer show: ended, expired, gone, or
+    /// their desktop no longer their user's.
+    pub fn not_live(&mut self, ids: &[String]) -> Result<Vec<String>> {
+        let now = rfc3339(SystemTime::now());
+        self.catalog().read(|tx| -> Result<_> {
+            let mut out = vec![];
+            for id in ids {
+                let live = match tx.session(id)? {
+                    Some(s) if s.ended.is_none() && s.expires_at > now => holds(tx, &s)?,
+                    _ => false,
+                };
+                if !live {
+                    out.push(id.clone());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Cuts an ended session's displays off: unknown passwords on both, SPICE viewers
+    /// disconnected. A desktop that is not running has nothing to cut.
+    fn cut_off(&mut self, s: &Session) {
+        for kind in [GraphicsKind::Spice, GraphicsKind::Vnc] {
+            let rotated = Ticket::new().and_then(|t| {
+                let password = if kind == GraphicsKind::Vnc { t.vnc_password() } else { t.spice_password().into() };
+                self.pools.hv.set_graphics_password(&s.desktop, kind, &password, SystemTime::now()).map_err(|source| {
+                    UserError::NoConsole { desktop: s.desktop.clone(), session: s.id.clone(), source }
+                })
+            });
+            if let Err(e) = rotated {
+                tracing::debug!(session = %s.id, desktop = %s.desktop, error = %e, "display not cut off");
+            }
+        }
     }
 
     /// Replaces the VNC ticket by an unknown one: after the proxy logged in, nobody else can.
@@ -572,6 +641,7 @@ impl<'a> Sessions<'a> {
             Ok(s)
         })?;
         ended(&s.id);
+        self.cut_off(&s);
         let reset = match self.finish(&s, actor) {
             Ok(r) => r,
             Err(e) => {
@@ -593,7 +663,7 @@ impl<'a> Sessions<'a> {
         }
         let outcome = match (desktop, pool) {
             (Some(d), Some(p)) if d.assigned_to.as_deref() == Some(s.user.as_str()) && other.is_none() => {
-                if p.persistent && d.target.is_none() {
+                if p.persistent && d.target.is_none() && !d.needs_reset {
                     "kept"
                 } else {
                     let r: Release = self.pools.release(&d.name, actor)?;
@@ -607,7 +677,7 @@ impl<'a> Sessions<'a> {
                             Ok(())
                         })?;
                     }
-                    if r.reset {
+                    if r.reset || d.needs_reset {
                         "done"
                     } else {
                         "kept"
@@ -621,36 +691,65 @@ impl<'a> Sessions<'a> {
     }
 
     /// Ends expired sessions and sessions whose desktop was given back without the broker,
-    /// and completes every logoff not completed yet (after a crash, or a failed reset).
-    /// `ended` runs for each session ended now, before its desktop is reset.
+    /// cuts their displays off, and completes their logoffs and every logoff left unfinished
+    /// (a failed reset, or one another process began over [`FINISH_GRACE`] ago and did not
+    /// complete). `ended` runs for each session ended now, before its desktop is reset. Only
+    /// reads the catalog when nothing is due, so the broker runs it every second.
     pub fn reap(&mut self, actor: &Actor, ended: &dyn Fn(&str)) -> Result<Reaped> {
+        self.reap_older_than(actor, ended, FINISH_GRACE)
+    }
+
+    fn reap_older_than(&mut self, actor: &Actor, ended: &dyn Fn(&str), grace: Duration) -> Result<Reaped> {
         let now = rfc3339(SystemTime::now());
-        let ended_now = self.catalog().write(|tx| -> Result<Vec<String>> {
-            let mut done = vec![];
-            for s in tx.expired_sessions(&now)? {
-                if tx.end_session(&s.id)? {
-                    tx.audit(Audit {
-                        actor: &actor.0,
-                        action: "session.expire",
-                        pool: Some(&s.pool),
-                        detail: json!({"session": s.id, "desktop": s.desktop, "user": s.user}),
-                        ..Default::default()
-                    })?;
-                    done.push(s.id);
-                }
-            }
+        let due = self.catalog().read(|tx| -> Result<(Vec<Session>, Vec<Session>)> {
+            let mut given_back = vec![];
             for s in tx.open_sessions(None)? {
-                let holds = tx.desktop(&s.desktop)?.is_some_and(|d| d.assigned_to.as_deref() == Some(s.user.as_str()));
-                if !holds && tx.end_session(&s.id)? {
-                    tx.mark_released(&s.id)?;
-                    done.push(s.id);
+                if !holds(tx, &s)? {
+                    given_back.push(s);
                 }
             }
-            Ok(done)
+            Ok((tx.expired_sessions(&now)?, given_back))
         })?;
-        ended_now.iter().for_each(|id| ended(id));
-        let mut out = Reaped { ended: ended_now, ..Default::default() };
-        for s in self.catalog().read(|tx| tx.unreleased_sessions())? {
+        let ended_now = if due.0.is_empty() && due.1.is_empty() {
+            vec![]
+        } else {
+            self.catalog().write(|tx| -> Result<Vec<(Session, bool)>> {
+                let mut done = vec![];
+                for s in due.0 {
+                    if tx.end_session(&s.id)? {
+                        tx.audit(Audit {
+                            actor: &actor.0,
+                            action: "session.expire",
+                            pool: Some(&s.pool),
+                            detail: json!({"session": s.id, "desktop": s.desktop, "user": s.user}),
+                            ..Default::default()
+                        })?;
+                        done.push((s, true));
+                    }
+                }
+                for s in due.1 {
+                    if !holds(tx, &s)? && tx.end_session(&s.id)? {
+                        tx.mark_released(&s.id)?;
+                        // Given back: unless it went to someone else, nobody may stay on its display.
+                        let cut = tx.desktop(&s.desktop)?.is_some_and(|d| d.assigned_to.is_none());
+                        done.push((s, cut));
+                    }
+                }
+                Ok(done)
+            })?
+        };
+        for (s, cut) in &ended_now {
+            ended(&s.id);
+            if *cut {
+                self.cut_off(s);
+            }
+        }
+        let ended_now: Vec<Session> = ended_now.into_iter().map(|(s, _)| s).collect();
+        let mut out = Reaped { ended: ended_now.iter().map(|s| s.id.clone()).collect(), ..Default::default() };
+        let before = rfc3339(SystemTime::now() - grace);
+        let mine = |s: &Session| out.ended.contains(&s.id) || s.ended.as_deref().is_some_and(|e| e <= before.as_str());
+        let todo: Vec<Session> = self.catalog().read(|tx| tx.unreleased_sessions())?.into_iter().filter(mine).collect();
+        for s in todo {
             match self.finish(&s, actor) {
                 Ok(_) => out.finished.push(s.id),
                 Err(e) => {
@@ -664,7 +763,7 @@ impl<'a> Sessions<'a> {
 
     /// At broker start: complete interrupted logoffs, then every pool's pending resets.
     pub fn heal(&mut self, actor: &Actor) -> Result<Reaped> {
-        let reaped = self.reap(actor, &|_| {})?;
+        let reaped = self.reap_older_than(actor, &|_| {}, Duration::ZERO)?;
         let pools = self.catalog().read(|tx| tx.pools())?;
         for p in pools {
             if let Err(e) = self.pools.heal(&p.name) {
@@ -672,6 +771,25 @@ impl<'a> Sessions<'a> {
             }
         }
         Ok(reaped)
+    }
+
+    /// Removes `user`'s entitlement to `pool` and logs off their session there at once.
+    pub fn unentitle(&mut self, pool: &str, user: &str, actor: &Actor, ended: &dyn Fn(&str)) -> Result<Entitlement> {
+        let mut e = Users::new(self.pools.store).unentitle(pool, user, actor)?;
+        let open = self.catalog().read(|tx| -> Result<Option<Session>> {
+            match tx.user(user)? {
+                Some(u) => Ok(tx.open_session_of(u.id, pool)?),
+                None => Ok(None),
+            }
+        })?;
+        if let Some(s) = open {
+            match self.close(None, &s.id, actor, ended) {
+                Ok(c) => e.sessions_closed.push(c.id),
+                Err(UserError::SessionNotFound(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(e)
     }
 
     /// Removes a user: their open sessions are logged off first, then the user, their

@@ -1122,3 +1122,451 @@ fn plain_http_only_on_loopback_and_tls_with_a_certificate() {
     assert_eq!(curl(&[&format!("{}/healthz", srv.base)]), "000", "an unknown certificate is not trusted");
     assert_eq!(curl(&[&format!("http://{}/healthz", srv.addr)]), "000", "no plain HTTP on the TLS port");
 }
+
+// ---- consoles end with their session ---------------------------------------------------------
+
+/// A console WebSocket driven by hand, as a stalled or hostile client would: frames are read
+/// and written raw, so the test sees exactly when the broker closes it.
+struct RawConsole {
+    s: TcpStream,
+}
+
+impl RawConsole {
+    /// Upgrades with the console token and waits for the proxy's RFB greeting, which it only
+    /// sends once it is logged in to the desktop's VNC display.
+    fn open(srv: &Server, session: &str, console_token: &str) -> RawConsole {
+        let mut s = TcpStream::connect(&srv.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "GET /console/{session}/ws HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {}\r\n\
+             Sec-WebSocket-Protocol: binary, vdim-console-token.{console_token}\r\n\r\n",
+            srv.addr, srv.base
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).unwrap(), 1, "the broker closed the upgrade: {}", String::from_utf8_lossy(&got));
+            got.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        let mut c = RawConsole { s };
+        assert_eq!(c.frame(), Some((2, b"RFB 003.008\n".to_vec())), "the proxy's greeting");
+        c
+    }
+
+    /// The next frame (opcode, payload); `None` when the connection closed.
+    fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        if let Err(e) = self.s.read_exact(&mut h) {
+            assert!(
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                "the console is still open"
+            );
+            return None;
+        }
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                self.s.read_exact(&mut l).ok()?;
+                u64::from(u16::from_be_bytes(l))
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                self.s.read_exact(&mut l).ok()?;
+                u64::from_be_bytes(l)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; len as usize];
+        self.s.read_exact(&mut payload).ok()?;
+        Some((h[0] & 0x0f, payload))
+    }
+
+    /// A binary frame, masked as clients must.
+    fn send(&mut self, data: &[u8]) {
+        assert!(data.len() < 126);
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut f = vec![0x82, 0x80 | data.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(data.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.s.write_all(&f).unwrap();
+    }
+
+    /// The browser's side of RFB 3.8 up to the display's ServerInit: a working console.
+    fn handshake(&mut self) {
+        self.send(b"RFB 003.008\n");
+        assert_eq!(self.frame(), Some((2, vec![1, 1])), "security type None offered");
+        self.send(&[1]);
+        assert_eq!(self.frame(), Some((2, vec![0, 0, 0, 0])), "security result ok");
+        self.send(&[1]);
+        let mut init = vec![];
+        while init.len() < 24 {
+            let (op, data) = self.frame().expect("ServerInit");
+            assert_eq!(op, 2);
+            init.extend(data);
+        }
+        let (w, h) = (u16::from_be_bytes([init[0], init[1]]), u16::from_be_bytes([init[2], init[3]]));
+        assert!(w > 0 && h > 0, "the display's ServerInit: {init:?}");
+    }
+
+    /// Waits until the broker closes the console, at most `limit` after `since`; returns when.
+    #[track_caller]
+    fn closed_within(&mut self, since: Instant, limit: Duration, what: &str) -> Duration {
+        loop {
+            let left = limit.checked_sub(since.elapsed()).unwrap_or_default().max(Duration::from_millis(1));
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut h = [0u8; 1];
+            match self.s.peek(&mut h) {
+                Ok(0) => break,
+                Ok(_) => match self.frame() {
+                    None => break,
+                    Some((8, why)) => {
+                        eprintln!(
+                            "{what}: close frame {:?}",
+                            String::from_utf8_lossy(why.get(2..).unwrap_or_default())
+                        );
+                        break;
+                    }
+                    Some(_) => {}
+                },
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    panic!("{what}: the console was still open {:?} later", since.elapsed())
+                }
+                Err(_) => break,
+            }
+        }
+        eprintln!("{what}: console closed after {:?}", since.elapsed());
+        since.elapsed()
+    }
+}
+
+/// VNC clients QEMU has on a desktop's display (the proxy's login is one).
+fn vnc_clients(desktop: &str) -> usize {
+    virsh(&["qemu-monitor-command", "--hmp", desktop, "info vnc"]).lines().filter(|l| l.contains("Client:")).count()
+}
+
+/// QEMU drops the proxy's VNC connection soon after the proxy closes it.
+#[track_caller]
+fn assert_no_vnc_client(desktop: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while vnc_clients(desktop) > 0 {
+        assert!(Instant::now() < deadline, "{what}: the display still has a VNC client");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A session of `token`'s user in `pool` (retrying while its last logoff finishes) and its
+/// console token.
+fn open_session(http: &Http, pool: &str, token: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, v) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(token), None);
+        if s == 201 {
+            let ct = v["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
+            return (v["id"].as_str().unwrap().to_string(), ct);
+        }
+        assert!(s == 409 && Instant::now() < deadline, "{s}: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sets a session's expiry to now in the catalog, as the clock would.
+fn expire_now(env: &Env, id: &str) {
+    let mut cat = vdim::catalog::Catalog::open(&env.home().join("catalog.db"), false).unwrap();
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    cat.write(|tx| {
+        tx.conn()
+            .execute("UPDATE sessions SET expires_at = ?2 WHERE id = ?1", [id, now.as_str()])
+            .map_err(vdim::catalog::CatalogError::from)
+    })
+    .unwrap();
+}
+
+/// A `vdim` command started in the background, so the test can watch the console meanwhile.
+fn vdim_in_background(t: &LibvirtEnv, args: &[&str]) -> Child {
+    t.env.cmd().env("VDIM_VIRT_TYPE", "qemu").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+#[track_caller]
+fn assert_succeeded(c: Child) {
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn every_way_a_session_ends_closes_its_console_within_3_s_at_every_stage() {
+    let t = LibvirtEnv::new("bkend");
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", "bk-end");
+    // Persistent: logoff keeps the desktop running, so nothing but the broker closes the console.
+    t.create_pool(&pool, "img", "dev", 1, "test-linux", &["--persistent", "--start"]);
+    let desktop = format!("vdim-{pool}-001");
+    let mut alice = add_user_cli(&t.env, "alice", false);
+    let admin = add_user_cli(&t.env, "admin", true);
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+    let srv = Server::start(&t.env, "qemu:///system", &[]);
+    let http = Http::new(&srv.base);
+    let limit = Duration::from_secs(3);
+    let gone = |id: &str, what: &str| {
+        let mut cat = vdim::catalog::Catalog::open(&t.env.home().join("catalog.db"), false).unwrap();
+        let row = cat.read(|tx| tx.session(id)).unwrap();
+        assert!(row.is_none_or(|r| r.ended.is_some()), "{what}: the session is ended in the catalog");
+    };
+
+    // Logoff while the browser never sent its RFB greeting: the proxy is logged in to the
+    // display already, and must not keep that connection.
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    assert_eq!(vnc_clients(&desktop), 1, "the proxy holds an authenticated VNC connection");
+    let t0 = Instant::now();
+    let closed = http.ok("DELETE", &format!("/api/v1/sessions/{id}"), &alice, None);
+    assert_eq!(closed["reset"], "kept", "{closed}");
+    c.closed_within(t0, limit, "logoff before the RFB greeting");
+    assert_no_vnc_client(&desktop, "logoff");
+
+    // Nobody logs off, the client just never answers: the handshake timeout closes it.
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let t0 = Instant::now();
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    let took = c.closed_within(t0, Duration::from_secs(15), "a silent client");
+    assert!(took >= Duration::from_secs(5), "closed by the handshake timeout, not at once: {took:?}");
+    assert_no_vnc_client(&desktop, "handshake timeout");
+
+    // Expiry, with the client stalled in the middle of its handshake.
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    c.send(b"RFB 003.008\n");
+    assert_eq!(c.frame(), Some((2, vec![1, 1])));
+    expire_now(&t.env, &id);
+    c.closed_within(Instant::now(), limit, "expiry mid-handshake");
+    assert_no_vnc_client(&desktop, "expiry");
+    gone(&id, "expiry");
+
+    // The user removed by the CLI (another process) while the console works.
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    c.handshake();
+    let t0 = Instant::now();
+    assert_succeeded(vdim_in_background(&t, &["user", "remove", "alice"]));
+    c.closed_within(t0, limit, "user removed");
+    assert_no_vnc_client(&desktop, "user removed");
+    gone(&id, "user removed");
+    alice = add_user_cli(&t.env, "alice", false);
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+
+    // The entitlement removed by the CLI, before the RFB greeting.
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    let t0 = Instant::now();
+    assert_succeeded(vdim_in_background(&t, &["pool", "unentitle", &pool, "alice"]));
+    c.closed_within(t0, limit, "entitlement removed");
+    assert_no_vnc_client(&desktop, "entitlement removed");
+    gone(&id, "entitlement removed");
+    let (s, _) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(&alice), None);
+    assert_eq!(s, 403, "no longer entitled");
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+
+    // The same through the admin API, while the console works.
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    c.handshake();
+    let t0 = Instant::now();
+    let e = http.ok("DELETE", &format!("/api/v1/admin/pools/{pool}/entitlements/alice"), &admin, None);
+    assert_eq!(e["sessions_closed"], json!([id]), "{e}");
+    c.closed_within(t0, limit, "entitlement removed by the API");
+    gone(&id, "entitlement removed by the API");
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+
+    // The desktop moved to a new version by 'pool update --force', before the RFB greeting.
+    seal_marker(&t.env, "img", "bk-end-v2", "ok");
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    let t0 = Instant::now();
+    let update = vdim_in_background(&t, &["pool", "update", &pool, "--force"]);
+    c.closed_within(t0, limit, "desktop moved");
+    assert_succeeded(update);
+    gone(&id, "desktop moved");
+    let show = t.vdim_json(&["pool", "show", &pool]);
+    let d = &show["desktops"][0];
+    assert_eq!(
+        (d["version"].as_u64(), d["needs_reset"].as_bool(), d["assigned_to"].as_str()),
+        (Some(2), Some(false), Some("alice")),
+        "moved now, and still alice's own desktop: {show}"
+    );
+    t.wait_marker(&pool, &desktop, "bk-end-v2", 120);
+
+    // The pool deleted, before the RFB greeting.
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let mut c = RawConsole::open(&srv, &id, &ct);
+    let t0 = Instant::now();
+    let delete = vdim_in_background(&t, &["pool", "delete", &pool, "--force"]);
+    c.closed_within(t0, limit, "pool deleted");
+    assert_succeeded(delete);
+    gone(&id, "pool deleted");
+    assert!(t.domains().is_empty());
+    assert_no_secret_in(&srv.log(), &[&alice, &admin, &ct]);
+}
+
+/// Established TCP connections to a local port (a SPICE viewer opens several channels).
+fn connections_to(port: &str) -> usize {
+    let out = sh("ss", &["-Htn", "state", "established", &format!("( dport = :{port} )")]);
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// remote-viewer left running on a `.vv` file until it says its main channel opened.
+fn viewer_connected(x: &Xvfb, vv_text: &str, env: &Env, name: &str) -> (Child, String) {
+    let vv = env.path(&format!("{name}.vv"));
+    std::fs::write(&vv, vv_text).unwrap();
+    let log = env.path(&format!("{name}.log"));
+    let out = File::create(&log).unwrap();
+    let child = Command::new("remote-viewer")
+        .arg("--debug")
+        .arg(&vv)
+        .env("DISPLAY", &x.display)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap().contains("main channel: opened") {
+        assert!(
+            Instant::now() < deadline,
+            "remote-viewer did not connect:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (child, std::fs::read_to_string(&log).unwrap())
+}
+
+#[test]
+fn a_spice_viewer_is_dropped_within_3_s_of_logoff_or_expiry_on_a_kept_desktop_and_its_ticket_dies() {
+    let t = LibvirtEnv::new("bksp");
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", "bk-spice");
+    t.create_pool(&pool, "img", "dev", 1, "test-linux", &["--persistent", "--start"]);
+    let alice = add_user_cli(&t.env, "alice", false);
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+    let srv = Server::start(&t.env, "qemu:///system", &[]);
+    let http = Http::new(&srv.base);
+    let x = Xvfb::start();
+    let vv = |id: &str| {
+        let (s, text) = http.call("GET", &format!("/api/v1/sessions/{id}/console.vv"), Some(&alice), None);
+        assert_eq!(s, 200, "{text}");
+        let port = text.lines().find_map(|l| l.strip_prefix("port=")).unwrap().to_string();
+        (text, port)
+    };
+    let dropped_within = |viewer: &mut Child, port: &str, since: Instant, what: &str| {
+        while connections_to(port) > 0 {
+            assert!(since.elapsed() < Duration::from_secs(3), "{what}: the viewer is still connected");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("{what}: viewer dropped after {:?}", since.elapsed());
+        let _ = viewer.kill();
+        let _ = viewer.wait();
+    };
+
+    for (round, end) in ["logoff", "expiry"].into_iter().enumerate() {
+        let (id, _) = open_session(&http, &pool, &alice);
+        let (text, port) = vv(&id);
+        let (mut viewer, _) = viewer_connected(&x, &text, &t.env, &format!("rv-{end}"));
+        assert!(connections_to(&port) > 0, "{end}: the viewer's channels are connected");
+        let t0 = Instant::now();
+        if round == 0 {
+            let closed = http.ok("DELETE", &format!("/api/v1/sessions/{id}"), &alice, None);
+            assert_eq!(closed["reset"], "kept", "{closed}");
+        } else {
+            expire_now(&t.env, &id);
+        }
+        dropped_within(&mut viewer, &port, t0, end);
+        // Its ticket was replaced: the same .vv no longer opens the display.
+        let again = t.env.path(&format!("again-{end}.vv"));
+        std::fs::write(&again, &text).unwrap();
+        let shot = t.env.path("rv.png");
+        assert_eq!(
+            remote_viewer(&x, &again, &t.env.path(&format!("rv-again-{end}.log")), &shot),
+            Viewer::AuthFailed,
+            "{end}: the ended session's ticket"
+        );
+    }
+    let show = t.vdim_json(&["pool", "show", &pool]);
+    assert!(
+        show["desktops"][0]["state"].as_str().unwrap().starts_with("running"),
+        "kept desktops keep running: {show}"
+    );
+    assert_eq!(show["desktops"][0]["assigned_to"], "alice", "and stay the user's own: {show}");
+}
+
+/// A desktop's QEMU stopped (SIGSTOP) so its display and monitor never answer; resumed on drop.
+struct Frozen(String);
+
+impl Frozen {
+    fn new(desktop: &str) -> Frozen {
+        let pid = std::fs::read_to_string(format!("/var/run/libvirt/qemu/{desktop}.pid")).unwrap();
+        let pid = pid.trim().to_string();
+        sh("kill", &["-STOP", &pid]);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_display_that_never_answers_delays_no_token_check_and_its_console_times_out() {
+    let t = LibvirtEnv::new("bkfz");
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", "bk-frozen");
+    t.create_pool(&pool, "img", "dev", 1, "test-linux", &["--start"]);
+    let alice = add_user_cli(&t.env, "alice", false);
+    t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
+    let srv = Server::start(&t.env, "qemu:///system", &[]);
+    let http = Http::new(&srv.base);
+    let (id, ct) = open_session(&http, &pool, &alice);
+    let desktop = format!("vdim-{pool}-001");
+
+    // The console starts its login on a display (and monitor) that never answers.
+    let frozen = Frozen::new(&desktop);
+    let mut stuck = TcpStream::connect(&srv.addr).unwrap();
+    let head = format!(
+        "GET /console/{id}/ws HTTP/1.1\r\nHost: {0}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {1}\r\n\
+         Sec-WebSocket-Protocol: binary, vdim-console-token.{ct}\r\n\r\n",
+        srv.addr, srv.base
+    );
+    stuck.write_all(head.as_bytes()).unwrap();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Meanwhile wrong tokens are refused at once: the login in progress gates no token check.
+    for token in ["0".repeat(64), "not-a-token".into()] {
+        let t1 = Instant::now();
+        assert_eq!(ws_status(&srv, &id, Some(&srv.base), Some(&token)), 401);
+        assert!(t1.elapsed() < Duration::from_secs(1), "the token check waited {:?}", t1.elapsed());
+    }
+
+    // And the stuck console is given up by the handshake timeout.
+    stuck.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let (mut got, mut buf) = (vec![], [0u8; 4096]);
+    // Until EOF or a close frame right after the 101 head (a read timeout is 15 s: too late).
+    while !got.windows(5).any(|w| w[..4] == *b"\r\n\r\n" && w[4] == 0x88) {
+        match stuck.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(13)).contains(&took),
+        "closed by the handshake timeout, not after {took:?}: {text}"
+    );
+    drop(frozen);
+    assert_no_secret_in(&srv.log(), &[&alice, &ct]);
+}

@@ -467,7 +467,9 @@ pub async fn admin_entitle(State(b): B, a: Admin, P((pool, user)): P<(String, St
 
 pub async fn admin_unentitle(State(b): B, a: Admin, P((pool, user)): P<(String, String)>) -> ApiResult<Response> {
     let actor = a.actor();
-    let e = b.blocking(move |_, store| Ok(Users::new(store).unentitle(&pool, &user, &actor)?)).await?;
+    let e = b
+        .blocking(move |b, store| Ok(b.sessions(store).unentitle(&pool, &user, &actor, &|s| b.consoles.end(s))?))
+        .await?;
     Ok(Json(e).into_response())
 }
 

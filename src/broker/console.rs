@@ -7,21 +7,31 @@
 //! log line, ever holds it. The proxy then logs in to the display with a fresh one-time VNC
 //! ticket that it spends right away, and closes when the session ends, when another console
 //! of the same session takes over, or when either side closes.
+//!
+//! ```text
+//!  upgrade ─► VNC gate ─► ticket ─► display login ─► browser RFB handshake ─► byte pipe
+//!  └──────────── handshake timeout (10 s) ──────────────────────────────────┘
+//!  └──────────── every stage: closed within 1 s of its session ending ──────────────────┘
+//! ```
+//! Sessions end in the catalog, by this broker or another process; one watcher checks the
+//! sessions of open consoles every second and closes the consoles of those that ended.
 
 use super::error::ApiError;
 use super::vnc::{self, NoAuthServer, Step, VncError};
 use super::Broker;
-use crate::users::{self, UserError, VncTicket};
+use crate::catalog::users::Session;
+use crate::users::{self, UserError};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -30,11 +40,17 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 const TOKEN_PROTOCOL_PREFIX: &str = "vdim-console-token.";
-/// How often a console checks that its session is still open in the catalog (it may be
-/// ended by another process, e.g. `vdim user remove`).
-const SESSION_CHECK: Duration = Duration::from_secs(2);
+/// How often the broker checks in the catalog that the sessions of open consoles are still
+/// live: another process (`vdim user remove`, `pool update --force`) may end them.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// From the upgrade until the browser finished its RFB handshake (waiting for the VNC gate,
+/// the display login and the browser's handshake all count): noVNC needs milliseconds, a
+/// stalled or hostile client must not keep the authenticated display connection.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket close code sent when the session ended or another console took over.
 const CLOSE_SESSION_ENDED: u16 = 4000;
+/// WebSocket close code sent when the client did not finish its handshake in time.
+const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4001;
 
 const PAGE: &str = include_str!("static/console.html");
 const PORTAL: &str = include_str!("static/portal.html");
@@ -49,12 +65,20 @@ enum ConsoleError {
     Display(#[from] std::io::Error),
     #[error("the browser closed the connection during the handshake")]
     BrowserGone,
+    #[error("no display ticket: {0}")]
+    Ticket(String),
+    #[error("the handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 /// Open consoles by session: a generation number per session, `ENDED` once it ended.
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// One console login at a time per desktop: a VNC ticket is set and used before the next
+    /// is set on that display. Per desktop, so a display that hangs holds up no other.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    watching: AtomicBool,
 }
 
 const ENDED: u64 = u64::MAX;
@@ -81,6 +105,55 @@ impl Registry {
         let tx = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session);
         if let Some(tx) = tx {
             tx.send_replace(ENDED);
+        }
+    }
+
+    fn gate(&self, desktop: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(desktop.to_string()).or_default().clone()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Starts the catalog watcher with the first console.
+    fn watch(&self, b: &Arc<Broker>) {
+        if !self.watching.swap(true, SeqCst) {
+            tokio::spawn(watch_sessions(b.clone()));
+        }
+    }
+}
+
+/// Closes the consoles of sessions the catalog no longer holds open, whoever ended them.
+async fn watch_sessions(b: Arc<Broker>) {
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ids = b.consoles.ids();
+        if ids.is_empty() {
+            continue;
+        }
+        match b.blocking(move |b, store| Ok(b.sessions(store).not_live(&ids)?)).await {
+            Ok(gone) => gone.iter().for_each(|id| b.consoles.end(id)),
+            Err(e) => tracing::warn!(error = %e.message(), "cannot check the sessions of open consoles"),
+        }
+    }
+}
+
+/// Resolves when the console must close: its session ended, or another console took over.
+async fn superseded(changes: &mut watch::Receiver<u64>, generation: u64) -> &'static str {
+    loop {
+        if changes.changed().await.is_err() {
+            return "the session ended";
+        }
+        let now = *changes.borrow_and_update();
+        if now == ENDED {
+            return "the session ended";
+        }
+        if now != generation {
+            return "another console took over";
         }
     }
 }
@@ -141,7 +214,8 @@ fn console_token(headers: &HeaderMap) -> Option<String> {
         .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL_PREFIX).map(str::to_string))
 }
 
-/// `/console/{id}/ws`: Origin, then the console token, then the display ticket, then upgrade.
+/// `/console/{id}/ws`: Origin, then the console token, then upgrade; only then the VNC
+/// gate, the display ticket and the login, all bounded by the handshake timeout.
 pub async fn ws(
     State(b): State<Arc<Broker>>,
     super::api::P(id): super::api::P<String>,
@@ -155,19 +229,31 @@ pub async fn ws(
             expected: b.public.origin.clone(),
         });
     }
-    let token = console_token(&headers).ok_or_else(|| UserError::ConsoleDenied(id.escape_default().to_string()))?;
+    let denied = || UserError::ConsoleDenied(id.escape_default().to_string());
+    let token = console_token(&headers).ok_or_else(denied)?;
+    if !users::is_session_id(&id) || !users::is_token(&token) {
+        return Err(denied().into());
+    }
     let upgrade = upgrade.map_err(|r| ApiError::BadRequest(r.body_text()))?;
-    // The ticket set here is used by this connection before any other console sets one.
-    let gate = b.vnc_gate.clone().lock_owned().await;
-    let ticket = b.blocking(move |b, store| Ok(b.sessions(store).vnc_ticket(&id, &token)?)).await?;
+    let session = b.blocking(move |b, store| Ok(b.sessions(store).console_session(&id, &token)?)).await?;
+    b.consoles.watch(&b);
     Ok(upgrade.protocols(["binary"]).on_upgrade(move |socket| async move {
-        let id = ticket.session.id.clone();
-        let (generation, changes) = b.consoles.attach(&id);
+        let id = session.id.clone();
+        let (generation, mut changes) = b.consoles.attach(&id);
         b.metrics.console_connections.fetch_add(1, Relaxed);
         b.metrics.console_connections_total.fetch_add(1, Relaxed);
-        let (tx, rx) = socket.split();
-        match proxy(&b, ticket, tx, rx, gate, generation, changes).await {
-            Ok(why) => tracing::info!(session = %id, why, "console closed"),
+        let (mut tx, mut rx) = socket.split();
+        // Every stage, login and handshake included, ends with the session.
+        let outcome = tokio::select! {
+            r = proxy(&b, &session, &mut tx, &mut rx) => r,
+            why = superseded(&mut changes, generation) => Ok(Err(why)),
+        };
+        match outcome {
+            Ok(Ok(why)) => tracing::info!(session = %id, why, "console closed"),
+            Ok(Err(why)) => {
+                close(&mut tx, CLOSE_SESSION_ENDED, why).await;
+                tracing::info!(session = %id, why, "console closed");
+            }
             Err(e) => tracing::warn!(session = %id, error = %e, "console failed"),
         }
         b.metrics.console_connections.fetch_sub(1, Relaxed);
@@ -203,34 +289,61 @@ fn local_address(listen: &str) -> &str {
     }
 }
 
+/// The console until one side closes it: `Ok(Ok(why))`. (`Ok(Err(why))` is the caller's:
+/// the session ended.)
 async fn proxy(
     b: &Arc<Broker>,
-    t: VncTicket,
-    mut tx: Tx,
-    mut rx: Rx,
-    gate: tokio::sync::OwnedMutexGuard<()>,
-    generation: u64,
-    mut changes: watch::Receiver<u64>,
-) -> Result<&'static str, ConsoleError> {
+    session: &Session,
+    tx: &mut Tx,
+    rx: &mut Rx,
+) -> Result<Result<&'static str, &'static str>, ConsoleError> {
+    let (display, rest) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(b, session, tx, rx)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            close(tx, CLOSE_HANDSHAKE_TIMEOUT, "the console handshake took too long").await;
+            return Err(ConsoleError::HandshakeTimeout(HANDSHAKE_TIMEOUT));
+        }
+    };
+    pipe(display, rest, tx, rx).await.map(Ok)
+}
+
+/// Logs in to the display with a one-time ticket, then offers the browser a display without
+/// a password. Returns the display connection and the browser's bytes already past the handshake.
+async fn handshake(
+    b: &Arc<Broker>,
+    session: &Session,
+    tx: &mut Tx,
+    rx: &mut Rx,
+) -> Result<(TcpStream, Vec<u8>), ConsoleError> {
+    let gate = b.consoles.gate(&session.desktop);
+    let gate = gate.lock().await;
+    let s = session.clone();
+    let t = match b.blocking(move |b, store| Ok(b.sessions(store).vnc_ticket(&s)?)).await {
+        Ok(t) => t,
+        Err(e) => {
+            close(tx, 1011, "the desktop has no console now").await;
+            return Err(ConsoleError::Ticket(e.message()));
+        }
+    };
     let port = t.endpoint.port.ok_or_else(|| std::io::Error::other("the VNC display has no TCP port"))?;
     let mut display = TcpStream::connect((local_address(&t.endpoint.listen), port)).await?;
     display.set_nodelay(true)?;
     let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
     // Spent: nobody else can log in with it, whether or not this login worked.
-    let session = t.session.clone();
-    if let Err(e) = b.blocking(move |b, store| Ok(b.sessions(store).spend_vnc_ticket(&session)?)).await {
+    let s = t.session.clone();
+    if let Err(e) = b.blocking(move |b, store| Ok(b.sessions(store).spend_vnc_ticket(&s)?)).await {
         tracing::warn!(session = %t.session.id, error = %e.message(), "could not replace the spent VNC ticket");
     }
     drop(gate);
     if let Err(e) = login {
-        close(&mut tx, 1011, "the desktop's display refused the console").await;
+        close(tx, 1011, "the desktop's display refused the console").await;
         return Err(e.into());
     }
 
     tx.send(Message::Binary(NoAuthServer::greeting().to_vec().into())).await?;
     let mut handshake = NoAuthServer::default();
-    let rest = loop {
-        let Some(data) = next_binary(&mut rx).await? else { return Err(ConsoleError::BrowserGone) };
+    loop {
+        let Some(data) = next_binary(rx).await? else { return Err(ConsoleError::BrowserGone) };
         match handshake.feed(&data)? {
             Step::More => {}
             Step::Send(bytes) => tx.send(Message::Binary(bytes.into())).await?,
@@ -238,17 +351,19 @@ async fn proxy(
                 if !send.is_empty() {
                     tx.send(Message::Binary(send.into())).await?;
                 }
-                break rest;
+                return Ok((display, rest));
             }
         }
-    };
+    }
+}
+
+/// Copies bytes both ways until one side closes.
+async fn pipe(display: TcpStream, rest: Vec<u8>, tx: &mut Tx, rx: &mut Rx) -> Result<&'static str, ConsoleError> {
     let (mut from_display, mut to_display) = display.into_split();
     if !rest.is_empty() {
         to_display.write_all(&rest).await?;
     }
     let mut buf = vec![0u8; 64 * 1024];
-    let mut check = tokio::time::interval(SESSION_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             m = rx.next() => match m {
@@ -260,32 +375,10 @@ async fn proxy(
             n = from_display.read(&mut buf) => {
                 let n = n?;
                 if n == 0 {
-                    close(&mut tx, 1000, "the desktop's display closed").await;
+                    close(tx, 1000, "the desktop's display closed").await;
                     return Ok("the display closed it");
                 }
                 tx.send(Message::Binary(buf[..n].to_vec().into())).await?;
-            }
-            changed = changes.changed() => {
-                let now = *changes.borrow();
-                if changed.is_err() || now == ENDED {
-                    close(&mut tx, CLOSE_SESSION_ENDED, "the session ended").await;
-                    return Ok("the session ended");
-                }
-                if now != generation {
-                    close(&mut tx, CLOSE_SESSION_ENDED, "another console of this session took over").await;
-                    return Ok("another console took over");
-                }
-            }
-            _ = check.tick() => {
-                let id = t.session.id.clone();
-                match b.blocking(move |b, store| Ok(b.sessions(store).get(None, &id)?)).await {
-                    Ok(_) => {}
-                    Err(e) if e.status() == StatusCode::NOT_FOUND => {
-                        close(&mut tx, CLOSE_SESSION_ENDED, "the session ended").await;
-                        return Ok("the session ended");
-                    }
-                    Err(e) => tracing::warn!(session = %t.session.id, error = %e.message(), "cannot check the session"),
-                }
             }
         }
     }

@@ -7,7 +7,7 @@
 //! ```text
 //!  thin client ─HTTP(S)─► router ─► token → user ─► service call (blocking pool) ─► JSON / .vv
 //!  browser ─WS(S)─► /console/{id}/ws ─► Origin + console token ─► VNC login ─► byte pipe
-//!  reaper (every ttl/4, 1-30 s) ─► expire sessions, finish interrupted logoffs, close consoles
+//!  reaper (every second) ─► expire sessions, cut their displays off, finish logoffs, close consoles
 //! ```
 //! Plain HTTP is only served on loopback; anything else needs `--tls-cert` and `--tls-key`.
 //!
@@ -212,8 +212,6 @@ pub struct Broker {
     pub(crate) display_tls: Option<vv::DisplayTls>,
     pub(crate) consoles: console::Registry,
     pub(crate) metrics: metrics::Metrics,
-    /// One console login at a time: a VNC ticket is set and used before the next is set.
-    pub(crate) vnc_gate: Arc<tokio::sync::Mutex<()>>,
     /// Session opens take turns (first come, first served) instead of racing for SQLite's
     /// write lock: same outcome, no retry sleeps in the tail.
     pub(crate) open_gate: tokio::sync::Mutex<()>,
@@ -340,7 +338,6 @@ async fn run(
         display_tls: opts.display_tls.clone(),
         consoles: console::Registry::default(),
         metrics: metrics::Metrics::default(),
-        vnc_gate: Arc::new(tokio::sync::Mutex::new(())),
         open_gate: tokio::sync::Mutex::new(()),
         request_timeout: opts.request_timeout,
         connections: listener::Connections::new(max_connections),
@@ -447,8 +444,8 @@ async fn shutdown_signal() {
 
 /// Ends expired sessions and finishes interrupted logoffs, then closes their consoles.
 async fn reaper(b: Arc<Broker>) {
-    let every = (b.session_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
-    let mut tick = tokio::time::interval(every);
+    // Every second: an expired session's displays are cut off within the console bound (3 s).
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

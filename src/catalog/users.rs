@@ -201,6 +201,11 @@ impl Tx<'_> {
         Ok(self.sessions_where("s.ended IS NULL AND s.desktop = ?1", [desktop])?.pop())
     }
 
+    /// The latest session on a desktop, open or not.
+    pub fn last_session_on(&self, desktop: &str) -> Result<Option<Session>> {
+        Ok(self.sessions_where("s.desktop = ?1", [desktop])?.pop())
+    }
+
     /// Open sessions, all or one user's.
     pub fn open_sessions(&self, user_id: Option<i64>) -> Result<Vec<Session>> {
         self.sessions_where("s.ended IS NULL AND (?1 IS NULL OR s.user_id = ?1)", [user_id])
