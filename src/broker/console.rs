@@ -235,7 +235,8 @@ pub async fn ws(
         return Err(denied().into());
     }
     let upgrade = upgrade.map_err(|r| ApiError::BadRequest(r.body_text()))?;
-    let session = b.blocking(move |b, store| Ok(b.sessions(store).console_session(&id, &token)?)).await?;
+    // In the token-check lane: an unauthenticated client never holds a service permit.
+    let session = b.checking(move |b, store| Ok(b.sessions(store).console_session(&id, &token)?)).await?;
     b.consoles.watch(&b);
     Ok(upgrade.protocols(["binary"]).on_upgrade(move |socket| async move {
         let id = session.id.clone();

@@ -172,7 +172,7 @@ impl ApiError {
             ApiError::User(
                 UserError::PoolStopped(_) | UserError::Pool(PoolError::Exhausted { .. }) | UserError::LoggingOff { .. }
             ) | ApiError::Pool(PoolError::Exhausted { .. })
-                | ApiError::Vv(VvError::NoDisplayHost { .. })
+                | ApiError::Vv(VvError::NoDisplayHost { .. } | VvError::NoDisplayCa { .. })
                 | ApiError::Timeout { .. }
         );
         if !self.status().is_server_error() || safe_503 {
