@@ -9,8 +9,6 @@ pub mod broker;
 pub mod catalog;
 /// Command line: argument parsing and printing, nothing else.
 pub mod cli;
-/// The broker's commands: `vdim user`, `vdim pool entitle`, `vdim serve`.
-pub mod cli_broker;
 /// The dev desktop: an image's draft booted for patching, shut down before sealing.
 pub mod dev;
 /// SHA-256 of layer files.

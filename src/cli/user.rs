@@ -2,8 +2,8 @@
 //! `vdim serve`. Kept apart from `cli.rs` so both can change without touching each other;
 //! like the rest of the CLI they only parse, call the services, and print.
 
+use super::{print, profiles_dir, Global};
 use crate::broker::{self, ServeOptions};
-use crate::cli::{print, profiles_dir, Global};
 use crate::home::Home;
 use crate::hypervisor::Libvirt;
 use crate::pool::Pools;

@@ -10,6 +10,8 @@ use crate::rollout::{Engine, PromoteOptions, RolloutError, RolloutReport};
 use crate::store::{self, Actor, ImportOptions, Store};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+
+pub mod user;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -95,9 +97,9 @@ pub enum Command {
     },
     /// Thin-client users and their tokens
     #[command(subcommand)]
-    User(crate::cli_broker::UserCmd),
+    User(user::UserCmd),
     /// Run the thin-client broker and admin API (HTTP, or HTTPS with --tls-cert)
-    Serve(crate::cli_broker::ServeArgs),
+    Serve(user::ServeArgs),
     /// The append-only audit log
     Audit {
         #[arg(long)]
@@ -528,8 +530,8 @@ fn pool(g: &Global, cmd: PoolCmd) -> Result<()> {
                 format!("{desktop} released{} on version {}", if r.reset { " and reset" } else { "" }, r.version)
             })
         }
-        PoolCmd::Entitle { name, user } => crate::cli_broker::entitle(g, &mut pools, &name, &user, true),
-        PoolCmd::Unentitle { name, user } => crate::cli_broker::entitle(g, &mut pools, &name, &user, false),
+        PoolCmd::Entitle { name, user } => user::entitle(g, &mut pools, &name, &user, true),
+        PoolCmd::Unentitle { name, user } => user::entitle(g, &mut pools, &name, &user, false),
         PoolCmd::Delete { name, force } => {
             pools.delete(&name, force, &actor)?;
             print(g.json, &serde_json::json!({"pool": name, "deleted": true}), |_| format!("pool '{name}' deleted"))
@@ -550,8 +552,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Image(cmd) => image(g, cmd),
         Command::Pool(cmd) => pool(g, cmd),
-        Command::User(cmd) => crate::cli_broker::user(g, cmd),
-        Command::Serve(args) => crate::cli_broker::serve(g, args),
+        Command::User(cmd) => user::user(g, cmd),
+        Command::Serve(args) => user::serve(g, args),
         Command::Rollback { pool: Some(name), to, force, .. } => {
             let (mut store, hv) = (open_store(g)?, connect(g)?);
             let r = Pools::new(&mut store, hv.as_ref(), profiles_dir(g)).rollback(
