@@ -9,6 +9,8 @@ pub mod broker;
 pub mod catalog;
 /// Command line: argument parsing and printing, nothing else.
 pub mod cli;
+/// The service context: home, catalog, hypervisor, profiles and settings, opened once per entry point.
+pub mod context;
 /// The dev desktop: an image's draft booted for patching, shut down before sealing.
 pub mod dev;
 /// SHA-256 of layer files.

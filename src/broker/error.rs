@@ -16,6 +16,7 @@
 
 use super::vv::VvError;
 use crate::catalog::CatalogError;
+use crate::context::ContextError;
 use crate::lock::LockError;
 use crate::names::NameError;
 use crate::pool::PoolError;
@@ -44,6 +45,8 @@ pub enum ApiError {
     Rollout(#[from] RolloutError),
     #[error(transparent)]
     Vv(#[from] VvError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -149,6 +152,11 @@ impl ApiError {
             ApiError::Store(e) => store_status(e),
             ApiError::Catalog(e) => catalog_status(e),
             ApiError::Rollout(e) => rollout_status(e),
+            ApiError::Context(ContextError::Catalog(e)) => catalog_status(e),
+            ApiError::Context(ContextError::Heal(e)) => user_status(e),
+            ApiError::Context(ContextError::Hypervisor(_) | ContextError::Dir { .. }) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::Vv(VvError::NoDisplayHost { .. } | VvError::NoDisplayCa { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

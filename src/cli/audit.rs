@@ -1,6 +1,6 @@
 //! `vdim audit`: the append-only audit log.
 
-use super::global::{open_store, Global};
+use super::global::{open, Global};
 use super::output::print;
 use anyhow::Result;
 use clap::Args;
@@ -17,8 +17,7 @@ pub struct AuditArgs {
 
 pub fn run(g: &Global, a: AuditArgs) -> Result<()> {
     let AuditArgs { image, pool, limit } = a;
-    let mut store = open_store(g)?;
-    let log = store.catalog().read(|tx| tx.audit_log(image.as_deref(), pool.as_deref(), limit))?;
+    let log = open(g)?.catalog().read(|tx| tx.audit_log(image.as_deref(), pool.as_deref(), limit))?;
     print(g.json, &log, |log| {
         log.iter()
             .map(|e| {

@@ -1,8 +1,7 @@
-//! What every command shares: the global flags and opening the vdim home with them.
+//! What every command shares: the global flags and the service context opened with them.
 
+use crate::context::{Context, Settings};
 use crate::home::Home;
-use crate::hypervisor::{Hypervisor, Libvirt};
-use crate::store::Store;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -26,23 +25,20 @@ pub struct Global {
     pub profiles: Option<PathBuf>,
 }
 
-pub fn home(g: &Global) -> Home {
-    Home::new(g.home.clone().unwrap_or_else(Home::default_root))
+impl Global {
+    /// The settings every service works with, from these flags.
+    pub fn settings(&self) -> Settings {
+        let home = Home::new(self.home.clone().unwrap_or_else(Home::default_root));
+        let profiles = self.profiles.clone().unwrap_or_else(|| home.root().join("profiles"));
+        Settings { home, connect: self.connect.clone(), virt_type: self.virt_type.clone(), profiles }
+    }
 }
 
-pub fn open_store(g: &Global) -> Result<Store> {
-    let mut store = Store::open(home(g))?;
-    // A rollout whose vdim was killed is found by the next command, whatever it is.
-    for line in crate::rollout::recover_interrupted(&mut store)? {
+/// The context every command runs in; interrupted rollouts it found are warned about.
+pub fn open(g: &Global) -> Result<Context> {
+    let ctx = Context::open(g.settings())?;
+    for line in ctx.recovered() {
         eprintln!("warning: {line}");
     }
-    Ok(store)
-}
-
-pub fn connect(g: &Global) -> Result<Box<dyn Hypervisor>> {
-    Ok(Box::new(Libvirt::connect(&g.connect)?))
-}
-
-pub fn profiles_dir(g: &Global) -> PathBuf {
-    g.profiles.clone().unwrap_or_else(|| home(g).root().join("profiles"))
+    Ok(ctx)
 }

@@ -1,11 +1,12 @@
 //! `vdim image ...`: import, edit (and the dev desktop), discard, seal, history, list,
 //! verify, gc, export.
 
-use super::global::{connect, open_store, profiles_dir, Global};
+use super::global::{open, Global};
 use super::output::{human_bytes, print};
+use crate::dev::EditReport;
 use crate::imgfmt::Format;
-use crate::pool;
 use crate::store::{Actor, ImportOptions};
+use crate::store::{GcReport, History, ImageSummary, VerifyReport};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -78,8 +79,8 @@ pub fn run(g: &Global, cmd: ImageCmd) -> Result<()> {
     match cmd {
         ImageCmd::Import { name, file, format, note, author } => {
             let format = format.as_deref().map(Format::parse).transpose()?;
-            let mut store = open_store(g)?;
-            let r = store.import(
+            let mut ctx = open(g)?;
+            let r = ctx.store().import(
                 &name,
                 &file,
                 &ImportOptions { format, note: &note },
@@ -97,73 +98,24 @@ pub fn run(g: &Global, cmd: ImageCmd) -> Result<()> {
             })
         }
         ImageCmd::Edit { name, from, start, profile, author } => {
-            let mut store = open_store(g)?;
+            let mut ctx = open(g)?;
             let actor = Actor::resolve(author.as_deref());
             let r = if start {
-                let hv = connect(g)?;
-                let profiles = profiles_dir(g);
-                crate::dev::edit_and_start(
-                    &mut store,
-                    hv.as_ref(),
-                    &profiles,
-                    &name,
-                    from,
-                    &actor,
-                    &profile,
-                    &g.virt_type,
-                )?
+                ctx.dev()?.edit_and_start(&name, from, &actor, &profile)?
             } else {
-                crate::dev::EditReport { draft: store.edit(&name, from, &actor)?, dev_desktop: None }
+                EditReport { draft: ctx.store().edit(&name, from, &actor)?, dev_desktop: None }
             };
-            print(g.json, &r, |r| {
-                let d = &r.draft;
-                let mut s = format!(
-                    "{} draft of '{}' on version {}: {}",
-                    if d.new { "new" } else { "existing" },
-                    d.image,
-                    d.base_version,
-                    d.draft.display()
-                );
-                match &r.dev_desktop {
-                    None => {
-                        s += &format!(
-                            "\nwrite to it (boot it with --start, or qemu-io -f qcow2), then 'vdim image seal {}'",
-                            d.image
-                        )
-                    }
-                    Some(dd) => {
-                        s += &format!("\ndev desktop {} is running; its consoles (tickets valid one hour):", dd.domain);
-                        for c in &dd.consoles {
-                            let scheme = if c.kind == crate::hypervisor::GraphicsKind::Spice { "spice" } else { "vnc" };
-                            s += &format!(
-                                "\n  remote-viewer {scheme}://{}:{}   password {}",
-                                c.listen, c.port, c.password
-                            );
-                        }
-                        if let Some(log) = &dd.serial_log {
-                            s += &format!("\n  serial console log: {log}");
-                        }
-                        s += &format!("\npatch it, then 'vdim image seal {} --shutdown'", d.image);
-                    }
-                }
-                s
-            })
+            print(g.json, &r, edit_text)
         }
         ImageCmd::Discard { name, author } => {
-            let mut store = open_store(g)?;
-            let hv = connect(g)?;
-            crate::dev::remove(&mut store, hv.as_ref(), &name)?;
-            store.discard(&name, &Actor::resolve(author.as_deref()))?;
+            open(g)?.dev()?.discard(&name, &Actor::resolve(author.as_deref()))?;
             print(g.json, &serde_json::json!({"image": name, "discarded": true}), |_| {
                 format!("draft of '{name}' discarded")
             })
         }
         ImageCmd::Seal { name, note, author, shutdown, shutdown_timeout } => {
-            let mut store = open_store(g)?;
-            let hv = connect(g)?;
             let actor = Actor::resolve(author.as_deref());
-            let r =
-                crate::dev::seal(&mut store, hv.as_ref(), &name, &note, &actor, shutdown.then_some(shutdown_timeout))?;
+            let r = open(g)?.dev()?.seal(&name, &note, &actor, shutdown.then_some(shutdown_timeout))?;
             print(g.json, &r, |r| {
                 format!(
                     "sealed '{}' version {} on version {} ({} delta); dev points at it",
@@ -175,125 +127,33 @@ pub fn run(g: &Global, cmd: ImageCmd) -> Result<()> {
             })
         }
         ImageCmd::History { name } => {
-            let mut store = open_store(g)?;
-            let h = store.history(&name)?;
-            print(g.json, &h, |h| {
-                let mut s = format!("image {} ({} virtual)\n", h.image, human_bytes(h.virtual_size));
-                s += &format!(
-                    "{:>4} {:>6} {:<14} {:>10} {:<21} {:<10} {:<14} note\n",
-                    "ver", "parent", "digest", "delta", "created", "author", "channels"
-                );
-                for e in &h.versions {
-                    let v = &e.version;
-                    let chans = e.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(",");
-                    let mut note = v.note.clone();
-                    if v.status != "ok" {
-                        note = format!("[{}] {note}", v.status);
-                    }
-                    if v.removed.is_some() {
-                        note = format!("[removed] {note}");
-                    }
-                    s += &format!(
-                        "{:>4} {:>6} {:<14} {:>10} {:<21} {:<10} {:<14} {}\n",
-                        v.number,
-                        v.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                        &v.digest[..12],
-                        human_bytes(v.size),
-                        v.created,
-                        v.author,
-                        chans,
-                        note
-                    );
-                }
-                if let Some(d) = &h.draft {
-                    s += &format!("draft on version {}: {}\n", d.base_version, d.path);
-                }
-                s.trim_end().to_string()
-            })
+            let mut ctx = open(g)?;
+            let h = ctx.store().history(&name)?;
+            print(g.json, &h, history_text)
         }
         ImageCmd::List => {
-            let mut store = open_store(g)?;
-            let l = store.list()?;
-            print(g.json, &l, |l| {
-                if l.is_empty() {
-                    return "no images yet: 'vdim image import NAME FILE'".into();
-                }
-                let mut s = format!(
-                    "{:<24} {:>8} {:>6} {:>10} {:>10}  channels\n",
-                    "image", "versions", "newest", "virtual", "stored"
-                );
-                for i in l {
-                    let chans = i.channels.iter().map(|(c, v)| format!("{c}={v}")).collect::<Vec<_>>().join(" ");
-                    s += &format!(
-                        "{:<24} {:>8} {:>6} {:>10} {:>10}  {chans}{}\n",
-                        i.name,
-                        i.versions,
-                        i.newest,
-                        human_bytes(i.virtual_size),
-                        human_bytes(i.stored),
-                        if i.draft { "  (draft open)" } else { "" }
-                    );
-                }
-                s.trim_end().to_string()
-            })
+            let mut ctx = open(g)?;
+            let l = ctx.store().list()?;
+            print(g.json, &l, |l| list_text(l))
         }
         ImageCmd::Verify { name } => {
-            let mut store = open_store(g)?;
-            let r = store.verify(name.as_deref())?;
-            print(g.json, &r, |r| {
-                let mut s = String::new();
-                for p in &r.problems {
-                    let who = match (&p.image, p.version) {
-                        (Some(i), Some(v)) => format!("{i} v{v}"),
-                        (Some(i), None) => i.clone(),
-                        _ => "store".into(),
-                    };
-                    s += &format!("PROBLEM {who}: {} ({})\n", p.problem, p.path);
-                }
-                s += &format!(
-                    "{} layers, {} hashed: {}",
-                    r.layers,
-                    human_bytes(r.bytes_hashed),
-                    if r.ok { "all good" } else { "problems found" }
-                );
-                s
-            })?;
+            let mut ctx = open(g)?;
+            let r = ctx.store().verify(name.as_deref())?;
+            print(g.json, &r, verify_text)?;
             if !r.ok {
                 bail!("verify found {} problem(s)", r.problems.len());
             }
             Ok(())
         }
         ImageCmd::Gc { dry_run } => {
-            let mut store = open_store(g)?;
-            let r = store.gc(dry_run, &Actor::resolve(None), &pool::versions_in_use)?;
-            print(g.json, &r, |r| {
-                let mut s = String::new();
-                for i in &r.removed {
-                    let who = match (&i.image, i.version) {
-                        (Some(im), Some(v)) => format!("{im} v{v}"),
-                        _ => "unnamed file".into(),
-                    };
-                    s += &format!(
-                        "{} {who}: {} ({}, {})\n",
-                        if r.dry_run { "would remove" } else { "removed" },
-                        i.path,
-                        human_bytes(i.bytes),
-                        i.reason
-                    );
-                }
-                s += &format!(
-                    "{} {} in {} item(s); {} version(s) kept",
-                    if r.dry_run { "would free" } else { "freed" },
-                    human_bytes(r.bytes_freed),
-                    r.removed.len(),
-                    r.kept_versions
-                );
-                s
-            })
+            let mut ctx = open(g)?;
+            let r = ctx.store().gc(dry_run, &Actor::resolve(None))?;
+            print(g.json, &r, gc_text)
         }
         ImageCmd::Export { name, version, file } => {
-            let mut store = open_store(g)?;
-            let r = store
+            let mut ctx = open(g)?;
+            let r = ctx
+                .store()
                 .export(&name, version, &file, &Actor::resolve(None))
                 .with_context(|| format!("exporting '{name}' version {version}"))?;
             print(g.json, &r, |r| {
@@ -307,4 +167,134 @@ pub fn run(g: &Global, cmd: ImageCmd) -> Result<()> {
             })
         }
     }
+}
+
+fn edit_text(r: &EditReport) -> String {
+    let d = &r.draft;
+    let mut s = format!(
+        "{} draft of '{}' on version {}: {}",
+        if d.new { "new" } else { "existing" },
+        d.image,
+        d.base_version,
+        d.draft.display()
+    );
+    match &r.dev_desktop {
+        None => {
+            s += &format!(
+                "\nwrite to it (boot it with --start, or qemu-io -f qcow2), then 'vdim image seal {}'",
+                d.image
+            )
+        }
+        Some(dd) => {
+            s += &format!("\ndev desktop {} is running; its consoles (tickets valid one hour):", dd.domain);
+            for c in &dd.consoles {
+                let scheme = if c.kind == crate::hypervisor::GraphicsKind::Spice { "spice" } else { "vnc" };
+                s += &format!("\n  remote-viewer {scheme}://{}:{}   password {}", c.listen, c.port, c.password);
+            }
+            if let Some(log) = &dd.serial_log {
+                s += &format!("\n  serial console log: {log}");
+            }
+            s += &format!("\npatch it, then 'vdim image seal {} --shutdown'", d.image);
+        }
+    }
+    s
+}
+
+fn history_text(h: &History) -> String {
+    let mut s = format!("image {} ({} virtual)\n", h.image, human_bytes(h.virtual_size));
+    s += &format!(
+        "{:>4} {:>6} {:<14} {:>10} {:<21} {:<10} {:<14} note\n",
+        "ver", "parent", "digest", "delta", "created", "author", "channels"
+    );
+    for e in &h.versions {
+        let v = &e.version;
+        let chans = e.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(",");
+        let mut note = v.note.clone();
+        if v.status != "ok" {
+            note = format!("[{}] {note}", v.status);
+        }
+        if v.removed.is_some() {
+            note = format!("[removed] {note}");
+        }
+        s += &format!(
+            "{:>4} {:>6} {:<14} {:>10} {:<21} {:<10} {:<14} {}\n",
+            v.number,
+            v.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            &v.digest[..12],
+            human_bytes(v.size),
+            v.created,
+            v.author,
+            chans,
+            note
+        );
+    }
+    if let Some(d) = &h.draft {
+        s += &format!("draft on version {}: {}\n", d.base_version, d.path);
+    }
+    s.trim_end().to_string()
+}
+
+fn list_text(l: &[ImageSummary]) -> String {
+    if l.is_empty() {
+        return "no images yet: 'vdim image import NAME FILE'".into();
+    }
+    let mut s =
+        format!("{:<24} {:>8} {:>6} {:>10} {:>10}  channels\n", "image", "versions", "newest", "virtual", "stored");
+    for i in l {
+        let chans = i.channels.iter().map(|(c, v)| format!("{c}={v}")).collect::<Vec<_>>().join(" ");
+        s += &format!(
+            "{:<24} {:>8} {:>6} {:>10} {:>10}  {chans}{}\n",
+            i.name,
+            i.versions,
+            i.newest,
+            human_bytes(i.virtual_size),
+            human_bytes(i.stored),
+            if i.draft { "  (draft open)" } else { "" }
+        );
+    }
+    s.trim_end().to_string()
+}
+
+fn verify_text(r: &VerifyReport) -> String {
+    let mut s = String::new();
+    for p in &r.problems {
+        let who = match (&p.image, p.version) {
+            (Some(i), Some(v)) => format!("{i} v{v}"),
+            (Some(i), None) => i.clone(),
+            _ => "store".into(),
+        };
+        s += &format!("PROBLEM {who}: {} ({})\n", p.problem, p.path);
+    }
+    s += &format!(
+        "{} layers, {} hashed: {}",
+        r.layers,
+        human_bytes(r.bytes_hashed),
+        if r.ok { "all good" } else { "problems found" }
+    );
+    s
+}
+
+fn gc_text(r: &GcReport) -> String {
+    let mut s = String::new();
+    for i in &r.removed {
+        let who = match (&i.image, i.version) {
+            (Some(im), Some(v)) => format!("{im} v{v}"),
+            _ => "unnamed file".into(),
+        };
+        s += &format!(
+            "{} {who}: {} ({}, {})\n",
+            if r.dry_run { "would remove" } else { "removed" },
+            i.path,
+            human_bytes(i.bytes),
+            i.reason
+        );
+    }
+    s += &format!(
+        "{} {} in {} item(s); {} version(s) kept",
+        if r.dry_run { "would free" } else { "freed" },
+        human_bytes(r.bytes_freed),
+        r.removed.len(),
+        r.kept_versions
+    );
+    s
 }

@@ -16,11 +16,11 @@ pub use global::Global;
 pub use output::human_bytes;
 
 use crate::catalog::CatalogError;
+use crate::context::Context;
 use crate::pool::PoolError;
-use crate::store::{self, Store};
-use anyhow::{Context, Result};
+use crate::store;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use global::{home, profiles_dir};
 use output::print;
 
 #[derive(Parser, Debug)]
@@ -67,11 +67,11 @@ pub fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
     match cli.command {
         Command::Init => {
-            let store = Store::init(home(g))?;
-            let profiles = profiles_dir(g);
-            crate::profile::install_shipped(&profiles)
+            let ctx = Context::init(g.settings())?;
+            let profiles = &ctx.settings().profiles;
+            crate::profile::install_shipped(profiles)
                 .with_context(|| format!("installing profiles into {}", profiles.display()))?;
-            let root = store.home().root().display().to_string();
+            let root = ctx.home().root().display().to_string();
             print(g.json, &serde_json::json!({"home": root}), |_| format!("vdim home ready at {root}"))
         }
         Command::Image(cmd) => image::run(g, cmd),

@@ -1,10 +1,10 @@
 //! `vdim pool ...`: create, list, show, start, stop, resize, update, pin, unpin, assign,
 //! release, entitle, unentitle, delete.
 
-use super::global::{connect, open_store, profiles_dir, Global};
+use super::global::{open, Global};
 use super::output::print;
 use crate::catalog::Channel;
-use crate::pool::{self, CreateOptions, MoveReport, PoolError, Pools};
+use crate::pool::{self, CreateOptions, MoveReport, PoolError};
 use crate::store::Actor;
 use anyhow::Result;
 use clap::Subcommand;
@@ -114,9 +114,12 @@ pub fn move_text(r: &MoveReport, verb: &str) -> String {
 
 pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
     let actor = Actor::resolve(None);
-    let mut store = open_store(g)?;
-    let hv = connect(g)?;
-    let mut pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
+    let mut ctx = open(g)?;
+    let mut pools = match cmd {
+        PoolCmd::Entitle { name, user } => return super::user::entitle(g, &mut ctx, &name, &user, true),
+        PoolCmd::Unentitle { name, user } => return super::user::entitle(g, &mut ctx, &name, &user, false),
+        _ => ctx.pools()?,
+    };
     match cmd {
         PoolCmd::Create {
             name,
@@ -263,8 +266,7 @@ pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
                 format!("{desktop} released{} on version {}", if r.reset { " and reset" } else { "" }, r.version)
             })
         }
-        PoolCmd::Entitle { name, user } => super::user::entitle(g, &mut pools, &name, &user, true),
-        PoolCmd::Unentitle { name, user } => super::user::entitle(g, &mut pools, &name, &user, false),
+        PoolCmd::Entitle { .. } | PoolCmd::Unentitle { .. } => unreachable!("handled above"),
         PoolCmd::Delete { name, force } => {
             pools.delete(&name, force, &actor)?;
             print(g.json, &serde_json::json!({"pool": name, "deleted": true}), |_| format!("pool '{name}' deleted"))

@@ -1,12 +1,11 @@
 //! `vdim promote`, `vdim rollout status|halt|resume` and `vdim rollback`: rollouts and
 //! the way back.
 
-use super::global::{connect, open_store, profiles_dir, Global};
+use super::global::{open, Global};
 use super::output::print;
 use super::pool::move_text;
 use crate::catalog::Channel;
-use crate::pool::Pools;
-use crate::rollout::{Engine, PromoteOptions, RolloutError, RolloutReport};
+use crate::rollout::{PromoteOptions, RolloutError, RolloutReport};
 use crate::store::Actor;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -102,10 +101,9 @@ pub struct RollbackArgs {
 
 pub fn promote(g: &Global, a: PromoteArgs) -> Result<()> {
     let PromoteArgs { image, version, to, waves, soak, force, reason } = a;
-    let (mut store, hv) = (open_store(g)?, connect(g)?);
-    let pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
+    let mut ctx = open(g)?;
     let o = PromoteOptions { image: &image, version, to, waves: &waves, soak, force, reason: reason.as_deref() };
-    match Engine::new(pools, Actor::resolve(None)).promote(&o) {
+    match ctx.engine(Actor::resolve(None))?.promote(&o) {
         Ok(r) => print(g.json, &r, rollout_text),
         Err(RolloutError::Failed { report, summary, .. }) => {
             print(g.json, &*report, rollout_text)?;
@@ -116,9 +114,8 @@ pub fn promote(g: &Global, a: PromoteArgs) -> Result<()> {
 }
 
 pub fn run(g: &Global, cmd: RolloutCmd) -> Result<()> {
-    let (mut store, hv) = (open_store(g)?, connect(g)?);
-    let pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
-    let mut engine = Engine::new(pools, Actor::resolve(None));
+    let mut ctx = open(g)?;
+    let mut engine = ctx.engine(Actor::resolve(None))?;
     match cmd {
         RolloutCmd::Status { image, limit } => {
             let r = engine.status(image.as_deref(), limit)?;
@@ -154,15 +151,11 @@ pub fn run(g: &Global, cmd: RolloutCmd) -> Result<()> {
 pub fn rollback(g: &Global, a: RollbackArgs) -> Result<()> {
     let RollbackArgs { pool, image, channel, to, force } = a;
     if let Some(name) = pool {
-        let (mut store, hv) = (open_store(g)?, connect(g)?);
-        let r =
-            Pools::new(&mut store, hv.as_ref(), profiles_dir(g)).rollback(&name, to, force, &Actor::resolve(None))?;
+        let r = open(g)?.pools()?.rollback(&name, to, force, &Actor::resolve(None))?;
         return print(g.json, &r, |r| move_text(r, "rolled back"));
     }
     let (image, channel) = (image.unwrap_or_default(), channel.unwrap_or(Channel::Prod));
-    let (mut store, hv) = (open_store(g)?, connect(g)?);
-    let pools = Pools::new(&mut store, hv.as_ref(), profiles_dir(g));
-    let r = Engine::new(pools, Actor::resolve(None)).rollback_channel(&image, channel, to, force)?;
+    let r = open(g)?.engine(Actor::resolve(None))?.rollback_channel(&image, channel, to, force)?;
     print(g.json, &r, |r| {
         let mut s = format!("channel {channel} of '{image}' now points at version {}", r["version"]);
         if let Some(id) = r["stopped_rollout"].as_i64() {

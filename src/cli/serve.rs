@@ -1,8 +1,7 @@
 //! `vdim serve`: the thin-client broker and admin API.
 
-use super::global::{profiles_dir, Global};
+use super::global::Global;
 use crate::broker::{self, ServeOptions};
-use crate::home::Home;
 use anyhow::Result;
 use clap::Args;
 use std::net::SocketAddr;
@@ -85,10 +84,7 @@ pub fn run(g: &Global, a: ServeArgs) -> Result<()> {
         }
     };
     let opts = ServeOptions {
-        home: Home::new(g.home.clone().unwrap_or_else(Home::default_root)),
-        connect: g.connect.clone(),
-        virt_type: g.virt_type.clone(),
-        profiles: profiles_dir(g),
+        settings: g.settings(),
         listen: a.listen,
         tls: a.tls_cert.zip(a.tls_key),
         public_url: a.public_url,

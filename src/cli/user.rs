@@ -1,13 +1,10 @@
 //! `vdim user add|list|remove` and `vdim pool entitle|unentitle`: thin-client users and
 //! what they may use.
 
-use super::global::{profiles_dir, Global};
+use super::global::{open, Global};
 use super::output::print;
-use crate::home::Home;
-use crate::hypervisor::Libvirt;
-use crate::pool::Pools;
-use crate::store::{Actor, Store};
-use crate::users::{Sessions, Users};
+use crate::context::Context;
+use crate::store::Actor;
 use anyhow::Result;
 use clap::Subcommand;
 use std::time::Duration;
@@ -30,16 +27,12 @@ pub enum UserCmd {
     Remove { name: String },
 }
 
-fn open_store(g: &Global) -> Result<Store> {
-    Ok(Store::open(Home::new(g.home.clone().unwrap_or_else(Home::default_root)))?)
-}
-
 pub fn run(g: &Global, cmd: UserCmd) -> Result<()> {
     let actor = Actor::resolve(None);
-    let mut store = open_store(g)?;
+    let mut ctx = open(g)?;
     match cmd {
         UserCmd::Add { name, admin, expires } => {
-            let u = Users::new(&mut store).add(&name, admin, expires, &actor)?;
+            let u = ctx.users().add(&name, admin, expires, &actor)?;
             print(g.json, &u, |u| {
                 format!(
                     "user '{}' added{}; their token (shown only now, keep it secret):\n{}",
@@ -50,7 +43,7 @@ pub fn run(g: &Global, cmd: UserCmd) -> Result<()> {
             })
         }
         UserCmd::List => {
-            let l = Users::new(&mut store).list()?;
+            let l = ctx.users().list()?;
             print(g.json, &l, |l| {
                 if l.is_empty() {
                     return "no users yet: 'vdim user add NAME'".into();
@@ -70,8 +63,7 @@ pub fn run(g: &Global, cmd: UserCmd) -> Result<()> {
             })
         }
         UserCmd::Remove { name } => {
-            let hv = Libvirt::connect(&g.connect)?;
-            let r = Sessions::new(&mut store, &hv, profiles_dir(g)).remove_user(&name, &actor, &|_| {})?;
+            let r = ctx.sessions()?.remove_user(&name, &actor, &|_| {})?;
             print(g.json, &r, |r| {
                 let mut s = format!("user '{}' removed ({} open sessions logged off)", r.user, r.sessions_closed.len());
                 for d in &r.kept_desktops {
@@ -87,12 +79,12 @@ pub fn run(g: &Global, cmd: UserCmd) -> Result<()> {
 }
 
 /// `vdim pool entitle|unentitle POOL USER`.
-pub fn entitle(g: &Global, pools: &mut Pools, pool: &str, user: &str, grant: bool) -> Result<()> {
+pub fn entitle(g: &Global, ctx: &mut Context, pool: &str, user: &str, grant: bool) -> Result<()> {
     let actor = Actor::resolve(None);
     let e = if grant {
-        Users::new(pools.store).entitle(pool, user, &actor)?
+        ctx.users().entitle(pool, user, &actor)?
     } else {
-        Sessions::new(pools.store, pools.hv, profiles_dir(g)).unentitle(pool, user, &actor, &|_| {})?
+        ctx.sessions()?.unentitle(pool, user, &actor, &|_| {})?
     };
     print(g.json, &e, |e| match (grant, e.changed) {
         (true, true) => format!("user '{}' may now open sessions in pool '{}'", e.user, e.pool),
