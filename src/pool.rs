@@ -20,7 +20,7 @@ use crate::profile::{self, DesktopSpec, Profile, ProfileError, VirtType};
 use crate::qcow2::{self, Qcow2Error};
 use crate::rules::{self, Denied, DesktopFacts, MovePlan, PoolFacts, VersionFacts};
 use crate::store::{self, Actor, StoreError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::fs;
 use std::net::IpAddr;
@@ -121,6 +121,71 @@ pub fn parse_virt_type(s: &str) -> Result<VirtType> {
         "qemu" => Ok(VirtType::Qemu),
         "auto" => Ok(if crate::hypervisor::resolve_virt_type(false) == "kvm" { VirtType::Kvm } else { VirtType::Qemu }),
         other => Err(PoolError::VirtType(other.to_string())),
+    }
+}
+
+/// Channel a new pool follows unless told otherwise.
+pub const DEFAULT_CHANNEL: Channel = Channel::Prod;
+/// Hardware profile of new pools (and of dev desktops) unless told otherwise.
+pub const DEFAULT_PROFILE: &str = "windows11";
+
+/// A request to create a pool, with its defaults: what `vdim pool create`'s flags become and
+/// what `POST /api/v1/admin/pools` reads as its body.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub name: String,
+    pub image: String,
+    #[serde(default = "default_channel")]
+    pub channel: Channel,
+    pub size: u32,
+    #[serde(default = "default_profile")]
+    pub profile: String,
+    /// Desktops keep their system disk across logoffs.
+    #[serde(default)]
+    pub persistent: bool,
+    #[serde(default)]
+    pub start: bool,
+    /// IP address the desktops' displays listen on (checked by [`parse_display_listen`]).
+    #[serde(default = "default_display_listen", deserialize_with = "display_listen_de")]
+    pub display_listen: IpAddr,
+    /// Plaintext SPICE off loopback instead of TLS.
+    #[serde(default)]
+    pub insecure_display: bool,
+}
+
+fn default_channel() -> Channel {
+    DEFAULT_CHANNEL
+}
+
+fn default_profile() -> String {
+    DEFAULT_PROFILE.into()
+}
+
+fn default_display_listen() -> IpAddr {
+    parse_display_listen(DEFAULT_DISPLAY_LISTEN).expect("the default is an address")
+}
+
+fn display_listen_de<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<IpAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_display_listen(&s).map_err(serde::de::Error::custom)
+}
+
+impl CreateRequest {
+    /// The request as [`Pools::create`] takes it, for desktops of virt type `virt`.
+    pub fn options(&self, virt: VirtType) -> CreateOptions<'_> {
+        CreateOptions {
+            name: &self.name,
+            image: &self.image,
+            channel: self.channel,
+            size: self.size,
+            profile: &self.profile,
+            persistent: self.persistent,
+            virt,
+            start: self.start,
+            display_listen: self.display_listen,
+            insecure_display: self.insecure_display,
+        }
     }
 }
 

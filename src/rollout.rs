@@ -21,7 +21,7 @@ use crate::pool::{PoolError, Pools};
 use crate::profile::Profile;
 use crate::rules::{self, Health, PromotionDenied, WaveSize};
 use crate::store::{Actor, StoreError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -81,6 +81,58 @@ pub struct WaveReport {
     pub healthy: usize,
     pub failed: usize,
     pub desktops: Vec<RolloutDesktop>,
+}
+
+/// Cumulative share of each pool's desktops per wave, unless told otherwise.
+pub const DEFAULT_WAVES: &str = "1,10%,50%,100%";
+/// How long each wave's desktops must run healthy, unless told otherwise.
+pub const DEFAULT_SOAK: &str = "120s";
+
+/// A request to promote a version of an image, with its defaults: what `vdim promote`'s
+/// flags become and what `POST /api/v1/admin/images/{image}/promote` reads as its body.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    pub version: u32,
+    pub to: Channel,
+    #[serde(default = "default_waves")]
+    pub waves: String,
+    /// A duration such as "120s" or "5m".
+    #[serde(default = "default_soak", deserialize_with = "soak_de")]
+    pub soak: Duration,
+    /// Skip a promotion gate (recorded in the audit log with `reason`).
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+fn default_waves() -> String {
+    DEFAULT_WAVES.into()
+}
+
+fn default_soak() -> Duration {
+    humantime::parse_duration(DEFAULT_SOAK).expect("the default is a duration")
+}
+
+fn soak_de<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("soak: {e}")))
+}
+
+impl PromoteRequest {
+    /// The request as [`Engine::promote`] takes it, for `image`.
+    pub fn options<'a>(&'a self, image: &'a str) -> PromoteOptions<'a> {
+        PromoteOptions {
+            image,
+            version: self.version,
+            to: self.to,
+            waves: &self.waves,
+            soak: self.soak,
+            force: self.force,
+            reason: self.reason.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug)]

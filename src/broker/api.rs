@@ -10,8 +10,8 @@ use super::vv::{self, VvFile};
 use super::{Broker, Deadline, Public, BODY_LIMIT};
 use crate::catalog::users::{Session, User};
 use crate::catalog::Channel;
-use crate::pool::{self, CreateOptions};
-use crate::rollout::{Engine, PromoteOptions};
+use crate::pool::{self, CreateRequest};
+use crate::rollout::{Engine, PromoteRequest};
 use crate::store::Actor;
 use crate::users::UserError;
 use axum::body::Bytes;
@@ -270,56 +270,12 @@ pub async fn admin_pool(State(b): B, _a: Admin, P(name): P<String>) -> ApiResult
     Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.show(&name)?)).await?).into_response())
 }
 
-fn default_profile() -> String {
-    "windows11".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreatePool {
-    name: String,
-    image: String,
-    #[serde(default)]
-    channel: Option<String>,
-    size: u32,
-    #[serde(default = "default_profile")]
-    profile: String,
-    #[serde(default)]
-    persistent: bool,
-    #[serde(default)]
-    start: bool,
-    /// IP address the desktops' displays listen on [default: 127.0.0.1].
-    #[serde(default)]
-    display_listen: Option<String>,
-    /// Plaintext SPICE off loopback instead of TLS.
-    #[serde(default)]
-    insecure_display: bool,
-}
-
-pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<CreatePool>) -> ApiResult<Response> {
+pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<CreateRequest>) -> ApiResult<Response> {
     let actor = a.actor();
-    let channel = match c.channel.as_deref() {
-        None => Channel::Prod,
-        Some(s) => parse_channel(s)?,
-    };
-    let display_listen =
-        pool::parse_display_listen(c.display_listen.as_deref().unwrap_or(pool::DEFAULT_DISPLAY_LISTEN))?;
     let view = b
         .blocking(move |_, ctx| {
             let virt = pool::parse_virt_type(&ctx.settings().virt_type)?;
-            let o = CreateOptions {
-                name: &c.name,
-                image: &c.image,
-                channel,
-                size: c.size,
-                profile: &c.profile,
-                persistent: c.persistent,
-                virt,
-                start: c.start,
-                display_listen,
-                insecure_display: c.insecure_display,
-            };
-            Ok(ctx.pools()?.create(&o, &actor)?)
+            Ok(ctx.pools()?.create(&c.options(virt), &actor)?)
         })
         .await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -435,7 +391,7 @@ pub struct AuditQuery {
 }
 
 pub async fn admin_audit(State(b): B, _a: Admin, Q(q): Q<AuditQuery>) -> ApiResult<Response> {
-    let limit = q.limit.unwrap_or(200).min(10_000);
+    let limit = q.limit.unwrap_or(crate::catalog::DEFAULT_AUDIT_LIMIT).min(10_000);
     let log = b
         .blocking(move |_, ctx| {
             Ok(ctx.catalog().read(|tx| tx.audit_log(q.image.as_deref(), q.pool.as_deref(), limit))?)
@@ -561,50 +517,14 @@ where
     }
 }
 
-fn default_waves() -> String {
-    "1,10%,50%,100%".into()
-}
-
-fn default_soak() -> String {
-    "120s".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Promote {
-    version: u32,
-    to: String,
-    #[serde(default = "default_waves")]
-    waves: String,
-    #[serde(default = "default_soak")]
-    soak: String,
-    #[serde(default)]
-    force: bool,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 pub async fn admin_promote(
     State(b): B,
     a: Admin,
     P(image): P<String>,
-    JsonBody(p): JsonBody<Promote>,
+    JsonBody(p): JsonBody<PromoteRequest>,
 ) -> ApiResult<Response> {
-    let to = parse_channel(&p.to)?;
-    let soak = humantime::parse_duration(&p.soak).map_err(|e| ApiError::BadRequest(format!("soak: {e}")))?;
     let (img, actor) = (image.clone(), a.actor());
-    run_rollout(b, image, actor, move |e| {
-        e.promote(&PromoteOptions {
-            image: &img,
-            version: p.version,
-            to,
-            waves: &p.waves,
-            soak,
-            force: p.force,
-            reason: p.reason.as_deref(),
-        })
-    })
-    .await
+    run_rollout(b, image, actor, move |e| e.promote(&p.options(&img))).await
 }
 
 pub async fn admin_resume_rollout(State(b): B, a: Admin, P(image): P<String>) -> ApiResult<Response> {

@@ -11,7 +11,7 @@ pub struct AuditArgs {
     image: Option<String>,
     #[arg(long)]
     pool: Option<String>,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = crate::catalog::DEFAULT_AUDIT_LIMIT)]
     limit: usize,
 }
 

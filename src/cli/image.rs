@@ -35,7 +35,7 @@ pub enum ImageCmd {
         #[arg(long)]
         start: bool,
         /// Hardware profile of the dev desktop
-        #[arg(long, default_value = "windows11")]
+        #[arg(long, default_value = crate::pool::DEFAULT_PROFILE)]
         profile: String,
         #[arg(long)]
         author: Option<String>,

@@ -118,3 +118,49 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     }
     1
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["vdim"], args].concat()).unwrap().command
+    }
+
+    #[test]
+    fn a_pool_created_with_no_options_gets_the_same_defaults_from_the_cli_and_the_api() {
+        let Command::Pool(pool::PoolCmd::Create(args)) =
+            parse(&["pool", "create", "p", "--image", "img", "--size", "2"])
+        else {
+            panic!("not pool create")
+        };
+        let api: crate::pool::CreateRequest =
+            serde_json::from_value(json!({"name": "p", "image": "img", "size": 2})).unwrap();
+        assert_eq!(crate::pool::CreateRequest::from(args), api);
+        assert_eq!((api.channel.as_str(), api.profile.as_str()), ("prod", "windows11"));
+        assert_eq!(api.display_listen.to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn a_promotion_with_no_options_gets_the_same_waves_and_soak_from_the_cli_and_the_api() {
+        let Command::Promote(args) = parse(&["promote", "img", "2", "--to", "test"]) else { panic!("not promote") };
+        let api: crate::rollout::PromoteRequest = serde_json::from_value(json!({"version": 2, "to": "test"})).unwrap();
+        assert_eq!(rollout::request(args).1, api);
+        assert_eq!((api.waves.as_str(), api.soak), ("1,10%,50%,100%", std::time::Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn request_bodies_refuse_unknown_fields_and_bad_values() {
+        for bad in [
+            json!({"name": "p", "image": "img", "size": 2, "evil": true}),
+            json!({"name": "p", "image": "img", "size": 2, "channel": "staging"}),
+            json!({"name": "p", "image": "img", "size": 2, "display_listen": "localhost"}),
+        ] {
+            assert!(serde_json::from_value::<crate::pool::CreateRequest>(bad.clone()).is_err(), "{bad}");
+        }
+        for bad in [json!({"version": 2, "to": "test", "soak": "soon"}), json!({"version": 2, "to": "test", "x": 1})] {
+            assert!(serde_json::from_value::<crate::rollout::PromoteRequest>(bad.clone()).is_err(), "{bad}");
+        }
+    }
+}

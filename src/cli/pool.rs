@@ -4,40 +4,15 @@
 use super::global::{open, Global};
 use super::output::print;
 use crate::catalog::Channel;
-use crate::pool::{self, CreateOptions, MoveReport, PoolError};
+use crate::pool::{self, CreateRequest, MoveReport, PoolError};
 use crate::store::Actor;
 use anyhow::Result;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
 pub enum PoolCmd {
     /// Create a pool of desktops on the version an image's channel points at
-    Create {
-        name: String,
-        #[arg(long)]
-        image: String,
-        #[arg(long, value_enum, default_value = "prod")]
-        channel: Channel,
-        #[arg(long)]
-        size: u32,
-        #[arg(long, default_value = "windows11")]
-        profile: String,
-        /// Desktops keep their system disk across logoffs (default: wiped at logoff)
-        #[arg(long)]
-        persistent: bool,
-        /// Boot the desktops right away
-        #[arg(long)]
-        start: bool,
-        /// IP address the desktops' SPICE and VNC displays listen on: 127.0.0.1 (only this
-        /// host), this host's address, or 0.0.0.0 / :: (every address; then give
-        /// 'vdim serve --display-host'). remote-viewer on another machine needs a reachable one
-        #[arg(long, value_name = "ADDR", default_value = pool::DEFAULT_DISPLAY_LISTEN, value_parser = display_listen_arg)]
-        display_listen: std::net::IpAddr,
-        /// Off loopback, SPICE in plaintext instead of TLS (tickets and screens readable on the
-        /// network); without it such a pool needs the host's libvirt configured for SPICE TLS
-        #[arg(long)]
-        insecure_display: bool,
-    },
+    Create(CreateArgs),
     /// All pools
     List,
     /// One pool: each desktop's state, version, next version and user
@@ -83,6 +58,41 @@ pub enum PoolCmd {
     },
 }
 
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    name: String,
+    #[arg(long)]
+    image: String,
+    #[arg(long, value_enum, default_value_t = pool::DEFAULT_CHANNEL)]
+    channel: Channel,
+    #[arg(long)]
+    size: u32,
+    #[arg(long, default_value = pool::DEFAULT_PROFILE)]
+    profile: String,
+    /// Desktops keep their system disk across logoffs (default: wiped at logoff)
+    #[arg(long)]
+    persistent: bool,
+    /// Boot the desktops right away
+    #[arg(long)]
+    start: bool,
+    /// IP address the desktops' SPICE and VNC displays listen on: 127.0.0.1 (only this
+    /// host), this host's address, or 0.0.0.0 / :: (every address; then give
+    /// 'vdim serve --display-host'). remote-viewer on another machine needs a reachable one
+    #[arg(long, value_name = "ADDR", default_value = pool::DEFAULT_DISPLAY_LISTEN, value_parser = display_listen_arg)]
+    display_listen: std::net::IpAddr,
+    /// Off loopback, SPICE in plaintext instead of TLS (tickets and screens readable on the
+    /// network); without it such a pool needs the host's libvirt configured for SPICE TLS
+    #[arg(long)]
+    insecure_display: bool,
+}
+
+impl From<CreateArgs> for CreateRequest {
+    fn from(a: CreateArgs) -> CreateRequest {
+        let CreateArgs { name, image, channel, size, profile, persistent, start, display_listen, insecure_display } = a;
+        CreateRequest { name, image, channel, size, profile, persistent, start, display_listen, insecure_display }
+    }
+}
+
 /// How a pool's displays are protected, as `pool show` says it.
 fn display_security(p: &crate::catalog::Pool) -> &'static str {
     if p.insecure_display {
@@ -121,31 +131,9 @@ pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
         _ => ctx.pools()?,
     };
     match cmd {
-        PoolCmd::Create {
-            name,
-            image,
-            channel,
-            size,
-            profile,
-            persistent,
-            start,
-            display_listen,
-            insecure_display,
-        } => {
+        PoolCmd::Create(args) => {
             let virt = pool::parse_virt_type(&g.virt_type)?;
-            let o = CreateOptions {
-                name: &name,
-                image: &image,
-                channel,
-                size,
-                profile: &profile,
-                persistent,
-                virt,
-                start,
-                display_listen,
-                insecure_display,
-            };
-            let v = pools.create(&o, &actor)?;
+            let v = pools.create(&CreateRequest::from(args).options(virt), &actor)?;
             print(g.json, &v, |v| {
                 format!(
                     "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}, displays on {}{}",

@@ -5,7 +5,7 @@ use super::global::{open, Global};
 use super::output::print;
 use super::pool::move_text;
 use crate::catalog::Channel;
-use crate::rollout::{PromoteOptions, RolloutError, RolloutReport};
+use crate::rollout::{self, PromoteRequest, RolloutError, RolloutReport};
 use crate::store::Actor;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -70,10 +70,10 @@ pub struct PromoteArgs {
     #[arg(long, value_enum)]
     to: Channel,
     /// Cumulative share of each pool's desktops per wave
-    #[arg(long, default_value = "1,10%,50%,100%")]
+    #[arg(long, default_value = rollout::DEFAULT_WAVES)]
     waves: String,
     /// How long each wave's desktops must run without crash or reboot loop
-    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = rollout::DEFAULT_SOAK, value_parser = humantime::parse_duration)]
     soak: std::time::Duration,
     /// Skip a promotion gate (recorded in the audit log with --reason)
     #[arg(long)]
@@ -99,11 +99,16 @@ pub struct RollbackArgs {
     force: bool,
 }
 
-pub fn promote(g: &Global, a: PromoteArgs) -> Result<()> {
+/// The image and the promotion asked for it.
+pub fn request(a: PromoteArgs) -> (String, PromoteRequest) {
     let PromoteArgs { image, version, to, waves, soak, force, reason } = a;
+    (image, PromoteRequest { version, to, waves, soak, force, reason })
+}
+
+pub fn promote(g: &Global, a: PromoteArgs) -> Result<()> {
+    let (image, request) = request(a);
     let mut ctx = open(g)?;
-    let o = PromoteOptions { image: &image, version, to, waves: &waves, soak, force, reason: reason.as_deref() };
-    match ctx.engine(Actor::resolve(None))?.promote(&o) {
+    match ctx.engine(Actor::resolve(None))?.promote(&request.options(&image)) {
         Ok(r) => print(g.json, &r, rollout_text),
         Err(RolloutError::Failed { report, summary, .. }) => {
             print(g.json, &*report, rollout_text)?;
