@@ -15,6 +15,8 @@ pub mod cli_broker;
 pub mod dev;
 /// SHA-256 of layer files.
 pub mod digest;
+/// The soak's health rules: a pure verdict over lifecycle events, agent replies and time.
+pub mod health;
 /// Layout of the vdim home directory.
 pub mod home;
 /// The libvirt seam: one trait, the `virt` implementation, lifecycle events.
