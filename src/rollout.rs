@@ -730,3 +730,6 @@ impl<'a> Engine<'a> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests;
