@@ -19,7 +19,8 @@ pub mod digest;
 pub mod health;
 /// Layout of the vdim home directory.
 pub mod home;
-/// The libvirt seam: one trait, the `virt` implementation, lifecycle events.
+/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, and (`fake`) a recording
+/// in-memory implementation for tests without libvirtd.
 pub mod hypervisor;
 /// Inspection of untrusted image files before qemu-img sees them.
 pub mod imgfmt;
