@@ -25,13 +25,15 @@ pub mod catalog;
 pub mod dev;
 /// Lifecycle rules as a pure state machine: which move, rollback or release is allowed.
 pub mod rules;
+/// The soak's health rules: a pure verdict over lifecycle events, agent replies and time.
+pub mod health;
 /// The rollout engine: canary waves watched by lifecycle events, undone on a crash.
 pub mod rollout;
 /// Pools of desktops: thin overlays, domains, update, rollback, assignment.
 pub mod pool;
 /// Hardware profiles (TOML) and the domain XML built from them.
 pub mod profile;
-/// The libvirt seam: one trait, the `virt` implementation, lifecycle events.
+/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, a recording fake for tests.
 pub mod hypervisor;
 /// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
 pub mod users;
