@@ -15,6 +15,8 @@ pub mod cli_broker;
 pub mod dev;
 /// SHA-256 of layer files.
 pub mod digest;
+/// One error kind for every module error: exit codes, HTTP statuses, `--json` errors.
+pub mod error;
 /// Layout of the vdim home directory.
 pub mod home;
 /// The libvirt seam: one trait, the `virt` implementation, lifecycle events.
