@@ -17,9 +17,12 @@ pub mod dev;
 pub mod digest;
 /// One error kind for every module error: exit codes, HTTP statuses, `--json` errors.
 pub mod error;
+/// The soak's health rules: a pure verdict over lifecycle events, agent replies and time.
+pub mod health;
 /// Layout of the vdim home directory.
 pub mod home;
-/// The libvirt seam: one trait, the `virt` implementation, lifecycle events.
+/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, and (`fake`) a recording
+/// in-memory implementation for tests without libvirtd.
 pub mod hypervisor;
 /// Inspection of untrusted image files before qemu-img sees them.
 pub mod imgfmt;

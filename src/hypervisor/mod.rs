@@ -25,6 +25,9 @@ use virt::domain::{Domain, DomainState as RawState};
 use virt::enumutil::Enum;
 use virt::sys;
 
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
 /// Keepalive for long-lived connections: a ping every 5 s, dead after 3 unanswered ones.
 const KEEPALIVE_INTERVAL_S: i32 = 5;
 const KEEPALIVE_COUNT: u32 = 3;
@@ -187,12 +190,14 @@ pub trait Hypervisor: Send + Sync {
 /// connection is lost; dropping the subscription deregisters its callbacks.
 pub struct Subscription {
     pub events: Receiver<LifecycleEvent>,
-    registration: EventRegistration,
+    prefix: String,
+    /// libvirt's callbacks, deregistered on drop; `None` for the fake's in-memory channel.
+    _registration: Option<EventRegistration>,
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscription").field("prefix", &self.registration.sink.prefix).finish_non_exhaustive()
+        f.debug_struct("Subscription").field("prefix", &self.prefix).finish_non_exhaustive()
     }
 }
 
@@ -477,7 +482,7 @@ impl Hypervisor for Libvirt {
         let sink = Arc::new(EventSink { prefix: prefix.to_string(), tx: Mutex::new(Some(tx)) });
         let mut registration = EventRegistration { sink, callback_ids: Vec::new(), close_registered: false, conn };
         registration.register().map_err(fail)?;
-        Ok(Subscription { events, registration })
+        Ok(Subscription { events, prefix: prefix.to_string(), _registration: Some(registration) })
     }
 }
 
