@@ -48,6 +48,18 @@ pub enum ContextError {
     Dir { path: String, source: std::io::Error },
 }
 
+impl crate::error::Kind for ContextError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ContextError::Catalog(e) => e.kind(),
+            ContextError::Hypervisor(e) => e.kind(),
+            ContextError::Heal(e) => e.kind(),
+            // vdim's own home directories.
+            ContextError::Dir { .. } => crate::error::ErrorKind::Internal,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, ContextError>;
 
 /// Where vdim works and how it reaches libvirt: the global flags (`--home`, `--connect`,

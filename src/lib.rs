@@ -39,6 +39,8 @@ pub mod hypervisor;
 pub mod users;
 /// The thin-client broker (`vdim serve`): HTTP API, `.vv` files, HTML5 console proxy, TLS.
 pub mod broker;
+/// One error kind for every module error: exit codes, HTTP statuses, `--json` errors.
+pub mod error;
 /// Layout of the vdim home directory.
 pub mod home;
 /// The one naming rule for images, pools and users, and every name derived from them.

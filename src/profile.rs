@@ -75,6 +75,27 @@ pub enum ProfileError {
     SpecMismatch { desktop: String, profile: String, problem: &'static str },
 }
 
+impl crate::error::Kind for ProfileError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            ProfileError::InvalidProfileName { .. } => K::Invalid,
+            ProfileError::NotFound { .. } => K::NotFound,
+            // The profile files are the host's configuration, and the desktop values vdim's own.
+            ProfileError::Read { .. }
+            | ProfileError::TooLarge { .. }
+            | ProfileError::Parse { .. }
+            | ProfileError::Invalid { .. }
+            | ProfileError::InvalidName { .. }
+            | ProfileError::InvalidPath { .. }
+            | ProfileError::InvalidPassword { .. }
+            | ProfileError::InvalidUuid { .. }
+            | ProfileError::InvalidListen { .. }
+            | ProfileError::SpecMismatch { .. } => K::Internal,
+        }
+    }
+}
+
 /// How the domain is accelerated. `auto` is resolved by the caller before building XML.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VirtType {

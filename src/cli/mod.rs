@@ -15,10 +15,7 @@ mod user;
 pub use global::Global;
 pub use output::human_bytes;
 
-use crate::catalog::CatalogError;
 use crate::context::Context;
-use crate::pool::PoolError;
-use crate::store;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use output::print;
@@ -85,38 +82,9 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Exit code for an error: 3 for busy (retry later), 4 for not found, 1 otherwise.
+/// Exit code for an error: from the kind of the first error in its chain that has one.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    for cause in err.chain() {
-        if let Some(store::StoreError::Lock(crate::lock::LockError::Busy { .. })) = cause.downcast_ref() {
-            return 3;
-        }
-        if let Some(crate::lock::LockError::Busy { .. }) = cause.downcast_ref() {
-            return 3;
-        }
-        if let Some(store::StoreError::Catalog(CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. })) =
-            cause.downcast_ref()
-        {
-            return 4;
-        }
-        if let Some(crate::dev::DevError::Store(store::StoreError::Catalog(CatalogError::ImageNotFound(_)))) =
-            cause.downcast_ref()
-        {
-            return 4;
-        }
-        if let Some(crate::dev::DevError::Store(store::StoreError::Lock(_))) = cause.downcast_ref() {
-            return 3;
-        }
-        match cause.downcast_ref::<PoolError>() {
-            Some(PoolError::NotFound(_) | PoolError::DesktopNotFound(_)) => return 4,
-            Some(PoolError::Catalog(CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. })) => {
-                return 4
-            }
-            Some(PoolError::Lock(_)) => return 3,
-            _ => {}
-        }
-    }
-    1
+    crate::error::exit_code(err)
 }
 
 #[cfg(test)]
