@@ -70,6 +70,12 @@ pub enum PoolError {
     Exhausted { pool: String, size: u32 },
     #[error("cannot {what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
+    #[error(
+        "image '{image}' version {version} has a {} disk, smaller than the {} minimum of profile {profile}: \
+         grow the image's disk or choose another profile",
+        gib(*size), gib(*min)
+    )]
+    ImageTooSmall { image: String, version: u32, size: u64, profile: String, min: u64 },
     #[error("virt type '{0}' is not one of auto, kvm, qemu")]
     VirtType(String),
     #[error("display listen address {0:?} is not an IP address (e.g. 127.0.0.1, 192.0.2.10, 0.0.0.0 or ::)")]
@@ -99,7 +105,8 @@ impl crate::error::Kind for PoolError {
             PoolError::Size { .. }
             | PoolError::NameTooLong(_)
             | PoolError::VirtType(_)
-            | PoolError::DisplayListen(_) => K::Invalid,
+            | PoolError::DisplayListen(_)
+            | PoolError::ImageTooSmall { .. } => K::Invalid,
             PoolError::Exists(_)
             | PoolError::LegacyDevDesktop { .. }
             | PoolError::InUse { .. }
@@ -111,6 +118,16 @@ impl crate::error::Kind for PoolError {
 }
 
 pub type Result<T> = std::result::Result<T, PoolError>;
+
+/// A disk size for messages: `64 GiB`, `31.5 GiB`.
+fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / f64::from(1u32 << 30);
+    if g.fract() == 0.0 {
+        format!("{g:.0} GiB")
+    } else {
+        format!("{g:.1} GiB")
+    }
+}
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
     move |source| PoolError::Io { what, path: path.display().to_string(), source }
@@ -453,6 +470,15 @@ impl<'a> Pools<'a> {
             return Err(
                 StoreError::Removed { image: image.name.clone(), version: version.number, removed: r.clone() }.into()
             );
+        }
+        if let Some(min) = profile.min_disk_bytes().filter(|min| version.virtual_size < *min) {
+            return Err(PoolError::ImageTooSmall {
+                image: image.name.clone(),
+                version: version.number,
+                size: version.virtual_size,
+                profile: profile.name().to_string(),
+                min,
+            });
         }
         // Leftovers of an interrupted create of the same name: never in the catalog, safe to drop.
         self.remove_leftovers(o.name)?;

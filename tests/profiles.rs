@@ -1,0 +1,193 @@
+//! Every shipped hardware profile on the real libvirt daemon (qemu:///system, TCG): each one
+//! in images/profiles/ (enumerated, so a new profile is covered without touching this file)
+//! defines and boots; the firmware profiles are checked in the live XML (loader, Secure Boot,
+//! NVRAM, TPM); a disk whose EFI system partition holds an unsigned loader that powers the
+//! machine off boots under UEFI without Secure Boot (the positive control) and is refused
+//! under Secure Boot. A profile's minimum disk size is enforced by `pool create`.
+
+mod common;
+use common::efi;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vdim::profile::{Firmware, Profile};
+
+fn shipped_profiles() -> Vec<Profile> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/profiles");
+    let mut out: Vec<Profile> = std::fs::read_dir(&dir)
+        .expect("images/profiles")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| Profile::load_file(&p).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    out.sort_by(|a, b| a.name().cmp(b.name()));
+    out
+}
+
+/// `virsh -c qemu:///system`: (success, stdout + stderr).
+fn virsh(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output().expect("run virsh");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text.trim().to_string())
+}
+
+fn domstate(domain: &str) -> String {
+    virsh(&["domstate", "--reason", domain]).1
+}
+
+/// The text of the first `<tag …>text</tag>` in `xml`.
+fn element_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{tag}"))?;
+    let rest = &xml[start..];
+    let open_end = rest.find('>')? + 1;
+    let close = rest.find(&format!("</{tag}>"))?;
+    Some(&rest[open_end..close])
+}
+
+fn line_with<'a>(xml: &'a str, needle: &str) -> &'a str {
+    xml.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle} in:\n{xml}"))
+}
+
+struct Booted {
+    profile: Profile,
+    desktop: String,
+    started: Instant,
+    nvram: Option<PathBuf>,
+}
+
+#[test]
+fn every_shipped_profile_defines_and_boots_and_secure_boot_refuses_an_unsigned_loader() {
+    let t = LibvirtEnv::new("prof");
+    let profiles = shipped_profiles();
+    assert!(profiles.len() >= 5, "the shipped profiles: {:?}", profiles.iter().map(Profile::name).collect::<Vec<_>>());
+    // `vdim init` puts exactly these files in the home (they are built into the binary).
+    for p in &profiles {
+        let installed = t.env.home().join("profiles").join(format!("{}.toml", p.name()));
+        assert_eq!(
+            std::fs::read_to_string(&installed).ok(),
+            std::fs::read_to_string(p.path()).ok(),
+            "vdim init does not install {} as shipped (profile::SHIPPED)",
+            p.path().display()
+        );
+    }
+    let uefi = |p: &Profile| p.uses_uefi();
+    let secure = |p: &Profile| p.firmware() == Firmware::UefiSecure;
+    assert!(
+        !profiles.iter().any(secure) || profiles.iter().any(|p| uefi(p) && !secure(p)),
+        "a Secure Boot refusal means something only beside a UEFI profile without it that boots the same disk"
+    );
+
+    // One disk for all: big enough for every profile's minimum, the test guest's marker for
+    // the direct-kernel profiles, the unsigned loader for the UEFI ones.
+    let size = profiles.iter().filter_map(Profile::min_disk_bytes).max().unwrap_or(0).max(1 << 30);
+    let raw = t.env.path("esp.raw");
+    efi::esp_disk(&raw, "esp", size);
+    t.env.vdim_json(&["image", "import", "esp", raw.to_str().unwrap()]);
+
+    let mut booted = vec![];
+    for (i, profile) in profiles.into_iter().enumerate() {
+        let pool = t.pool_name(&format!("p{i}"));
+        let started = Instant::now();
+        t.create_pool(&pool, "esp", "prod", 1, profile.name(), &["--start"]);
+        let desktop = format!("vdim-{pool}-001");
+        let name = profile.name().to_string();
+        // At once, while even the fastest guest is still in its firmware: the live XML.
+        let (ok, live) = virsh(&["dumpxml", &desktop]);
+        assert!(ok, "{name}: {live}");
+        assert!(domstate(&desktop).starts_with("running"), "{name}: {desktop} is {}", domstate(&desktop));
+        let mut nvram = None;
+        if profile.uses_uefi() {
+            let loader = line_with(&live, "<loader");
+            assert!(loader.contains("type='pflash'") && loader.contains("/OVMF"), "{name}: {loader}");
+            assert_eq!(loader.contains("secure='yes'"), secure(&profile), "{name}: {loader}");
+            let nv_line = line_with(&live, "<nvram");
+            if secure(&profile) {
+                // Secure Boot with Microsoft's keys enrolled, and SMM to protect the variables.
+                assert!(nv_line.contains(".ms.fd"), "{name}: keys not enrolled: {nv_line}");
+                assert!(live.contains("<smm state='on'/>"), "{name}: no SMM");
+            }
+            let path = PathBuf::from(element_text(&live, "nvram").expect("nvram path"));
+            assert!(path.starts_with(t.env.home()), "{name}: NVRAM at {path:?}");
+            let mode = std::fs::metadata(&path).expect("NVRAM file").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}: NVRAM {path:?} mode {mode:o}");
+            nvram = Some(path);
+        } else {
+            assert!(!live.contains("<loader") && !live.contains("<nvram"), "{name} has firmware:\n{live}");
+            assert!(live.contains("<kernel>"), "{name}: {live}");
+        }
+        if profile.has_tpm() {
+            assert!(live.contains("<tpm model='tpm-crb'>"), "{name}: {live}");
+            assert!(line_with(&live, "<backend type='emulator'").contains("version='2.0'"), "{name}");
+            let uuid = element_text(&live, "uuid").expect("uuid");
+            assert!(efi::swtpm_state_dir(uuid).join("tpm2").is_dir(), "{name}: no swtpm state for {uuid}");
+        } else {
+            assert!(!live.contains("<tpm"), "{name} has a TPM:\n{live}");
+        }
+        booted.push(Booted { profile, desktop, started, nvram });
+    }
+
+    // The direct-kernel guests read the disk's marker and report healthy.
+    for b in booted.iter().filter(|b| !b.profile.uses_uefi()) {
+        let pool = b.desktop.trim_start_matches("vdim-").trim_end_matches("-001");
+        t.wait_marker(pool, &b.desktop, "VDIM-TEST esp health=ok", 120);
+    }
+    // Positive control: without Secure Boot the firmware runs the unsigned loader, which
+    // powers the machine off.
+    let mut slowest = Duration::ZERO;
+    for b in booted.iter().filter(|b| uefi(&b.profile) && !secure(&b.profile)) {
+        let deadline = b.started + Duration::from_secs(180);
+        while domstate(&b.desktop) != "shut off (shutdown)" {
+            assert!(Instant::now() < deadline, "{}: the loader never ran: {}", b.profile.name(), domstate(&b.desktop));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        slowest = slowest.max(b.started.elapsed());
+        let nvram = b.nvram.as_deref().expect("nvram");
+        assert_eq!(efi::boot_count(nvram), Some(1), "{}: OVMF counted one boot in {nvram:?}", b.profile.name());
+    }
+    // Under Secure Boot the same disk's loader is refused: twice the control's time and more
+    // later, the firmware is still up (it wrote its variables) and the machine never powered off.
+    for b in booted.iter().filter(|b| secure(&b.profile)) {
+        let until = b.started + slowest * 2 + Duration::from_secs(15);
+        while Instant::now() < until {
+            let state = domstate(&b.desktop);
+            assert!(state.starts_with("running"), "{}: the unsigned loader ran ({state})", b.profile.name());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let nvram = b.nvram.as_deref().expect("nvram");
+        assert!(efi::boot_count(nvram).is_some(), "{}: OVMF never wrote {nvram:?}", b.profile.name());
+    }
+    eprintln!("positive control powered off within {slowest:?}");
+}
+
+#[test]
+fn an_image_smaller_than_the_profile_minimum_is_refused_and_nothing_is_created() {
+    let t = LibvirtEnv::new("pmin");
+    let pool = t.pool_name("p");
+    let small = t.env.path("small.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", small.to_str().unwrap(), "10G"]);
+    t.env.vdim_json(&["image", "import", "small", small.to_str().unwrap()]);
+    let w11 = Profile::load(&t.env.home().join("profiles"), "windows11").expect("windows11");
+    assert_eq!(w11.min_disk_bytes(), Some(64 << 30));
+
+    let r = t.vdim(&["pool", "create", &pool, "--image", "small", "--size", "1", "--profile", "windows11", "--start"]);
+    r.assert_exit_code(2);
+    r.assert_stderr_contains(
+        "image 'small' version 1 has a 10 GiB disk, smaller than the 64 GiB minimum of profile windows11",
+    );
+    let r = t.vdim(&["--json", "pool", "create", &pool, "--image", "small", "--size", "1", "--profile", "windows10"]);
+    let err: serde_json::Value = serde_json::from_str(r.stderr().trim()).expect("JSON error");
+    assert_eq!(err["error"]["kind"], "invalid", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("32 GiB minimum of profile windows10"), "{err}");
+
+    assert_eq!(t.vdim_json(&["pool", "list"]), serde_json::json!([]));
+    assert!(t.domains().is_empty(), "{:?}", t.domains());
+    assert!(!t.env.home().join("desktops").join(&pool).exists());
+    assert!(!t.env.home().join("run").join(&pool).exists());
+    let audit = t.vdim_json(&["audit"]);
+    assert!(!audit.to_string().contains("pool.create"), "{audit}");
+
+    // The test guest's profile states no minimum: the same image is fine there.
+    t.create_pool(&pool, "small", "prod", 1, "test-linux", &[]);
+}
