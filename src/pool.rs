@@ -138,6 +138,12 @@ fn overlay_rel(pool: &str, desktop: &str) -> String {
     format!("desktops/{pool}/{desktop}.qcow2")
 }
 
+/// Where a desktop's UEFI variable store lives, relative to the vdim home. libvirt creates
+/// it (0600) from the firmware's template at the first start and removes it on undefine.
+fn nvram_rel(pool: &str, desktop: &str) -> String {
+    format!("desktops/{pool}/{desktop}.nvram")
+}
+
 pub use names::{desktop_domain as desktop_name, is_desktop_of};
 
 /// A password no one knows: displays are never open; the broker sets one-time tickets.
@@ -393,10 +399,14 @@ impl<'a> Pools<'a> {
             .try_for_each(|(n, (overlay, ..))| self.define_desktop(pool, profile, n, overlay, pool.version))
     }
 
+    /// A desktop's UEFI variables: beside its overlay, since they belong to it as its disk does.
+    fn nvram_path(&self, pool: &str, desktop: &str) -> PathBuf {
+        self.home().root().join(nvram_rel(pool, desktop))
+    }
+
     fn define_desktop(&self, pool: &Pool, profile: &Profile, name: &str, overlay: &Path, version: u32) -> Result<()> {
-        let run_dir = self.home().pool_run(&pool.name);
         let serial = self.serial_log(&pool.name, name);
-        let nvram = run_dir.join(format!("{name}.nvram"));
+        let nvram = self.nvram_path(&pool.name, name);
         let secret = random_secret(16);
         let spec = DesktopSpec {
             name,
@@ -876,9 +886,25 @@ impl<'a> Pools<'a> {
                 self.hv.destroy(&d.name)?;
             }
         }
+        // Firmware state (UEFI variables, TPM) goes with the disk: a persistent desktop keeps
+        // its definition, so its NVRAM file and its UUID (libvirt's key to the swtpm state)
+        // stay; a non-persistent one is defined afresh, both removed first.
+        let fresh: Vec<&Desktop> = todo.iter().map(|(d, ..)| d).filter(|_| !pool.persistent).collect();
+        let profile = if fresh.is_empty() { None } else { Some(Profile::load(self.profiles, &pool.profile)?) };
+        for d in &fresh {
+            match self.hv.undefine(&d.name) {
+                Ok(()) | Err(HypervisorError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let overlays: Vec<(PathBuf, String, u64)> =
             todo.iter().map(|(d, digest, vsize)| (self.overlay_path(d), digest.clone(), *vsize)).collect();
         self.write_overlays(&overlays)?;
+        if let Some(profile) = &profile {
+            for d in &fresh {
+                self.define_desktop(&pool, profile, &d.name, &self.overlay_path(d), d.version)?;
+            }
+        }
         if !todo.is_empty() {
             self.catalog.write(|tx| -> Result<()> {
                 for (d, _, _) in &todo {
@@ -1141,6 +1167,7 @@ impl<'a> Pools<'a> {
             for d in doomed {
                 self.remove_domain(&d.name)?;
                 let _ = fs::remove_file(self.overlay_path(d));
+                let _ = fs::remove_file(self.nvram_path(name, &d.name));
                 let _ = fs::remove_file(self.serial_log(name, &d.name));
             }
         }
@@ -1272,6 +1299,100 @@ fn state_word(s: DomainState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::{Context, Settings};
+    use crate::hypervisor::fake::{FakeHypervisor, Op};
+    use std::sync::Arc;
+
+    /// A running pool of two `windows11` desktops (UEFI + TPM) on v1 of `img`, v2 on prod,
+    /// against the fake hypervisor; returns the context and the fake.
+    fn windows_pool(persistent: bool) -> (tempfile::TempDir, Context, Arc<FakeHypervisor>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings =
+            Settings { profiles: dir.path().join("profiles"), ..Settings::new(Home::new(dir.path().join("home"))) };
+        profile::install_shipped(&settings.profiles).expect("profiles");
+        let hv = Arc::new(FakeHypervisor::new());
+        let mut ctx = Context::init(settings).expect("context").with_hypervisor(hv.clone());
+        ctx.catalog()
+            .write(|tx| -> std::result::Result<(), CatalogError> {
+                let image = tx.insert_image("img", 64 << 30)?;
+                tx.insert_version(&image, None, &"1".repeat(64), 4096, 64 << 30, "tester", "v1")?;
+                for ch in Channel::ALL {
+                    tx.set_channel(&image, ch, 1)?;
+                }
+                tx.insert_version(&image, Some(1), &"2".repeat(64), 4096, 64 << 30, "tester", "v2")?;
+                Ok(())
+            })
+            .expect("catalog");
+        let create = CreateOptions {
+            name: "win",
+            image: "img",
+            channel: Channel::Prod,
+            size: 2,
+            profile: "windows11",
+            persistent,
+            virt: VirtType::Qemu,
+            start: true,
+            display_listen: "127.0.0.1".parse().expect("ip"),
+            insecure_display: false,
+        };
+        ctx.pools().expect("pools").create(&create, &Actor("tester".into())).expect("create");
+        ctx.catalog()
+            .write(|tx| -> std::result::Result<(), CatalogError> {
+                let image = tx.image("img")?;
+                tx.set_channel(&image, Channel::Prod, 2)
+            })
+            .expect("promote");
+        (dir, ctx, hv)
+    }
+
+    fn definitions(hv: &FakeHypervisor) -> Vec<(Op, String)> {
+        hv.take_calls()
+            .into_iter()
+            .filter(|c| matches!(c.op, Op::Define | Op::Undefine))
+            .map(|c| (c.op, c.domain))
+            .collect()
+    }
+
+    #[test]
+    fn a_persistent_desktop_keeps_its_definition_and_firmware_state_through_moves_and_restarts() {
+        let (_dir, mut ctx, hv) = windows_pool(true);
+        hv.take_calls();
+        let actor = Actor("tester".into());
+        let mut pools = ctx.pools().expect("pools");
+        // A persistent pool moves only when forced: its users' disks get fresh overlays.
+        pools.update("win", true, &actor).expect("update");
+        pools.stop("win", true, &actor).expect("stop");
+        pools.start("win", &actor).expect("start");
+        pools.rollback("win", None, true, &actor).expect("rollback");
+        assert_eq!(definitions(&hv), [], "never undefined: NVRAM and the UUID keying the TPM state stay");
+    }
+
+    #[test]
+    fn a_non_persistent_desktop_is_defined_afresh_at_every_reset() {
+        let (_dir, mut ctx, hv) = windows_pool(false);
+        hv.take_calls();
+        let actor = Actor("tester".into());
+        let mut pools = ctx.pools().expect("pools");
+        pools.update("win", false, &actor).expect("update");
+        let fresh = |d: &str| [(Op::Undefine, d.to_string()), (Op::Define, d.to_string())];
+        let mut both = definitions(&hv);
+        both.sort();
+        assert_eq!(
+            both,
+            [(Op::Define, "vdim-win-001".into()), (Op::Define, "vdim-win-002".into())]
+                .into_iter()
+                .chain([(Op::Undefine, "vdim-win-001".into()), (Op::Undefine, "vdim-win-002".into())])
+                .collect::<Vec<_>>()
+        );
+        pools.stop("win", true, &actor).expect("stop");
+        pools.start("win", &actor).expect("start");
+        assert_eq!(definitions(&hv), [], "a restart is no reset");
+        pools.assign("win", "alice", &actor).expect("assign");
+        pools.release("vdim-win-001", &actor).expect("logoff");
+        assert_eq!(definitions(&hv), fresh("vdim-win-001"), "logoff resets");
+        let xml = hv.xml("vdim-win-001").expect("defined again");
+        assert!(xml.contains("desktops/win/vdim-win-001.nvram</nvram>"), "{xml}");
+    }
 
     #[test]
     fn desktop_names_belong_to_exactly_one_pool() {

@@ -109,7 +109,7 @@ fn every_shipped_profile_defines_and_boots_and_secure_boot_refuses_an_unsigned_l
                 assert!(live.contains("<smm state='on'/>"), "{name}: no SMM");
             }
             let path = PathBuf::from(element_text(&live, "nvram").expect("nvram path"));
-            assert!(path.starts_with(t.env.home()), "{name}: NVRAM at {path:?}");
+            assert!(path.starts_with(t.env.home().join("desktops").join(&pool)), "{name}: NVRAM at {path:?}");
             let mode = std::fs::metadata(&path).expect("NVRAM file").permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{name}: NVRAM {path:?} mode {mode:o}");
             nvram = Some(path);
