@@ -17,7 +17,7 @@ pub mod dev;
 pub mod digest;
 /// Layout of the vdim home directory.
 pub mod home;
-/// The libvirt seam: one trait, the `virt` implementation, lifecycle events.
+/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, the domain XML.
 pub mod hypervisor;
 /// Inspection of untrusted image files before qemu-img sees them.
 pub mod imgfmt;
@@ -27,7 +27,7 @@ pub mod lock;
 pub mod names;
 /// Pools of desktops: thin overlays, domains, update, rollback, assignment.
 pub mod pool;
-/// Hardware profiles (TOML) and the domain XML built from them.
+/// Hardware profiles (TOML): the virtual hardware an image boots on, validated at load.
 pub mod profile;
 /// Native qcow2 header reading and the thin-overlay writer.
 pub mod qcow2;

@@ -2,7 +2,8 @@
 //!
 //! Pools, rollouts and the broker speak to the [`Hypervisor`] trait only; [`Libvirt`] implements
 //! it with the `virt` crate, so no code above this module builds a `virsh` command line or
-//! touches a libvirt pointer.
+//! touches a libvirt pointer. The libvirt XML vdim writes is built here too: [`domain_xml`]
+//! from a hardware profile, with the one escaper of [`xml`].
 //!
 //! Two connections per [`Libvirt`]:
 //! - the command connection, shared by all threads (libvirt connections are thread-safe and
@@ -24,6 +25,15 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as RawState};
 use virt::enumutil::Enum;
 use virt::sys;
+
+pub mod domain_xml;
+pub(crate) mod xml;
+
+use xml::{element_text, find_elements, Element as XmlElement};
+
+/// VNC authentication (DES) keys on the first 8 bytes of a password, and libvirt refuses
+/// longer VNC passwords: every VNC password vdim makes or sets is at most this long.
+pub const VNC_PASSWORD_MAX: usize = 8;
 
 /// Keepalive for long-lived connections: a ping every 5 s, dead after 3 unanswered ones.
 const KEEPALIVE_INTERVAL_S: i32 = 5;
@@ -143,7 +153,7 @@ pub trait Hypervisor: Send + Sync {
     /// One-time console ticket: sets `passwd` and `passwdValidTo` (UTC) on the live graphics
     /// device of that kind, and for SPICE `connected='disconnect'` so clients holding the old
     /// ticket are dropped. QEMU only implements `keep` for VNC, so VNC clients already connected
-    /// stay connected. VNC passwords are at most 8 characters (libvirt refuses longer ones).
+    /// stay connected. VNC passwords are at most [`VNC_PASSWORD_MAX`] characters.
     fn set_graphics_password(
         &self,
         name: &str,
@@ -420,8 +430,8 @@ impl Hypervisor for Libvirt {
         if password.chars().any(char::is_control) {
             return Err(invalid("the password contains control characters"));
         }
-        if kind == GraphicsKind::Vnc && password.chars().count() > 8 {
-            return Err(invalid("VNC passwords are at most 8 characters"));
+        if kind == GraphicsKind::Vnc && password.chars().count() > VNC_PASSWORD_MAX {
+            return Err(invalid(&format!("VNC passwords are at most {VNC_PASSWORD_MAX} characters")));
         }
         let valid_to = libvirt_utc(valid_to).ok_or_else(|| invalid("it expires before 1970"))?;
         let (dom, mut graphics) = self.live_graphics(name, kind, OP)?;
@@ -519,137 +529,6 @@ fn libvirt_utc(t: SystemTime) -> Option<String> {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     Some(format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", rem / 3_600, rem % 3_600 / 60, rem % 60))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Just enough XML for libvirt's own well-formed domain XML: find an element, read and rewrite the
-// attributes of its start tag, keep its children verbatim.
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct XmlElement {
-    name: String,
-    attrs: Vec<(String, String)>,
-    /// Everything between the start and end tags, verbatim; empty when self-closing.
-    inner: String,
-    self_closing: bool,
-}
-
-impl XmlElement {
-    fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-
-    fn set_attr(&mut self, name: &str, value: &str) {
-        match self.attrs.iter_mut().find(|(k, _)| k == name) {
-            Some((_, v)) => *v = value.to_string(),
-            None => self.attrs.push((name.to_string(), value.to_string())),
-        }
-    }
-
-    fn remove_attr(&mut self, name: &str) {
-        self.attrs.retain(|(k, _)| k != name);
-    }
-
-    fn to_xml(&self) -> String {
-        let mut out = format!("<{}", self.name);
-        for (k, v) in &self.attrs {
-            out.push_str(&format!(" {k}='{}'", xml_escape(v)));
-        }
-        if self.self_closing {
-            out.push_str("/>");
-        } else {
-            out.push_str(&format!(">{}</{}>", self.inner, self.name));
-        }
-        out
-    }
-}
-
-/// All `<name ...>` elements, in document order (elements of that name must not nest).
-fn find_elements(xml: &str, name: &str) -> Vec<XmlElement> {
-    let open = format!("<{name}");
-    let close = format!("</{name}>");
-    let mut found = Vec::new();
-    let mut rest = xml;
-    while let Some(at) = rest.find(&open) {
-        let after = &rest[at + open.len()..];
-        let boundary = after.chars().next();
-        if !matches!(boundary, Some(c) if c.is_whitespace() || c == '>' || c == '/') {
-            rest = after;
-            continue;
-        }
-        let Some(StartTag { attrs, self_closing, len: tag_len }) = parse_start_tag(after) else {
-            break;
-        };
-        let body = &after[tag_len..];
-        if self_closing {
-            found.push(XmlElement { name: name.to_string(), attrs, inner: String::new(), self_closing });
-            rest = body;
-        } else {
-            let Some(end) = body.find(&close) else { break };
-            found.push(XmlElement { name: name.to_string(), attrs, inner: body[..end].to_string(), self_closing });
-            rest = &body[end + close.len()..];
-        }
-    }
-    found
-}
-
-/// What follows an element's name up to and including `>` or `/>`.
-struct StartTag {
-    attrs: Vec<(String, String)>,
-    self_closing: bool,
-    len: usize,
-}
-
-/// Parses ` a='1' b="2">`, the rest of a start tag after the element name.
-fn parse_start_tag(s: &str) -> Option<StartTag> {
-    let bytes = s.as_bytes();
-    let mut attrs = Vec::new();
-    let mut i = 0;
-    loop {
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        match bytes.get(i)? {
-            b'>' => return Some(StartTag { attrs, self_closing: false, len: i + 1 }),
-            b'/' if bytes.get(i + 1) == Some(&b'>') => return Some(StartTag { attrs, self_closing: true, len: i + 2 }),
-            _ => {}
-        }
-        let eq = i + s[i..].find('=')?;
-        let key = s[i..eq].trim().to_string();
-        let quote = *bytes.get(eq + 1)?;
-        if quote != b'\'' && quote != b'"' {
-            return None;
-        }
-        let start = eq + 2;
-        let len = s[start..].find(quote as char)?;
-        attrs.push((key, xml_unescape(&s[start..start + len])));
-        i = start + len + 1;
-    }
-}
-
-/// The text of the first `<name>` element, unescaped.
-fn element_text(xml: &str, name: &str) -> Option<String> {
-    let el = find_elements(xml, name).into_iter().next()?;
-    Some(xml_unescape(el.inner.trim()))
-}
-
-fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<").replace("&gt;", ">").replace("&apos;", "'").replace("&quot;", "\"").replace("&amp;", "&")
 }
 
 // ---------------------------------------------------------------------------------------------
