@@ -15,9 +15,12 @@ pub mod cli_broker;
 pub mod dev;
 /// SHA-256 of layer files.
 pub mod digest;
+/// The soak's health rules: a pure verdict over lifecycle events, agent replies and time.
+pub mod health;
 /// Layout of the vdim home directory.
 pub mod home;
-/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, the domain XML.
+/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, the domain XML, and
+/// (`fake`) a recording in-memory implementation for tests without libvirtd.
 pub mod hypervisor;
 /// Inspection of untrusted image files before qemu-img sees them.
 pub mod imgfmt;

@@ -15,17 +15,19 @@ use crate::catalog::rollouts::{
     DesktopState, Failure, Interruption, NewRollout, Rollout, RolloutDesktop, RolloutState, FAILED_PREFIX,
 };
 use crate::catalog::{Audit, CatalogError, Channel, Tx};
-use crate::hypervisor::{DomainState, HypervisorError, LifecycleKind};
+use crate::health;
+use crate::hypervisor::{HypervisorError, Subscription};
 use crate::lock::{self, LockError, Mode};
 use crate::names::{self, NameError};
 use crate::pool::{PoolError, Pools};
 use crate::profile::Profile;
-use crate::rules::{self, Health, PromotionDenied, WaveSize};
+use crate::rules::{self, PromotionDenied, WaveSize};
 use crate::store::{Actor, Store, StoreError};
 use serde::Serialize;
 use serde_json::json;
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, SystemTime};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -472,23 +474,17 @@ impl<'a> Engine<'a> {
             }
             Ok(())
         })?;
-        let mut outcome = self.soak(&all, &sub, soak_start, soak)?;
+        let agents = self.agent_desktops(picks)?;
+        let window = health::Window { since: soak_start, until: SystemTime::now() + soak, agent_grace: AGENT_GRACE };
+        let mut wave = health::Wave::new(window, all.iter().map(|d| (d.clone(), agents.contains(d))));
+        self.soak(&mut wave, window.until, &all, &sub);
         drop(sub);
-        if outcome.values().all(|(h, _, _)| *h == Health::Healthy) {
-            self.ping_agents(picks, &mut outcome)?;
-        }
-        let failed: Vec<(String, String, SystemTime, SystemTime)> = outcome
-            .iter()
-            .filter_map(|(d, (h, at, seen))| match h {
-                Health::Healthy => None,
-                Health::Crashed(why) => Some((d.clone(), format!("crashed ({why})"), *at, *seen)),
-                Health::RebootLoop(n) => Some((d.clone(), format!("reboot loop ({n} reboots)"), *at, *seen)),
-                Health::Stopped(why) => Some((d.clone(), format!("stopped ({why})"), *at, *seen)),
-                Health::AgentSilent(why) => {
-                    Some((d.clone(), format!("guest agent did not answer ({why})"), *at, *seen))
-                }
-            })
-            .collect();
+        let failed: Vec<(String, String, SystemTime, SystemTime)> = match self.await_agents(&mut wave) {
+            health::WaveVerdict::Failed(f) => {
+                f.into_iter().map(|(d, f)| (d, f.reason.to_string(), f.at, f.seen)).collect()
+            }
+            _ => vec![],
+        };
         if failed.is_empty() {
             self.store().catalog().write(|tx| -> Result<()> {
                 for d in &all {
@@ -509,80 +505,40 @@ impl<'a> Engine<'a> {
         self.fail(r, k, &failed)
     }
 
-    /// The extra signal where a profile has the guest agent channel: a desktop that ran the
-    /// whole soak must also answer a `guest-ping`, at the latest `AGENT_GRACE` after it (a slow
-    /// boot is not a silent agent; an agent that never answers is).
-    fn ping_agents(
-        &mut self,
-        picks: &BTreeMap<String, Vec<String>>,
-        outcome: &mut BTreeMap<String, (Health, SystemTime, SystemTime)>,
-    ) -> Result<()> {
+    /// Desktops whose profile has the guest agent channel: the extra signal of a soak.
+    fn agent_desktops(&mut self, picks: &BTreeMap<String, Vec<String>>) -> Result<BTreeSet<String>> {
         let profiles = self.pools.profiles.clone();
-        let mut waiting: Vec<String> = vec![];
+        let mut out = BTreeSet::new();
         for (pool, desktops) in picks {
             let profile = self
                 .store()
                 .catalog()
                 .read(|tx| -> Result<String> { Ok(tx.pool(pool)?.map(|p| p.profile).unwrap_or_default()) })?;
             match Profile::load(&profiles, &profile) {
-                Ok(p) if p.has_guest_agent() => waiting.extend(desktops.iter().cloned()),
+                Ok(p) if p.has_guest_agent() => out.extend(desktops.iter().cloned()),
                 Ok(_) => {}
                 Err(e) => tracing::warn!("pool '{pool}': no guest-agent check, its profile does not load: {e}"),
             }
         }
-        let deadline = Instant::now() + AGENT_GRACE;
-        let mut last_error: BTreeMap<String, String> = BTreeMap::new();
-        while !waiting.is_empty() {
-            waiting.retain(|d| match self.pools.hypervisor().agent_ping(d, AGENT_PING_TIMEOUT) {
-                Ok(()) => false,
-                Err(e) => {
-                    last_error.insert(d.clone(), e.to_string());
-                    true
-                }
-            });
-            if waiting.is_empty() || Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        for d in waiting {
-            let now = SystemTime::now();
-            let why = last_error.remove(&d).unwrap_or_default();
-            outcome.insert(
-                d,
-                (Health::AgentSilent(format!("{why}; waited {} s after the soak", AGENT_GRACE.as_secs())), now, now),
-            );
-        }
-        Ok(())
+        Ok(out)
     }
 
-    /// Watch the desktops for `soak`: lifecycle events first, a state check as backstop.
-    /// Returns each desktop's health with (when it happened, when vdim saw it).
-    fn soak(
-        &mut self,
-        desktops: &[String],
-        sub: &crate::hypervisor::Subscription,
-        since: SystemTime,
-        soak: Duration,
-    ) -> Result<BTreeMap<String, (Health, SystemTime, SystemTime)>> {
-        let mut health: BTreeMap<String, (Health, SystemTime, SystemTime)> =
-            desktops.iter().map(|d| (d.clone(), (Health::Healthy, since, since))).collect();
-        let mut reboots: BTreeMap<String, u32> = BTreeMap::new();
-        let mut started: std::collections::BTreeSet<String> = Default::default();
-        let deadline = Instant::now() + soak;
-        let mut next_check = Instant::now() + Duration::from_secs(1);
+    /// Feed the wave's rules until the soak ends or a desktop fails: lifecycle events first,
+    /// a state check every second as backstop.
+    fn soak(&self, wave: &mut health::Wave, until: SystemTime, desktops: &[String], sub: &Subscription) {
+        let mut next_check = SystemTime::now() + Duration::from_secs(1);
         let mut events_alive = true;
         loop {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
+            let now = SystemTime::now();
+            if wave.verdict_at(now) != health::WaveVerdict::Soaking {
+                return;
             }
-            let wait = (deadline - now).min(Duration::from_millis(200));
+            let wait = until.duration_since(now).unwrap_or_default().min(Duration::from_millis(200));
             let ev = if events_alive {
                 match sub.events.recv_timeout(wait) {
                     Ok(ev) => Some(ev),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
                         // Lost the event stream: fall back to state checks, never to blindness.
                         tracing::warn!("libvirt event stream closed during soak; checking domain states instead");
                         events_alive = false;
@@ -594,67 +550,44 @@ impl<'a> Engine<'a> {
                 None
             };
             if let Some(ev) = ev {
-                if ev.at < since || !health.contains_key(&ev.domain) {
-                    continue;
-                }
-                let seen = SystemTime::now();
-                // The move itself destroys the old guest: a stop only counts once this
-                // desktop has started again on the new version.
-                let started_again = started.contains(&ev.domain);
-                let verdict = match &ev.kind {
-                    LifecycleKind::Started => {
-                        started.insert(ev.domain.clone());
-                        None
+                if let Some(event) = health::from_lifecycle(&ev.kind, &ev.detail) {
+                    if wave.observe(&ev.domain, event, ev.at, SystemTime::now()) {
+                        // A crash stops the rollout at once: no waiting out the soak.
+                        return;
                     }
-                    LifecycleKind::Crashed => {
-                        Some(Health::Crashed(if ev.detail.is_empty() { "crashed".into() } else { ev.detail.clone() }))
-                    }
-                    _ if !started_again => None,
-                    LifecycleKind::Rebooted => {
-                        let n = reboots.entry(ev.domain.clone()).or_default();
-                        *n += 1;
-                        (*n >= rules::REBOOT_LOOP).then_some(Health::RebootLoop(*n))
-                    }
-                    LifecycleKind::Stopped | LifecycleKind::Shutdown => Some(Health::Stopped(ev.detail.clone())),
-                    _ => None,
-                };
-                if let Some(h) = verdict {
-                    let entry = health.get_mut(&ev.domain).expect("checked");
-                    if entry.0 == Health::Healthy {
-                        *entry = (h, ev.at, seen);
-                    }
-                    // A crash stops the rollout at once: no waiting out the soak.
-                    break;
                 }
             }
-            if Instant::now() >= next_check {
-                next_check = Instant::now() + Duration::from_secs(1);
+            if SystemTime::now() >= next_check {
+                next_check = SystemTime::now() + Duration::from_secs(1);
                 for d in desktops {
-                    let st = self.pools.hypervisor().state(d);
-                    let bad = match st {
-                        Ok((DomainState::Running, _)) => None,
-                        Ok((DomainState::Crashed, why)) => Some(Health::Crashed(why)),
-                        Ok((DomainState::Paused, why)) if why.contains("panic") || why.contains("crash") => {
-                            Some(Health::Crashed(why))
-                        }
-                        Ok((DomainState::ShutOff, why)) => Some(Health::Stopped(why)),
-                        Ok(_) => None,
-                        Err(e) => Some(Health::Stopped(e.to_string())),
-                    };
-                    if let Some(h) = bad {
+                    if let Some(event) = health::from_state(&self.pools.hypervisor().state(d)) {
                         let now = SystemTime::now();
-                        let entry = health.get_mut(d).expect("known");
-                        if entry.0 == Health::Healthy {
-                            *entry = (h, now, now);
-                        }
+                        wave.observe(d, event, now, now);
                     }
-                }
-                if health.values().any(|(h, _, _)| *h != Health::Healthy) {
-                    break;
                 }
             }
         }
-        Ok(health)
+    }
+
+    /// After a healthy soak: ping the guest agents the wave still waits for, once a second,
+    /// until they answer or their grace is over. Returns the wave's final verdict.
+    fn await_agents(&self, wave: &mut health::Wave) -> health::WaveVerdict {
+        loop {
+            let health::WaveVerdict::AwaitingAgents(waiting) = wave.verdict_at(SystemTime::now()) else {
+                return wave.verdict_at(SystemTime::now());
+            };
+            for d in waiting {
+                let event = match self.pools.hypervisor().agent_ping(&d, AGENT_PING_TIMEOUT) {
+                    Ok(()) => health::Event::AgentReplied,
+                    Err(e) => health::Event::AgentFailed(e.to_string()),
+                };
+                let now = SystemTime::now();
+                wave.observe(&d, event, now, now);
+            }
+            if matches!(wave.verdict_at(SystemTime::now()), health::WaveVerdict::AwaitingAgents(_)) {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
     }
 
     /// Stop at once: every desktop this rollout moved goes back to where it was, boots,
@@ -856,3 +789,6 @@ impl<'a> Engine<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

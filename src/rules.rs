@@ -372,20 +372,6 @@ pub fn wave_pick(wave: WaveSize, size: u32, moved: u32, idle_unmoved: &[String])
     idle_unmoved.iter().take(want).cloned().collect()
 }
 
-/// How a desktop did during its soak.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub enum Health {
-    Healthy,
-    Crashed(String),
-    RebootLoop(u32),
-    Stopped(String),
-    /// Ran the whole soak, but its guest agent (where the profile has one) did not answer.
-    AgentSilent(String),
-}
-
-/// Reboots within one soak that count as a boot loop.
-pub const REBOOT_LOOP: u32 = 2;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,8 @@ use virt::enumutil::Enum;
 use virt::sys;
 
 pub mod domain_xml;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub(crate) mod xml;
 
 use xml::{element_text, find_elements, Element as XmlElement};
@@ -179,12 +181,14 @@ pub trait Hypervisor: Send + Sync {
 /// connection is lost; dropping the subscription deregisters its callbacks.
 pub struct Subscription {
     pub events: Receiver<LifecycleEvent>,
-    registration: EventRegistration,
+    prefix: String,
+    /// libvirt's callbacks, deregistered on drop; `None` for the fake's in-memory channel.
+    _registration: Option<EventRegistration>,
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscription").field("prefix", &self.registration.sink.prefix).finish_non_exhaustive()
+        f.debug_struct("Subscription").field("prefix", &self.prefix).finish_non_exhaustive()
     }
 }
 
@@ -469,7 +473,7 @@ impl Hypervisor for Libvirt {
         let sink = Arc::new(EventSink { prefix: prefix.to_string(), tx: Mutex::new(Some(tx)) });
         let mut registration = EventRegistration { sink, callback_ids: Vec::new(), close_registered: false, conn };
         registration.register().map_err(fail)?;
-        Ok(Subscription { events, registration })
+        Ok(Subscription { events, prefix: prefix.to_string(), _registration: Some(registration) })
     }
 }
 

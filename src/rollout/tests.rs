@@ -1,0 +1,144 @@
+//! Rollouts against the recording fake hypervisor: no root, no libvirtd. The catalog, the
+//! desktops' overlays (the crate's own qcow2 writer) and the engine are the real ones; the
+//! fake boots nothing, so the image's layers are catalog rows the overlays point at.
+
+use super::*;
+use crate::catalog::Channel;
+use crate::home::Home;
+use crate::hypervisor::domain_xml::VirtType;
+use crate::hypervisor::fake::{Boot, Call, FakeHypervisor, Op};
+use crate::hypervisor::{DomainState, Hypervisor};
+use crate::pool::CreateOptions;
+
+const POOL: &str = "canary";
+const V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const V2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Store,
+    hv: FakeHypervisor,
+}
+
+impl Fixture {
+    /// Image `img` with v1 on every channel and v2 sealed onto dev (as import and seal leave
+    /// them), and a running pool of four desktops on the test channel.
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::init(Home::new(dir.path().join("home"))).expect("store");
+        crate::profile::install_shipped(&dir.path().join("profiles")).expect("profiles");
+        store
+            .catalog()
+            .write(|tx| -> std::result::Result<(), CatalogError> {
+                let image = tx.insert_image("img", 1 << 30)?;
+                tx.insert_version(&image, None, V1, 4096, 1 << 30, "tester", "v1")?;
+                for ch in Channel::ALL {
+                    tx.set_channel(&image, ch, 1)?;
+                }
+                tx.insert_version(&image, Some(1), V2, 4096, 1 << 30, "tester", "v2")?;
+                tx.set_channel(&image, Channel::Dev, 2)
+            })
+            .expect("catalog");
+        let mut f = Fixture { dir, store, hv: FakeHypervisor::new() };
+        let create = CreateOptions {
+            name: POOL,
+            image: "img",
+            channel: Channel::Test,
+            size: 4,
+            profile: "test-linux",
+            persistent: false,
+            virt: VirtType::Qemu,
+            start: true,
+            display_listen: "127.0.0.1".parse().expect("ip"),
+            insecure_display: false,
+        };
+        f.pools().create(&create, &Actor("tester".into())).expect("pool create");
+        f
+    }
+
+    fn pools(&mut self) -> Pools<'_> {
+        Pools::new(&mut self.store, &self.hv, self.dir.path().join("profiles"))
+    }
+
+    fn promote(&mut self, waves: &str) -> Result<RolloutReport> {
+        let opts = PromoteOptions {
+            image: "img",
+            version: 2,
+            to: Channel::Test,
+            waves,
+            soak: Duration::from_millis(300),
+            force: false,
+            reason: None,
+        };
+        Engine::new(self.pools(), Actor("tester".into())).promote(&opts)
+    }
+
+    fn versions(&mut self) -> Vec<u32> {
+        self.store
+            .catalog()
+            .read(|tx| -> std::result::Result<Vec<u32>, CatalogError> {
+                let pool = tx.pool(POOL)?.expect("pool");
+                Ok(tx.desktops(pool.id)?.into_iter().map(|d| d.version).collect())
+            })
+            .expect("desktops")
+    }
+}
+
+fn desktop(i: u32) -> String {
+    crate::pool::desktop_name(POOL, i)
+}
+
+/// The calls that changed a domain, as (op, domain, the layer its disk was on at a start).
+fn changes(calls: &[Call]) -> Vec<(Op, String, Option<&'static str>)> {
+    let layer = |c: &Call| {
+        c.disk_backing.as_deref().map(|b| match () {
+            _ if b.contains(V1) => "v1",
+            _ if b.contains(V2) => "v2",
+            _ => "other",
+        })
+    };
+    calls.iter().filter(|c| c.op.changes()).map(|c| (c.op, c.domain.clone(), layer(c))).collect()
+}
+
+#[test]
+fn a_crash_in_wave_1_reverts_exactly_the_moved_desktops() {
+    let mut f = Fixture::new();
+    f.hv.on_boot(V2, Boot::Panic);
+    f.hv.take_calls();
+    let err = f.promote("1,50%,100%").expect_err("a panicking version fails its rollout");
+    let RolloutError::Failed { summary, report, .. } = err else { panic!("not a failed rollout: {err}") };
+    let canary = desktop(1);
+    assert_eq!(summary, format!("{canary} crashed (panicked)"));
+    assert_eq!(report.rollout.state, RolloutState::Failed);
+    let moved: Vec<usize> = report.waves.iter().map(|w| w.moved).collect();
+    assert_eq!(moved, [1, 0, 0], "the crash stops the rollout in its first wave");
+    // Only the canary was touched: stopped, booted on v2, crashed, stopped, booted on v1.
+    assert_eq!(
+        changes(&f.hv.calls()),
+        [
+            (Op::Destroy, canary.clone(), None),
+            (Op::Start, canary.clone(), Some("v2")),
+            (Op::Destroy, canary.clone(), None),
+            (Op::Start, canary.clone(), Some("v1")),
+        ]
+    );
+    assert_eq!(f.versions(), [1, 1, 1, 1]);
+    let st = f.hv.state(&canary).expect("state");
+    assert_eq!(st.0, DomainState::Running, "the canary runs the previous version again");
+}
+
+#[test]
+fn a_good_rollout_passes_all_waves_and_moves_every_desktop_once() {
+    let mut f = Fixture::new();
+    f.hv.take_calls();
+    let rep = f.promote("1,50%,100%").expect("a healthy version passes");
+    assert_eq!(rep.rollout.state, RolloutState::Succeeded);
+    let moved: Vec<usize> = rep.waves.iter().map(|w| w.moved).collect();
+    assert_eq!(moved, [1, 1, 2], "canary first, then half, then everyone");
+    assert!(rep.waves.iter().all(|w| w.failed == 0 && w.healthy == w.moved), "{:?}", rep.waves);
+    let starts: Vec<(String, Option<&str>)> =
+        changes(&f.hv.calls()).into_iter().filter(|c| c.0 == Op::Start).map(|c| (c.1, c.2)).collect();
+    let want: Vec<(String, Option<&str>)> = (1..=4).map(|i| (desktop(i), Some("v2"))).collect();
+    assert_eq!(starts, want, "each desktop booted once, on v2, wave by wave");
+    assert_eq!(f.versions(), [2, 2, 2, 2]);
+}
