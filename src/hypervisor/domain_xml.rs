@@ -1,7 +1,7 @@
 //! The libvirt domain XML of a desktop, built from its hardware profile.
 //!
 //! The XML is built here and nowhere else so that the rules hold for every desktop:
-//! every value is escaped ([`super::xml::escape`]), and names and paths that would need
+//! every value is escaped (`xml::escape`), and names and paths that would need
 //! escaping are refused outright; the disk format is always stated; displays always have a
 //! password; Hyper-V enlightenments appear only under KVM (QEMU refuses them under TCG);
 //! `on_crash` is `preserve` so the rollout engine can see a crashed desktop; the desktop name
