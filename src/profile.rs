@@ -303,6 +303,14 @@ fn read_capped(path: &Path) -> Result<String, ProfileError> {
 
 /// The rules serde cannot express. Returns the first problem found.
 fn validate_hardware(hw: &Hardware) -> Result<(), String> {
+    validate_sizes(hw)?;
+    validate_boot(hw)?;
+    validate_network(hw)?;
+    validate_displays(hw)
+}
+
+/// Memory, vCPUs, and what the chipset allows.
+fn validate_sizes(hw: &Hardware) -> Result<(), String> {
     if !(64..=1_048_576).contains(&hw.memory_mib) {
         return Err(format!("memory_mib = {} is out of range 64..=1048576", hw.memory_mib));
     }
@@ -315,6 +323,11 @@ fn validate_hardware(hw: &Hardware) -> Result<(), String> {
     if hw.firmware == Firmware::UefiSecure && hw.machine != Machine::Q35 {
         return Err("firmware \"uefi-secure\" needs machine \"q35\" (Secure Boot needs SMM)".into());
     }
+    Ok(())
+}
+
+/// Firmware and direct kernel boot.
+fn validate_boot(hw: &Hardware) -> Result<(), String> {
     let direct = hw.firmware == Firmware::DirectKernel;
     for (key, value) in [("kernel", &hw.kernel), ("initrd", &hw.initrd)] {
         match value {
@@ -343,6 +356,11 @@ fn validate_hardware(hw: &Hardware) -> Result<(), String> {
             return Err(format!("cmdline is longer than {MAX_CMDLINE_CHARS} characters"));
         }
     }
+    Ok(())
+}
+
+/// The NIC and where it connects.
+fn validate_network(hw: &Hardware) -> Result<(), String> {
     if hw.nic.is_none() && (hw.nic_network.is_some() || hw.nic_bridge.is_some()) {
         return Err("nic_network and nic_bridge need a nic model".into());
     }
@@ -356,6 +374,11 @@ fn validate_hardware(hw: &Hardware) -> Result<(), String> {
             }
         }
     }
+    Ok(())
+}
+
+/// Graphics, video, SPICE extras and the one-line description.
+fn validate_displays(hw: &Hardware) -> Result<(), String> {
     for (i, g) in hw.graphics.iter().enumerate() {
         if hw.graphics[..i].contains(g) {
             return Err(format!("graphics lists {g:?} twice"));

@@ -423,9 +423,9 @@ impl<'a> Engine<'a> {
         })
     }
 
-    fn run_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>, soak: Duration) -> Result<()> {
+    /// The wave's desktops into the catalog as moving, before any of them moves.
+    fn record_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>) -> Result<()> {
         let all: Vec<String> = picks.values().flatten().cloned().collect();
-        // Record first, act after: a killed vdim leaves desktops the next run knows about.
         let actor = self.actor.0.clone();
         self.store().catalog().write(|tx| -> Result<()> {
             for (pool, ds) in picks {
@@ -444,11 +444,17 @@ impl<'a> Engine<'a> {
                 ..Default::default()
             })?;
             Ok(())
-        })?;
-        // Subscribe before the desktops start, so even a crash at once is seen.
-        let sub = self.pools.hypervisor().subscribe("vdim-")?;
-        let soak_start = SystemTime::now();
-        crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
+        })
+    }
+
+    /// Moves the wave's desktops to the new version and marks them soaking; those given to a
+    /// user meanwhile are marked skipped. Returns the desktops that moved, by pool.
+    fn move_wave(
+        &mut self,
+        r: &Rollout,
+        k: u32,
+        picks: &BTreeMap<String, Vec<String>>,
+    ) -> Result<BTreeMap<String, Vec<String>>> {
         let mut skipped = vec![];
         let mut picks = picks.clone();
         for (pool, ds) in picks.iter_mut() {
@@ -458,7 +464,6 @@ impl<'a> Engine<'a> {
             ds.retain(|d| !moved.skipped.contains(d));
             skipped.extend(moved.skipped);
         }
-        let picks = &picks;
         let all: Vec<String> = picks.values().flatten().cloned().collect();
         self.store().catalog().write(|tx| -> Result<()> {
             for d in &all {
@@ -474,6 +479,18 @@ impl<'a> Engine<'a> {
             }
             Ok(())
         })?;
+        Ok(picks)
+    }
+
+    fn run_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>, soak: Duration) -> Result<()> {
+        // Record first, act after: a killed vdim leaves desktops the next run knows about.
+        self.record_wave(r, k, picks)?;
+        // Subscribe before the desktops start, so even a crash at once is seen.
+        let sub = self.pools.hypervisor().subscribe("vdim-")?;
+        let soak_start = SystemTime::now();
+        crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
+        let picks = &self.move_wave(r, k, picks)?;
+        let all: Vec<String> = picks.values().flatten().cloned().collect();
         let agents = self.agent_desktops(picks)?;
         let window = health::Window { since: soak_start, until: SystemTime::now() + soak, agent_grace: AGENT_GRACE };
         let mut wave = health::Wave::new(window, all.iter().map(|d| (d.clone(), agents.contains(d))));
@@ -733,7 +750,6 @@ impl<'a> Engine<'a> {
         force: bool,
     ) -> Result<ChannelRollback> {
         names::validate("image", image)?;
-        let actor = self.actor.0.clone();
         // Stop a rollout in flight first; its own process notices within a second.
         let open = self.store().catalog().write(|tx| -> Result<Option<Rollout>> {
             let img = tx.image(image)?;
@@ -749,24 +765,65 @@ impl<'a> Engine<'a> {
             self.revert(r, &ds)?;
             moved_back = ds.into_iter().map(|d| d.desktop).collect();
         }
-        let (target, pools) = self.store().catalog().write(|tx| -> Result<(u32, Vec<String>)> {
+        let (target, pools) = self.point_channel_back(image, channel, to, open.as_ref().map(|r| r.id), force)?;
+        let results = self.update_pools(pools, force);
+        Ok(ChannelRollback {
+            image: image.to_string(),
+            channel,
+            version: target,
+            stopped_rollout: open.map(|r| r.id),
+            reverted_desktops: moved_back,
+            pools: results,
+        })
+    }
+
+    /// The channel at `to`, or where it was before (the stopped rollout's start when one was
+    /// stopped); returns that version and the pools following the channel.
+    fn point_channel_back(
+        &mut self,
+        image: &str,
+        channel: Channel,
+        to: Option<u32>,
+        stopped: Option<i64>,
+        force: bool,
+    ) -> Result<(u32, Vec<String>)> {
+        let actor = self.actor.0.clone();
+        self.store().catalog().write(|tx| -> Result<(u32, Vec<String>)> {
             let img = tx.image(image)?;
             let current = tx.channel(&img, channel)?;
-            let target = match (to, &open) {
+            let target = match (to, stopped) {
                 (Some(n), _) => {
                     tx.version(&img, n)?;
                     n
                 }
                 (None, Some(_)) => current,
-                (None, None) => tx.channel_previous(img.id, channel)?.ok_or(RolloutError::NoPrevious { image: image.into(), channel })?,
+                (None, None) => tx
+                    .channel_previous(img.id, channel)?
+                    .ok_or(RolloutError::NoPrevious { image: image.into(), channel })?,
             };
             if target != current {
                 tx.set_channel(&img, channel, target)?;
             }
-            let pools = tx.pools_of_image(img.id)?.into_iter().filter(|p| p.channel == channel && p.pinned.is_none()).map(|p| p.name).collect();
-            tx.audit(Audit { actor: &actor, action: "channel.rollback", image: Some(image), version: Some(target), detail: json!({"channel": channel, "from": current, "to": target, "stopped_rollout": open.as_ref().map(|r| r.id), "force": force}), ..Default::default() })?;
+            let pools = tx
+                .pools_of_image(img.id)?
+                .into_iter()
+                .filter(|p| p.channel == channel && p.pinned.is_none())
+                .map(|p| p.name)
+                .collect();
+            tx.audit(Audit {
+                actor: &actor,
+                action: "channel.rollback",
+                image: Some(image),
+                version: Some(target),
+                detail: json!({"channel": channel, "from": current, "to": target, "stopped_rollout": stopped, "force": force}),
+                ..Default::default()
+            })?;
             Ok((target, pools))
-        })?;
+        })
+    }
+
+    /// Every pool onto its channel's version now; a pool that fails says why and the rest go on.
+    fn update_pools(&mut self, pools: Vec<String>, force: bool) -> BTreeMap<String, PoolRollback> {
         let mut results = BTreeMap::new();
         for p in pools {
             let actor = self.actor.clone();
@@ -779,14 +836,7 @@ impl<'a> Engine<'a> {
             };
             results.insert(p, r);
         }
-        Ok(ChannelRollback {
-            image: image.to_string(),
-            channel,
-            version: target,
-            stopped_rollout: open.map(|r| r.id),
-            reverted_desktops: moved_back,
-            pools: results,
-        })
+        results
     }
 }
 
