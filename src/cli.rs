@@ -1,13 +1,13 @@
 //! The command line: parses arguments into calls of the same service functions the HTTP
 //! API uses, and prints their reports as text or `--json`.
 
-use crate::catalog::{CatalogError, Channel};
+use crate::catalog::Channel;
 use crate::home::Home;
 use crate::hypervisor::{Hypervisor, Libvirt};
 use crate::imgfmt::Format;
 use crate::pool::{self, CreateOptions, MoveReport, PoolError, Pools};
 use crate::rollout::{Engine, PromoteOptions, RolloutError, RolloutReport};
-use crate::store::{self, Actor, ImportOptions, Store};
+use crate::store::{Actor, ImportOptions, Store};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -883,36 +883,7 @@ fn image(g: &Global, cmd: ImageCmd) -> Result<()> {
     }
 }
 
-/// Exit code for an error: 3 for busy (retry later), 4 for not found, 1 otherwise.
+/// Exit code for an error: from the kind of the first error in its chain that has one.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    for cause in err.chain() {
-        if let Some(store::StoreError::Lock(crate::lock::LockError::Busy { .. })) = cause.downcast_ref() {
-            return 3;
-        }
-        if let Some(crate::lock::LockError::Busy { .. }) = cause.downcast_ref() {
-            return 3;
-        }
-        if let Some(store::StoreError::Catalog(CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. })) =
-            cause.downcast_ref()
-        {
-            return 4;
-        }
-        if let Some(crate::dev::DevError::Store(store::StoreError::Catalog(CatalogError::ImageNotFound(_)))) =
-            cause.downcast_ref()
-        {
-            return 4;
-        }
-        if let Some(crate::dev::DevError::Store(store::StoreError::Lock(_))) = cause.downcast_ref() {
-            return 3;
-        }
-        match cause.downcast_ref::<PoolError>() {
-            Some(PoolError::NotFound(_) | PoolError::DesktopNotFound(_)) => return 4,
-            Some(PoolError::Catalog(CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. })) => {
-                return 4
-            }
-            Some(PoolError::Lock(_)) => return 3,
-            _ => {}
-        }
-    }
-    1
+    crate::error::exit_code(err)
 }

@@ -39,6 +39,21 @@ pub enum DevError {
     Io { path: String, source: std::io::Error },
 }
 
+impl crate::error::Kind for DevError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            DevError::Store(e) => e.kind(),
+            DevError::Pool(e) => e.kind(),
+            DevError::Hypervisor(e) => e.kind(),
+            DevError::Profile(e) => e.kind(),
+            DevError::DomainXml(e) => e.kind(),
+            DevError::Running { .. } | DevError::ShutdownTimeout { .. } => K::Conflict,
+            DevError::Io { .. } => K::Internal,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, DevError>;
 
 /// The dev desktop's domain: `names::dev_domain`, or the name an older vdim gave it while

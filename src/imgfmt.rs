@@ -241,6 +241,37 @@ pub enum ImgFmtError {
     Malformed { path: PathBuf, format: &'static str, reason: String },
 }
 
+impl crate::error::Kind for ImgFmtError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            // The source file is the caller's: a missing one is not found.
+            ImgFmtError::Unreadable { source, .. } => K::of_io(source),
+            ImgFmtError::NotRegularFile { .. }
+            | ImgFmtError::Empty { .. }
+            | ImgFmtError::UnknownFormatName { .. }
+            | ImgFmtError::Ambiguous { .. }
+            | ImgFmtError::Unsupported { .. }
+            | ImgFmtError::FormatMismatch { .. }
+            | ImgFmtError::BackingFile { .. }
+            | ImgFmtError::ExternalDataFile { .. }
+            | ImgFmtError::Corrupt { .. }
+            | ImgFmtError::Encrypted { .. }
+            | ImgFmtError::UnknownFeatures { .. }
+            | ImgFmtError::UnsupportedVersion { .. }
+            | ImgFmtError::UnsupportedVariant { .. }
+            | ImgFmtError::TooLarge { .. }
+            | ImgFmtError::VmdkDescriptor { .. }
+            | ImgFmtError::VmdkNotMonolithic { .. }
+            | ImgFmtError::VmdkCapacityZero { .. }
+            | ImgFmtError::VmdkDescriptorRefused { .. }
+            | ImgFmtError::ParentImage { .. }
+            | ImgFmtError::VhdxLog { .. }
+            | ImgFmtError::Malformed { .. } => K::Invalid,
+        }
+    }
+}
+
 /// Every format signature vdim recognises, supported or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sig {

@@ -15,6 +15,8 @@ pub mod cli_broker;
 pub mod dev;
 /// SHA-256 of layer files.
 pub mod digest;
+/// One error kind for every module error: exit codes, HTTP statuses, `--json` errors.
+pub mod error;
 /// The soak's health rules: a pure verdict over lifecycle events, agent replies and time.
 pub mod health;
 /// Layout of the vdim home directory.

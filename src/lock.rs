@@ -20,6 +20,16 @@ pub enum LockError {
     Open { path: String, source: std::io::Error },
 }
 
+impl crate::error::Kind for LockError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            LockError::Busy { .. } => K::Busy,
+            LockError::Open { .. } => K::Internal,
+        }
+    }
+}
+
 /// A held lock; dropping it releases the lock.
 #[derive(Debug)]
 pub struct Lock {

@@ -7,11 +7,9 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VDIM_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    let json = cli.global.json;
     if let Err(err) = vdim::cli::run(cli) {
-        eprintln!("error: {err}");
-        for cause in err.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
-        }
+        eprintln!("{}", vdim::error::render(&err, json));
         std::process::exit(vdim::cli::exit_code(&err));
     }
 }

@@ -26,6 +26,15 @@ pub enum NameError {
     Invalid { kind: &'static str, name: String },
 }
 
+impl crate::error::Kind for NameError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            NameError::Invalid { .. } => K::Invalid,
+        }
+    }
+}
+
 /// Check `name` against `[a-z0-9][a-z0-9._-]{0,62}`; `kind` ("image", "pool", ...) names it in errors.
 pub fn validate(kind: &'static str, name: &str) -> Result<(), NameError> {
     let bytes = name.as_bytes();

@@ -86,6 +86,34 @@ pub enum PoolError {
     DisplayTlsUnavailable { pool: String, listen: String, uri: String },
 }
 
+impl crate::error::Kind for PoolError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            PoolError::Name(e) => e.kind(),
+            PoolError::Catalog(e) => e.kind(),
+            PoolError::Store(e) => e.kind(),
+            PoolError::Lock(e) => e.kind(),
+            PoolError::Hypervisor(e) => e.kind(),
+            PoolError::Profile(e) => e.kind(),
+            PoolError::DomainXml(e) => e.kind(),
+            PoolError::Qcow2(e) => e.kind(),
+            PoolError::Denied(e) => e.kind(),
+            PoolError::NotFound(_) | PoolError::DesktopNotFound(_) => K::NotFound,
+            PoolError::Size { .. }
+            | PoolError::NameTooLong(_)
+            | PoolError::VirtType(_)
+            | PoolError::DisplayListen(_) => K::Invalid,
+            PoolError::Exists(_)
+            | PoolError::LegacyDevDesktop { .. }
+            | PoolError::InUse { .. }
+            | PoolError::DisplayTlsUnavailable { .. } => K::Conflict,
+            PoolError::Exhausted { .. } => K::Exhausted,
+            PoolError::Io { .. } => K::Internal,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, PoolError>;
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {

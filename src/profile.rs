@@ -46,6 +46,21 @@ pub enum ProfileError {
     Invalid { profile: String, path: PathBuf, problem: String },
 }
 
+impl crate::error::Kind for ProfileError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            ProfileError::InvalidProfileName { .. } => K::Invalid,
+            ProfileError::NotFound { .. } => K::NotFound,
+            // The profile files are the host's configuration.
+            ProfileError::Read { .. }
+            | ProfileError::TooLarge { .. }
+            | ProfileError::Parse { .. }
+            | ProfileError::Invalid { .. } => K::Internal,
+        }
+    }
+}
+
 /// Chipset of the virtual machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]

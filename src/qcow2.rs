@@ -108,6 +108,26 @@ pub enum Qcow2Error {
     HeaderFull { path: PathBuf, needed: u64, available: u64 },
 }
 
+impl crate::error::Kind for Qcow2Error {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        // Only vdim's own layers, drafts and overlays are read or written here (imports go
+        // through imgfmt): a bad one is vdim's or the disk's fault, never the caller's.
+        match self {
+            Qcow2Error::Io { .. }
+            | Qcow2Error::NotQcow2 { .. }
+            | Qcow2Error::UnsupportedVersion { .. }
+            | Qcow2Error::Malformed { .. }
+            | Qcow2Error::UnknownFeatures { .. }
+            | Qcow2Error::Exists { .. }
+            | Qcow2Error::InvalidBacking { .. }
+            | Qcow2Error::InvalidBackingFormat { .. }
+            | Qcow2Error::InvalidSize { .. }
+            | Qcow2Error::HeaderFull { .. } => K::Internal,
+        }
+    }
+}
+
 /// Why a header buffer could not be parsed; callers attach the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum HeaderError {

@@ -26,6 +26,19 @@ pub enum QemuImgError {
     Output { op: &'static str, path: String, why: String },
 }
 
+impl crate::error::Kind for QemuImgError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        // Untrusted input is refused by imgfmt before qemu-img runs; what fails here is the tool.
+        match self {
+            QemuImgError::Spawn(_)
+            | QemuImgError::Failed { .. }
+            | QemuImgError::Timeout { .. }
+            | QemuImgError::Output { .. } => K::Internal,
+        }
+    }
+}
+
 /// Resource bounds for one qemu-img run.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -60,6 +60,26 @@ pub enum RolloutError {
     NoPrevious { image: String, channel: Channel },
 }
 
+impl crate::error::Kind for RolloutError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            RolloutError::Name(e) => e.kind(),
+            RolloutError::Catalog(e) => e.kind(),
+            RolloutError::Store(e) => e.kind(),
+            RolloutError::Pool(e) => e.kind(),
+            RolloutError::Hypervisor(e) => e.kind(),
+            RolloutError::Lock(e) => e.kind(),
+            RolloutError::Denied(e) => e.kind(),
+            RolloutError::Waves(_) | RolloutError::ForceWithoutReason => K::Invalid,
+            RolloutError::NothingOpen(_)
+            | RolloutError::NotRunning { .. }
+            | RolloutError::Failed { .. }
+            | RolloutError::NoPrevious { .. } => K::Conflict,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, RolloutError>;
 
 /// Seconds one guest-agent ping may take.

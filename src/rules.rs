@@ -73,6 +73,20 @@ pub enum Denied {
     VersionFailed { version: u32 },
 }
 
+impl crate::error::Kind for Denied {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            Denied::Pinned { .. }
+            | Denied::PersistentNeedsForce { .. }
+            | Denied::AlreadyThere { .. }
+            | Denied::NoPreviousVersion { .. }
+            | Denied::VersionRemoved { .. }
+            | Denied::VersionFailed { .. } => K::Conflict,
+        }
+    }
+}
+
 fn plan_move(
     pool: &PoolFacts,
     desktops: &[DesktopFacts],
@@ -285,6 +299,22 @@ pub enum PromotionDenied {
         "version {version} of '{image}' failed a rollout: it crashed desktops (--force --reason to promote it anyway)"
     )]
     Failed { image: String, version: u32 },
+}
+
+impl crate::error::Kind for PromotionDenied {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            PromotionDenied::ToDev
+            | PromotionDenied::Removed { .. }
+            | PromotionDenied::AlreadyThere { .. }
+            | PromotionDenied::Backwards { .. }
+            | PromotionDenied::RolloutOpen { .. }
+            | PromotionDenied::NotFromDev { .. }
+            | PromotionDenied::NotTested { .. }
+            | PromotionDenied::Failed { .. } => K::Conflict,
+        }
+    }
 }
 
 /// May this promotion start? `Ok` lists the gates that `force` skipped (for the audit log).

@@ -82,6 +82,30 @@ pub enum StoreError {
     Unexpected { path: String, why: String },
 }
 
+impl crate::error::Kind for StoreError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            StoreError::Name(e) => e.kind(),
+            StoreError::Catalog(e) => e.kind(),
+            StoreError::Lock(e) => e.kind(),
+            StoreError::Format(e) => e.kind(),
+            StoreError::Qcow2(e) => e.kind(),
+            StoreError::QemuImg(e) => e.kind(),
+            StoreError::NoDraft(_) => K::NotFound,
+            StoreError::QemuDisagrees { .. } => K::Invalid,
+            StoreError::NoChanges { .. }
+            | StoreError::DraftInUse { .. }
+            | StoreError::BadDraft { .. }
+            | StoreError::DraftElsewhere { .. }
+            | StoreError::Removed { .. }
+            | StoreError::Exists(_) => K::Conflict,
+            StoreError::NoSpace { .. } | StoreError::WouldNotFit { .. } => K::Exhausted,
+            StoreError::Io { .. } | StoreError::Unexpected { .. } => K::Internal,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {

@@ -93,6 +93,27 @@ pub enum UserError {
     Random(String),
 }
 
+impl crate::error::Kind for UserError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            UserError::Name(e) => e.kind(),
+            UserError::Catalog(e) => e.kind(),
+            UserError::Pool(e) => e.kind(),
+            UserError::NotFound(_) | UserError::SessionNotFound(_) => K::NotFound,
+            UserError::Exists(_) | UserError::LoggingOff { .. } => K::Conflict,
+            // The broker answers the first three with 401 (credentials, not permission).
+            UserError::Unauthenticated
+            | UserError::TokenExpired { .. }
+            | UserError::ConsoleDenied(_)
+            | UserError::NotAdmin { .. }
+            | UserError::NotEntitled { .. } => K::Forbidden,
+            UserError::PoolStopped(_) | UserError::NoConsole { .. } => K::Exhausted,
+            UserError::BadTime(_) | UserError::Random(_) => K::Internal,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, UserError>;
 
 // ---- secrets -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ fn a_good_version_goes_to_test_then_prod_in_waves_and_can_be_rolled_back_at_once
     // Gates: prod only after test; dev is not a promotion target; no such version.
     t.vdim(&["promote", "img", "2", "--to", "prod"]).assert_failure().assert_stderr_contains("has not run on test");
     t.vdim(&["promote", "img", "2", "--to", "dev"]).assert_failure().assert_stderr_contains("vdim image seal");
-    t.vdim(&["promote", "img", "9", "--to", "test"]).assert_exit_code(1).assert_stderr_contains("has no version 9");
+    t.vdim(&["promote", "img", "9", "--to", "test"]).assert_exit_code(4).assert_stderr_contains("has no version 9");
     t.vdim(&["promote", "img", "2", "--to", "prod", "--force"])
         .assert_failure()
         .assert_stderr_contains("--force needs --reason");

@@ -71,6 +71,18 @@ enum ConsoleError {
     HandshakeTimeout(Duration),
 }
 
+impl crate::error::Kind for ConsoleError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            ConsoleError::Vnc(e) => e.kind(),
+            ConsoleError::Ticket(_) => K::Forbidden,
+            ConsoleError::BrowserGone | ConsoleError::HandshakeTimeout(_) => K::Invalid,
+            ConsoleError::Browser(_) | ConsoleError::Display(_) => K::Internal,
+        }
+    }
+}
+
 /// Open consoles by session: a generation number per session, `ENDED` once it ended.
 #[derive(Debug, Default)]
 pub struct Registry {

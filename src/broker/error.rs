@@ -1,5 +1,8 @@
 //! The one place where error kinds become HTTP status codes. Handlers return the service's
-//! own errors; nothing else in the broker picks a status.
+//! own errors; nothing else in the broker picks a status. A module error's status is its
+//! [`ErrorKind`]'s (`crate::error`: invalid 400, not found 404, conflict and busy 409,
+//! forbidden 403, exhausted 503, internal 500); only what HTTP says more precisely than a
+//! kind is picked here: 401 for missing or stale credentials, 408 and 413 for the body.
 //!
 //! 400 bad input · 401 no valid token · 403 not allowed · 404 no such thing (another user's
 //! session included) · 408 the request body did not arrive in time · 409 conflicts with the
@@ -16,10 +19,9 @@
 
 use super::vv::VvError;
 use crate::catalog::CatalogError;
-use crate::lock::LockError;
+use crate::error::{ErrorKind, Kind};
 use crate::names::NameError;
 use crate::pool::PoolError;
-use crate::profile::ProfileError;
 use crate::rollout::RolloutError;
 use crate::store::StoreError;
 use crate::users::UserError;
@@ -60,106 +62,36 @@ pub enum ApiError {
     BodyTimeout,
 }
 
-fn catalog_status(e: &CatalogError) -> StatusCode {
-    match e {
-        CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
-        CatalogError::ImageExists(_) => StatusCode::CONFLICT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-fn lock_status(e: &LockError) -> StatusCode {
-    match e {
-        LockError::Busy { .. } => StatusCode::CONFLICT,
-        LockError::Open { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-fn store_status(e: &StoreError) -> StatusCode {
-    match e {
-        StoreError::Name(_) => StatusCode::BAD_REQUEST,
-        StoreError::Catalog(c) => catalog_status(c),
-        StoreError::Lock(l) => lock_status(l),
-        StoreError::NoDraft(_) => StatusCode::NOT_FOUND,
-        StoreError::Removed { .. } | StoreError::Exists(_) | StoreError::DraftElsewhere { .. } => StatusCode::CONFLICT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-fn pool_status(e: &PoolError) -> StatusCode {
-    match e {
-        PoolError::Name(_)
-        | PoolError::Size { .. }
-        | PoolError::NameTooLong(_)
-        | PoolError::VirtType(_)
-        | PoolError::DisplayListen(_) => StatusCode::BAD_REQUEST,
-        PoolError::Profile(ProfileError::NotFound { .. } | ProfileError::InvalidProfileName { .. }) => {
-            StatusCode::BAD_REQUEST
+impl crate::error::Kind for ApiError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ApiError::User(e) => e.kind(),
+            ApiError::Pool(e) => e.kind(),
+            ApiError::Store(e) => e.kind(),
+            ApiError::Catalog(e) => e.kind(),
+            ApiError::Name(e) => e.kind(),
+            ApiError::Rollout(e) => e.kind(),
+            ApiError::Vv(e) => e.kind(),
+            ApiError::BadRequest(_) | ApiError::TooLarge { .. } | ApiError::BodyTimeout => ErrorKind::Invalid,
+            ApiError::NoRoute { .. } => ErrorKind::NotFound,
+            ApiError::Origin { .. } => ErrorKind::Forbidden,
+            ApiError::Internal(_) => ErrorKind::Internal,
+            ApiError::Timeout { .. } => ErrorKind::Exhausted,
         }
-        PoolError::Catalog(c) => catalog_status(c),
-        PoolError::Store(s) => store_status(s),
-        PoolError::Lock(l) => lock_status(l),
-        PoolError::NotFound(_) | PoolError::DesktopNotFound(_) => StatusCode::NOT_FOUND,
-        PoolError::Exists(_)
-        | PoolError::InUse { .. }
-        | PoolError::Denied(_)
-        | PoolError::DisplayTlsUnavailable { .. } => StatusCode::CONFLICT,
-        PoolError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-fn rollout_status(e: &RolloutError) -> StatusCode {
-    match e {
-        RolloutError::Name(_) | RolloutError::Waves(_) | RolloutError::ForceWithoutReason => StatusCode::BAD_REQUEST,
-        RolloutError::Catalog(c) => catalog_status(c),
-        RolloutError::Store(s) => store_status(s),
-        RolloutError::Pool(p) => pool_status(p),
-        RolloutError::Lock(l) => lock_status(l),
-        RolloutError::Denied(_)
-        | RolloutError::NothingOpen(_)
-        | RolloutError::NotRunning { .. }
-        | RolloutError::Failed { .. }
-        | RolloutError::NoPrevious { .. } => StatusCode::CONFLICT,
-        RolloutError::Hypervisor(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-fn user_status(e: &UserError) -> StatusCode {
-    match e {
-        UserError::Name(_) => StatusCode::BAD_REQUEST,
-        UserError::Catalog(c) => catalog_status(c),
-        UserError::Pool(p) => pool_status(p),
-        UserError::Unauthenticated | UserError::TokenExpired { .. } | UserError::ConsoleDenied(_) => {
-            StatusCode::UNAUTHORIZED
-        }
-        UserError::NotAdmin { .. } | UserError::NotEntitled { .. } => StatusCode::FORBIDDEN,
-        UserError::NotFound(_) | UserError::SessionNotFound(_) => StatusCode::NOT_FOUND,
-        UserError::Exists(_) | UserError::LoggingOff { .. } => StatusCode::CONFLICT,
-        UserError::PoolStopped(_) | UserError::NoConsole { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        UserError::BadTime(_) | UserError::Random(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 impl ApiError {
+    /// The status: the kind's, except where HTTP has a more precise code than the kind.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::User(e) => user_status(e),
-            ApiError::Pool(e) => pool_status(e),
-            ApiError::Store(e) => store_status(e),
-            ApiError::Catalog(e) => catalog_status(e),
-            ApiError::Rollout(e) => rollout_status(e),
-            ApiError::Vv(VvError::NoDisplayHost { .. } | VvError::NoDisplayCa { .. }) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::Vv(VvError::BadValue { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Name(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            // Credentials missing or stale, as opposed to a known caller who may not.
+            ApiError::User(
+                UserError::Unauthenticated | UserError::TokenExpired { .. } | UserError::ConsoleDenied(_),
+            ) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ApiError::Origin { .. } => StatusCode::FORBIDDEN,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            e => e.kind().http_status(),
         }
     }
 
@@ -188,16 +120,7 @@ impl ApiError {
 
     /// The message with its causes, as the CLI prints them.
     pub fn message(&self) -> String {
-        let mut msg = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            let s = c.to_string();
-            if !msg.contains(&s) {
-                msg = format!("{msg}: {s}");
-            }
-            cause = c.source();
-        }
-        msg
+        crate::error::message(self)
     }
 }
 
@@ -280,6 +203,23 @@ mod tests {
             (VvError::BadValue { desktop: "d".into(), key: "host" }.into(), 500),
             (ApiError::Timeout { after: std::time::Duration::from_secs(1) }, 503),
             (ApiError::BodyTimeout, 408),
+            (UserError::TokenExpired { user: "a".into(), at: "t".into() }.into(), 401),
+            (RolloutError::Catalog(CatalogError::VersionNotFound { image: "i".into(), version: 9 }).into(), 404),
+            (
+                PoolError::Profile(crate::profile::ProfileError::NotFound { name: "x".into(), path: "/x".into() })
+                    .into(),
+                404,
+            ),
+            (
+                RolloutError::Pool(PoolError::Lock(crate::lock::LockError::Busy {
+                    what: "w".into(),
+                    holder: "1".into(),
+                }))
+                .into(),
+                409,
+            ),
+            (ApiError::NoRoute { method: "GET".into(), path: "/x".into() }, 404),
+            (ApiError::Origin { origin: "a".into(), expected: "b".into() }, 403),
         ];
         for (e, code) in cases {
             assert_eq!(e.status().as_u16(), code, "{e}");

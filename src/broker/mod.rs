@@ -92,6 +92,26 @@ pub enum BrokerError {
     Zero { what: &'static str },
 }
 
+impl crate::error::Kind for BrokerError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            BrokerError::Tls(e) => e.kind(),
+            BrokerError::Store(e) => e.kind(),
+            BrokerError::Hypervisor(e) => e.kind(),
+            BrokerError::Insecure(_)
+            | BrokerError::PublicUrl(_)
+            | BrokerError::NoFile { .. }
+            | BrokerError::Zero { .. } => K::Invalid,
+            BrokerError::Bind { source, .. } => K::of_io(source),
+            BrokerError::Heal(_)
+            | BrokerError::Runtime(_)
+            | BrokerError::Serve(_)
+            | BrokerError::RaiseNoFile { .. } => K::Internal,
+        }
+    }
+}
+
 /// What `vdim serve` was asked to do.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {

@@ -17,6 +17,16 @@ pub enum TlsError {
     Config { cert: String, key: String, reason: String },
 }
 
+impl crate::error::Kind for TlsError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        // The certificate and key are files the administrator named.
+        match self {
+            TlsError::Cert { .. } | TlsError::Key { .. } | TlsError::Config { .. } => K::Invalid,
+        }
+    }
+}
+
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (cp, kp) = (cert.display().to_string(), key.display().to_string());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)

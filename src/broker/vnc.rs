@@ -29,6 +29,16 @@ pub enum VncError {
     Client(String),
 }
 
+impl crate::error::Kind for VncError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            VncError::Client(_) => K::Invalid,
+            VncError::Protocol { .. } | VncError::Refused { .. } | VncError::Io { .. } => K::Internal,
+        }
+    }
+}
+
 /// The 16-byte response to a VNC authentication challenge: DES-ECB of the challenge with
 /// the password's first [`VNC_PASSWORD_MAX`] bytes, each bit-reversed (the RFB spec's
 /// historical quirk).

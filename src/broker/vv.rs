@@ -42,6 +42,17 @@ pub enum VvError {
     NoDisplayCa { desktop: String },
 }
 
+impl crate::error::Kind for VvError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            // The display is there but not reachable through this broker until an admin acts.
+            VvError::NoDisplayHost { .. } | VvError::NoDisplayCa { .. } => K::Exhausted,
+            VvError::BadValue { .. } => K::Internal,
+        }
+    }
+}
+
 /// What a `.vv` file needs so remote-viewer can check a TLS display's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DisplayTls {

@@ -40,6 +40,22 @@ pub enum CatalogError {
     Sql(#[from] rusqlite::Error),
 }
 
+impl crate::error::Kind for CatalogError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. } => K::NotFound,
+            CatalogError::ImageExists(_) => K::Conflict,
+            // A home without a catalog is a setup problem, not a missing object.
+            CatalogError::NotInitialized { .. }
+            | CatalogError::TooNew { .. }
+            | CatalogError::Open { .. }
+            | CatalogError::Create { .. }
+            | CatalogError::Sql(_) => K::Internal,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
 /// A catalog (and its -wal, -shm) that an older vdim left readable by others becomes 0600.

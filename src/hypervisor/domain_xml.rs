@@ -43,6 +43,13 @@ pub enum DomainXmlError {
     SpecMismatch { desktop: String, profile: String, problem: &'static str },
 }
 
+impl crate::error::Kind for DomainXmlError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        // The desktop values are vdim's own (names, paths, passwords it made), not the caller's.
+        crate::error::ErrorKind::Internal
+    }
+}
+
 type Result<T> = std::result::Result<T, DomainXmlError>;
 
 /// How the domain is accelerated. `auto` is resolved by the caller before building XML.

@@ -124,6 +124,24 @@ pub enum HypervisorError {
     Subscribe { uri: String, prefix: String, message: String },
 }
 
+impl crate::error::Kind for HypervisorError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        // vdim names and defines every domain itself: one that is missing, or has no display,
+        // is an inconsistency on the host, not a name the caller got wrong.
+        match self {
+            HypervisorError::Connect { .. }
+            | HypervisorError::NotFound { .. }
+            | HypervisorError::Libvirt { .. }
+            | HypervisorError::Connection { .. }
+            | HypervisorError::NoGraphics { .. }
+            | HypervisorError::NoConsolePort { .. }
+            | HypervisorError::InvalidPassword { .. }
+            | HypervisorError::Subscribe { .. } => K::Internal,
+        }
+    }
+}
+
 /// The one narrow seam between vdim and libvirt.
 pub trait Hypervisor: Send + Sync {
     fn uri(&self) -> &str;
