@@ -106,6 +106,7 @@ fn kind_of_one(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         };
     }
     try_types!(
+        crate::context::ContextError,
         crate::dev::DevError,
         crate::rollout::RolloutError,
         crate::users::UserError,
@@ -173,6 +174,7 @@ pub fn render(err: &anyhow::Error, json: bool) -> String {
 mod tests {
     use super::*;
     use crate::catalog::CatalogError;
+    use crate::context::ContextError;
     use crate::dev::DevError;
     use crate::hypervisor::HypervisorError;
     use crate::imgfmt::ImgFmtError;
@@ -243,8 +245,9 @@ mod tests {
             (Box::new(DevError::Pool(PoolError::Lock(busy()))), Busy),
             (Box::new(DevError::Hypervisor(libvirt())), Internal),
             (Box::new(DevError::Profile(no_profile())), NotFound),
-            (Box::new(crate::broker::BrokerError::Store(StoreError::Lock(busy()))), Busy),
-            (Box::new(crate::broker::BrokerError::Hypervisor(libvirt())), Internal),
+            (Box::new(crate::broker::BrokerError::Context(ContextError::Catalog(missing_version()))), NotFound),
+            (Box::new(crate::broker::BrokerError::Context(ContextError::Hypervisor(libvirt()))), Internal),
+            (Box::new(ContextError::Heal(UserError::Pool(PoolError::Lock(busy())))), Busy),
         ];
         for (i, (e, want)) in cases.into_iter().enumerate() {
             assert_eq!(e.kind(), want, "case {i}");

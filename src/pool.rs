@@ -11,7 +11,7 @@
 //! and domains after, so a crash is healed by the next command (`heal`).
 
 use crate::catalog::pools::NewPool;
-use crate::catalog::{Audit, CatalogError, Channel, Desktop, Pool, Tx};
+use crate::catalog::{Audit, Catalog, CatalogError, Channel, Desktop, Pool, Tx};
 use crate::home::Home;
 use crate::hypervisor::domain_xml::{self, DesktopSpec, DomainXmlError, VirtType};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
@@ -20,8 +20,8 @@ use crate::names::{self, NameError};
 use crate::profile::{self, Profile, ProfileError};
 use crate::qcow2::{self, Qcow2Error};
 use crate::rules::{self, Denied, DesktopFacts, MovePlan, PoolFacts, VersionFacts};
-use crate::store::{self, Actor, Store, StoreError};
-use serde::Serialize;
+use crate::store::{self, Actor, StoreError};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::fs;
 use std::net::IpAddr;
@@ -155,6 +155,71 @@ pub fn parse_virt_type(s: &str) -> Result<VirtType> {
     }
 }
 
+/// Channel a new pool follows unless told otherwise.
+pub const DEFAULT_CHANNEL: Channel = Channel::Prod;
+/// Hardware profile of new pools (and of dev desktops) unless told otherwise.
+pub const DEFAULT_PROFILE: &str = "windows11";
+
+/// A request to create a pool, with its defaults: what `vdim pool create`'s flags become and
+/// what `POST /api/v1/admin/pools` reads as its body.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub name: String,
+    pub image: String,
+    #[serde(default = "default_channel")]
+    pub channel: Channel,
+    pub size: u32,
+    #[serde(default = "default_profile")]
+    pub profile: String,
+    /// Desktops keep their system disk across logoffs.
+    #[serde(default)]
+    pub persistent: bool,
+    #[serde(default)]
+    pub start: bool,
+    /// IP address the desktops' displays listen on (checked by [`parse_display_listen`]).
+    #[serde(default = "default_display_listen", deserialize_with = "display_listen_de")]
+    pub display_listen: IpAddr,
+    /// Plaintext SPICE off loopback instead of TLS.
+    #[serde(default)]
+    pub insecure_display: bool,
+}
+
+fn default_channel() -> Channel {
+    DEFAULT_CHANNEL
+}
+
+fn default_profile() -> String {
+    DEFAULT_PROFILE.into()
+}
+
+fn default_display_listen() -> IpAddr {
+    parse_display_listen(DEFAULT_DISPLAY_LISTEN).expect("the default is an address")
+}
+
+fn display_listen_de<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<IpAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_display_listen(&s).map_err(serde::de::Error::custom)
+}
+
+impl CreateRequest {
+    /// The request as [`Pools::create`] takes it, for desktops of virt type `virt`.
+    pub fn options(&self, virt: VirtType) -> CreateOptions<'_> {
+        CreateOptions {
+            name: &self.name,
+            image: &self.image,
+            channel: self.channel,
+            size: self.size,
+            profile: &self.profile,
+            persistent: self.persistent,
+            virt,
+            start: self.start,
+            display_listen: self.display_listen,
+            insecure_display: self.insecure_display,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct CreateOptions<'a> {
     pub name: &'a str,
@@ -220,19 +285,22 @@ pub struct MoveReport {
     pub started: Vec<String>,
 }
 
+/// The pool service, borrowing the home, catalog, hypervisor and profiles of a
+/// [`crate::context::Context`].
 pub struct Pools<'a> {
-    pub(crate) store: &'a mut Store,
+    home: &'a Home,
+    pub(crate) catalog: &'a mut Catalog,
     pub(crate) hv: &'a dyn Hypervisor,
-    pub(crate) profiles: PathBuf,
+    profiles: &'a Path,
 }
 
 impl<'a> Pools<'a> {
-    pub fn new(store: &'a mut Store, hv: &'a dyn Hypervisor, profiles: PathBuf) -> Pools<'a> {
-        Pools { store, hv, profiles }
+    pub fn new(home: &'a Home, catalog: &'a mut Catalog, hv: &'a dyn Hypervisor, profiles: &'a Path) -> Pools<'a> {
+        Pools { home, catalog, hv, profiles }
     }
 
-    fn home(&self) -> Home {
-        self.store.home().clone()
+    fn home(&self) -> &Home {
+        self.home
     }
 
     fn lock_pool(&self, pool: &str) -> Result<(Lock, Lock)> {
@@ -362,7 +430,7 @@ impl<'a> Pools<'a> {
         if o.size == 0 || o.size > MAX_POOL_SIZE {
             return Err(PoolError::Size { size: o.size, max: MAX_POOL_SIZE });
         }
-        let profile = Profile::load(&self.profiles, o.profile)?;
+        let profile = Profile::load(self.profiles, o.profile)?;
         let listen = o.display_listen.to_string();
         // Loopback needs no TLS, and plaintext elsewhere only when asked for.
         let insecure_display = o.insecure_display && !o.display_listen.is_loopback();
@@ -377,7 +445,7 @@ impl<'a> Pools<'a> {
             });
         }
         let _locks = self.lock_pool(o.name)?;
-        let (image, version) = self.store.catalog().read(|tx| -> Result<_> {
+        let (image, version) = self.catalog.read(|tx| -> Result<_> {
             if tx.pool(o.name)?.is_some() {
                 return Err(PoolError::Exists(o.name.to_string()));
             }
@@ -420,7 +488,7 @@ impl<'a> Pools<'a> {
         let made = self.provision(&pool, &profile, &indexes, &version.digest, version.virtual_size);
         // Files and domains exist before the catalog names them; undo them on any failure.
         let committed = made.and_then(|_| {
-            self.store.catalog().write(|tx| -> Result<()> {
+            self.catalog.write(|tx| -> Result<()> {
                 let id = tx.insert_pool(&NewPool {
                     name: o.name,
                     image_id: image.id,
@@ -466,7 +534,7 @@ impl<'a> Pools<'a> {
     /// Dev desktops an older vdim named `vdim-dev-<image>` that are still defined: with a pool
     /// named `dev` or `dev-*` they share the pool's desktop names, so nothing here touches them.
     fn legacy_dev_desktops(&mut self, pool: &str) -> Result<Vec<(String, String)>> {
-        let images = self.store.catalog().read(|tx| -> Result<Vec<String>> {
+        let images = self.catalog.read(|tx| -> Result<Vec<String>> {
             let with_draft: Vec<i64> = tx.drafts()?.into_iter().map(|d| d.image_id).collect();
             Ok(tx.images()?.into_iter().filter(|i| with_draft.contains(&i.id)).map(|i| i.name).collect())
         })?;
@@ -513,7 +581,7 @@ impl<'a> Pools<'a> {
     // ---- views -----------------------------------------------------------------------------
 
     pub fn list(&mut self) -> Result<Vec<PoolSummary>> {
-        self.store.catalog().read(|tx| -> Result<_> {
+        self.catalog.read(|tx| -> Result<_> {
             let mut out = Vec::new();
             for pool in tx.pools()? {
                 let ds = tx.desktops(pool.id)?;
@@ -529,7 +597,7 @@ impl<'a> Pools<'a> {
 
     pub fn show(&mut self, name: &str) -> Result<PoolView> {
         names::validate("pool", name)?;
-        let (pool, desktops, channel_version) = self.store.catalog().read(|tx| -> Result<_> {
+        let (pool, desktops, channel_version) = self.catalog.read(|tx| -> Result<_> {
             let pool = Self::load_pool(tx, name)?;
             let image = tx.image(&pool.image)?;
             let cv = tx.channel(&image, pool.channel)?;
@@ -570,7 +638,7 @@ impl<'a> Pools<'a> {
     }
 
     fn start_locked(&mut self, name: &str, actor: &Actor) -> Result<Vec<String>> {
-        let pool = self.store.catalog().write(|tx| -> Result<Pool> {
+        let pool = self.catalog.write(|tx| -> Result<Pool> {
             let p = Self::load_pool(tx, name)?;
             tx.set_pool_running(p.id, true)?;
             tx.audit(Audit {
@@ -583,7 +651,7 @@ impl<'a> Pools<'a> {
             Ok(p)
         })?;
         self.heal_locked(&pool.name)?;
-        let desktops = self.store.catalog().read(|tx| tx.desktops(pool.id))?;
+        let desktops = self.catalog.read(|tx| tx.desktops(pool.id))?;
         let mut started = vec![];
         for d in desktops {
             if !self.is_active(&d.name)? {
@@ -596,7 +664,7 @@ impl<'a> Pools<'a> {
 
     /// The pool and its desktops, unless one is in use and `force` is not given.
     fn unless_in_use(&mut self, name: &str, force: bool, why: &str) -> Result<(Pool, Vec<Desktop>)> {
-        let (pool, desktops) = self.store.catalog().read(|tx| -> Result<_> {
+        let (pool, desktops) = self.catalog.read(|tx| -> Result<_> {
             let p = Self::load_pool(tx, name)?;
             Ok((p.clone(), tx.desktops(p.id)?))
         })?;
@@ -616,7 +684,7 @@ impl<'a> Pools<'a> {
         let why = "stopping it would cut the user off";
         let (pool, desktops) = self.unless_in_use(name, force, why)?;
         crate::test_hook::pause(crate::test_hook::POOL_STOP);
-        self.store.catalog().write(|tx| -> Result<()> {
+        self.catalog.write(|tx| -> Result<()> {
             // Checked again where the pool stops: from this commit on the broker opens no
             // session on it, so no user can be given a desktop that is about to stop.
             still_unused(tx, &pool, rules::Claim::Stop { force }, why)?;
@@ -707,7 +775,7 @@ impl<'a> Pools<'a> {
     pub fn unpin(&mut self, name: &str, actor: &Actor) -> Result<Pool> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
-        self.store.catalog().write(|tx| -> Result<Pool> {
+        self.catalog.write(|tx| -> Result<Pool> {
             let p = Self::load_pool(tx, name)?;
             tx.set_pool_pin(p.id, None)?;
             tx.audit(Audit {
@@ -733,7 +801,7 @@ impl<'a> Pools<'a> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
         self.heal_locked(name)?;
-        let plan = self.store.catalog().write(|tx| -> Result<MovePlan> {
+        let plan = self.catalog.write(|tx| -> Result<MovePlan> {
             let pool = Self::load_pool(tx, name)?;
             let (facts, dfacts, desktops) = Self::facts(tx, &pool)?;
             let plan = plan(tx, &pool, &facts, &dfacts)?;
@@ -762,7 +830,7 @@ impl<'a> Pools<'a> {
     }
 
     fn heal_locked(&mut self, name: &str) -> Result<Vec<String>> {
-        let (pool, todo) = self.store.catalog().read(|tx| -> Result<_> {
+        let (pool, todo) = self.catalog.read(|tx| -> Result<_> {
             let pool = Self::load_pool(tx, name)?;
             let image = tx.image(&pool.image)?;
             let mut todo = vec![];
@@ -790,7 +858,7 @@ impl<'a> Pools<'a> {
             todo.iter().map(|(d, digest, vsize)| (self.overlay_path(d), digest.clone(), *vsize)).collect();
         self.write_overlays(&overlays)?;
         if !todo.is_empty() {
-            self.store.catalog().write(|tx| -> Result<()> {
+            self.catalog.write(|tx| -> Result<()> {
                 for (d, _, _) in &todo {
                     tx.clear_reset(d.id)?;
                 }
@@ -822,7 +890,7 @@ impl<'a> Pools<'a> {
         claim: rules::Claim,
     ) -> Result<Moved> {
         let _l = self.lock_pool(pool)?;
-        let (p, mut moved) = self.store.catalog().write(|tx| -> Result<(Pool, Moved)> {
+        let (p, mut moved) = self.catalog.write(|tx| -> Result<(Pool, Moved)> {
             let p = Self::load_pool(tx, pool)?;
             let mut moved = Moved::default();
             for name in desktops {
@@ -877,7 +945,7 @@ impl<'a> Pools<'a> {
 
     /// Stop desktops a rollout booted in a pool that is not running.
     pub fn stop_if_pool_stopped(&mut self, pool: &str, desktops: &[String]) -> Result<()> {
-        let (p, idle) = self.store.catalog().read(|tx| -> Result<_> {
+        let (p, idle) = self.catalog.read(|tx| -> Result<_> {
             let p = Self::load_pool(tx, pool)?;
             let idle: Vec<String> =
                 tx.desktops(p.id)?.into_iter().filter(|d| d.assigned_to.is_none()).map(|d| d.name).collect();
@@ -897,7 +965,7 @@ impl<'a> Pools<'a> {
     /// another version move at logoff.
     pub fn settle(&mut self, pool: &str, to: u32, actor: &Actor, why: &str) -> Result<Vec<String>> {
         let _l = self.lock_pool(pool)?;
-        self.store.catalog().write(|tx| -> Result<Vec<String>> {
+        self.catalog.write(|tx| -> Result<Vec<String>> {
             let p = Self::load_pool(tx, pool)?;
             let mut later = vec![];
             for d in tx.desktops(p.id)? {
@@ -922,20 +990,12 @@ impl<'a> Pools<'a> {
         })
     }
 
-    pub fn store(&mut self) -> &mut Store {
-        self.store
-    }
-
-    pub fn hypervisor(&self) -> &dyn Hypervisor {
-        self.hv
-    }
-
     // ---- assignment (the broker's and an admin's) -----------------------------------------------
 
     /// Give an idle desktop of the pool to `user`.
     pub fn assign(&mut self, name: &str, user: &str, actor: &Actor) -> Result<Desktop> {
         names::validate("pool", name)?;
-        self.store.catalog().write(|tx| -> Result<Desktop> {
+        self.catalog.write(|tx| -> Result<Desktop> {
             let pool = Self::load_pool(tx, name)?;
             let d = tx
                 .assign_idle(pool.id, user)?
@@ -955,12 +1015,12 @@ impl<'a> Pools<'a> {
     /// Logoff: the desktop is wiped (non-persistent) and moved where it is due, before
     /// anyone can get it again.
     pub fn release(&mut self, desktop: &str, actor: &Actor) -> Result<rules::Release> {
-        let pool_name = self.store.catalog().read(|tx| -> Result<String> {
+        let pool_name = self.catalog.read(|tx| -> Result<String> {
             let d = tx.desktop(desktop)?.ok_or_else(|| PoolError::DesktopNotFound(desktop.to_string()))?;
             Ok(tx.pools()?.into_iter().find(|p| p.id == d.pool_id).map(|p| p.name).unwrap_or_default())
         })?;
         let _l = self.lock_pool(&pool_name)?;
-        let release = self.store.catalog().write(|tx| -> Result<rules::Release> {
+        let release = self.catalog.write(|tx| -> Result<rules::Release> {
             let d = tx.desktop(desktop)?.ok_or_else(|| PoolError::DesktopNotFound(desktop.to_string()))?;
             let pool = Self::load_pool(tx, &pool_name)?;
             let facts = DesktopFacts { name: d.name.clone(), version: d.version, target: d.target, in_use: true };
@@ -992,7 +1052,7 @@ impl<'a> Pools<'a> {
         }
         let _l = self.lock_pool(name)?;
         self.heal_locked(name)?;
-        let (pool, desktops, digest, vsize) = self.store.catalog().read(|tx| -> Result<_> {
+        let (pool, desktops, digest, vsize) = self.catalog.read(|tx| -> Result<_> {
             let pool = Self::load_pool(tx, name)?;
             let image = tx.image(&pool.image)?;
             let v = tx.version(&image, pool.version)?;
@@ -1000,7 +1060,7 @@ impl<'a> Pools<'a> {
         })?;
         let current = desktops.len() as u32;
         if size > current {
-            let profile = Profile::load(&self.profiles, &pool.profile)?;
+            let profile = Profile::load(self.profiles, &pool.profile)?;
             let next = desktops.iter().map(|d| d.index).max().unwrap_or(0) + 1;
             let new: Vec<(u32, String)> = (next..next + (size - current)).map(|i| (i, desktop_name(name, i))).collect();
             if let Some((i, _)) = new.iter().find(|(i, _)| *i > MAX_POOL_SIZE) {
@@ -1009,7 +1069,7 @@ impl<'a> Pools<'a> {
             let indexes: Vec<u32> = new.iter().map(|(i, _)| *i).collect();
             let made = self.provision(&pool, &profile, &indexes, &digest, vsize);
             let committed = made.and_then(|_| {
-                self.store.catalog().write(|tx| -> Result<()> {
+                self.catalog.write(|tx| -> Result<()> {
                     for (i, dn) in &new {
                         tx.insert_desktop(pool.id, *i, dn, &overlay_rel(name, dn), pool.version)?;
                     }
@@ -1042,7 +1102,7 @@ impl<'a> Pools<'a> {
             crate::test_hook::pause(crate::test_hook::POOL_SHRINK);
             // The broker may have given one away since the look above: checked again in the
             // write, and then the shrink refuses (`rules::when_taken(Claim::Shrink)`).
-            self.store.catalog().write(|tx| -> Result<()> {
+            self.catalog.write(|tx| -> Result<()> {
                 for d in &doomed {
                     if !tx.delete_idle_desktop(d.id)? {
                         let now = tx.desktop(&d.name)?.and_then(|d| d.assigned_to).unwrap_or_default();
@@ -1074,7 +1134,7 @@ impl<'a> Pools<'a> {
         crate::test_hook::pause(crate::test_hook::POOL_DELETE);
         // Stopped in the same write that checks again: the broker gives no desktop of it away
         // from here on, so none is deleted from under a user.
-        self.store.catalog().write(|tx| -> Result<()> {
+        self.catalog.write(|tx| -> Result<()> {
             still_unused(tx, &pool, rules::Claim::Delete { force }, why)?;
             tx.set_pool_running(pool.id, false)?;
             // Sessions end first, so their consoles close before the domains go.
@@ -1087,7 +1147,7 @@ impl<'a> Pools<'a> {
         for d in &desktops {
             self.remove_domain(&d.name)?;
         }
-        self.store.catalog().write(|tx| -> Result<()> {
+        self.catalog.write(|tx| -> Result<()> {
             tx.delete_pool(pool.id)?;
             tx.audit(Audit {
                 actor: &actor.0,
@@ -1185,11 +1245,6 @@ fn state_word(s: DomainState) -> &'static str {
         DomainState::Blocked => "blocked",
         DomainState::Other => "other",
     }
-}
-
-/// Versions pools still need, for gc.
-pub fn versions_in_use(tx: &Tx, image: &crate::catalog::Image) -> std::result::Result<Vec<u32>, StoreError> {
-    Ok(tx.versions_used_by_pools(image.id, store::ROLLBACK_WINDOW)?)
 }
 
 #[cfg(test)]

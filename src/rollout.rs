@@ -14,18 +14,20 @@
 use crate::catalog::rollouts::{
     DesktopState, Failure, Interruption, NewRollout, Rollout, RolloutDesktop, RolloutState, FAILED_PREFIX,
 };
-use crate::catalog::{Audit, CatalogError, Channel, Tx};
+use crate::catalog::{Audit, Catalog, CatalogError, Channel, Tx};
 use crate::health;
-use crate::hypervisor::{HypervisorError, Subscription};
+use crate::home::Home;
+use crate::hypervisor::{Hypervisor, HypervisorError, Subscription};
 use crate::lock::{self, LockError, Mode};
 use crate::names::{self, NameError};
 use crate::pool::{PoolError, Pools};
 use crate::profile::Profile;
 use crate::rules::{self, PromotionDenied, WaveSize};
-use crate::store::{Actor, Store, StoreError};
-use serde::Serialize;
+use crate::store::{Actor, StoreError};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
@@ -127,6 +129,58 @@ pub enum PoolRollback {
     Error { error: String },
 }
 
+/// Cumulative share of each pool's desktops per wave, unless told otherwise.
+pub const DEFAULT_WAVES: &str = "1,10%,50%,100%";
+/// How long each wave's desktops must run healthy, unless told otherwise.
+pub const DEFAULT_SOAK: &str = "120s";
+
+/// A request to promote a version of an image, with its defaults: what `vdim promote`'s
+/// flags become and what `POST /api/v1/admin/images/{image}/promote` reads as its body.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    pub version: u32,
+    pub to: Channel,
+    #[serde(default = "default_waves")]
+    pub waves: String,
+    /// A duration such as "120s" or "5m".
+    #[serde(default = "default_soak", deserialize_with = "soak_de")]
+    pub soak: Duration,
+    /// Skip a promotion gate (recorded in the audit log with `reason`).
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+fn default_waves() -> String {
+    DEFAULT_WAVES.into()
+}
+
+fn default_soak() -> Duration {
+    humantime::parse_duration(DEFAULT_SOAK).expect("the default is a duration")
+}
+
+fn soak_de<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("soak: {e}")))
+}
+
+impl PromoteRequest {
+    /// The request as [`Engine::promote`] takes it, for `image`.
+    pub fn options<'a>(&'a self, image: &'a str) -> PromoteOptions<'a> {
+        PromoteOptions {
+            image,
+            version: self.version,
+            to: self.to,
+            waves: &self.waves,
+            soak: self.soak,
+            force: self.force,
+            reason: self.reason.as_deref(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct PromoteOptions<'a> {
     pub image: &'a str,
@@ -173,15 +227,15 @@ pub fn report(tx: &Tx, id: i64) -> std::result::Result<RolloutReport, CatalogErr
 
 /// Rollouts whose vdim died: marked halted, with what was in flight, so nothing is left
 /// half-moved without saying so. Returns one line per rollout found.
-pub fn recover_interrupted(store: &mut Store) -> std::result::Result<Vec<String>, CatalogError> {
-    let running = store.catalog().read(|tx| tx.running_rollouts())?;
+pub fn recover_interrupted(catalog: &mut Catalog) -> std::result::Result<Vec<String>, CatalogError> {
+    let running = catalog.read(|tx| tx.running_rollouts())?;
     let mut said = vec![];
     for r in running {
         let dead = r.owner_pid.is_none_or(|p| !crate::home::pid_alive(p as i32));
         if !dead {
             continue;
         }
-        store.catalog().write(|tx| -> std::result::Result<(), CatalogError> {
+        catalog.write(|tx| -> std::result::Result<(), CatalogError> {
             tx.set_rollout_state(r.id, RolloutState::Halted)?;
             tx.set_rollout_owner(r.id, None)?;
             tx.update_rollout_outcome(r.id, |o| {
@@ -215,22 +269,33 @@ pub fn recover_interrupted(store: &mut Store) -> std::result::Result<Vec<String>
 /// A pool a rollout reaches: (name, size, desktops already on the new version, idle ones not yet moved).
 type Candidate = (String, u32, u32, Vec<String>);
 
+/// The rollout engine, borrowing what it needs from a [`crate::context::Context`]; it drives
+/// pools through [`Engine::pools`] and watches desktops through the hypervisor.
 pub struct Engine<'a> {
-    pools: Pools<'a>,
+    home: &'a Home,
+    catalog: &'a mut Catalog,
+    hv: &'a dyn Hypervisor,
+    profiles: &'a Path,
     actor: Actor,
 }
 
 impl<'a> Engine<'a> {
-    pub fn new(pools: Pools<'a>, actor: Actor) -> Engine<'a> {
-        Engine { pools, actor }
+    pub fn new(
+        home: &'a Home,
+        catalog: &'a mut Catalog,
+        hv: &'a dyn Hypervisor,
+        profiles: &'a Path,
+        actor: Actor,
+    ) -> Engine<'a> {
+        Engine { home, catalog, hv, profiles, actor }
     }
 
-    fn store(&mut self) -> &mut Store {
-        self.pools.store()
+    fn pools(&mut self) -> Pools<'_> {
+        Pools::new(self.home, self.catalog, self.hv, self.profiles)
     }
 
     fn lock(&self, image: &str) -> Result<lock::Lock> {
-        let locks = self.pools.store.home().locks();
+        let locks = self.home.locks();
         Ok(lock::acquire(
             &locks,
             &names::rollout_lock(image),
@@ -244,7 +309,11 @@ impl<'a> Engine<'a> {
         if let Some(i) = image {
             names::validate("image", i)?;
         }
-        self.store().catalog().read(|tx| -> Result<Vec<RolloutReport>> {
+        // One whose vdim died while this process runs (a broker) shows halted, not running.
+        for line in recover_interrupted(self.catalog)? {
+            tracing::warn!("{line}");
+        }
+        self.catalog.read(|tx| -> Result<Vec<RolloutReport>> {
             let id = image.map(|i| tx.image(i)).transpose()?.map(|i| i.id);
             let mut out = vec![];
             for r in tx.rollouts(id, limit)? {
@@ -264,7 +333,7 @@ impl<'a> Engine<'a> {
         }
         let _l = self.lock(o.image)?;
         let actor = self.actor.0.clone();
-        let id = self.store().catalog().write(|tx| -> Result<i64> {
+        let id = self.catalog.write(|tx| -> Result<i64> {
             let image = tx.image(o.image)?;
             let v = tx.version(&image, o.version)?;
             let current = tx.channel(&image, o.to)?;
@@ -308,12 +377,12 @@ impl<'a> Engine<'a> {
     pub fn resume(&mut self, image: &str) -> Result<RolloutReport> {
         names::validate("image", image)?;
         let _l = self.lock(image)?;
-        let said = recover_interrupted(self.store())?;
+        let said = recover_interrupted(self.catalog)?;
         for s in said {
             tracing::warn!("{s}");
         }
         let actor = self.actor.0.clone();
-        let id = self.store().catalog().write(|tx| -> Result<i64> {
+        let id = self.catalog.write(|tx| -> Result<i64> {
             let img = tx.image(image)?;
             let r = tx.open_rollout(img.id)?.ok_or_else(|| RolloutError::NothingOpen(image.to_string()))?;
             tx.set_rollout_state(r.id, RolloutState::Running)?;
@@ -334,7 +403,7 @@ impl<'a> Engine<'a> {
     pub fn halt(&mut self, image: &str) -> Result<RolloutReport> {
         names::validate("image", image)?;
         let actor = self.actor.0.clone();
-        self.store().catalog().write(|tx| -> Result<RolloutReport> {
+        self.catalog.write(|tx| -> Result<RolloutReport> {
             let img = tx.image(image)?;
             let r = tx.open_rollout(img.id)?.ok_or_else(|| RolloutError::NothingOpen(image.to_string()))?;
             if !r.state.can_become(RolloutState::Halted) {
@@ -359,13 +428,13 @@ impl<'a> Engine<'a> {
     }
 
     fn state_of(&mut self, id: i64) -> Result<RolloutState> {
-        Ok(self.store().catalog().read(|tx| tx.rollout(id))?.state)
+        Ok(self.catalog.read(|tx| tx.rollout(id))?.state)
     }
 
     /// Pools that follow the rollout's channel (pinned pools ignore promotions), with their
     /// idle desktops not yet moved by this rollout, and the count already moved.
     fn candidates(&mut self, r: &Rollout) -> Result<Vec<Candidate>> {
-        self.store().catalog().read(|tx| -> Result<_> {
+        self.catalog.read(|tx| -> Result<_> {
             let done: Vec<String> = tx.rollout_desktops(r.id)?.into_iter().map(|d| d.desktop).collect();
             let mut out = vec![];
             for p in tx.pools_of_image(r.image_id)? {
@@ -387,7 +456,7 @@ impl<'a> Engine<'a> {
     }
 
     fn run(&mut self, id: i64) -> Result<RolloutReport> {
-        let r = self.store().catalog().write(|tx| -> Result<Rollout> {
+        let r = self.catalog.write(|tx| -> Result<Rollout> {
             tx.set_rollout_owner(id, Some(std::process::id()))?;
             Ok(tx.rollout(id)?)
         })?;
@@ -395,8 +464,7 @@ impl<'a> Engine<'a> {
         let soak = Duration::from_millis(r.soak_ms);
         // Desktops of a wave cut short by a killed vdim are soaked again.
         let unfinished: Vec<RolloutDesktop> = self
-            .store()
-            .catalog()
+            .catalog
             .read(|tx| tx.rollout_desktops(id))?
             .into_iter()
             .filter(|d| d.wave >= r.wave && !d.state.is_settled())
@@ -418,15 +486,15 @@ impl<'a> Engine<'a> {
             if !picks.is_empty() {
                 self.run_wave(&r, k as u32, &picks, soak)?;
             }
-            self.store().catalog().write(|tx| tx.set_rollout_wave(id, k as u32 + 1))?;
+            self.catalog.write(|tx| tx.set_rollout_wave(id, k as u32 + 1))?;
         }
         let state = self.state_of(id)?;
-        let finished = self.store().catalog().read(|tx| tx.rollout(id))?.wave as usize >= waves.len();
+        let finished = self.catalog.read(|tx| tx.rollout(id))?.wave as usize >= waves.len();
         if state == RolloutState::Running && finished {
             self.succeed(&r)?;
         }
         let actor = self.actor.0.clone();
-        self.store().catalog().write(|tx| -> Result<RolloutReport> {
+        self.catalog.write(|tx| -> Result<RolloutReport> {
             tx.set_rollout_owner(id, None)?;
             let rep = report(tx, id)?;
             if rep.rollout.state == RolloutState::Halted {
@@ -447,7 +515,7 @@ impl<'a> Engine<'a> {
     fn record_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>) -> Result<()> {
         let all: Vec<String> = picks.values().flatten().cloned().collect();
         let actor = self.actor.0.clone();
-        self.store().catalog().write(|tx| -> Result<()> {
+        self.catalog.write(|tx| -> Result<()> {
             for (pool, ds) in picks {
                 for d in ds {
                     let from = tx.desktop(d)?.map(|x| x.version).unwrap_or(r.from_version);
@@ -480,12 +548,12 @@ impl<'a> Engine<'a> {
         for (pool, ds) in picks.iter_mut() {
             let actor = self.actor.clone();
             let why = format!("rollout {} wave {}", r.id, k + 1);
-            let moved = self.pools.move_desktops(pool, ds, r.version, true, &actor, &why, rules::Claim::Wave)?;
+            let moved = self.pools().move_desktops(pool, ds, r.version, true, &actor, &why, rules::Claim::Wave)?;
             ds.retain(|d| !moved.skipped.contains(d));
             skipped.extend(moved.skipped);
         }
         let all: Vec<String> = picks.values().flatten().cloned().collect();
-        self.store().catalog().write(|tx| -> Result<()> {
+        self.catalog.write(|tx| -> Result<()> {
             for d in &all {
                 tx.set_rollout_desktop(r.id, d, DesktopState::Soaking, "")?;
             }
@@ -506,7 +574,7 @@ impl<'a> Engine<'a> {
         // Record first, act after: a killed vdim leaves desktops the next run knows about.
         self.record_wave(r, k, picks)?;
         // Subscribe before the desktops start, so even a crash at once is seen.
-        let sub = self.pools.hypervisor().subscribe("vdim-")?;
+        let sub = self.hv.subscribe("vdim-")?;
         let soak_start = SystemTime::now();
         crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
         let picks = &self.move_wave(r, k, picks)?;
@@ -523,7 +591,7 @@ impl<'a> Engine<'a> {
             _ => vec![],
         };
         if failed.is_empty() {
-            self.store().catalog().write(|tx| -> Result<()> {
+            self.catalog.write(|tx| -> Result<()> {
                 for d in &all {
                     tx.set_rollout_desktop(
                         r.id,
@@ -535,7 +603,7 @@ impl<'a> Engine<'a> {
                 Ok(())
             })?;
             for (pool, ds) in picks {
-                self.pools.stop_if_pool_stopped(pool, ds)?;
+                self.pools().stop_if_pool_stopped(pool, ds)?;
             }
             return Ok(());
         }
@@ -544,12 +612,11 @@ impl<'a> Engine<'a> {
 
     /// Desktops whose profile has the guest agent channel: the extra signal of a soak.
     fn agent_desktops(&mut self, picks: &BTreeMap<String, Vec<String>>) -> Result<BTreeSet<String>> {
-        let profiles = self.pools.profiles.clone();
+        let profiles = self.profiles.to_path_buf();
         let mut out = BTreeSet::new();
         for (pool, desktops) in picks {
             let profile = self
-                .store()
-                .catalog()
+                .catalog
                 .read(|tx| -> Result<String> { Ok(tx.pool(pool)?.map(|p| p.profile).unwrap_or_default()) })?;
             match Profile::load(&profiles, &profile) {
                 Ok(p) if p.has_guest_agent() => out.extend(desktops.iter().cloned()),
@@ -597,7 +664,7 @@ impl<'a> Engine<'a> {
             if SystemTime::now() >= next_check {
                 next_check = SystemTime::now() + Duration::from_secs(1);
                 for d in desktops {
-                    if let Some(event) = health::from_state(&self.pools.hypervisor().state(d)) {
+                    if let Some(event) = health::from_state(&self.hv.state(d)) {
                         let now = SystemTime::now();
                         wave.observe(d, event, now, now);
                     }
@@ -614,7 +681,7 @@ impl<'a> Engine<'a> {
                 return wave.verdict_at(SystemTime::now());
             };
             for d in waiting {
-                let event = match self.pools.hypervisor().agent_ping(&d, AGENT_PING_TIMEOUT) {
+                let event = match self.hv.agent_ping(&d, AGENT_PING_TIMEOUT) {
                     Ok(()) => health::Event::AgentReplied,
                     Err(e) => health::Event::AgentFailed(e.to_string()),
                 };
@@ -635,7 +702,7 @@ impl<'a> Engine<'a> {
         // panic itself is only visible inside the guest (scripts/bench measures it there).
         let crash_event_at = failed.iter().map(|f| f.2).min().unwrap_or(detected);
         let actor = self.actor.0.clone();
-        let moved = self.store().catalog().write(|tx| -> Result<Vec<RolloutDesktop>> {
+        let moved = self.catalog.write(|tx| -> Result<Vec<RolloutDesktop>> {
             tx.set_rollout_state(r.id, RolloutState::Failed)?;
             let image = tx.image(&r.image)?;
             tx.set_version_status(&image, r.version, "failed")?;
@@ -668,7 +735,7 @@ impl<'a> Engine<'a> {
         })?;
         self.revert(r, &moved)?;
         let restored = SystemTime::now();
-        let rep = self.store().catalog().write(|tx| -> Result<RolloutReport> {
+        let rep = self.catalog.write(|tx| -> Result<RolloutReport> {
             let millis = |later: SystemTime, earlier| later.duration_since(earlier).map_or(0, |d| d.as_millis() as u64);
             tx.update_rollout_outcome(r.id, |o| {
                 o.restored_at = Some(ms(restored));
@@ -698,10 +765,11 @@ impl<'a> Engine<'a> {
         for ((pool, from), ds) in &by_pool {
             let actor = self.actor.clone();
             let why = format!("revert of rollout {}", r.id);
-            at_logoff
-                .extend(self.pools.move_desktops(pool, ds, *from, true, &actor, &why, rules::Claim::Revert)?.at_logoff);
+            at_logoff.extend(
+                self.pools().move_desktops(pool, ds, *from, true, &actor, &why, rules::Claim::Revert)?.at_logoff,
+            );
         }
-        self.store().catalog().write(|tx| -> Result<()> {
+        self.catalog.write(|tx| -> Result<()> {
             for ds in by_pool.values() {
                 for d in ds {
                     let prior = tx
@@ -722,7 +790,7 @@ impl<'a> Engine<'a> {
     }
 
     fn succeed(&mut self, r: &Rollout) -> Result<()> {
-        let pools: Vec<String> = self.store().catalog().read(|tx| -> Result<Vec<String>> {
+        let pools: Vec<String> = self.catalog.read(|tx| -> Result<Vec<String>> {
             Ok(tx
                 .pools_of_image(r.image_id)?
                 .into_iter()
@@ -733,13 +801,13 @@ impl<'a> Engine<'a> {
         let mut later = BTreeMap::new();
         for p in &pools {
             let actor = self.actor.clone();
-            let l = self.pools.settle(p, r.version, &actor, &format!("rollout {}", r.id))?;
+            let l = self.pools().settle(p, r.version, &actor, &format!("rollout {}", r.id))?;
             if !l.is_empty() {
                 later.insert(p.clone(), l);
             }
         }
         let actor = self.actor.0.clone();
-        self.store().catalog().write(|tx| -> Result<()> {
+        self.catalog.write(|tx| -> Result<()> {
             let image = tx.image(&r.image)?;
             tx.set_channel(&image, r.channel, r.version)?;
             tx.set_rollout_state(r.id, RolloutState::Succeeded)?;
@@ -771,7 +839,7 @@ impl<'a> Engine<'a> {
     ) -> Result<ChannelRollback> {
         names::validate("image", image)?;
         // Stop a rollout in flight first; its own process notices within a second.
-        let open = self.store().catalog().write(|tx| -> Result<Option<Rollout>> {
+        let open = self.catalog.write(|tx| -> Result<Option<Rollout>> {
             let img = tx.image(image)?;
             let open = tx.open_rollout(img.id)?.filter(|r| r.channel == channel);
             if let Some(r) = &open {
@@ -781,7 +849,7 @@ impl<'a> Engine<'a> {
         })?;
         let mut moved_back = vec![];
         if let Some(r) = &open {
-            let ds = self.store().catalog().read(|tx| tx.rollout_desktops(r.id))?;
+            let ds = self.catalog.read(|tx| tx.rollout_desktops(r.id))?;
             self.revert(r, &ds)?;
             moved_back = ds.into_iter().map(|d| d.desktop).collect();
         }
@@ -808,7 +876,7 @@ impl<'a> Engine<'a> {
         force: bool,
     ) -> Result<(u32, Vec<String>)> {
         let actor = self.actor.0.clone();
-        self.store().catalog().write(|tx| -> Result<(u32, Vec<String>)> {
+        self.catalog.write(|tx| -> Result<(u32, Vec<String>)> {
             let img = tx.image(image)?;
             let current = tx.channel(&img, channel)?;
             let target = match (to, stopped) {
@@ -847,7 +915,7 @@ impl<'a> Engine<'a> {
         let mut results = BTreeMap::new();
         for p in pools {
             let actor = self.actor.clone();
-            let r = match self.pools.update(&p, force, &actor) {
+            let r = match self.pools().update(&p, force, &actor) {
                 Ok(m) => PoolRollback::Moved { at_logoff: m.plan.at_logoff, moved_now: m.plan.now },
                 Err(PoolError::Denied(rules::Denied::AlreadyThere { .. })) => {
                     PoolRollback::Moved { at_logoff: vec![], moved_now: vec![] }

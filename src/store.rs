@@ -130,9 +130,11 @@ impl Actor {
     }
 }
 
-pub struct Store {
-    home: Home,
-    catalog: Catalog,
+/// The image store: layers, drafts and exports, over the catalog rows that name them.
+/// A view borrowed from the [`crate::context::Context`], which owns the home and catalog.
+pub struct Store<'a> {
+    home: &'a Home,
+    catalog: &'a mut Catalog,
 }
 
 // ---- reports (what commands print; stable JSON for scripts) --------------------------------
@@ -431,30 +433,13 @@ pub fn backing_from(depth: usize, digest: &str) -> String {
     format!("{}layers/{}", "../".repeat(depth), home::layer_file_name(digest))
 }
 
-impl Store {
-    /// Create the home layout and the catalog; safe to run again.
-    pub fn init(home: Home) -> Result<Store> {
-        for d in home.dirs() {
-            home::create_private_dir(&d).map_err(io("create directory", &d))?;
-        }
-        let catalog = Catalog::open(&home.catalog(), true)?;
-        Ok(Store { home, catalog })
-    }
-
-    pub fn open(home: Home) -> Result<Store> {
-        let catalog = Catalog::open(&home.catalog(), false)?;
-        for d in home.dirs() {
-            home::create_private_dir(&d).map_err(io("create directory", &d))?;
-        }
-        Ok(Store { home, catalog })
+impl<'a> Store<'a> {
+    pub fn new(home: &'a Home, catalog: &'a mut Catalog) -> Store<'a> {
+        Store { home, catalog }
     }
 
     pub fn home(&self) -> &Home {
-        &self.home
-    }
-
-    pub fn catalog(&mut self) -> &mut Catalog {
-        &mut self.catalog
+        self.home
     }
 
     /// Shared store lock + exclusive image lock: what every command changing an image holds.
@@ -950,11 +935,7 @@ impl Store {
 
     /// Versions that someone can still need: what channels, drafts, pools and the rollback
     /// window point at, and every ancestor of those.
-    fn needed_versions(
-        tx: &Tx,
-        image: &Image,
-        extra: &dyn Fn(&Tx, &Image) -> Result<Vec<u32>>,
-    ) -> Result<BTreeSet<u32>> {
+    fn needed_versions(tx: &Tx, image: &Image) -> Result<BTreeSet<u32>> {
         let versions = tx.versions(image)?;
         let parent: BTreeMap<u32, Option<u32>> = versions.iter().map(|v| (v.number, v.parent)).collect();
         let mut roots: Vec<u32> = tx.channels(image)?.into_iter().map(|(_, v)| v).collect();
@@ -962,7 +943,7 @@ impl Store {
         if let Some(d) = tx.draft(image)? {
             roots.push(d.base_version);
         }
-        roots.extend(extra(tx, image)?);
+        roots.extend(tx.versions_used_by_pools(image.id, ROLLBACK_WINDOW)?);
         let mut keep = BTreeSet::new();
         for mut v in roots {
             while keep.insert(v) {
@@ -975,14 +956,9 @@ impl Store {
         Ok(keep)
     }
 
-    /// Remove layers no one can need, and files left by crashes. `extra` adds the versions
-    /// other parts of vdim (pools) still use.
-    pub fn gc(
-        &mut self,
-        dry_run: bool,
-        actor: &Actor,
-        extra: &dyn Fn(&Tx, &Image) -> Result<Vec<u32>>,
-    ) -> Result<GcReport> {
+    /// Remove layers no one can need, and files left by crashes. What channels, drafts, the
+    /// rollback window and pools need comes from the catalog itself.
+    pub fn gc(&mut self, dry_run: bool, actor: &Actor) -> Result<GcReport> {
         let _store = lock::acquire(
             &self.home.locks(),
             names::STORE_LOCK,
@@ -994,7 +970,7 @@ impl Store {
             let mut doomed = Vec::new();
             let mut kept = 0;
             for image in tx.images()? {
-                let keep = Self::needed_versions(tx, &image, extra)?;
+                let keep = Self::needed_versions(tx, &image)?;
                 for v in tx.versions(&image)? {
                     if v.removed.is_some() {
                         continue;

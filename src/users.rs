@@ -33,15 +33,14 @@
 
 use crate::catalog::users::{NewSession, Session, User};
 use crate::catalog::{Audit, Catalog, CatalogError, Tx};
-use crate::hypervisor::{GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError, VNC_PASSWORD_MAX};
+use crate::hypervisor::{GraphicsEndpoint, GraphicsKind, HypervisorError, VNC_PASSWORD_MAX};
 use crate::names::{self, NameError};
 use crate::pool::{PoolError, Pools};
 use crate::rules::Release;
-use crate::store::{Actor, Store};
+use crate::store::Actor;
 use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
@@ -227,17 +226,18 @@ pub struct PoolOffer {
     pub available: usize,
 }
 
+/// Users and entitlements: catalog only, no hypervisor.
 pub struct Users<'a> {
-    store: &'a mut Store,
+    catalog: &'a mut Catalog,
 }
 
 impl<'a> Users<'a> {
-    pub fn new(store: &'a mut Store) -> Users<'a> {
-        Users { store }
+    pub fn new(catalog: &'a mut Catalog) -> Users<'a> {
+        Users { catalog }
     }
 
     fn catalog(&mut self) -> &mut Catalog {
-        self.store.catalog()
+        self.catalog
     }
 
     /// Adds a user and returns their token (256 random bits); only its hash is stored.
@@ -419,17 +419,18 @@ static FINISHING: Mutex<()> = Mutex::new(());
 /// for this long, so the two never release the same desktop at once.
 const FINISH_GRACE: Duration = Duration::from_secs(60);
 
+/// Thin-client sessions: they take, release and cut off pools' desktops.
 pub struct Sessions<'a> {
     pools: Pools<'a>,
 }
 
 impl<'a> Sessions<'a> {
-    pub fn new(store: &'a mut Store, hv: &'a dyn Hypervisor, profiles: PathBuf) -> Sessions<'a> {
-        Sessions { pools: Pools::new(store, hv, profiles) }
+    pub fn new(pools: Pools<'a>) -> Sessions<'a> {
+        Sessions { pools }
     }
 
     fn catalog(&mut self) -> &mut Catalog {
-        self.pools.store.catalog()
+        self.pools.catalog
     }
 
     /// Opens a session for `user` in `pool`: the user's open session there (reconnect), the
@@ -796,7 +797,7 @@ impl<'a> Sessions<'a> {
 
     /// Removes `user`'s entitlement to `pool` and logs off their session there at once.
     pub fn unentitle(&mut self, pool: &str, user: &str, actor: &Actor, ended: &dyn Fn(&str)) -> Result<Entitlement> {
-        let mut e = Users::new(self.pools.store).unentitle(pool, user, actor)?;
+        let mut e = Users::new(self.pools.catalog).unentitle(pool, user, actor)?;
         let open = self.catalog().read(|tx| -> Result<Option<Session>> {
             match tx.user(user)? {
                 Some(u) => Ok(tx.open_session_of(u.id, pool)?),

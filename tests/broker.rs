@@ -1570,3 +1570,49 @@ fn a_display_that_never_answers_delays_no_token_check_and_its_console_times_out(
     drop(frozen);
     assert_no_secret_in(&srv.log(), &[&alice, &ct]);
 }
+
+/// Leaves a rollout of `image` as a vdim killed mid-rollout does: running, owned by a process
+/// that is gone.
+fn leave_interrupted_rollout(env: &Env, image: &str) {
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id() as i64;
+    gone.wait().unwrap();
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let mut cat = vdim::catalog::Catalog::open(&env.home().join("catalog.db"), false).unwrap();
+    cat.write(|tx| {
+        tx.conn()
+            .execute(
+                "INSERT INTO rollouts (image_id, version, channel, from_version, state, waves, soak_ms, actor, owner_pid, created, updated)
+                 SELECT id, 1, 'prod', 1, 'running', '1,100%', 30000, 'test', ?2, ?3, ?3 FROM images WHERE name = ?1",
+                rusqlite::params![image, pid, now],
+            )
+            .map_err(vdim::catalog::CatalogError::from)
+    })
+    .unwrap();
+}
+
+#[test]
+fn an_interrupted_rollout_is_found_by_whichever_entry_point_opens_the_context() {
+    let env = Env::new();
+    marker_image(&env, "img", "bk-int1");
+    marker_image(&env, "img2", "bk-int2");
+    let admin = add_user_cli(&env, "admin", true);
+    let halted = |v: &Value, image: &str| {
+        let r = v.as_array().unwrap().iter().find(|r| r["image"] == image).unwrap_or_else(|| panic!("{v}"));
+        assert_eq!(r["state"], "halted", "{image}: {r}");
+        assert!(r["report"]["interrupted"]["pid"].is_i64(), "{image}: {r}");
+    };
+    // Died before the broker started: the broker's start finds it.
+    leave_interrupted_rollout(&env, "img");
+    let srv = Server::start(&env, "test:///default", &[]);
+    let http = Http::new(&srv.base);
+    halted(&http.ok("GET", "/api/v1/admin/rollouts", &admin, None), "img");
+    // Died while the broker runs: the admin API finds it too, not "running".
+    leave_interrupted_rollout(&env, "img2");
+    halted(&http.ok("GET", "/api/v1/admin/rollouts", &admin, None), "img2");
+    drop((srv, http));
+    // And the CLI, from any command.
+    leave_interrupted_rollout(&env, "img");
+    env.vdim(&["image", "list"]).assert_success().assert_stderr_contains("was interrupted in wave 1");
+    halted(&env.vdim_json(&["rollout", "status", "img", "--limit", "1"]), "img");
+}

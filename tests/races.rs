@@ -10,10 +10,15 @@ use common::*;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use vdim::hypervisor::Libvirt;
-use vdim::pool::Pools;
+use vdim::context::{Context, Settings};
 use vdim::rules::Claim;
-use vdim::store::{Actor, Store};
+use vdim::store::Actor;
+
+/// The services as the CLI opens them, on libvirt's in-process test driver.
+fn test_driver_context(env: &Env) -> Context {
+    let settings = Settings { connect: TEST_DRIVER.into(), ..Settings::new(vdim::home::Home::new(env.home())) };
+    Context::open(settings).unwrap()
+}
 
 const TEST_DRIVER: &str = "test:///default";
 
@@ -190,11 +195,9 @@ fn rollout_moves_leave_a_desktop_given_to_a_user_after_it_was_picked() {
     let env = Env::new();
     marker_image(&env, "img", "race-v1");
     seal_marker(&env, "img", "race-v2", "ok");
-    let hv = Libvirt::connect(TEST_DRIVER).unwrap();
-    let mut store = Store::open(vdim::home::Home::new(env.home())).unwrap();
-    let profiles = env.home().join("profiles");
+    let mut ctx = test_driver_context(&env);
     let actor = Actor("tester".into());
-    let mut pools = Pools::new(&mut store, &hv, profiles);
+    let mut pools = ctx.pools().unwrap();
     pools
         .create(
             &vdim::pool::CreateOptions {
@@ -326,14 +329,13 @@ fn pool_dev_and_image_001_dev_desktop_are_different_domains_and_run_dirs() {
 /// desktop under that name and refuses to make pool `dev` on top of it.
 #[test]
 fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
-    use vdim::hypervisor::Hypervisor;
     let env = Env::new();
     marker_image(&env, "001", "race-001");
     marker_image(&env, "img", "race-v1");
     let profile = headless_profile(&env);
-    let hv = Libvirt::connect(TEST_DRIVER).unwrap();
-    let mut store = Store::open(vdim::home::Home::new(env.home())).unwrap();
-    let draft = store.edit("001", None, &Actor("tester".into())).unwrap();
+    let mut ctx = test_driver_context(&env);
+    let hv = ctx.hypervisor().unwrap();
+    let draft = ctx.store().edit("001", None, &Actor("tester".into())).unwrap();
     let p = vdim::profile::Profile::load(&env.home().join("profiles"), profile).unwrap();
     let spec = vdim::hypervisor::domain_xml::DesktopSpec {
         name: "vdim-dev-001",
@@ -352,9 +354,9 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
     )
     .unwrap();
     hv.start("vdim-dev-001").unwrap();
-    assert_eq!(vdim::dev::domain_name(&mut store, &hv, "001").unwrap(), "vdim-dev-001");
+    assert_eq!(ctx.dev().unwrap().domain_name("001").unwrap(), "vdim-dev-001");
 
-    let mut pools = Pools::new(&mut store, &hv, env.home().join("profiles"));
+    let mut pools = ctx.pools().unwrap();
     let err = pools
         .create(
             &vdim::pool::CreateOptions {
@@ -377,6 +379,6 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
     assert_eq!(hv.state("vdim-dev-001").unwrap().0, vdim::hypervisor::DomainState::Running, "left running");
     assert!(pools.show("dev").is_err(), "no pool dev was made");
     // Sealing finds the old name too: it refuses while that desktop runs.
-    let e = vdim::dev::seal(&mut store, &hv, "001", "n", &Actor("tester".into()), None).unwrap_err().to_string();
+    let e = ctx.dev().unwrap().seal("001", "n", &Actor("tester".into()), None).unwrap_err().to_string();
     assert!(e.contains("vdim-dev-001 of '001' is running"), "{e}");
 }

@@ -10,10 +10,10 @@ use super::vv::{self, VvFile};
 use super::{Broker, Deadline, Public, BODY_LIMIT};
 use crate::catalog::users::{Session, User};
 use crate::catalog::Channel;
-use crate::pool::{self, CreateOptions, Pools};
-use crate::rollout::{Engine, PromoteOptions};
+use crate::pool::{self, CreateRequest};
+use crate::rollout::{Engine, PromoteRequest};
 use crate::store::Actor;
-use crate::users::{UserError, Users};
+use crate::users::UserError;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -47,7 +47,7 @@ impl FromRequestParts<Arc<Broker>> for Caller {
             .map(|(_, t)| t.trim().to_string())
             .filter(|t| crate::users::is_token(t))
             .ok_or(UserError::Unauthenticated)?;
-        let user = b.checking(move |_, store| Ok(Users::new(store).authenticate(&token)?)).await?;
+        let user = b.checking(move |_, ctx| Ok(ctx.users().authenticate(&token)?)).await?;
         Ok(Caller(user))
     }
 }
@@ -160,7 +160,7 @@ fn session_out(public: &Public, s: &Session, console_token: Option<&str>, reconn
 }
 
 pub async fn pools(State(b): B, Caller(u): Caller) -> ApiResult<Response> {
-    let offers = b.blocking(move |_, store| Ok(Users::new(store).pools_of(&u)?)).await?;
+    let offers = b.blocking(move |_, ctx| Ok(ctx.users().pools_of(&u)?)).await?;
     Ok(Json(offers).into_response())
 }
 
@@ -168,7 +168,7 @@ pub async fn open_session(State(b): B, Caller(u): Caller, P(pool): P<String>) ->
     let ttl = b.session_ttl;
     let r = {
         let _turn = b.open_gate.lock().await;
-        b.blocking(move |b, store| Ok(b.sessions(store).open(&u, &pool, ttl)?)).await
+        b.blocking(move |_, ctx| Ok(ctx.sessions()?.open(&u, &pool, ttl)?)).await
     };
     let opened = match r {
         Ok(o) => o,
@@ -190,20 +190,20 @@ pub async fn open_session(State(b): B, Caller(u): Caller, P(pool): P<String>) ->
 }
 
 pub async fn my_sessions(State(b): B, Caller(u): Caller) -> ApiResult<Response> {
-    let list = b.blocking(move |b, store| Ok(b.sessions(store).list(Some(&u))?)).await?;
+    let list = b.blocking(move |_, ctx| Ok(ctx.sessions()?.list(Some(&u))?)).await?;
     let out: Vec<SessionOut> = list.iter().map(|s| session_out(&b.public, s, None, false)).collect();
     Ok(Json(out).into_response())
 }
 
 pub async fn my_session(State(b): B, Caller(u): Caller, P(id): P<String>) -> ApiResult<Response> {
-    let s = b.blocking(move |b, store| Ok(b.sessions(store).get(Some(&u), &id)?)).await?;
+    let s = b.blocking(move |_, ctx| Ok(ctx.sessions()?.get(Some(&u), &id)?)).await?;
     Ok(Json(session_out(&b.public, &s, None, false)).into_response())
 }
 
 pub async fn close_session(State(b): B, Caller(u): Caller, P(id): P<String>) -> ApiResult<Response> {
     let actor = Actor(format!("user:{}", u.name));
     let closed =
-        b.blocking(move |b, store| Ok(b.sessions(store).close(Some(&u), &id, &actor, &|s| b.consoles.end(s))?)).await?;
+        b.blocking(move |b, ctx| Ok(ctx.sessions()?.close(Some(&u), &id, &actor, &|s| b.consoles.end(s))?)).await?;
     b.metrics.sessions_closed.fetch_add(1, Relaxed);
     Ok(Json(closed).into_response())
 }
@@ -212,8 +212,8 @@ pub async fn close_session(State(b): B, Caller(u): Caller, P(id): P<String>) -> 
 /// on every address ([`vv::client_host`]).
 pub async fn console_vv(State(b): B, Caller(u): Caller, P(id): P<String>) -> ApiResult<Response> {
     let t = b
-        .blocking(move |b, store| {
-            let mut sessions = b.sessions(store);
+        .blocking(move |b, ctx| {
+            let mut sessions = ctx.sessions()?;
             // A display the thin client could not be pointed at fails before a new ticket
             // disconnects a viewer already on it.
             let (session, endpoint) = sessions.spice_display(&u, &id)?;
@@ -255,75 +255,27 @@ pub async fn console_vv(State(b): B, Caller(u): Caller, P(id): P<String>) -> Api
 // ---- admin: images, pools, rollback, audit --------------------------------------------------
 
 pub async fn admin_images(State(b): B, _a: Admin) -> ApiResult<Response> {
-    Ok(Json(b.blocking(|_, store| Ok(store.list()?)).await?).into_response())
+    Ok(Json(b.blocking(|_, ctx| Ok(ctx.store().list()?)).await?).into_response())
 }
 
 pub async fn admin_image(State(b): B, _a: Admin, P(image): P<String>) -> ApiResult<Response> {
-    Ok(Json(b.blocking(move |_, store| Ok(store.history(&image)?)).await?).into_response())
-}
-
-fn pool_service<'a>(b: &'a Broker, store: &'a mut crate::store::Store) -> Pools<'a> {
-    Pools::new(store, b.hv.as_ref(), b.profiles.clone())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.store().history(&image)?)).await?).into_response())
 }
 
 pub async fn admin_pools(State(b): B, _a: Admin) -> ApiResult<Response> {
-    Ok(Json(b.blocking(|b, store| Ok(pool_service(b, store).list()?)).await?).into_response())
+    Ok(Json(b.blocking(|_, ctx| Ok(ctx.pools()?.list()?)).await?).into_response())
 }
 
 pub async fn admin_pool(State(b): B, _a: Admin, P(name): P<String>) -> ApiResult<Response> {
-    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).show(&name)?)).await?).into_response())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.show(&name)?)).await?).into_response())
 }
 
-fn default_profile() -> String {
-    "windows11".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreatePool {
-    name: String,
-    image: String,
-    #[serde(default)]
-    channel: Option<String>,
-    size: u32,
-    #[serde(default = "default_profile")]
-    profile: String,
-    #[serde(default)]
-    persistent: bool,
-    #[serde(default)]
-    start: bool,
-    /// IP address the desktops' displays listen on [default: 127.0.0.1].
-    #[serde(default)]
-    display_listen: Option<String>,
-    /// Plaintext SPICE off loopback instead of TLS.
-    #[serde(default)]
-    insecure_display: bool,
-}
-
-pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<CreatePool>) -> ApiResult<Response> {
+pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<CreateRequest>) -> ApiResult<Response> {
     let actor = a.actor();
-    let channel = match c.channel.as_deref() {
-        None => Channel::Prod,
-        Some(s) => parse_channel(s)?,
-    };
-    let display_listen =
-        pool::parse_display_listen(c.display_listen.as_deref().unwrap_or(pool::DEFAULT_DISPLAY_LISTEN))?;
     let view = b
-        .blocking(move |b, store| {
-            let virt = pool::parse_virt_type(&b.virt_type)?;
-            let o = CreateOptions {
-                name: &c.name,
-                image: &c.image,
-                channel,
-                size: c.size,
-                profile: &c.profile,
-                persistent: c.persistent,
-                virt,
-                start: c.start,
-                display_listen,
-                insecure_display: c.insecure_display,
-            };
-            Ok(pool_service(b, store).create(&o, &actor)?)
+        .blocking(move |_, ctx| {
+            let virt = pool::parse_virt_type(&ctx.settings().virt_type)?;
+            Ok(ctx.pools()?.create(&c.options(virt), &actor)?)
         })
         .await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -339,14 +291,14 @@ pub struct Force {
 pub async fn admin_delete_pool(State(b): B, a: Admin, P(name): P<String>, Q(f): Q<Force>) -> ApiResult<Response> {
     let actor = a.actor();
     let n = name.clone();
-    b.blocking(move |b, store| Ok(pool_service(b, store).delete(&n, f.force, &actor)?)).await?;
+    b.blocking(move |_, ctx| Ok(ctx.pools()?.delete(&n, f.force, &actor)?)).await?;
     Ok(Json(serde_json::json!({"pool": name, "deleted": true})).into_response())
 }
 
 pub async fn admin_start_pool(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
     let actor = a.actor();
     let n = name.clone();
-    let started = b.blocking(move |b, store| Ok(pool_service(b, store).start(&n, &actor)?)).await?;
+    let started = b.blocking(move |_, ctx| Ok(ctx.pools()?.start(&n, &actor)?)).await?;
     Ok(Json(serde_json::json!({"pool": name, "started": started})).into_response())
 }
 
@@ -358,7 +310,7 @@ pub async fn admin_stop_pool(
 ) -> ApiResult<Response> {
     let actor = a.actor();
     let n = name.clone();
-    let stopped = b.blocking(move |b, store| Ok(pool_service(b, store).stop(&n, f.force, &actor)?)).await?;
+    let stopped = b.blocking(move |_, ctx| Ok(ctx.pools()?.stop(&n, f.force, &actor)?)).await?;
     Ok(Json(serde_json::json!({"pool": name, "stopped": stopped})).into_response())
 }
 
@@ -375,8 +327,7 @@ pub async fn admin_resize_pool(
     JsonBody(r): JsonBody<Resize>,
 ) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).resize(&name, r.size, &actor)?)).await?)
-        .into_response())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.resize(&name, r.size, &actor)?)).await?).into_response())
 }
 
 pub async fn admin_update_pool(
@@ -386,8 +337,7 @@ pub async fn admin_update_pool(
     JsonBody(f): JsonBody<Force>,
 ) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).update(&name, f.force, &actor)?)).await?)
-        .into_response())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.update(&name, f.force, &actor)?)).await?).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -405,13 +355,12 @@ pub async fn admin_pin_pool(
     JsonBody(p): JsonBody<Pin>,
 ) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).pin(&name, p.version, p.force, &actor)?)).await?)
-        .into_response())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.pin(&name, p.version, p.force, &actor)?)).await?).into_response())
 }
 
 pub async fn admin_unpin_pool(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).unpin(&name, &actor)?)).await?).into_response())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.unpin(&name, &actor)?)).await?).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -430,8 +379,7 @@ pub async fn admin_rollback_pool(
     JsonBody(r): JsonBody<Rollback>,
 ) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |b, store| Ok(pool_service(b, store).rollback(&name, r.to, r.force, &actor)?)).await?)
-        .into_response())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.rollback(&name, r.to, r.force, &actor)?)).await?).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -443,10 +391,10 @@ pub struct AuditQuery {
 }
 
 pub async fn admin_audit(State(b): B, _a: Admin, Q(q): Q<AuditQuery>) -> ApiResult<Response> {
-    let limit = q.limit.unwrap_or(200).min(10_000);
+    let limit = q.limit.unwrap_or(crate::catalog::DEFAULT_AUDIT_LIMIT).min(10_000);
     let log = b
-        .blocking(move |_, store| {
-            Ok(store.catalog().read(|tx| tx.audit_log(q.image.as_deref(), q.pool.as_deref(), limit))?)
+        .blocking(move |_, ctx| {
+            Ok(ctx.catalog().read(|tx| tx.audit_log(q.image.as_deref(), q.pool.as_deref(), limit))?)
         })
         .await?;
     Ok(Json(log).into_response())
@@ -455,26 +403,25 @@ pub async fn admin_audit(State(b): B, _a: Admin, Q(q): Q<AuditQuery>) -> ApiResu
 // ---- admin: users, entitlements, sessions ---------------------------------------------------
 
 pub async fn admin_entitlements(State(b): B, _a: Admin, P(pool): P<String>) -> ApiResult<Response> {
-    let users = b.blocking(move |_, store| Ok(Users::new(store).entitlements(&pool)?)).await?;
+    let users = b.blocking(move |_, ctx| Ok(ctx.users().entitlements(&pool)?)).await?;
     Ok(Json(users).into_response())
 }
 
 pub async fn admin_entitle(State(b): B, a: Admin, P((pool, user)): P<(String, String)>) -> ApiResult<Response> {
     let actor = a.actor();
-    let e = b.blocking(move |_, store| Ok(Users::new(store).entitle(&pool, &user, &actor)?)).await?;
+    let e = b.blocking(move |_, ctx| Ok(ctx.users().entitle(&pool, &user, &actor)?)).await?;
     Ok(Json(e).into_response())
 }
 
 pub async fn admin_unentitle(State(b): B, a: Admin, P((pool, user)): P<(String, String)>) -> ApiResult<Response> {
     let actor = a.actor();
-    let e = b
-        .blocking(move |b, store| Ok(b.sessions(store).unentitle(&pool, &user, &actor, &|s| b.consoles.end(s))?))
-        .await?;
+    let e =
+        b.blocking(move |b, ctx| Ok(ctx.sessions()?.unentitle(&pool, &user, &actor, &|s| b.consoles.end(s))?)).await?;
     Ok(Json(e).into_response())
 }
 
 pub async fn admin_users(State(b): B, _a: Admin) -> ApiResult<Response> {
-    Ok(Json(b.blocking(|_, store| Ok(Users::new(store).list()?)).await?).into_response())
+    Ok(Json(b.blocking(|_, ctx| Ok(ctx.users().list()?)).await?).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -496,34 +443,29 @@ pub async fn admin_add_user(State(b): B, a: Admin, JsonBody(u): JsonBody<AddUser
         .map(humantime::parse_duration)
         .transpose()
         .map_err(|e| ApiError::BadRequest(format!("expires: {e}")))?;
-    let new = b.blocking(move |_, store| Ok(Users::new(store).add(&u.name, u.admin, expires, &actor)?)).await?;
+    let new = b.blocking(move |_, ctx| Ok(ctx.users().add(&u.name, u.admin, expires, &actor)?)).await?;
     Ok((StatusCode::CREATED, [(header::CACHE_CONTROL, "no-store")], Json(new)).into_response())
 }
 
 pub async fn admin_remove_user(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
     let actor = a.actor();
-    let r =
-        b.blocking(move |b, store| Ok(b.sessions(store).remove_user(&name, &actor, &|s| b.consoles.end(s))?)).await?;
+    let r = b.blocking(move |b, ctx| Ok(ctx.sessions()?.remove_user(&name, &actor, &|s| b.consoles.end(s))?)).await?;
     Ok(Json(r).into_response())
 }
 
 pub async fn admin_sessions(State(b): B, _a: Admin) -> ApiResult<Response> {
-    Ok(Json(b.blocking(|b, store| Ok(b.sessions(store).list(None)?)).await?).into_response())
+    Ok(Json(b.blocking(|_, ctx| Ok(ctx.sessions()?.list(None)?)).await?).into_response())
 }
 
 pub async fn admin_close_session(State(b): B, a: Admin, P(id): P<String>) -> ApiResult<Response> {
     let actor = a.actor();
     let closed =
-        b.blocking(move |b, store| Ok(b.sessions(store).close(None, &id, &actor, &|s| b.consoles.end(s))?)).await?;
+        b.blocking(move |b, ctx| Ok(ctx.sessions()?.close(None, &id, &actor, &|s| b.consoles.end(s))?)).await?;
     b.metrics.sessions_closed.fetch_add(1, Relaxed);
     Ok(Json(closed).into_response())
 }
 
 // ---- admin: rollouts -------------------------------------------------------------------------
-
-fn engine<'a>(b: &'a Broker, store: &'a mut crate::store::Store, actor: Actor) -> Engine<'a> {
-    Engine::new(pool_service(b, store), actor)
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -535,7 +477,7 @@ pub struct RolloutQuery {
 pub async fn admin_rollouts(State(b): B, a: Admin, Q(q): Q<RolloutQuery>) -> ApiResult<Response> {
     let actor = a.actor();
     let limit = q.limit.unwrap_or(20).min(1000);
-    let r = b.blocking(move |b, store| Ok(engine(b, store, actor).status(q.image.as_deref(), limit)?)).await?;
+    let r = b.blocking(move |_, ctx| Ok(ctx.engine(actor)?.status(q.image.as_deref(), limit)?)).await?;
     Ok(Json(r).into_response())
 }
 
@@ -557,7 +499,7 @@ where
 {
     let task = {
         let b = b.clone();
-        tokio::spawn(async move { b.blocking(move |b, store| Ok(run(&mut engine(b, store, actor))?)).await })
+        tokio::spawn(async move { b.blocking(move |_, ctx| Ok(run(&mut ctx.engine(actor)?)?)).await })
     };
     match tokio::time::timeout(ROLLOUT_ANSWER_WAIT, task).await {
         Ok(joined) => {
@@ -566,8 +508,8 @@ where
         }
         Err(_) => {
             let status = b
-                .blocking(move |b, store| {
-                    Ok(engine(b, store, Actor("api".into())).status(Some(&image), 1)?.into_iter().next())
+                .blocking(move |_, ctx| {
+                    Ok(ctx.engine(Actor("api".into()))?.status(Some(&image), 1)?.into_iter().next())
                 })
                 .await?;
             Ok((StatusCode::ACCEPTED, Json(status)).into_response())
@@ -575,50 +517,14 @@ where
     }
 }
 
-fn default_waves() -> String {
-    "1,10%,50%,100%".into()
-}
-
-fn default_soak() -> String {
-    "120s".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Promote {
-    version: u32,
-    to: String,
-    #[serde(default = "default_waves")]
-    waves: String,
-    #[serde(default = "default_soak")]
-    soak: String,
-    #[serde(default)]
-    force: bool,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 pub async fn admin_promote(
     State(b): B,
     a: Admin,
     P(image): P<String>,
-    JsonBody(p): JsonBody<Promote>,
+    JsonBody(p): JsonBody<PromoteRequest>,
 ) -> ApiResult<Response> {
-    let to = parse_channel(&p.to)?;
-    let soak = humantime::parse_duration(&p.soak).map_err(|e| ApiError::BadRequest(format!("soak: {e}")))?;
     let (img, actor) = (image.clone(), a.actor());
-    run_rollout(b, image, actor, move |e| {
-        e.promote(&PromoteOptions {
-            image: &img,
-            version: p.version,
-            to,
-            waves: &p.waves,
-            soak,
-            force: p.force,
-            reason: p.reason.as_deref(),
-        })
-    })
-    .await
+    run_rollout(b, image, actor, move |e| e.promote(&p.options(&img))).await
 }
 
 pub async fn admin_resume_rollout(State(b): B, a: Admin, P(image): P<String>) -> ApiResult<Response> {
@@ -628,7 +534,7 @@ pub async fn admin_resume_rollout(State(b): B, a: Admin, P(image): P<String>) ->
 
 pub async fn admin_halt_rollout(State(b): B, a: Admin, P(image): P<String>) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |b, store| Ok(engine(b, store, actor).halt(&image)?)).await?).into_response())
+    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.engine(actor)?.halt(&image)?)).await?).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -649,8 +555,7 @@ pub async fn admin_rollback_channel(
 ) -> ApiResult<Response> {
     let channel = parse_channel(&r.channel)?;
     let actor = a.actor();
-    let out = b
-        .blocking(move |b, store| Ok(engine(b, store, actor).rollback_channel(&image, channel, r.to, r.force)?))
-        .await?;
+    let out =
+        b.blocking(move |_, ctx| Ok(ctx.engine(actor)?.rollback_channel(&image, channel, r.to, r.force)?)).await?;
     Ok(Json(out).into_response())
 }

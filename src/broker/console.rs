@@ -147,7 +147,7 @@ async fn watch_sessions(b: Arc<Broker>) {
         if ids.is_empty() {
             continue;
         }
-        match b.blocking(move |b, store| Ok(b.sessions(store).not_live(&ids)?)).await {
+        match b.blocking(move |_, ctx| Ok(ctx.sessions()?.not_live(&ids)?)).await {
             Ok(gone) => gone.iter().for_each(|id| b.consoles.end(id)),
             Err(e) => tracing::warn!(error = %e.message(), "cannot check the sessions of open consoles"),
         }
@@ -248,7 +248,7 @@ pub async fn ws(
     }
     let upgrade = upgrade.map_err(|r| ApiError::BadRequest(r.body_text()))?;
     // In the token-check lane: an unauthenticated client never holds a service permit.
-    let session = b.checking(move |b, store| Ok(b.sessions(store).console_session(&id, &token)?)).await?;
+    let session = b.checking(move |_, ctx| Ok(ctx.sessions()?.console_session(&id, &token)?)).await?;
     b.consoles.watch(&b);
     Ok(upgrade.protocols(["binary"]).on_upgrade(move |socket| async move {
         let id = session.id.clone();
@@ -331,7 +331,7 @@ async fn handshake(
     let gate = b.consoles.gate(&session.desktop);
     let gate = gate.lock().await;
     let s = session.clone();
-    let t = match b.blocking(move |b, store| Ok(b.sessions(store).vnc_ticket(&s)?)).await {
+    let t = match b.blocking(move |_, ctx| Ok(ctx.sessions()?.vnc_ticket(&s)?)).await {
         Ok(t) => t,
         Err(e) => {
             close(tx, 1011, "the desktop has no console now").await;
@@ -344,7 +344,7 @@ async fn handshake(
     let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
     // Spent: nobody else can log in with it, whether or not this login worked.
     let s = t.session.clone();
-    if let Err(e) = b.blocking(move |b, store| Ok(b.sessions(store).spend_vnc_ticket(&s)?)).await {
+    if let Err(e) = b.blocking(move |_, ctx| Ok(ctx.sessions()?.spend_vnc_ticket(&s)?)).await {
         tracing::warn!(session = %t.session.id, error = %e.message(), "could not replace the spent VNC ticket");
     }
     drop(gate);

@@ -19,6 +19,7 @@
 
 use super::vv::VvError;
 use crate::catalog::CatalogError;
+use crate::context::ContextError;
 use crate::error::{ErrorKind, Kind};
 use crate::names::NameError;
 use crate::pool::PoolError;
@@ -46,6 +47,8 @@ pub enum ApiError {
     Rollout(#[from] RolloutError),
     #[error(transparent)]
     Vv(#[from] VvError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -72,6 +75,7 @@ impl crate::error::Kind for ApiError {
             ApiError::Name(e) => e.kind(),
             ApiError::Rollout(e) => e.kind(),
             ApiError::Vv(e) => e.kind(),
+            ApiError::Context(e) => e.kind(),
             ApiError::BadRequest(_) | ApiError::TooLarge { .. } | ApiError::BodyTimeout => ErrorKind::Invalid,
             ApiError::NoRoute { .. } => ErrorKind::NotFound,
             ApiError::Origin { .. } => ErrorKind::Forbidden,

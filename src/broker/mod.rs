@@ -33,10 +33,8 @@ pub mod vnc;
 pub mod vv;
 
 use crate::catalog::CatalogError;
-use crate::home::Home;
-use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
-use crate::store::{Actor, Store, StoreError};
-use crate::users::Sessions;
+use crate::context::{Connector, Context, ContextError, Settings};
+use crate::store::Actor;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -75,9 +73,7 @@ pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Hypervisor(#[from] HypervisorError),
+    Context(#[from] ContextError),
     #[error("cannot finish interrupted logoffs at start: {0}")]
     Heal(String),
     #[error("cannot start the async runtime: {0}")]
@@ -97,8 +93,7 @@ impl crate::error::Kind for BrokerError {
         use crate::error::ErrorKind as K;
         match self {
             BrokerError::Tls(e) => e.kind(),
-            BrokerError::Store(e) => e.kind(),
-            BrokerError::Hypervisor(e) => e.kind(),
+            BrokerError::Context(e) => e.kind(),
             BrokerError::Insecure(_)
             | BrokerError::PublicUrl(_)
             | BrokerError::NoFile { .. }
@@ -115,10 +110,8 @@ impl crate::error::Kind for BrokerError {
 /// What `vdim serve` was asked to do.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub home: Home,
-    pub connect: String,
-    pub virt_type: String,
-    pub profiles: PathBuf,
+    /// Home, libvirt URI, virt type and profiles, as every command has them.
+    pub settings: Settings,
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub public_url: Option<String>,
@@ -184,10 +177,11 @@ impl Public {
     }
 }
 
-/// Catalog connections for the blocking pool: taken for one service call, then put back.
-struct Stores {
-    home: Home,
-    idle: Mutex<Vec<Store>>,
+/// Catalog connections (contexts) for the blocking pool: taken for one service call, then
+/// put back.
+struct Contexts {
+    connector: Connector,
+    idle: Mutex<Vec<Context>>,
     /// Service calls, taken only once the caller is known.
     permits: Semaphore,
     /// Token checks and anonymous reads.
@@ -202,28 +196,25 @@ fn retry_soon(count: i32) -> bool {
     count < 30_000
 }
 
-impl Stores {
-    fn take(&self) -> Result<Store, ApiError> {
+impl Contexts {
+    fn take(&self) -> Result<Context, ApiError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         match pooled {
             Some(s) => Ok(s),
             None => {
-                let mut s = Store::open(self.home.clone())?;
+                let mut s = self.connector.open()?;
                 s.catalog().read(|tx| tx.conn().busy_handler(Some(retry_soon)).map_err(CatalogError::from))?;
                 Ok(s)
             }
         }
     }
-    fn put(&self, s: Store) {
+    fn put(&self, s: Context) {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(s);
     }
 }
 
 /// The broker's shared state.
 pub struct Broker {
-    pub(crate) hv: Arc<dyn Hypervisor>,
-    pub(crate) profiles: PathBuf,
-    pub(crate) virt_type: String,
     pub(crate) public: Public,
     pub(crate) session_ttl: Duration,
     /// `--display-host`: where thin clients reach displays that listen on every address.
@@ -239,7 +230,7 @@ pub struct Broker {
     pub(crate) request_timeout: Duration,
     /// The main listener's connections.
     pub(crate) connections: Arc<listener::Connections>,
-    stores: Stores,
+    contexts: Contexts,
 }
 
 impl Broker {
@@ -248,9 +239,9 @@ impl Broker {
     pub(crate) async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&Broker, &mut Store) -> Result<T, ApiError> + Send + 'static,
+        F: FnOnce(&Broker, &mut Context) -> Result<T, ApiError> + Send + 'static,
     {
-        self.run_blocking(&self.stores.permits, f).await
+        self.run_blocking(&self.contexts.permits, f).await
     }
 
     /// Like [`Broker::blocking`], in the lane for token checks and anonymous reads: what an
@@ -259,30 +250,26 @@ impl Broker {
     pub(crate) async fn checking<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&Broker, &mut Store) -> Result<T, ApiError> + Send + 'static,
+        F: FnOnce(&Broker, &mut Context) -> Result<T, ApiError> + Send + 'static,
     {
-        self.run_blocking(&self.stores.check_permits, f).await
+        self.run_blocking(&self.contexts.check_permits, f).await
     }
 
     async fn run_blocking<T, F>(self: &Arc<Self>, permits: &Semaphore, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&Broker, &mut Store) -> Result<T, ApiError> + Send + 'static,
+        F: FnOnce(&Broker, &mut Context) -> Result<T, ApiError> + Send + 'static,
     {
         let _permit = permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut store = me.stores.take()?;
-            let out = f(&me, &mut store);
-            me.stores.put(store);
+            let mut ctx = me.contexts.take()?;
+            let out = f(&me, &mut ctx);
+            me.contexts.put(ctx);
             out
         })
         .await
         .map_err(|e| ApiError::Internal(format!("service call panicked or was cancelled: {e}")))?
-    }
-
-    pub(crate) fn sessions<'a>(&'a self, store: &'a mut Store) -> Sessions<'a> {
-        Sessions::new(store, self.hv.as_ref(), self.profiles.clone())
     }
 }
 
@@ -345,13 +332,18 @@ async fn run(
     let metrics_listener = opts.metrics_listen.map(|a| listen(a).map_err(bind(a))).transpose()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public = Public::parse(&opts.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}")))?;
-    // Fail early on a home without a catalog.
-    drop(Store::open(opts.home.clone())?);
-    let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&opts.connect)?);
+    // Opened as every command opens it: recovery of interrupted rollouts runs here, and a
+    // home without a catalog or an unreachable libvirt fails the start.
+    let mut ctx = Context::open(opts.settings.clone())?;
+    for line in ctx.recovered() {
+        tracing::warn!("{line}");
+    }
+    ctx.hypervisor()?;
+    let healed = ctx.heal(&Actor("broker".into())).map_err(|e| BrokerError::Heal(e.to_string()))?;
+    if !healed.finished.is_empty() || !healed.ended.is_empty() || !healed.failed.is_empty() {
+        tracing::warn!(ended = ?healed.ended, finished = ?healed.finished, failed = ?healed.failed, "healed sessions at start");
+    }
     let broker = Arc::new(Broker {
-        hv,
-        profiles: opts.profiles.clone(),
-        virt_type: opts.virt_type.clone(),
         public,
         session_ttl: opts.session_ttl,
         display_host: opts.display_host.clone(),
@@ -361,24 +353,17 @@ async fn run(
         open_gate: tokio::sync::Mutex::new(()),
         request_timeout: opts.request_timeout,
         connections: listener::Connections::new(max_connections),
-        stores: Stores {
-            home: opts.home.clone(),
-            idle: Mutex::new(vec![]),
+        contexts: Contexts {
+            connector: ctx.connector(),
+            idle: Mutex::new(vec![ctx]),
             permits: Semaphore::new(CATALOG_CONNECTIONS),
             check_permits: Semaphore::new(CHECK_CONNECTIONS),
         },
     });
-    let healed = broker
-        .blocking(|b, store| Ok(b.sessions(store).heal(&Actor("broker".into()))?))
-        .await
-        .map_err(|e| BrokerError::Heal(e.message()))?;
-    if !healed.finished.is_empty() || !healed.ended.is_empty() || !healed.failed.is_empty() {
-        tracing::warn!(ended = ?healed.ended, finished = ?healed.finished, failed = ?healed.failed, "healed sessions at start");
-    }
     if broker.display_host.is_none() {
         let wildcard = broker
-            .blocking(|_, store| {
-                Ok(store
+            .blocking(|_, ctx| {
+                Ok(ctx
                     .catalog()
                     .read(|tx| tx.pools())?
                     .into_iter()
@@ -394,8 +379,8 @@ async fn run(
     }
     if broker.display_tls.is_none() {
         let tls = broker
-            .blocking(|_, store| {
-                Ok(store
+            .blocking(|_, ctx| {
+                Ok(ctx
                     .catalog()
                     .read(|tx| tx.pools())?
                     .into_iter()
@@ -470,7 +455,7 @@ async fn reaper(b: Arc<Broker>) {
     loop {
         tick.tick().await;
         let reaped =
-            b.blocking(|b, store| Ok(b.sessions(store).reap(&Actor("broker".into()), &|s| b.consoles.end(s))?)).await;
+            b.blocking(|b, ctx| Ok(ctx.sessions()?.reap(&Actor("broker".into()), &|s| b.consoles.end(s))?)).await;
         match reaped {
             Ok(r) => {
                 b.metrics
@@ -580,7 +565,7 @@ async fn no_route(req: Request) -> ApiError {
 }
 
 async fn healthz(State(b): State<Arc<Broker>>) -> Result<Response, ApiError> {
-    let open = b.checking(|_, store| Ok(store.catalog().read(|tx| tx.open_session_count())?)).await?;
+    let open = b.checking(|_, ctx| Ok(ctx.catalog().read(|tx| tx.open_session_count())?)).await?;
     Ok(axum::Json(serde_json::json!({"status": "ok", "sessions_open": open})).into_response())
 }
 
@@ -604,8 +589,8 @@ async fn scrape(b: &Arc<Broker>) -> Result<Response, ApiError> {
         b.connections.refused.load(std::sync::atomic::Ordering::Relaxed),
     );
     let facts = b
-        .checking(move |_, store| {
-            Ok(store.catalog().read(|tx| -> Result<_, crate::catalog::CatalogError> {
+        .checking(move |_, ctx| {
+            Ok(ctx.catalog().read(|tx| -> Result<_, crate::catalog::CatalogError> {
                 Ok(metrics::Facts {
                     open_sessions: tx.open_session_count()?,
                     desktops: tx.desktop_counts()?,

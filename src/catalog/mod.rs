@@ -14,7 +14,7 @@ pub mod users;
 pub use pools::{Desktop, Pool};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -76,7 +76,7 @@ fn tighten_modes(db: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Channel {
     Dev,
@@ -168,6 +168,9 @@ pub struct Audit<'a> {
 pub struct Catalog {
     conn: Connection,
 }
+
+/// Audit entries `vdim audit` and the admin API return unless asked for another number.
+pub const DEFAULT_AUDIT_LIMIT: usize = 200;
 
 pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()

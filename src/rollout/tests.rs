@@ -4,20 +4,22 @@
 
 use super::*;
 use crate::catalog::Channel;
+use crate::context::{Context, Settings};
 use crate::home::Home;
 use crate::hypervisor::domain_xml::VirtType;
 use crate::hypervisor::fake::{Boot, Call, FakeHypervisor, Op};
 use crate::hypervisor::{DomainState, Hypervisor};
 use crate::pool::CreateOptions;
+use std::sync::Arc;
 
 const POOL: &str = "canary";
 const V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const V2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
 struct Fixture {
-    dir: tempfile::TempDir,
-    store: Store,
-    hv: FakeHypervisor,
+    _dir: tempfile::TempDir,
+    ctx: Context,
+    hv: Arc<FakeHypervisor>,
 }
 
 impl Fixture {
@@ -25,10 +27,12 @@ impl Fixture {
     /// them), and a running pool of four desktops on the test channel.
     fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = Store::init(Home::new(dir.path().join("home"))).expect("store");
-        crate::profile::install_shipped(&dir.path().join("profiles")).expect("profiles");
-        store
-            .catalog()
+        let settings =
+            Settings { profiles: dir.path().join("profiles"), ..Settings::new(Home::new(dir.path().join("home"))) };
+        crate::profile::install_shipped(&settings.profiles).expect("profiles");
+        let hv = Arc::new(FakeHypervisor::new());
+        let mut ctx = Context::init(settings).expect("context").with_hypervisor(hv.clone());
+        ctx.catalog()
             .write(|tx| -> std::result::Result<(), CatalogError> {
                 let image = tx.insert_image("img", 1 << 30)?;
                 tx.insert_version(&image, None, V1, 4096, 1 << 30, "tester", "v1")?;
@@ -39,7 +43,7 @@ impl Fixture {
                 tx.set_channel(&image, Channel::Dev, 2)
             })
             .expect("catalog");
-        let mut f = Fixture { dir, store, hv: FakeHypervisor::new() };
+        let mut f = Fixture { _dir: dir, ctx, hv };
         let create = CreateOptions {
             name: POOL,
             image: "img",
@@ -57,7 +61,7 @@ impl Fixture {
     }
 
     fn pools(&mut self) -> Pools<'_> {
-        Pools::new(&mut self.store, &self.hv, self.dir.path().join("profiles"))
+        self.ctx.pools().expect("pools")
     }
 
     fn promote(&mut self, waves: &str) -> Result<RolloutReport> {
@@ -70,11 +74,11 @@ impl Fixture {
             force: false,
             reason: None,
         };
-        Engine::new(self.pools(), Actor("tester".into())).promote(&opts)
+        self.ctx.engine(Actor("tester".into())).expect("engine").promote(&opts)
     }
 
     fn versions(&mut self) -> Vec<u32> {
-        self.store
+        self.ctx
             .catalog()
             .read(|tx| -> std::result::Result<Vec<u32>, CatalogError> {
                 let pool = tx.pool(POOL)?.expect("pool");

@@ -1,0 +1,44 @@
+//! What every command shares: the global flags and the service context opened with them.
+
+use crate::context::{Context, Settings};
+use crate::home::Home;
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// vdim home: store, catalog, desktops [default: /var/lib/vdim as root, else $XDG_DATA_HOME/vdim]
+    #[arg(long, env = "VDIM_HOME", global = true)]
+    pub home: Option<PathBuf>,
+    /// Print machine-readable JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// libvirt connection URI
+    #[arg(long = "connect", env = "VDIM_CONNECT", global = true, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Virtualisation type for new desktops: auto (kvm where /dev/kvm exists), kvm or qemu (TCG)
+    #[arg(long, env = "VDIM_VIRT_TYPE", global = true, default_value = "auto")]
+    pub virt_type: String,
+    /// Directory of hardware profiles [default: $VDIM_HOME/profiles]
+    #[arg(long, env = "VDIM_PROFILES", global = true)]
+    pub profiles: Option<PathBuf>,
+}
+
+impl Global {
+    /// The settings every service works with, from these flags.
+    pub fn settings(&self) -> Settings {
+        let home = Home::new(self.home.clone().unwrap_or_else(Home::default_root));
+        let profiles = self.profiles.clone().unwrap_or_else(|| home.root().join("profiles"));
+        Settings { home, connect: self.connect.clone(), virt_type: self.virt_type.clone(), profiles }
+    }
+}
+
+/// The context every command runs in; interrupted rollouts it found are warned about.
+pub fn open(g: &Global) -> Result<Context> {
+    let ctx = Context::open(g.settings())?;
+    for line in ctx.recovered() {
+        eprintln!("warning: {line}");
+    }
+    Ok(ctx)
+}

@@ -1,0 +1,228 @@
+//! The service context: one value holding what every service works on (the home, a catalog
+//! connection, the hypervisor, the profiles directory and the settings), opened the same way
+//! by the CLI and by `vdim serve`.
+//!
+//! ```text
+//!  Settings ──► Context::open ──► catalog opened (schema migrated), home dirs made,
+//!                    │             interrupted rollouts found and halted (recovered())
+//!                    ├─► store()    image store            (home + catalog)
+//!                    ├─► users()    users, entitlements    (catalog)
+//!                    ├─► pools()    pools and desktops     (home + catalog + hypervisor + profiles)
+//!                    ├─► sessions() thin-client sessions   (pools)
+//!                    ├─► engine()   rollouts               (pools)
+//!                    └─► dev()      the dev desktop        (store + hypervisor + profiles)
+//! ```
+//! Invariants that hold whatever the entry point live here, not in a command's glue:
+//! recovery of interrupted rollouts runs in [`Context::open`], and [`Context::heal`] (the
+//! broker at start) finishes interrupted logoffs and pool moves.
+//!
+//! The hypervisor is connected on first use, so commands that need no libvirt (image
+//! import, list, history, gc, users, audit, ...) work without a daemon.
+//!
+//! The broker opens one context at start (so recovery and healing run once, there) and
+//! pools catalog connections inside it: its [`Connector`] makes more contexts on the same
+//! home that share the settings and the one hypervisor connection. SQLite
+//! connections are not shared between threads, so each blocking call takes one of them.
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::dev::Dev;
+use crate::home::{self, Home};
+use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
+use crate::pool::Pools;
+use crate::rollout::Engine;
+use crate::store::{Actor, Store};
+use crate::users::{Reaped, Sessions, UserError, Users};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ContextError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Heal(#[from] UserError),
+    #[error("cannot create directory {path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+}
+
+impl crate::error::Kind for ContextError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            ContextError::Catalog(e) => e.kind(),
+            ContextError::Hypervisor(e) => e.kind(),
+            ContextError::Heal(e) => e.kind(),
+            // vdim's own home directories.
+            ContextError::Dir { .. } => crate::error::ErrorKind::Internal,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ContextError>;
+
+/// Where vdim works and how it reaches libvirt: the global flags (`--home`, `--connect`,
+/// `--virt-type`, `--profiles`) or what `vdim serve` was started with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub home: Home,
+    /// libvirt connection URI.
+    pub connect: String,
+    /// Virtualisation type for new desktops: auto, kvm or qemu.
+    pub virt_type: String,
+    /// Directory of hardware profiles.
+    pub profiles: PathBuf,
+}
+
+impl Settings {
+    /// The defaults for a home: qemu:///system, auto, `<home>/profiles`.
+    pub fn new(home: Home) -> Settings {
+        let profiles = home.root().join("profiles");
+        Settings { home, connect: "qemu:///system".into(), virt_type: "auto".into(), profiles }
+    }
+}
+
+/// What every connection of one context shares.
+struct Shared {
+    settings: Settings,
+    hv: OnceLock<Arc<dyn Hypervisor>>,
+}
+
+pub struct Context {
+    shared: Arc<Shared>,
+    catalog: Catalog,
+    recovered: Vec<String>,
+}
+
+impl Context {
+    /// Creates the home layout and the catalog (safe to run again) and opens them.
+    pub fn init(settings: Settings) -> Result<Context> {
+        make_dirs(&settings.home)?;
+        let catalog = Catalog::open(&settings.home.catalog(), true)?;
+        Context::start(settings, catalog)
+    }
+
+    /// Opens an initialised home: the catalog, its directories, and recovery of rollouts
+    /// whose vdim died (see [`Context::recovered`]).
+    pub fn open(settings: Settings) -> Result<Context> {
+        let catalog = Catalog::open(&settings.home.catalog(), false)?;
+        make_dirs(&settings.home)?;
+        Context::start(settings, catalog)
+    }
+
+    fn start(settings: Settings, catalog: Catalog) -> Result<Context> {
+        let shared = Arc::new(Shared { settings, hv: OnceLock::new() });
+        let mut ctx = Context { shared, catalog, recovered: vec![] };
+        // A rollout whose vdim was killed is found by the next vdim, whatever it runs.
+        ctx.recovered = crate::rollout::recover_interrupted(&mut ctx.catalog)?;
+        Ok(ctx)
+    }
+
+    /// What opens more connections of this context, from any thread.
+    pub fn connector(&self) -> Connector {
+        Connector(self.shared.clone())
+    }
+
+    /// Uses `hv` instead of connecting to `settings.connect` (a test's own hypervisor).
+    /// Has no effect once the hypervisor was used.
+    pub fn with_hypervisor(self, hv: Arc<dyn Hypervisor>) -> Context {
+        let _ = self.shared.hv.set(hv);
+        self
+    }
+
+    /// One line per interrupted rollout that opening this context found and halted.
+    pub fn recovered(&self) -> &[String] {
+        &self.recovered
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.shared.settings.home
+    }
+
+    pub fn catalog(&mut self) -> &mut Catalog {
+        &mut self.catalog
+    }
+
+    /// The hypervisor, connected on first use.
+    pub fn hypervisor(&self) -> Result<Arc<dyn Hypervisor>> {
+        self.shared.hypervisor()
+    }
+
+    pub fn store(&mut self) -> Store<'_> {
+        Store::new(&self.shared.settings.home, &mut self.catalog)
+    }
+
+    pub fn users(&mut self) -> Users<'_> {
+        Users::new(&mut self.catalog)
+    }
+
+    pub fn pools(&mut self) -> Result<Pools<'_>> {
+        let hv = self.shared.hypervisor_ref()?;
+        let s = &self.shared.settings;
+        Ok(Pools::new(&s.home, &mut self.catalog, hv, &s.profiles))
+    }
+
+    pub fn sessions(&mut self) -> Result<Sessions<'_>> {
+        Ok(Sessions::new(self.pools()?))
+    }
+
+    pub fn engine(&mut self, actor: Actor) -> Result<Engine<'_>> {
+        let hv = self.shared.hypervisor_ref()?;
+        let s = &self.shared.settings;
+        Ok(Engine::new(&s.home, &mut self.catalog, hv, &s.profiles, actor))
+    }
+
+    pub fn dev(&mut self) -> Result<Dev<'_>> {
+        let hv = self.shared.hypervisor_ref()?;
+        let s = &self.shared.settings;
+        Ok(Dev::new(&s.home, &mut self.catalog, hv, &s.profiles, &s.virt_type))
+    }
+
+    /// Finishes what a crash left half done: expired sessions ended, interrupted logoffs
+    /// and pool moves carried out (the broker runs this at start; pool commands heal the
+    /// pool they touch).
+    pub fn heal(&mut self, actor: &Actor) -> Result<Reaped> {
+        Ok(self.sessions()?.heal(actor)?)
+    }
+}
+
+/// Opens more catalog connections on a context's home, sharing its settings and hypervisor
+/// (recovery already ran when that context was opened): what the broker pools.
+#[derive(Clone)]
+pub struct Connector(Arc<Shared>);
+
+impl Connector {
+    pub fn open(&self) -> Result<Context> {
+        let catalog = Catalog::open(&self.0.settings.home.catalog(), false)?;
+        Ok(Context { shared: self.0.clone(), catalog, recovered: vec![] })
+    }
+}
+
+impl Shared {
+    fn hypervisor_ref(&self) -> Result<&dyn Hypervisor> {
+        if let Some(hv) = self.hv.get() {
+            return Ok(hv.as_ref());
+        }
+        let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&self.settings.connect)?);
+        // Two threads may connect at once: the first one kept wins, the other is dropped.
+        let _ = self.hv.set(hv);
+        Ok(self.hv.get().expect("just set").as_ref())
+    }
+
+    fn hypervisor(&self) -> Result<Arc<dyn Hypervisor>> {
+        self.hypervisor_ref()?;
+        Ok(self.hv.get().expect("connected").clone())
+    }
+}
+
+fn make_dirs(home: &Home) -> Result<()> {
+    for d in home.dirs() {
+        home::create_private_dir(&d).map_err(|source| ContextError::Dir { path: d.display().to_string(), source })?;
+    }
+    Ok(())
+}
