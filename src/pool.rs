@@ -13,10 +13,11 @@
 use crate::catalog::pools::NewPool;
 use crate::catalog::{Audit, Catalog, CatalogError, Channel, Desktop, Pool, Tx};
 use crate::home::Home;
+use crate::hypervisor::domain_xml::{self, DesktopSpec, DomainXmlError, VirtType};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::lock::{self, Lock, LockError};
 use crate::names::{self, NameError};
-use crate::profile::{self, DesktopSpec, Profile, ProfileError, VirtType};
+use crate::profile::{self, Profile, ProfileError};
 use crate::qcow2::{self, Qcow2Error};
 use crate::rules::{self, Denied, DesktopFacts, MovePlan, PoolFacts, VersionFacts};
 use crate::store::{self, Actor, StoreError};
@@ -48,6 +49,8 @@ pub enum PoolError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    #[error(transparent)]
+    DomainXml(#[from] DomainXmlError),
     #[error(transparent)]
     Qcow2(#[from] Qcow2Error),
     #[error(transparent)]
@@ -99,6 +102,7 @@ impl crate::error::Kind for PoolError {
             PoolError::Lock(e) => e.kind(),
             PoolError::Hypervisor(e) => e.kind(),
             PoolError::Profile(e) => e.kind(),
+            PoolError::DomainXml(e) => e.kind(),
             PoolError::Qcow2(e) => e.kind(),
             PoolError::Denied(e) => e.kind(),
             PoolError::NotFound(_) | PoolError::DesktopNotFound(_) => K::NotFound,
@@ -421,7 +425,7 @@ impl<'a> Pools<'a> {
             version,
         };
         let virt = parse_virt_type(&pool.virt_type)?;
-        let xml = profile::domain_xml(profile, virt, &spec)?;
+        let xml = domain_xml::domain_xml(profile, virt, &spec)?;
         self.hv.define(&xml)?;
         Ok(())
     }
@@ -481,15 +485,7 @@ impl<'a> Pools<'a> {
                 StoreError::Removed { image: image.name.clone(), version: version.number, removed: r.clone() }.into()
             );
         }
-        if let Some(min) = profile.min_disk_bytes().filter(|min| version.virtual_size < *min) {
-            return Err(PoolError::ImageTooSmall {
-                image: image.name.clone(),
-                version: version.number,
-                size: version.virtual_size,
-                profile: profile.name().to_string(),
-                min,
-            });
-        }
+        fits_profile(&profile, &image.name, version.number, version.virtual_size)?;
         // Leftovers of an interrupted create of the same name: never in the catalog, safe to drop.
         self.remove_leftovers(o.name)?;
         let home = self.home();
@@ -1209,6 +1205,20 @@ impl<'a> Pools<'a> {
             Ok(())
         })?;
         self.remove_leftovers(name)
+    }
+}
+
+/// Refuse an image version whose disk is smaller than the profile's minimum.
+fn fits_profile(profile: &Profile, image: &str, version: u32, size: u64) -> Result<()> {
+    match profile.min_disk_bytes().filter(|min| size < *min) {
+        Some(min) => Err(PoolError::ImageTooSmall {
+            image: image.to_string(),
+            version,
+            size,
+            profile: profile.name().to_string(),
+            min,
+        }),
+        None => Ok(()),
     }
 }
 
