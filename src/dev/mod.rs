@@ -251,3 +251,6 @@ impl<'a> Dev<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
