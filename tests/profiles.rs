@@ -1,5 +1,5 @@
 //! Every shipped hardware profile's domain XML against libvirt itself: its schema
-//! (virt-xml-validate) and a Windows 11 domain booting under
+//! (virt-xml-validate), a define on the real daemon, and a Windows 11 domain booting under
 //! TCG with secure boot and a TPM. These need libvirt's tools and daemon, so they live here
 //! rather than in the fast tier (`cargo test --lib`), which checks the XML's content.
 
@@ -113,6 +113,28 @@ fn every_profile_validates_against_libvirt_schema() {
                 String::from_utf8_lossy(&result.stderr)
             );
         }
+    }
+}
+
+#[test]
+fn every_profile_defines_on_the_real_daemon() {
+    assert_daemon();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for profile in shipped() {
+        let name = unique_name(profile.name());
+        let paths = files(dir.path(), &name);
+        let out = domain_xml(&profile, VirtType::Qemu, &spec(&profile, &name, &paths)).expect("domain XML");
+        let xml_path = dir.path().join(format!("{name}.xml"));
+        std::fs::write(&xml_path, &out).expect("write XML");
+        let (ok, text) = virsh(&["define", xml_path.to_str().expect("utf-8 temp path")]);
+        let _guard = DomainGuard(name.clone());
+        assert!(ok, "{}: define failed: {text}\n{out}", profile.name());
+        let (ok, state) = virsh(&["domstate", &name]);
+        assert!(ok && state.trim() == "shut off", "{}: {state}", profile.name());
+        let (ok, stored) = virsh(&["dumpxml", "--inactive", &name]);
+        assert!(ok, "dumpxml failed: {stored}");
+        assert!(stored.contains("<vdim:pool>finance</vdim:pool>"), "{}: metadata lost: {stored}", profile.name());
+        assert!(stored.contains(&paths.0.display().to_string()), "{}: disk lost: {stored}", profile.name());
     }
 }
 
