@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vdim::profile::{domain_xml, DesktopSpec, Profile, VirtType};
+use vdim::hypervisor::domain_xml::{domain_xml, DesktopSpec, VirtType};
+use vdim::profile::Profile;
 
 const URI: &str = "qemu:///system";
 
