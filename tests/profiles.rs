@@ -1,9 +1,12 @@
-//! Every shipped hardware profile on the real libvirt daemon (qemu:///system, TCG): each one
-//! in images/profiles/ (enumerated, so a new profile is covered without touching this file)
-//! defines and boots; the firmware profiles are checked in the live XML (loader, Secure Boot,
+//! Every shipped hardware profile against libvirt itself. Each profile in images/profiles/
+//! (enumerated, so a new profile is covered without touching this file): its domain XML
+//! passes libvirt's schema (virt-xml-validate) and defines on the real daemon; a 1-desktop
+//! pool of it boots under TCG (qemu:///system), its live XML checked (loader, Secure Boot,
 //! NVRAM, TPM); a disk whose EFI system partition holds an unsigned loader that powers the
 //! machine off boots under UEFI without Secure Boot (the positive control) and is refused
-//! under Secure Boot. A profile's minimum disk size is enforced by `pool create`.
+//! under Secure Boot. A profile's minimum disk size is enforced by `pool create`. These need
+//! libvirt's tools and daemon, so they live here rather than in the fast tier
+//! (`cargo test --lib`), which checks the XML's content.
 
 mod common;
 use common::efi;
@@ -12,29 +15,142 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vdim::hypervisor::domain_xml::{domain_xml, DesktopSpec, VirtType};
 use vdim::profile::{Firmware, Profile};
 
-fn shipped_profiles() -> Vec<Profile> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/profiles");
-    let mut out: Vec<Profile> = std::fs::read_dir(&dir)
-        .expect("images/profiles")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .map(|p| Profile::load_file(&p).unwrap_or_else(|e| panic!("{e}")))
-        .collect();
-    out.sort_by(|a, b| a.name().cmp(b.name()));
-    out
+const URI: &str = "qemu:///system";
+
+fn profiles_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/images/profiles"))
 }
 
-/// `virsh -c qemu:///system`: (success, stdout + stderr).
+/// Every profile vdim ships (images/profiles/*.toml), by name.
+fn shipped() -> Vec<Profile> {
+    let mut names: Vec<String> = std::fs::read_dir(profiles_dir())
+        .expect("profiles dir")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".toml").map(str::to_string))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "shipped profiles: {names:?}");
+    names.iter().map(|n| Profile::load(&profiles_dir(), n).unwrap_or_else(|e| panic!("{e}"))).collect()
+}
+
+/// A desktop of pool `finance` as the pool service would describe it, on `files` (disk, serial log, NVRAM).
+fn spec<'a>(profile: &Profile, name: &'a str, files: &'a (PathBuf, PathBuf, PathBuf)) -> DesktopSpec<'a> {
+    DesktopSpec {
+        name,
+        uuid: None,
+        disk: &files.0,
+        serial_log: profile.wants_serial_log().then_some(files.1.as_path()),
+        nvram: profile.uses_uefi().then_some(files.2.as_path()),
+        graphics_password: "s3cret-ticket",
+        listen: "127.0.0.1",
+        display_tls: false,
+        pool: "finance",
+        version: 7,
+    }
+}
+
+fn files(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    (dir.join(format!("{name}.qcow2")), dir.join(format!("{name}.serial.log")), dir.join(format!("{name}_VARS.fd")))
+}
+
+/// Runs `virsh -c qemu:///system` with a timeout; returns (success, stdout + stderr).
 fn virsh(args: &[&str]) -> (bool, String) {
-    let out = Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output().expect("run virsh");
+    let out = Command::new("timeout").arg("120").args(["virsh", "-c", URI]).args(args).output().expect("run virsh");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text.trim().to_string())
+    (out.status.success(), text)
+}
+
+#[track_caller]
+fn assert_daemon() {
+    let (ok, text) = virsh(&["version"]);
+    assert!(ok, "libvirtd does not answer on {URI} (run scripts/setup-host): {text}");
+}
+
+/// `vdimtest-prof-<pid>-<nanos>-<tag>`: unique across tests and runs.
+fn unique_name(tag: &str) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("vdimtest-prof-{}-{nanos}-{tag}", std::process::id())
+}
+
+/// Destroys and undefines the test domain (with its NVRAM and TPM state) when dropped.
+struct DomainGuard(String);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.0]);
+        let _ = virsh(&["undefine", "--nvram", "--tpm", &self.0]);
+    }
+}
+
+/// Whether an swtpm process serves `domain` (its socket path carries the domain name).
+fn swtpm_running_for(domain: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let raw = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&raw);
+        let program = cmdline.split('\0').next().unwrap_or("");
+        program.rsplit('/').next() == Some("swtpm") && cmdline.contains(domain)
+    })
+}
+
+#[test]
+fn every_profile_validates_against_libvirt_schema() {
+    assert!(
+        Command::new("sh").args(["-c", "command -v virt-xml-validate"]).output().is_ok_and(|o| o.status.success()),
+        "virt-xml-validate is missing: run scripts/setup-host (libvirt-clients, libxml2-utils)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = files(Path::new("/var/lib/vdim/desktops/finance"), "vdim-finance-001");
+    for profile in shipped() {
+        for virt in [VirtType::Kvm, VirtType::Qemu] {
+            let mut spec = spec(&profile, "vdim-finance-001", &paths);
+            spec.uuid = Some("0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0aa");
+            let out = domain_xml(&profile, virt, &spec).expect("domain XML");
+            let file = dir.path().join(format!("{}-{}.xml", profile.name(), virt.as_str()));
+            std::fs::write(&file, &out).expect("write XML");
+            let result =
+                Command::new("virt-xml-validate").arg(&file).arg("domain").output().expect("run virt-xml-validate");
+            assert!(
+                result.status.success(),
+                "{} ({virt:?}) rejected: {}{}\n{out}",
+                profile.name(),
+                String::from_utf8_lossy(&result.stdout),
+                String::from_utf8_lossy(&result.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn every_profile_defines_on_the_real_daemon() {
+    assert_daemon();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for profile in shipped() {
+        let name = unique_name(profile.name());
+        let paths = files(dir.path(), &name);
+        let out = domain_xml(&profile, VirtType::Qemu, &spec(&profile, &name, &paths)).expect("domain XML");
+        let xml_path = dir.path().join(format!("{name}.xml"));
+        std::fs::write(&xml_path, &out).expect("write XML");
+        let (ok, text) = virsh(&["define", xml_path.to_str().expect("utf-8 temp path")]);
+        let _guard = DomainGuard(name.clone());
+        assert!(ok, "{}: define failed: {text}\n{out}", profile.name());
+        let (ok, state) = virsh(&["domstate", &name]);
+        assert!(ok && state.trim() == "shut off", "{}: {state}", profile.name());
+        let (ok, stored) = virsh(&["dumpxml", "--inactive", &name]);
+        assert!(ok, "dumpxml failed: {stored}");
+        assert!(stored.contains("<vdim:pool>finance</vdim:pool>"), "{}: metadata lost: {stored}", profile.name());
+        assert!(stored.contains(&paths.0.display().to_string()), "{}: disk lost: {stored}", profile.name());
+    }
 }
 
 fn domstate(domain: &str) -> String {
-    virsh(&["domstate", "--reason", domain]).1
+    virsh(&["domstate", "--reason", domain]).1.trim().to_string()
 }
 
 /// The text of the first `<tag …>text</tag>` in `xml`.
@@ -60,7 +176,7 @@ struct Booted {
 #[test]
 fn every_shipped_profile_defines_and_boots_and_secure_boot_refuses_an_unsigned_loader() {
     let t = LibvirtEnv::new("prof");
-    let profiles = shipped_profiles();
+    let profiles = shipped();
     assert!(profiles.len() >= 5, "the shipped profiles: {:?}", profiles.iter().map(Profile::name).collect::<Vec<_>>());
     // `vdim init` puts exactly these files in the home (they are built into the binary).
     for p in &profiles {
@@ -120,6 +236,7 @@ fn every_shipped_profile_defines_and_boots_and_secure_boot_refuses_an_unsigned_l
         if profile.has_tpm() {
             assert!(live.contains("<tpm model='tpm-crb'>"), "{name}: {live}");
             assert!(line_with(&live, "<backend type='emulator'").contains("version='2.0'"), "{name}");
+            assert!(swtpm_running_for(&desktop), "{name}: no swtpm process");
             let uuid = element_text(&live, "uuid").expect("uuid");
             assert!(efi::swtpm_state_dir(uuid).join("tpm2").is_dir(), "{name}: no swtpm state for {uuid}");
         } else {

@@ -255,3 +255,6 @@ impl<'a> Dev<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
