@@ -352,6 +352,9 @@ pub struct DesktopSpec<'a> {
     /// Per-desktop UEFI variables file; only for UEFI profiles. Absent: libvirt's default
     /// location. Created from the firmware's template when missing.
     pub nvram: Option<&'a Path>,
+    /// The desktop's config drive (identity, see `crate::identity`): an ISO attached
+    /// read-only as a SATA CD-ROM, which Windows reads without extra drivers.
+    pub config_drive: Option<&'a Path>,
     /// Password of every display: 1 to 60 printable ASCII characters. A VNC display gets the
     /// first 8 (libvirt refuses more; VNC clients such as noVNC use only the first 8 of
     /// whatever they are given, so the whole password still works there).
@@ -408,6 +411,7 @@ pub fn domain_xml(profile: &Profile, virt: VirtType, spec: &DesktopSpec) -> Resu
     let disk = spec_path("Disk", desktop, spec.disk)?;
     let nvram = spec.nvram.map(|p| spec_path("NVRAM", desktop, p)).transpose()?;
     let serial_log = spec.serial_log.map(|p| spec_path("Serial log", desktop, p)).transpose()?;
+    let config_drive = spec.config_drive.map(|p| spec_path("Config drive", desktop, p)).transpose()?;
     let mismatch =
         |problem| ProfileError::SpecMismatch { desktop: desktop.to_string(), profile: profile.name.clone(), problem };
     if nvram.is_some() && !profile.uses_uefi() {
@@ -560,6 +564,14 @@ pub fn domain_xml(profile: &Profile, virt: VirtType, spec: &DesktopSpec) -> Resu
     x.empty("source", &[("file", disk)]);
     x.empty("target", &[("dev", dev), ("bus", bus)]);
     x.close("disk");
+    if let Some(drive) = config_drive {
+        x.open("disk", &[("type", "file"), ("device", "cdrom")]);
+        x.empty("driver", &[("name", "qemu"), ("type", "raw")]);
+        x.empty("source", &[("file", drive)]);
+        x.empty("target", &[("dev", if dev == "sda" { "sdb" } else { "sda" }), ("bus", "sata")]);
+        x.empty("readonly", &[]);
+        x.close("disk");
+    }
 
     if !hw.graphics.is_empty() || hw.usb_redirection > 0 {
         x.empty("controller", &[("type", "usb"), ("model", "qemu-xhci"), ("ports", "15")]);
@@ -957,6 +969,7 @@ mod tests {
             disk: Path::new("/var/lib/vdim/desktops/finance/vdim-finance-001.qcow2"),
             serial_log: profile.wants_serial_log().then_some(Path::new("/var/log/vdim/vdim-finance-001.serial.log")),
             nvram: profile.uses_uefi().then_some(Path::new("/var/lib/vdim/nvram/vdim-finance-001_VARS.fd")),
+            config_drive: None,
             graphics_password: "s3cret-ticket",
             listen: "127.0.0.1",
             display_tls: false,
@@ -1235,6 +1248,30 @@ graphics = ["vnc"]
     }
 
     #[test]
+    fn a_config_drive_is_a_read_only_sata_cdrom_beside_the_system_disk() {
+        let drive = Path::new("/var/lib/vdim/run/finance/vdim-finance-001.config.iso");
+        for (name, dev) in [("windows11", "sdb"), ("windows-server-2022", "sda"), ("test-linux", "sda")] {
+            let profile = shipped(name);
+            let mut spec = spec(&profile, "vdim-finance-001");
+            assert!(!domain_xml(&profile, VirtType::Qemu, &spec).unwrap().contains("cdrom"));
+            spec.config_drive = Some(drive);
+            let out = domain_xml(&profile, VirtType::Qemu, &spec).unwrap();
+            let cdrom = &out[out.find("<disk type='file' device='cdrom'>").expect("a CD-ROM")..];
+            let cdrom = &cdrom[..cdrom.find("</disk>").unwrap()];
+            for needle in [
+                "<driver name='qemu' type='raw'/>".to_string(),
+                format!("<source file='{}'/>", drive.display()),
+                format!("<target dev='{dev}' bus='sata'/>"),
+                "<readonly/>".to_string(),
+            ] {
+                assert!(cdrom.contains(&needle), "{name}: lacks {needle}: {cdrom}");
+            }
+            spec.config_drive = Some(Path::new("relative.iso"));
+            assert!(domain_xml(&profile, VirtType::Qemu, &spec).is_err(), "paths are checked like every other");
+        }
+    }
+
+    #[test]
     fn every_profile_validates_against_libvirt_schema() {
         assert!(
             Command::new("sh").args(["-c", "command -v virt-xml-validate"]).output().is_ok_and(|o| o.status.success()),
@@ -1246,6 +1283,7 @@ graphics = ["vnc"]
             for virt in [VirtType::Kvm, VirtType::Qemu] {
                 let mut spec = spec(&profile, "vdim-finance-001");
                 spec.uuid = Some("0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0aa");
+                spec.config_drive = Some(Path::new("/var/lib/vdim/run/finance/vdim-finance-001.config.iso"));
                 let out = domain_xml(&profile, virt, &spec).expect("domain XML");
                 let file = dir.path().join(format!("{name}-{}.xml", virt.as_str()));
                 std::fs::write(&file, &out).expect("write XML");
@@ -1466,6 +1504,7 @@ graphics = ["vnc"]
             disk: &disk,
             serial_log: None,
             nvram: Some(&nvram),
+            config_drive: None,
             graphics_password: "e2e-ticket",
             listen: "127.0.0.1",
             display_tls: false,

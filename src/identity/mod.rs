@@ -190,8 +190,9 @@ pub struct DesktopIdentity<'a> {
     pub desktop: &'a str,
     pub pool: &'a str,
     pub hostname: String,
-    /// The domain's UUID (also its SMBIOS system UUID).
-    pub uuid: &'a str,
+    /// The domain's UUID (also its SMBIOS system UUID); desktops made before vdim chose
+    /// UUIDs have none on record.
+    pub uuid: Option<&'a str>,
 }
 
 /// OpenStack's `meta_data.json` as cloudbase-init's ConfigDrive service reads it.
@@ -297,7 +298,7 @@ mod tests {
     #[test]
     fn meta_data_names_the_hostname_and_uuid() {
         let uuid = new_uuid();
-        let d = DesktopIdentity { desktop: "vdim-fin-001", pool: "fin", hostname: "FIN-001".into(), uuid: &uuid };
+        let d = DesktopIdentity { desktop: "vdim-fin-001", pool: "fin", hostname: "FIN-001".into(), uuid: Some(&uuid) };
         let v: serde_json::Value = serde_json::from_str(&meta_data_json(&d)).unwrap();
         assert_eq!(v["hostname"], "FIN-001");
         assert_eq!(v["uuid"], uuid.as_str());
