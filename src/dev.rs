@@ -7,10 +7,11 @@
 
 use crate::catalog::Catalog;
 use crate::home::Home;
-use crate::hypervisor::{DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError};
+use crate::hypervisor::domain_xml::{self, DesktopSpec, DomainXmlError};
+use crate::hypervisor::{DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError, VNC_PASSWORD_MAX};
 use crate::names;
 use crate::pool::{self, PoolError};
-use crate::profile::{self, DesktopSpec, Profile};
+use crate::profile::{self, Profile};
 use crate::store::{Actor, DraftReport, Store, StoreError, VersionReport};
 use serde::Serialize;
 use std::path::Path;
@@ -30,6 +31,8 @@ pub enum DevError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Profile(#[from] profile::ProfileError),
+    #[error(transparent)]
+    DomainXml(#[from] DomainXmlError),
     #[error("the dev desktop {domain} of '{image}' is running and writing to the draft: shut it down first, or seal with --shutdown")]
     Running { image: String, domain: String },
     #[error("the dev desktop {domain} of '{image}' did not shut down within {secs} s after the ACPI request; the draft was not sealed")]
@@ -46,6 +49,7 @@ impl crate::error::Kind for DevError {
             DevError::Pool(e) => e.kind(),
             DevError::Hypervisor(e) => e.kind(),
             DevError::Profile(e) => e.kind(),
+            DevError::DomainXml(e) => e.kind(),
             DevError::Running { .. } | DevError::ShutdownTimeout { .. } => K::Conflict,
             DevError::Io { .. } => K::Internal,
         }
@@ -165,7 +169,7 @@ impl<'a> Dev<'a> {
                 pool: &draft.image,
                 version: draft.base_version,
             };
-            hv.define(&profile::domain_xml(&profile, pool::parse_virt_type(self.virt)?, &spec)?)?;
+            hv.define(&domain_xml::domain_xml(&profile, pool::parse_virt_type(self.virt)?, &spec)?)?;
         }
         if !active(hv, &domain)? {
             hv.start(&domain)?;
@@ -173,8 +177,8 @@ impl<'a> Dev<'a> {
         let until = SystemTime::now() + TICKET;
         let mut consoles = vec![];
         for kind in [GraphicsKind::Spice, GraphicsKind::Vnc] {
-            // VNC takes 8 characters at most; SPICE gets a longer ticket.
-            let password = pool::random_secret(if kind == GraphicsKind::Vnc { 4 } else { 16 });
+            // Hex: two characters a byte. VNC takes VNC_PASSWORD_MAX at most; SPICE gets a longer ticket.
+            let password = pool::random_secret(if kind == GraphicsKind::Vnc { VNC_PASSWORD_MAX / 2 } else { 16 });
             match hv.set_graphics_password(&domain, kind, &password, until) {
                 // Dev desktops listen on loopback in plaintext, so the plain port is always there.
                 Ok(GraphicsEndpoint { listen, port: Some(port), .. }) => consoles.push(Console {

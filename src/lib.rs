@@ -33,9 +33,10 @@ pub mod rollout;
 pub mod pool;
 /// Per-desktop identity: hostname pattern, answer file, domain join, the config drive.
 pub mod identity;
-/// Hardware profiles (TOML) and the domain XML built from them.
+/// Hardware profiles (TOML): the virtual hardware an image boots on, validated at load.
 pub mod profile;
-/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, a recording fake for tests.
+/// The libvirt seam: one trait, the `virt` implementation, lifecycle events, the domain XML with
+/// its one escaper, a recording fake for tests.
 pub mod hypervisor;
 /// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
 pub mod users;

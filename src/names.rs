@@ -184,7 +184,7 @@ mod tests {
     fn derived_names_are_valid_domain_names_at_the_longest() {
         let long = "a".repeat(63);
         for d in [dev_domain(&long), desktop_domain(&"a".repeat(50), 999)] {
-            crate::profile::validate_name(&d).unwrap();
+            crate::hypervisor::domain_xml::validate_name(&d).unwrap();
         }
     }
 }

@@ -13,11 +13,12 @@
 use crate::catalog::pools::{NewDesktop, NewPool};
 use crate::catalog::{Audit, Catalog, CatalogError, Channel, Desktop, Pool, Tx};
 use crate::home::Home;
+use crate::hypervisor::domain_xml::{self, DesktopSpec, DomainXmlError, VirtType};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::identity::{self, DomainJoin, Identity, IdentityError};
 use crate::lock::{self, Lock, LockError};
 use crate::names::{self, NameError};
-use crate::profile::{self, DesktopSpec, Profile, ProfileError, VirtType};
+use crate::profile::{self, Profile, ProfileError};
 use crate::qcow2::{self, Qcow2Error};
 use crate::rules::{self, Denied, DesktopFacts, MovePlan, PoolFacts, VersionFacts};
 use crate::store::{self, Actor, StoreError};
@@ -49,6 +50,8 @@ pub enum PoolError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    #[error(transparent)]
+    DomainXml(#[from] DomainXmlError),
     #[error(transparent)]
     Qcow2(#[from] Qcow2Error),
     #[error(transparent)]
@@ -96,6 +99,7 @@ impl crate::error::Kind for PoolError {
             PoolError::Lock(e) => e.kind(),
             PoolError::Hypervisor(e) => e.kind(),
             PoolError::Profile(e) => e.kind(),
+            PoolError::DomainXml(e) => e.kind(),
             PoolError::Qcow2(e) => e.kind(),
             PoolError::Denied(e) => e.kind(),
             PoolError::Identity(e) => e.kind(),
@@ -498,7 +502,7 @@ impl<'a> Pools<'a> {
             version,
         };
         let virt = parse_virt_type(&pool.virt_type)?;
-        let xml = profile::domain_xml(profile, virt, &spec)?;
+        let xml = domain_xml::domain_xml(profile, virt, &spec)?;
         self.hv.define(&xml)?;
         Ok(())
     }

@@ -11,7 +11,9 @@
 //! leaves a rollout that the next command finds (`recover_interrupted`) and that
 //! `rollout resume` carries on or `rollback --image --channel` undoes.
 
-use crate::catalog::rollouts::{NewRollout, Rollout, RolloutDesktop};
+use crate::catalog::rollouts::{
+    DesktopState, Failure, Interruption, NewRollout, Rollout, RolloutDesktop, RolloutState, FAILED_PREFIX,
+};
 use crate::catalog::{Audit, Catalog, CatalogError, Channel, Tx};
 use crate::health;
 use crate::home::Home;
@@ -53,7 +55,7 @@ pub enum RolloutError {
     #[error("no rollout of '{0}' is running or halted")]
     NothingOpen(String),
     #[error("the rollout of '{image}' version {version} to {channel} is {state}, not running")]
-    NotRunning { image: String, version: u32, channel: Channel, state: String },
+    NotRunning { image: String, version: u32, channel: Channel, state: RolloutState },
     #[error("the rollout of '{image}' version {version} to {channel} failed and was rolled back: {summary}")]
     Failed { image: String, version: u32, channel: Channel, summary: String, report: Box<RolloutReport> },
     #[error("channel {channel} of '{image}' has no earlier version to go back to (use --to N)")]
@@ -103,6 +105,28 @@ pub struct WaveReport {
     pub healthy: usize,
     pub failed: usize,
     pub desktops: Vec<RolloutDesktop>,
+}
+
+/// What an emergency channel rollback did (`vdim rollback --image --channel`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelRollback {
+    pub image: String,
+    pub channel: Channel,
+    /// The version the channel points at now.
+    pub version: u32,
+    /// The open rollout it stopped, if any.
+    pub stopped_rollout: Option<i64>,
+    /// Desktops of that rollout moved back.
+    pub reverted_desktops: Vec<String>,
+    pub pools: BTreeMap<String, PoolRollback>,
+}
+
+/// One pool of a channel rollback.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum PoolRollback {
+    Moved { at_logoff: Vec<String>, moved_now: Vec<String> },
+    Error { error: String },
 }
 
 /// Cumulative share of each pool's desktops per wave, unless told otherwise.
@@ -192,8 +216,8 @@ pub fn report(tx: &Tx, id: i64) -> std::result::Result<RolloutReport, CatalogErr
                 wave: i as u32 + 1,
                 size: wave_label(*w),
                 moved: ds.len(),
-                healthy: ds.iter().filter(|d| d.state == "healthy").count(),
-                failed: ds.iter().filter(|d| d.state == "failed" || d.detail.starts_with("failed")).count(),
+                healthy: ds.iter().filter(|d| d.state == DesktopState::Healthy).count(),
+                failed: ds.iter().filter(|d| d.failed()).count(),
                 desktops: ds,
             }
         })
@@ -212,12 +236,11 @@ pub fn recover_interrupted(catalog: &mut Catalog) -> std::result::Result<Vec<Str
             continue;
         }
         catalog.write(|tx| -> std::result::Result<(), CatalogError> {
-            tx.set_rollout_state(r.id, "halted")?;
+            tx.set_rollout_state(r.id, RolloutState::Halted)?;
             tx.set_rollout_owner(r.id, None)?;
-            tx.merge_rollout_report(
-                r.id,
-                json!({"interrupted": {"pid": r.owner_pid, "wave": r.wave + 1, "at": ms(SystemTime::now())}}),
-            )?;
+            tx.update_rollout_outcome(r.id, |o| {
+                o.interrupted = Some(Interruption { pid: r.owner_pid, wave: r.wave + 1, at: ms(SystemTime::now()) });
+            })?;
             tx.audit(Audit {
                 actor: "vdim",
                 action: "rollout.interrupted",
@@ -362,7 +385,7 @@ impl<'a> Engine<'a> {
         let id = self.catalog.write(|tx| -> Result<i64> {
             let img = tx.image(image)?;
             let r = tx.open_rollout(img.id)?.ok_or_else(|| RolloutError::NothingOpen(image.to_string()))?;
-            tx.set_rollout_state(r.id, "running")?;
+            tx.set_rollout_state(r.id, RolloutState::Running)?;
             tx.audit(Audit {
                 actor: &actor,
                 action: "rollout.resume",
@@ -383,7 +406,7 @@ impl<'a> Engine<'a> {
         self.catalog.write(|tx| -> Result<RolloutReport> {
             let img = tx.image(image)?;
             let r = tx.open_rollout(img.id)?.ok_or_else(|| RolloutError::NothingOpen(image.to_string()))?;
-            if r.state != "running" {
+            if !r.state.can_become(RolloutState::Halted) {
                 return Err(RolloutError::NotRunning {
                     image: image.into(),
                     version: r.version,
@@ -391,7 +414,7 @@ impl<'a> Engine<'a> {
                     state: r.state,
                 });
             }
-            tx.set_rollout_state(r.id, "halted")?;
+            tx.set_rollout_state(r.id, RolloutState::Halted)?;
             tx.audit(Audit {
                 actor: &actor,
                 action: "rollout.halt",
@@ -404,7 +427,7 @@ impl<'a> Engine<'a> {
         })
     }
 
-    fn state_of(&mut self, id: i64) -> Result<String> {
+    fn state_of(&mut self, id: i64) -> Result<RolloutState> {
         Ok(self.catalog.read(|tx| tx.rollout(id))?.state)
     }
 
@@ -444,10 +467,10 @@ impl<'a> Engine<'a> {
             .catalog
             .read(|tx| tx.rollout_desktops(id))?
             .into_iter()
-            .filter(|d| d.wave >= r.wave && !matches!(d.state.as_str(), "healthy" | "reverted"))
+            .filter(|d| d.wave >= r.wave && !d.state.is_settled())
             .collect();
         for (k, wave) in waves.iter().enumerate().skip(r.wave as usize) {
-            if self.state_of(id)? != "running" {
+            if self.state_of(id)? != RolloutState::Running {
                 break;
             }
             let mut picks: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -467,14 +490,14 @@ impl<'a> Engine<'a> {
         }
         let state = self.state_of(id)?;
         let finished = self.catalog.read(|tx| tx.rollout(id))?.wave as usize >= waves.len();
-        if state == "running" && finished {
+        if state == RolloutState::Running && finished {
             self.succeed(&r)?;
         }
         let actor = self.actor.0.clone();
         self.catalog.write(|tx| -> Result<RolloutReport> {
             tx.set_rollout_owner(id, None)?;
             let rep = report(tx, id)?;
-            if rep.rollout.state == "halted" {
+            if rep.rollout.state == RolloutState::Halted {
                 tx.audit(Audit {
                     actor: &actor,
                     action: "rollout.halted",
@@ -488,16 +511,16 @@ impl<'a> Engine<'a> {
         })
     }
 
-    fn run_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>, soak: Duration) -> Result<()> {
+    /// The wave's desktops into the catalog as moving, before any of them moves.
+    fn record_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>) -> Result<()> {
         let all: Vec<String> = picks.values().flatten().cloned().collect();
-        // Record first, act after: a killed vdim leaves desktops the next run knows about.
         let actor = self.actor.0.clone();
         self.catalog.write(|tx| -> Result<()> {
             for (pool, ds) in picks {
                 for d in ds {
                     let from = tx.desktop(d)?.map(|x| x.version).unwrap_or(r.from_version);
                     tx.add_rollout_desktop(r.id, d, pool, k, if from == r.version { r.from_version } else { from })?;
-                    tx.set_rollout_desktop(r.id, d, "moving", "")?;
+                    tx.set_rollout_desktop(r.id, d, DesktopState::Moving, "")?;
                 }
             }
             tx.audit(Audit {
@@ -509,11 +532,17 @@ impl<'a> Engine<'a> {
                 ..Default::default()
             })?;
             Ok(())
-        })?;
-        // Subscribe before the desktops start, so even a crash at once is seen.
-        let sub = self.hv.subscribe("vdim-")?;
-        let soak_start = SystemTime::now();
-        crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
+        })
+    }
+
+    /// Moves the wave's desktops to the new version and marks them soaking; those given to a
+    /// user meanwhile are marked skipped. Returns the desktops that moved, by pool.
+    fn move_wave(
+        &mut self,
+        r: &Rollout,
+        k: u32,
+        picks: &BTreeMap<String, Vec<String>>,
+    ) -> Result<BTreeMap<String, Vec<String>>> {
         let mut skipped = vec![];
         let mut picks = picks.clone();
         for (pool, ds) in picks.iter_mut() {
@@ -523,17 +552,33 @@ impl<'a> Engine<'a> {
             ds.retain(|d| !moved.skipped.contains(d));
             skipped.extend(moved.skipped);
         }
-        let picks = &picks;
         let all: Vec<String> = picks.values().flatten().cloned().collect();
         self.catalog.write(|tx| -> Result<()> {
             for d in &all {
-                tx.set_rollout_desktop(r.id, d, "soaking", "")?;
+                tx.set_rollout_desktop(r.id, d, DesktopState::Soaking, "")?;
             }
             for d in &skipped {
-                tx.set_rollout_desktop(r.id, d, "skipped", "given to a user before it moved; follows at logoff")?;
+                tx.set_rollout_desktop(
+                    r.id,
+                    d,
+                    DesktopState::Skipped,
+                    "given to a user before it moved; follows at logoff",
+                )?;
             }
             Ok(())
         })?;
+        Ok(picks)
+    }
+
+    fn run_wave(&mut self, r: &Rollout, k: u32, picks: &BTreeMap<String, Vec<String>>, soak: Duration) -> Result<()> {
+        // Record first, act after: a killed vdim leaves desktops the next run knows about.
+        self.record_wave(r, k, picks)?;
+        // Subscribe before the desktops start, so even a crash at once is seen.
+        let sub = self.hv.subscribe("vdim-")?;
+        let soak_start = SystemTime::now();
+        crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
+        let picks = &self.move_wave(r, k, picks)?;
+        let all: Vec<String> = picks.values().flatten().cloned().collect();
         let agents = self.agent_desktops(picks)?;
         let window = health::Window { since: soak_start, until: SystemTime::now() + soak, agent_grace: AGENT_GRACE };
         let mut wave = health::Wave::new(window, all.iter().map(|d| (d.clone(), agents.contains(d))));
@@ -551,7 +596,7 @@ impl<'a> Engine<'a> {
                     tx.set_rollout_desktop(
                         r.id,
                         d,
-                        "healthy",
+                        DesktopState::Healthy,
                         &format!("ran {} s without crash or reboot", soak.as_secs()),
                     )?;
                 }
@@ -658,17 +703,26 @@ impl<'a> Engine<'a> {
         let crash_event_at = failed.iter().map(|f| f.2).min().unwrap_or(detected);
         let actor = self.actor.0.clone();
         let moved = self.catalog.write(|tx| -> Result<Vec<RolloutDesktop>> {
-            tx.set_rollout_state(r.id, "failed")?;
+            tx.set_rollout_state(r.id, RolloutState::Failed)?;
             let image = tx.image(&r.image)?;
             tx.set_version_status(&image, r.version, "failed")?;
             for (d, how, at, _) in failed {
-                tx.set_rollout_desktop(r.id, d, "failed", &format!("{how} at {}", ms(*at)))?;
+                tx.set_rollout_desktop(r.id, d, DesktopState::Failed, &format!("{how} at {}", ms(*at)))?;
             }
-            tx.merge_rollout_report(
-                r.id,
-                json!({"failed_wave": k + 1, "crash_event_at": ms(crash_event_at), "detected_at": ms(detected),
-                       "failures": failed.iter().map(|(d, how, at, seen)| json!({"desktop": d, "how": how, "at": ms(*at), "detected_at": ms(*seen)})).collect::<Vec<_>>()}),
-            )?;
+            tx.update_rollout_outcome(r.id, |o| {
+                o.failed_wave = Some(k + 1);
+                o.crash_event_at = Some(ms(crash_event_at));
+                o.detected_at = Some(ms(detected));
+                o.failures = failed
+                    .iter()
+                    .map(|(d, how, at, seen)| Failure {
+                        desktop: d.clone(),
+                        how: how.clone(),
+                        at: ms(*at),
+                        detected_at: ms(*seen),
+                    })
+                    .collect();
+            })?;
             tx.audit(Audit {
                 actor: &actor,
                 action: "rollout.failed",
@@ -682,12 +736,12 @@ impl<'a> Engine<'a> {
         self.revert(r, &moved)?;
         let restored = SystemTime::now();
         let rep = self.catalog.write(|tx| -> Result<RolloutReport> {
-            tx.merge_rollout_report(
-                r.id,
-                json!({"restored_at": ms(restored),
-                       "event_to_verdict_ms": detected.duration_since(crash_event_at).map(|d| d.as_millis()).unwrap_or(0),
-                       "restore_ms": restored.duration_since(detected).map(|d| d.as_millis()).unwrap_or(0)}),
-            )?;
+            let millis = |later: SystemTime, earlier| later.duration_since(earlier).map_or(0, |d| d.as_millis() as u64);
+            tx.update_rollout_outcome(r.id, |o| {
+                o.restored_at = Some(ms(restored));
+                o.event_to_verdict_ms = Some(millis(detected, crash_event_at));
+                o.restore_ms = Some(millis(restored, detected));
+            })?;
             tx.set_rollout_owner(r.id, None)?;
             Ok(report(tx, r.id)?)
         })?;
@@ -704,7 +758,7 @@ impl<'a> Engine<'a> {
     /// Move every desktop a rollout touched back to the version it had, and boot it.
     fn revert(&mut self, r: &Rollout, moved: &[RolloutDesktop]) -> Result<()> {
         let mut by_pool: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
-        for d in moved.iter().filter(|d| d.state != "reverted" && d.state != "skipped") {
+        for d in moved.iter().filter(|d| !matches!(d.state, DesktopState::Reverted | DesktopState::Skipped)) {
             by_pool.entry((d.pool.clone(), d.from_version)).or_default().push(d.desktop.clone());
         }
         let mut at_logoff = vec![];
@@ -725,8 +779,9 @@ impl<'a> Engine<'a> {
                         .map(|x| x.detail)
                         .unwrap_or_default();
                     let how = if at_logoff.contains(d) { "in use, moves back at logoff" } else { "moved back" };
-                    let detail = if prior.is_empty() { how.to_string() } else { format!("failed: {prior}; {how}") };
-                    tx.set_rollout_desktop(r.id, d, "reverted", &detail)?;
+                    let detail =
+                        if prior.is_empty() { how.to_string() } else { format!("{FAILED_PREFIX}: {prior}; {how}") };
+                    tx.set_rollout_desktop(r.id, d, DesktopState::Reverted, &detail)?;
                 }
             }
             Ok(())
@@ -755,8 +810,11 @@ impl<'a> Engine<'a> {
         self.catalog.write(|tx| -> Result<()> {
             let image = tx.image(&r.image)?;
             tx.set_channel(&image, r.channel, r.version)?;
-            tx.set_rollout_state(r.id, "succeeded")?;
-            tx.merge_rollout_report(r.id, json!({"finished_at": ms(SystemTime::now()), "at_logoff": later}))?;
+            tx.set_rollout_state(r.id, RolloutState::Succeeded)?;
+            tx.update_rollout_outcome(r.id, |o| {
+                o.finished_at = Some(ms(SystemTime::now()));
+                o.at_logoff = Some(later.clone());
+            })?;
             tx.audit(Audit {
                 actor: &actor,
                 action: "rollout.succeeded",
@@ -778,15 +836,14 @@ impl<'a> Engine<'a> {
         channel: Channel,
         to: Option<u32>,
         force: bool,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<ChannelRollback> {
         names::validate("image", image)?;
-        let actor = self.actor.0.clone();
         // Stop a rollout in flight first; its own process notices within a second.
         let open = self.catalog.write(|tx| -> Result<Option<Rollout>> {
             let img = tx.image(image)?;
             let open = tx.open_rollout(img.id)?.filter(|r| r.channel == channel);
             if let Some(r) = &open {
-                tx.set_rollout_state(r.id, "reverted")?;
+                tx.set_rollout_state(r.id, RolloutState::Reverted)?;
             }
             Ok(open)
         })?;
@@ -796,37 +853,78 @@ impl<'a> Engine<'a> {
             self.revert(r, &ds)?;
             moved_back = ds.into_iter().map(|d| d.desktop).collect();
         }
-        let (target, pools) = self.catalog.write(|tx| -> Result<(u32, Vec<String>)> {
+        let (target, pools) = self.point_channel_back(image, channel, to, open.as_ref().map(|r| r.id), force)?;
+        let results = self.update_pools(pools, force);
+        Ok(ChannelRollback {
+            image: image.to_string(),
+            channel,
+            version: target,
+            stopped_rollout: open.map(|r| r.id),
+            reverted_desktops: moved_back,
+            pools: results,
+        })
+    }
+
+    /// The channel at `to`, or where it was before (the stopped rollout's start when one was
+    /// stopped); returns that version and the pools following the channel.
+    fn point_channel_back(
+        &mut self,
+        image: &str,
+        channel: Channel,
+        to: Option<u32>,
+        stopped: Option<i64>,
+        force: bool,
+    ) -> Result<(u32, Vec<String>)> {
+        let actor = self.actor.0.clone();
+        self.catalog.write(|tx| -> Result<(u32, Vec<String>)> {
             let img = tx.image(image)?;
             let current = tx.channel(&img, channel)?;
-            let target = match (to, &open) {
+            let target = match (to, stopped) {
                 (Some(n), _) => {
                     tx.version(&img, n)?;
                     n
                 }
                 (None, Some(_)) => current,
-                (None, None) => tx.channel_previous(img.id, channel)?.ok_or(RolloutError::NoPrevious { image: image.into(), channel })?,
+                (None, None) => tx
+                    .channel_previous(img.id, channel)?
+                    .ok_or(RolloutError::NoPrevious { image: image.into(), channel })?,
             };
             if target != current {
                 tx.set_channel(&img, channel, target)?;
             }
-            let pools = tx.pools_of_image(img.id)?.into_iter().filter(|p| p.channel == channel && p.pinned.is_none()).map(|p| p.name).collect();
-            tx.audit(Audit { actor: &actor, action: "channel.rollback", image: Some(image), version: Some(target), detail: json!({"channel": channel, "from": current, "to": target, "stopped_rollout": open.as_ref().map(|r| r.id), "force": force}), ..Default::default() })?;
+            let pools = tx
+                .pools_of_image(img.id)?
+                .into_iter()
+                .filter(|p| p.channel == channel && p.pinned.is_none())
+                .map(|p| p.name)
+                .collect();
+            tx.audit(Audit {
+                actor: &actor,
+                action: "channel.rollback",
+                image: Some(image),
+                version: Some(target),
+                detail: json!({"channel": channel, "from": current, "to": target, "stopped_rollout": stopped, "force": force}),
+                ..Default::default()
+            })?;
             Ok((target, pools))
-        })?;
-        let mut results = serde_json::Map::new();
+        })
+    }
+
+    /// Every pool onto its channel's version now; a pool that fails says why and the rest go on.
+    fn update_pools(&mut self, pools: Vec<String>, force: bool) -> BTreeMap<String, PoolRollback> {
+        let mut results = BTreeMap::new();
         for p in pools {
             let actor = self.actor.clone();
             let r = match self.pools().update(&p, force, &actor) {
-                Ok(m) => json!({"moved_now": m.plan.now, "at_logoff": m.plan.at_logoff}),
-                Err(PoolError::Denied(rules::Denied::AlreadyThere { .. })) => json!({"moved_now": [], "at_logoff": []}),
-                Err(e) => json!({"error": e.to_string()}),
+                Ok(m) => PoolRollback::Moved { at_logoff: m.plan.at_logoff, moved_now: m.plan.now },
+                Err(PoolError::Denied(rules::Denied::AlreadyThere { .. })) => {
+                    PoolRollback::Moved { at_logoff: vec![], moved_now: vec![] }
+                }
+                Err(e) => PoolRollback::Error { error: e.to_string() },
             };
             results.insert(p, r);
         }
-        Ok(
-            json!({"image": image, "channel": channel, "version": target, "stopped_rollout": open.map(|r| r.id), "reverted_desktops": moved_back, "pools": results}),
-        )
+        results
     }
 }
 

@@ -33,7 +33,7 @@
 
 use crate::catalog::users::{NewSession, Session, User};
 use crate::catalog::{Audit, Catalog, CatalogError, Tx};
-use crate::hypervisor::{GraphicsEndpoint, GraphicsKind, HypervisorError};
+use crate::hypervisor::{GraphicsEndpoint, GraphicsKind, HypervisorError, VNC_PASSWORD_MAX};
 use crate::names::{self, NameError};
 use crate::pool::{PoolError, Pools};
 use crate::rules::Release;
@@ -165,11 +165,11 @@ impl Ticket {
     pub fn spice_password(&self) -> &str {
         &self.secret
     }
-    /// The VNC password: 8 characters (VNC's limit) derived from the secret.
+    /// The VNC password: [`VNC_PASSWORD_MAX`] characters (VNC's limit) derived from the secret.
     pub fn vnc_password(&self) -> String {
         const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let d = Sha256::digest(format!("vdim vnc password\0{}", self.secret).as_bytes());
-        d.iter().take(8).map(|b| ALPHABET[usize::from(b % 64)] as char).collect()
+        d.iter().take(VNC_PASSWORD_MAX).map(|b| ALPHABET[usize::from(b % 64)] as char).collect()
     }
 }
 
@@ -867,7 +867,7 @@ mod tests {
         assert!(is_session_id(&id) && id.len() * 4 >= 128);
         let t = Ticket::new().unwrap();
         assert!(t.spice_password().len() * 4 >= 128 && t.spice_password().len() <= 60);
-        assert_eq!(t.vnc_password().chars().count(), 8);
+        assert_eq!(t.vnc_password().chars().count(), VNC_PASSWORD_MAX);
         assert_eq!(t.vnc_password(), t.vnc_password(), "derived, so the same for one ticket");
         assert_ne!(t.vnc_password(), Ticket::new().unwrap().vnc_password());
     }

@@ -207,7 +207,7 @@ fn rollout_moves_leave_a_desktop_given_to_a_user_after_it_was_picked() {
                 size: 2,
                 profile: "test-linux",
                 persistent: false,
-                virt: vdim::profile::VirtType::Qemu,
+                virt: vdim::hypervisor::domain_xml::VirtType::Qemu,
                 start: true,
                 display_listen: "127.0.0.1".parse().unwrap(),
                 insecure_display: false,
@@ -338,7 +338,7 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
     let hv = ctx.hypervisor().unwrap();
     let draft = ctx.store().edit("001", None, &Actor("tester".into())).unwrap();
     let p = vdim::profile::Profile::load(&env.home().join("profiles"), profile).unwrap();
-    let spec = vdim::profile::DesktopSpec {
+    let spec = vdim::hypervisor::domain_xml::DesktopSpec {
         name: "vdim-dev-001",
         uuid: None,
         disk: &draft.draft,
@@ -351,7 +351,10 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
         pool: "001",
         version: 1,
     };
-    hv.define(&vdim::profile::domain_xml(&p, vdim::profile::VirtType::Qemu, &spec).unwrap()).unwrap();
+    hv.define(
+        &vdim::hypervisor::domain_xml::domain_xml(&p, vdim::hypervisor::domain_xml::VirtType::Qemu, &spec).unwrap(),
+    )
+    .unwrap();
     hv.start("vdim-dev-001").unwrap();
     assert_eq!(ctx.dev().unwrap().domain_name("001").unwrap(), "vdim-dev-001");
 
@@ -365,7 +368,7 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
                 size: 2,
                 profile,
                 persistent: false,
-                virt: vdim::profile::VirtType::Qemu,
+                virt: vdim::hypervisor::domain_xml::VirtType::Qemu,
                 start: false,
                 display_listen: "127.0.0.1".parse().unwrap(),
                 insecure_display: false,

@@ -8,6 +8,7 @@
 //!                     (after the handshakes both sides' bytes are copied unchanged)
 //! ```
 
+use crate::hypervisor::VNC_PASSWORD_MAX;
 use des::cipher::{BlockEncrypt, KeyInit};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -39,9 +40,10 @@ impl crate::error::Kind for VncError {
 }
 
 /// The 16-byte response to a VNC authentication challenge: DES-ECB of the challenge with
-/// the password's first 8 bytes, each bit-reversed (the RFB spec's historical quirk).
+/// the password's first [`VNC_PASSWORD_MAX`] bytes, each bit-reversed (the RFB spec's
+/// historical quirk).
 pub fn des_response(challenge: &[u8; 16], password: &str) -> [u8; 16] {
-    let mut key = [0u8; 8];
+    let mut key = [0u8; VNC_PASSWORD_MAX];
     for (k, p) in key.iter_mut().zip(password.bytes()) {
         *k = p.reverse_bits();
     }

@@ -4,7 +4,7 @@
 use super::global::{open, Global};
 use super::output::print;
 use crate::catalog::Channel;
-use crate::pool::{self, CreateRequest, MoveReport, PoolError};
+use crate::pool::{self, CreateRequest, MoveReport, PoolError, PoolSummary, PoolView};
 use crate::store::Actor;
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -178,6 +178,77 @@ pub fn move_text(r: &MoveReport, verb: &str) -> String {
     s
 }
 
+fn list_text(l: &Vec<PoolSummary>) -> String {
+    if l.is_empty() {
+        return "no pools yet: 'vdim pool create NAME --image IMAGE --size N'".into();
+    }
+    let mut s = format!(
+        "{:<20} {:<20} {:<8} {:>7} {:>5} {:>6} {:>7}\n",
+        "pool", "image", "channel", "version", "size", "in use", "pending"
+    );
+    for p in l {
+        let ver = match p.pool.pinned {
+            Some(v) => format!("{v} pin"),
+            None => p.pool.version.to_string(),
+        };
+        s += &format!(
+            "{:<20} {:<20} {:<8} {:>7} {:>5} {:>6} {:>7}\n",
+            p.pool.name, p.pool.image, p.pool.channel, ver, p.pool.size, p.in_use, p.pending_moves
+        );
+    }
+    s.trim_end().to_string()
+}
+
+fn show_text(v: &PoolView) -> String {
+    let p = &v.pool;
+    let mut s = format!(
+        "pool {}: image {} channel {} (at version {}), runs version {}{}, {} desktops, profile {}{}, displays on {}{}\n",
+        p.name,
+        p.image,
+        p.channel,
+        v.channel_version,
+        p.version,
+        p.pinned.map(|x| format!(" (pinned at {x})")).unwrap_or_default(),
+        p.size,
+        p.profile,
+        if p.persistent { ", persistent" } else { "" },
+        p.display_listen,
+        display_security(p)
+    );
+    if let Some(id) = &p.identity {
+        s += &identity_text(id);
+    }
+    s += &format!("{:<24} {:<16} {:<22} {:>7} {:>8}  user\n", "desktop", "hostname", "state", "version", "will run");
+    for d in &v.desktops {
+        s += &format!(
+            "{:<24} {:<16} {:<22} {:>7} {:>8}  {}\n",
+            d.name,
+            d.hostname.as_deref().unwrap_or("-"),
+            d.state,
+            d.version,
+            d.will_run,
+            d.assigned_to.as_deref().unwrap_or("-")
+        );
+    }
+    s.trim_end().to_string()
+}
+
+/// A pool's identity line in `pool show`: paths and names, never a secret.
+fn identity_text(id: &crate::identity::Identity) -> String {
+    let mut s = format!("identity: hostnames {}", id.hostname_pattern);
+    if let Some(j) = &id.join {
+        s += &format!(", joins {}", j.domain);
+        if let Some(ou) = &j.ou {
+            s += &format!(" in {ou}");
+        }
+        s += &format!(" (credentials from {})", j.credentials.display());
+    }
+    if let Some(u) = &id.user_data {
+        s += &format!(", user data from {}", u.display());
+    }
+    s + "\n"
+}
+
 pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
     let actor = Actor::resolve(None);
     let mut ctx = open(g)?;
@@ -207,73 +278,11 @@ pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
         }
         PoolCmd::List => {
             let l = pools.list()?;
-            print(g.json, &l, |l| {
-                if l.is_empty() {
-                    return "no pools yet: 'vdim pool create NAME --image IMAGE --size N'".into();
-                }
-                let mut s = format!(
-                    "{:<20} {:<20} {:<8} {:>7} {:>5} {:>6} {:>7}\n",
-                    "pool", "image", "channel", "version", "size", "in use", "pending"
-                );
-                for p in l {
-                    let ver = match p.pool.pinned {
-                        Some(v) => format!("{v} pin"),
-                        None => p.pool.version.to_string(),
-                    };
-                    s += &format!(
-                        "{:<20} {:<20} {:<8} {:>7} {:>5} {:>6} {:>7}\n",
-                        p.pool.name, p.pool.image, p.pool.channel, ver, p.pool.size, p.in_use, p.pending_moves
-                    );
-                }
-                s.trim_end().to_string()
-            })
+            print(g.json, &l, list_text)
         }
         PoolCmd::Show { name } => {
             let v = pools.show(&name)?;
-            print(g.json, &v, |v| {
-                let p = &v.pool;
-                let mut s = format!(
-                    "pool {}: image {} channel {} (at version {}), runs version {}{}, {} desktops, profile {}{}, displays on {}{}\n",
-                    p.name,
-                    p.image,
-                    p.channel,
-                    v.channel_version,
-                    p.version,
-                    p.pinned.map(|x| format!(" (pinned at {x})")).unwrap_or_default(),
-                    p.size,
-                    p.profile,
-                    if p.persistent { ", persistent" } else { "" },
-                    p.display_listen,
-                    display_security(p)
-                );
-                if let Some(id) = &p.identity {
-                    s += &format!("identity: hostnames {}", id.hostname_pattern);
-                    if let Some(j) = &id.join {
-                        s += &format!(", joins {}", j.domain);
-                        if let Some(ou) = &j.ou {
-                            s += &format!(" in {ou}");
-                        }
-                        s += &format!(" (credentials from {})", j.credentials.display());
-                    }
-                    s += "\n";
-                }
-                s += &format!(
-                    "{:<24} {:<16} {:<22} {:>7} {:>8}  user\n",
-                    "desktop", "hostname", "state", "version", "will run"
-                );
-                for d in &v.desktops {
-                    s += &format!(
-                        "{:<24} {:<16} {:<22} {:>7} {:>8}  {}\n",
-                        d.name,
-                        d.hostname.as_deref().unwrap_or("-"),
-                        d.state,
-                        d.version,
-                        d.will_run,
-                        d.assigned_to.as_deref().unwrap_or("-")
-                    );
-                }
-                s.trim_end().to_string()
-            })
+            print(g.json, &v, show_text)
         }
         PoolCmd::Start { name } => {
             let started = pools.start(&name, &actor)?;

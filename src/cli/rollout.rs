@@ -41,24 +41,20 @@ pub fn rollout_text(r: &RolloutReport) -> String {
         }
     }
     let rep = &o.report;
-    if let Some(f) = rep.get("failures").and_then(|f| f.as_array()) {
-        for x in f {
-            s += &format!(
-                "\n  FAILED {} {} (at {})",
-                x["desktop"].as_str().unwrap_or("?"),
-                x["how"].as_str().unwrap_or("?"),
-                x["at"].as_str().unwrap_or("?")
-            );
-        }
+    for f in &rep.failures {
+        s += &format!("\n  FAILED {} {} (at {})", f.desktop, f.how, f.at);
+    }
+    if !rep.failures.is_empty() {
+        let or_unknown = |v: Option<String>| v.unwrap_or_else(|| "?".into());
         s += &format!(
             "\n  crash reported by libvirt at {}; acted on {} ms later; failed desktops running the previous version {} ms after that",
-            rep["crash_event_at"].as_str().unwrap_or("?"),
-            rep["event_to_verdict_ms"],
-            rep["restore_ms"]
+            or_unknown(rep.crash_event_at.clone()),
+            or_unknown(rep.event_to_verdict_ms.map(|ms| ms.to_string())),
+            or_unknown(rep.restore_ms.map(|ms| ms.to_string()))
         );
     }
-    if let Some(i) = rep.get("interrupted") {
-        s += &format!("\n  interrupted: vdim pid {} died during wave {}", i["pid"], i["wave"]);
+    if let Some(i) = &rep.interrupted {
+        s += &format!("\n  interrupted: vdim pid {} died during wave {}", i.pid.unwrap_or(0), i.wave);
     }
     s
 }
@@ -162,15 +158,12 @@ pub fn rollback(g: &Global, a: RollbackArgs) -> Result<()> {
     let (image, channel) = (image.unwrap_or_default(), channel.unwrap_or(Channel::Prod));
     let r = open(g)?.engine(Actor::resolve(None))?.rollback_channel(&image, channel, to, force)?;
     print(g.json, &r, |r| {
-        let mut s = format!("channel {channel} of '{image}' now points at version {}", r["version"]);
-        if let Some(id) = r["stopped_rollout"].as_i64() {
-            s += &format!(
-                "; rollout {id} stopped and {} desktop(s) moved back",
-                r["reverted_desktops"].as_array().map(|a| a.len()).unwrap_or(0)
-            );
+        let mut s = format!("channel {channel} of '{image}' now points at version {}", r.version);
+        if let Some(id) = r.stopped_rollout {
+            s += &format!("; rollout {id} stopped and {} desktop(s) moved back", r.reverted_desktops.len());
         }
-        for (p, res) in r["pools"].as_object().into_iter().flatten() {
-            s += &format!("\n  pool {p}: {res}");
+        for (p, res) in &r.pools {
+            s += &format!("\n  pool {p}: {}", serde_json::to_string(res).unwrap_or_default());
         }
         s
     })

@@ -9,9 +9,10 @@
 //! Compiled for unit tests and under the `fake` feature only: the shipped binary has no fake
 //! hypervisor in it, and nothing can select one by accident.
 
+use super::xml::{element_text, find_elements};
 use super::{
-    element_text, find_elements, DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError,
-    LifecycleEvent, LifecycleKind, Subscription,
+    DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError, LifecycleEvent, LifecycleKind,
+    Subscription,
 };
 use std::collections::BTreeMap;
 use std::path::Path;

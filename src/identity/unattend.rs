@@ -2,7 +2,7 @@
 //! both in the specialize pass (the pass a sysprep-generalized image runs at first boot).
 
 use super::{Credentials, DomainJoin};
-use crate::profile::escape_xml as esc;
+use crate::hypervisor::xml::escape as esc;
 
 /// Attributes every component of an amd64 answer file carries (as Windows SIM writes them).
 const COMPONENT_ATTRS: &str = r#"processorArchitecture="amd64" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance""#;

@@ -6,10 +6,10 @@ use super::*;
 use crate::catalog::Channel;
 use crate::context::{Context, Settings};
 use crate::home::Home;
+use crate::hypervisor::domain_xml::VirtType;
 use crate::hypervisor::fake::{Boot, Call, FakeHypervisor, Op};
 use crate::hypervisor::{DomainState, Hypervisor};
 use crate::pool::CreateOptions;
-use crate::profile::VirtType;
 use std::sync::Arc;
 
 const POOL: &str = "canary";
@@ -114,7 +114,7 @@ fn a_crash_in_wave_1_reverts_exactly_the_moved_desktops() {
     let RolloutError::Failed { summary, report, .. } = err else { panic!("not a failed rollout: {err}") };
     let canary = desktop(1);
     assert_eq!(summary, format!("{canary} crashed (panicked)"));
-    assert_eq!(report.rollout.state, "failed");
+    assert_eq!(report.rollout.state, RolloutState::Failed);
     let moved: Vec<usize> = report.waves.iter().map(|w| w.moved).collect();
     assert_eq!(moved, [1, 0, 0], "the crash stops the rollout in its first wave");
     // Only the canary was touched: stopped, booted on v2, crashed, stopped, booted on v1.
@@ -137,7 +137,7 @@ fn a_good_rollout_passes_all_waves_and_moves_every_desktop_once() {
     let mut f = Fixture::new();
     f.hv.take_calls();
     let rep = f.promote("1,50%,100%").expect("a healthy version passes");
-    assert_eq!(rep.rollout.state, "succeeded");
+    assert_eq!(rep.rollout.state, RolloutState::Succeeded);
     let moved: Vec<usize> = rep.waves.iter().map(|w| w.moved).collect();
     assert_eq!(moved, [1, 1, 2], "canary first, then half, then everyone");
     assert!(rep.waves.iter().all(|w| w.failed == 0 && w.healthy == w.moved), "{:?}", rep.waves);
