@@ -1089,7 +1089,8 @@ fn sessions_expire_and_are_logged_off_by_the_broker() {
     assert_eq!(http.json("GET", &format!("/api/v1/sessions/{id}"), Some(&alice), None).0, 404);
     let audit = http.ok("GET", "/api/v1/admin/audit?pool=ttl", admin, None);
     assert!(audit.as_array().unwrap().iter().any(|e| e["action"] == "session.expire"), "{audit}");
-    assert!(http.call("GET", "/metrics", Some(admin), None).1.contains("vdim_sessions_reaped_total 1"));
+    let metrics = http.call("GET", "/metrics", Some(admin), None).1;
+    assert!(metrics.contains("vdim_sessions_reaped_total 1"), "{metrics}");
     let again = http.ok("POST", "/api/v1/pools/ttl/sessions", &alice, None);
     assert_ne!(again["id"].as_str().unwrap(), id);
 }

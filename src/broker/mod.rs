@@ -454,15 +454,16 @@ async fn reaper(b: Arc<Broker>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Counted as each session ends, before its desktop is reset: whoever sees the desktop
+        // free sees the count too.
+        let ended = |b: &Broker, s: &str| {
+            b.metrics.sessions_ended_by_reaper.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            b.consoles.end(s);
+        };
         let reaped =
-            b.blocking(|b, ctx| Ok(ctx.sessions()?.reap(&Actor("broker".into()), &|s| b.consoles.end(s))?)).await;
-        match reaped {
-            Ok(r) => {
-                b.metrics
-                    .sessions_ended_by_reaper
-                    .fetch_add(r.ended.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            Err(e) => tracing::warn!(error = %e.message(), "reaping sessions failed"),
+            b.blocking(move |b, ctx| Ok(ctx.sessions()?.reap(&Actor("broker".into()), &|s| ended(b, s))?)).await;
+        if let Err(e) = reaped {
+            tracing::warn!(error = %e.message(), "reaping sessions failed");
         }
     }
 }

@@ -226,7 +226,10 @@ fn os(x: &mut Writer, profile: &Profile, nvram: Option<&str>) {
         x.empty("feature", &[("enabled", enabled), ("name", "enrolled-keys")]);
         x.empty("feature", &[("enabled", enabled), ("name", "secure-boot")]);
         x.close("firmware");
-        x.empty("loader", &[("secure", enabled)]);
+        // libvirt refuses `secure='no'` beside firmware autoselection; the features say it.
+        if secure {
+            x.empty("loader", &[("secure", "yes")]);
+        }
         if let Some(nvram) = nvram {
             x.leaf("nvram", &[], nvram);
         }
@@ -490,11 +493,12 @@ fn is_uuid(s: &str) -> bool {
         && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The XML's content; libvirt's schema, a define and a boot of each profile are checked
+/// against the real tools and daemon in `tests/profiles.rs`.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::tests::{load_text, shipped, MINIMAL, SHIPPED};
-    use std::process::Command;
+    use crate::profile::tests::{load_text, shipped, MINIMAL};
 
     fn spec<'a>(profile: &Profile, name: &'a str) -> DesktopSpec<'a> {
         DesktopSpec {
@@ -600,7 +604,7 @@ mod tests {
     fn windows10_boots_uefi_without_secure_boot() {
         let out = xml(&shipped("windows10"), VirtType::Qemu);
         assert!(out.contains("<feature enabled='no' name='secure-boot'/>"), "{out}");
-        assert!(out.contains("<loader secure='no'/>"), "{out}");
+        assert!(!out.contains("<loader"), "{out}");
         assert!(!out.contains("<smm"), "{out}");
     }
 
@@ -659,34 +663,6 @@ mod tests {
             }
             spec.config_drive = Some(Path::new("relative.iso"));
             assert!(domain_xml(&profile, VirtType::Qemu, &spec).is_err(), "paths are checked like every other");
-        }
-    }
-
-    #[test]
-    fn every_profile_validates_against_libvirt_schema() {
-        assert!(
-            Command::new("sh").args(["-c", "command -v virt-xml-validate"]).output().is_ok_and(|o| o.status.success()),
-            "virt-xml-validate is missing: run scripts/setup-host (libvirt-clients, libxml2-utils)"
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        for name in SHIPPED {
-            let profile = shipped(name);
-            for virt in [VirtType::Kvm, VirtType::Qemu] {
-                let mut spec = spec(&profile, "vdim-finance-001");
-                spec.uuid = Some("0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0aa");
-                spec.config_drive = Some(Path::new("/var/lib/vdim/run/finance/vdim-finance-001.config.iso"));
-                let out = domain_xml(&profile, virt, &spec).expect("domain XML");
-                let file = dir.path().join(format!("{name}-{}.xml", virt.as_str()));
-                std::fs::write(&file, &out).expect("write XML");
-                let result =
-                    Command::new("virt-xml-validate").arg(&file).arg("domain").output().expect("run virt-xml-validate");
-                assert!(
-                    result.status.success(),
-                    "{name} ({virt:?}) rejected: {}{}\n{out}",
-                    String::from_utf8_lossy(&result.stdout),
-                    String::from_utf8_lossy(&result.stderr)
-                );
-            }
         }
     }
 
@@ -822,101 +798,5 @@ mod tests {
         s.nvram = None;
         let out = domain_xml(&w11, VirtType::Qemu, &s).expect("libvirt's default nvram");
         assert!(!out.contains("<nvram"), "{out}");
-    }
-
-    /// Runs `virsh -c qemu:///system` with a timeout; returns (success, stdout + stderr).
-    fn virsh(args: &[&str]) -> (bool, String) {
-        let out = Command::new("timeout")
-            .arg("120")
-            .args(["virsh", "-c", "qemu:///system"])
-            .args(args)
-            .output()
-            .expect("run virsh");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
-    }
-
-    /// Destroys and undefines the test domain (with its NVRAM and TPM state) when dropped.
-    struct DomainGuard(String);
-
-    impl Drop for DomainGuard {
-        fn drop(&mut self) {
-            let _ = virsh(&["destroy", &self.0]);
-            let _ = virsh(&["undefine", "--nvram", "--tpm", &self.0]);
-        }
-    }
-
-    /// Whether an swtpm process serves `domain` (its socket path carries the domain name).
-    fn swtpm_running_for(domain: &str) -> bool {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return false;
-        };
-        entries.flatten().any(|entry| {
-            let raw = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&raw);
-            let program = cmdline.split('\0').next().unwrap_or("");
-            program.rsplit('/').next() == Some("swtpm") && cmdline.contains(domain)
-        })
-    }
-
-    #[test]
-    fn windows11_domain_runs_under_tcg_with_secure_boot_and_swtpm() {
-        if !virsh(&["version"]).0 {
-            eprintln!(
-                "SKIPPED windows11_domain_runs_under_tcg_with_secure_boot_and_swtpm: \
-                 libvirtd does not answer on qemu:///system (run scripts/setup-host)"
-            );
-            return;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let disk = dir.path().join("disk.qcow2");
-        let nvram = dir.path().join("VARS.fd");
-        let made = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&disk)
-            .arg("1G")
-            .status()
-            .expect("run qemu-img");
-        assert!(made.success(), "qemu-img create failed");
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let name = format!("vdimtest-prof-{}-{nanos}", std::process::id());
-        let profile = shipped("windows11");
-        let spec = DesktopSpec {
-            name: &name,
-            uuid: None,
-            disk: &disk,
-            serial_log: None,
-            nvram: Some(&nvram),
-            config_drive: None,
-            graphics_password: "e2e-ticket",
-            listen: "127.0.0.1",
-            display_tls: false,
-            pool: "e2e",
-            version: 1,
-        };
-        let out = domain_xml(&profile, VirtType::Qemu, &spec).expect("domain XML");
-        let xml_path = dir.path().join("domain.xml");
-        std::fs::write(&xml_path, &out).expect("write XML");
-
-        let xml_arg = xml_path.to_str().expect("utf-8 temp path");
-        let (ok, text) = virsh(&["define", xml_arg]);
-        assert!(ok, "define failed: {text}\n{out}");
-        let _guard = DomainGuard(name.clone());
-        let (ok, text) = virsh(&["start", &name]);
-        assert!(ok, "start failed: {text}\n{out}");
-
-        // Let OVMF run for a moment: a firmware that kills QEMU would show here.
-        std::thread::sleep(std::time::Duration::from_secs(3));
-        let (ok, state) = virsh(&["domstate", &name]);
-        assert!(ok && state.trim() == "running", "domstate: {state}");
-        assert!(swtpm_running_for(&name), "no swtpm process for {name}");
-        let (ok, live) = virsh(&["dumpxml", &name]);
-        assert!(ok, "dumpxml failed: {live}");
-        let loader =
-            live.lines().find(|l| l.contains("<loader")).unwrap_or_else(|| panic!("no loader in live XML: {live}"));
-        assert!(loader.contains("secure='yes'"), "{loader}");
-        assert!(live.contains("<entry name='serial'>"), "{live}");
-        assert!(nvram.exists(), "libvirt did not create the NVRAM file");
     }
 }

@@ -256,3 +256,6 @@ impl<'a> Dev<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1371,35 +1371,4 @@ fn state_word(s: DomainState) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn desktop_names_belong_to_exactly_one_pool() {
-        assert_eq!(desktop_name("finance", 7), "vdim-finance-007");
-        assert!(is_desktop_of("a", "vdim-a-001"));
-        assert!(!is_desktop_of("a", "vdim-a-b-001"), "pool a-b's desktop is not pool a's");
-        assert!(!is_desktop_of("a", "vdim-a-01"));
-        assert!(!is_desktop_of("a", "vdim-ab-001"));
-    }
-
-    #[test]
-    fn display_listen_is_an_ip_literal_only() {
-        for ok in ["127.0.0.1", "0.0.0.0", "192.0.2.10", "::", "::1", "fd00::5"] {
-            assert_eq!(parse_display_listen(ok).unwrap().to_string(), ok);
-        }
-        for bad in
-            ["not-an-ip", "localhost", "1.2.3.4'/>", "", " 0.0.0.0", "1.2.3.4\n", "fe80::1%eth0", "[::1]", "1.2.3"]
-        {
-            let e = parse_display_listen(bad).unwrap_err().to_string();
-            assert!(e.contains("is not an IP address"), "{bad:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn secrets_are_long_and_different() {
-        let (a, b) = (random_secret(16), random_secret(16));
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
-    }
-}
+pub(crate) mod tests;

@@ -1,0 +1,330 @@
+//! Pool logic against the recording fake hypervisor (no root, no libvirtd): the catalog,
+//! the desktops' overlays (the crate's own qcow2 writer) and the pool service are the real
+//! ones; the image's layers are only catalog rows, which is all an overlay needs to point at.
+//! The naming and parsing helpers' tests come first.
+
+use super::*;
+use crate::context::{Context, Settings};
+use crate::hypervisor::fake::{Call, FakeHypervisor, Op};
+use std::sync::Arc;
+
+#[test]
+fn desktop_names_belong_to_exactly_one_pool() {
+    assert_eq!(desktop_name("finance", 7), "vdim-finance-007");
+    assert!(is_desktop_of("a", "vdim-a-001"));
+    assert!(!is_desktop_of("a", "vdim-a-b-001"), "pool a-b's desktop is not pool a's");
+    assert!(!is_desktop_of("a", "vdim-a-01"));
+    assert!(!is_desktop_of("a", "vdim-ab-001"));
+}
+
+#[test]
+fn display_listen_is_an_ip_literal_only() {
+    for ok in ["127.0.0.1", "0.0.0.0", "192.0.2.10", "::", "::1", "fd00::5"] {
+        assert_eq!(parse_display_listen(ok).unwrap().to_string(), ok);
+    }
+    for bad in ["not-an-ip", "localhost", "1.2.3.4'/>", "", " 0.0.0.0", "1.2.3.4\n", "fe80::1%eth0", "[::1]", "1.2.3"] {
+        let e = parse_display_listen(bad).unwrap_err().to_string();
+        assert!(e.contains("is not an IP address"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn secrets_are_long_and_different() {
+    let (a, b) = (random_secret(16), random_secret(16));
+    assert_eq!(a.len(), 32);
+    assert_ne!(a, b);
+}
+
+// ---- against the fake hypervisor -----------------------------------------------------------
+
+pub(crate) const V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+pub(crate) const V2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+/// A home with image `img`: v1 on every channel, v2 sealed onto dev (as import and seal
+/// leave them), its catalog on a fake hypervisor.
+pub(crate) struct Fixture {
+    _dir: tempfile::TempDir,
+    pub ctx: Context,
+    pub hv: Arc<FakeHypervisor>,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = Settings {
+            profiles: dir.path().join("profiles"),
+            virt_type: "qemu".into(),
+            ..Settings::new(Home::new(dir.path().join("home")))
+        };
+        crate::profile::install_shipped(&settings.profiles).expect("profiles");
+        let hv = Arc::new(FakeHypervisor::new());
+        let mut ctx = Context::init(settings).expect("context").with_hypervisor(hv.clone());
+        ctx.catalog()
+            .write(|tx| -> std::result::Result<(), CatalogError> {
+                let image = tx.insert_image("img", 1 << 30)?;
+                tx.insert_version(&image, None, V1, 4096, 1 << 30, "tester", "v1")?;
+                for ch in Channel::ALL {
+                    tx.set_channel(&image, ch, 1)?;
+                }
+                tx.insert_version(&image, Some(1), V2, 4096, 1 << 30, "tester", "v2")?;
+                tx.set_channel(&image, Channel::Dev, 2)
+            })
+            .expect("catalog");
+        Fixture { _dir: dir, ctx, hv }
+    }
+
+    pub fn pools(&mut self) -> Pools<'_> {
+        self.ctx.pools().expect("pools")
+    }
+
+    /// A non-persistent test-linux pool of `size` desktops on the test channel.
+    pub fn create(&mut self, name: &str, size: u32, start: bool) -> PoolView {
+        let create = CreateOptions {
+            name,
+            image: "img",
+            channel: Channel::Test,
+            size,
+            profile: "test-linux",
+            persistent: false,
+            virt: VirtType::Qemu,
+            start,
+            display_listen: "127.0.0.1".parse().expect("ip"),
+            insecure_display: false,
+            identity: None,
+        };
+        self.pools().create(&create, &actor()).expect("pool create")
+    }
+
+    pub fn set_channel(&mut self, channel: Channel, version: u32) {
+        self.ctx
+            .catalog()
+            .write(|tx| -> std::result::Result<(), CatalogError> {
+                tx.set_channel(&tx.image("img")?, channel, version)
+            })
+            .expect("set channel");
+    }
+
+    pub fn pool(&mut self, name: &str) -> Pool {
+        self.ctx.catalog().read(|tx| tx.pool(name)).expect("catalog").expect("pool")
+    }
+
+    pub fn desktops(&mut self, pool: &str) -> Vec<Desktop> {
+        let id = self.pool(pool).id;
+        self.ctx.catalog().read(|tx| tx.desktops(id)).expect("desktops")
+    }
+
+    pub fn home(&self) -> &Home {
+        self.ctx.home()
+    }
+}
+
+pub(crate) fn actor() -> Actor {
+    Actor("tester".into())
+}
+
+/// The layer a recorded start booted ("v1", "v2"), from the backing file of the domain's disk.
+pub(crate) fn layer(call: &Call) -> Option<&'static str> {
+    call.disk_backing.as_deref().map(|b| match () {
+        _ if b.contains(V1) => "v1",
+        _ if b.contains(V2) => "v2",
+        _ => "other",
+    })
+}
+
+/// The calls that changed a domain: (op, domain, the layer it booted for a start).
+pub(crate) fn changes(calls: &[Call]) -> Vec<(Op, String, Option<&'static str>)> {
+    calls.iter().filter(|c| c.op.changes()).map(|c| (c.op, c.domain.clone(), layer(c))).collect()
+}
+
+/// The qcow2 files a domain's XML names as disks.
+pub(crate) fn disks(xml: &str) -> Vec<PathBuf> {
+    xml.split("<source file='")
+        .skip(1)
+        .filter_map(|rest| rest.split('\'').next())
+        .filter(|f| f.ends_with(".qcow2"))
+        .map(PathBuf::from)
+        .collect()
+}
+
+fn names(pool: &str, indexes: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    indexes.map(|i| desktop_name(pool, i)).collect()
+}
+
+#[test]
+fn creating_a_pool_defines_each_desktop_on_an_overlay_of_the_version_layer_and_does_nothing_else() {
+    let mut f = Fixture::new();
+    let view = f.create("a", 3, false);
+    assert_eq!(view.pool.version, 1);
+    let want = names("a", 1..=3);
+    let defined: Vec<(Op, String, Option<&str>)> = want.iter().map(|n| (Op::Define, n.clone(), None)).collect();
+    assert_eq!(changes(&f.hv.calls()), defined, "three defines, no start, nothing removed");
+    assert_eq!(f.hv.list("").expect("list"), want);
+    for d in f.desktops("a") {
+        assert_eq!(d.version, 1, "{}", d.name);
+        let xml = f.hv.xml(&d.name).expect("xml");
+        let overlay = f.home().root().join(&d.overlay);
+        assert_eq!(overlay, f.home().pool_dir("a").join(format!("{}.qcow2", d.name)));
+        assert_eq!(disks(&xml), vec![overlay.clone()], "the domain boots its own overlay");
+        let header = crate::qcow2::read_header(&overlay).expect("overlay is a qcow2");
+        assert_eq!(header.backing_file.as_deref(), Some(format!("../../layers/{V1}.qcow2").as_str()));
+        assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(header.virtual_size, 1 << 30);
+        assert_eq!(f.hv.state(&d.name).expect("state").0, DomainState::ShutOff);
+    }
+}
+
+#[test]
+fn a_started_pool_boots_each_desktop_once_on_its_version() {
+    let mut f = Fixture::new();
+    f.create("a", 3, true);
+    let starts: Vec<(String, Option<&str>)> =
+        changes(&f.hv.calls()).into_iter().filter(|c| c.0 == Op::Start).map(|c| (c.1, c.2)).collect();
+    let want: Vec<(String, Option<&str>)> = names("a", 1..=3).into_iter().map(|n| (n, Some("v1"))).collect();
+    assert_eq!(starts, want);
+    assert!(f.pool("a").running);
+}
+
+#[test]
+fn update_moves_idle_desktops_now_and_leaves_an_assigned_one_for_its_logoff() {
+    let mut f = Fixture::new();
+    f.create("a", 3, true);
+    let taken = f.pools().assign("a", "alice", &actor()).expect("assign").name;
+    f.set_channel(Channel::Test, 2);
+    f.hv.take_calls();
+    let report = f.pools().update("a", false, &actor()).expect("update");
+    let idle: Vec<String> = names("a", 1..=3).into_iter().filter(|n| *n != taken).collect();
+    assert_eq!((report.plan.from, report.plan.to), (1, 2));
+    assert_eq!(report.plan.now, idle);
+    assert_eq!(report.plan.at_logoff, vec![taken.clone()]);
+    let mut moved = vec![];
+    for n in &idle {
+        moved.push((Op::Destroy, n.clone(), None));
+        moved.push((Op::Start, n.clone(), Some("v2")));
+    }
+    let mut got = changes(&f.hv.take_calls());
+    got.sort();
+    moved.sort();
+    assert_eq!(got, moved, "each idle desktop restarted on v2; alice's desktop untouched");
+    for d in f.desktops("a") {
+        let want = if d.name == taken { (1, Some(2)) } else { (2, None) };
+        assert_eq!((d.version, d.target), want, "{}", d.name);
+    }
+
+    f.pools().release(&taken, &actor()).expect("logoff");
+    assert_eq!(
+        changes(&f.hv.calls()),
+        [(Op::Destroy, taken.clone(), None), (Op::Start, taken.clone(), Some("v2"))],
+        "alice's desktop moves at her logoff"
+    );
+    assert!(f.desktops("a").iter().all(|d| d.version == 2 && d.target.is_none()));
+}
+
+#[test]
+fn rollback_pins_the_pool_and_moves_its_desktops_back() {
+    let mut f = Fixture::new();
+    f.create("a", 2, true);
+    f.set_channel(Channel::Test, 2);
+    f.pools().update("a", false, &actor()).expect("update");
+    f.hv.take_calls();
+    let report = f.pools().rollback("a", None, false, &actor()).expect("rollback");
+    assert_eq!((report.plan.from, report.plan.to, report.plan.pinned), (2, 1, Some(1)));
+    let mut got = changes(&f.hv.calls());
+    got.sort();
+    let mut want = vec![];
+    for n in names("a", 1..=2) {
+        want.push((Op::Destroy, n.clone(), None));
+        want.push((Op::Start, n, Some("v1")));
+    }
+    want.sort();
+    assert_eq!(got, want, "every desktop restarted on v1");
+    let pool = f.pool("a");
+    assert_eq!((pool.version, pool.pinned), (1, Some(1)));
+    assert!(f.desktops("a").iter().all(|d| d.version == 1 && d.target.is_none()));
+    // Pinned: following the channel is refused until unpinned.
+    f.hv.take_calls();
+    let err = f.pools().update("a", false, &actor()).expect_err("a pinned pool does not follow its channel");
+    assert!(matches!(err, PoolError::Denied(Denied::Pinned { version: 1, .. })), "{err:?}");
+    assert!(changes(&f.hv.calls()).is_empty());
+}
+
+/// Today a pool start stops at the first desktop libvirt fails to start (the error names
+/// it); desktops after it stay off until the pool is started again.
+#[test]
+fn a_failed_start_is_reported_for_its_desktop_and_stops_the_desktops_after_it() {
+    let mut f = Fixture::new();
+    f.create("a", 4, false);
+    let [one, two, three, four]: [String; 4] = names("a", 1..=4).try_into().expect("four");
+    f.hv.fail_next(Op::Start, &two);
+    f.hv.take_calls();
+    let err = f.pools().start("a", &actor()).expect_err("the injected failure surfaces");
+    assert!(
+        matches!(&err, PoolError::Hypervisor(HypervisorError::Libvirt { domain, .. }) if *domain == two),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&two), "{err}");
+    let starts: Vec<String> = f.hv.take_calls().into_iter().filter(|c| c.op == Op::Start).map(|c| c.domain).collect();
+    assert_eq!(starts, [one.clone(), two.clone()], "desktops after the failed one are not tried");
+    let running = |f: &Fixture, n: &str| f.hv.state(n).expect("state").0 == DomainState::Running;
+    assert!(running(&f, &one) && !running(&f, &two) && !running(&f, &three) && !running(&f, &four));
+
+    let started = f.pools().start("a", &actor()).expect("start again");
+    assert_eq!(started, [two, three, four], "a second start boots the rest, not the running one");
+}
+
+#[test]
+fn deleting_pool_a_removes_exactly_its_domains_and_files_and_leaves_pool_a_b_alone() {
+    let mut f = Fixture::new();
+    f.create("a", 2, true);
+    f.create("a-b", 2, true);
+    let a_b_dir = f.home().pool_dir("a-b");
+    let a_b_files: Vec<_> = std::fs::read_dir(&a_b_dir).expect("a-b dir").flatten().map(|e| e.path()).collect();
+    f.hv.take_calls();
+    f.pools().delete("a", false, &actor()).expect("delete");
+    let mut want = vec![];
+    for n in names("a", 1..=2) {
+        want.push((Op::Destroy, n.clone(), None));
+        want.push((Op::Undefine, n, None));
+    }
+    assert_eq!(changes(&f.hv.calls()), want, "only pool a's desktops, each stopped then undefined");
+    assert_eq!(f.hv.list("").expect("list"), names("a-b", 1..=2));
+    assert!(f.hv.list("").expect("list").iter().all(|n| f.hv.state(n).expect("state").0 == DomainState::Running));
+    assert!(!f.home().pool_dir("a").exists());
+    assert_eq!(a_b_files.len(), 2);
+    assert!(a_b_files.iter().all(|p| p.is_file()), "pool a-b's overlays stay");
+    assert!(f.ctx.catalog().read(|tx| tx.pool("a")).expect("catalog").is_none());
+    assert_eq!(f.desktops("a-b").len(), 2);
+}
+
+#[test]
+fn an_identity_pool_boots_each_desktop_with_its_drive_and_builds_it_again_at_logoff() {
+    use std::os::unix::fs::MetadataExt;
+    let mut f = Fixture::new();
+    let identity = Identity { hostname_pattern: "LAB-{n}".into(), join: None, user_data: None };
+    let create = CreateOptions {
+        name: "lab",
+        image: "img",
+        channel: Channel::Test,
+        size: 2,
+        profile: "test-linux",
+        persistent: false,
+        virt: VirtType::Qemu,
+        start: true,
+        display_listen: "127.0.0.1".parse().expect("ip"),
+        insecure_display: false,
+        identity: Some(identity),
+    };
+    let view = f.pools().create(&create, &actor()).expect("pool create");
+    let hosts: Vec<_> = view.desktops.iter().map(|d| d.hostname.clone().unwrap_or_default()).collect();
+    assert_eq!(hosts, ["LAB-001", "LAB-002"]);
+    let drive = f.home().pool_run("lab").join("vdim-lab-001.config.iso");
+    let xml = f.hv.xml("vdim-lab-001").expect("defined");
+    assert!(xml.contains(&format!("<source file='{}'/>", drive.display())) && xml.contains("<readonly/>"), "{xml}");
+    let uuid = f.desktops("lab")[0].uuid.clone().expect("a uuid on record");
+    assert!(xml.contains(&format!("<uuid>{uuid}</uuid>")), "the domain has the recorded uuid");
+    let ino = std::fs::metadata(&drive).expect("drive").ino();
+    f.pools().assign("lab", "alice", &actor()).expect("assign");
+    f.pools().release("vdim-lab-001", &actor()).expect("release");
+    assert_ne!(std::fs::metadata(&drive).expect("drive").ino(), ino, "a new drive at the reset");
+    f.pools().delete("lab", false, &actor()).expect("delete");
+    assert!(!drive.exists(), "the drive goes with its desktop");
+}
