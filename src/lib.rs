@@ -31,6 +31,8 @@ pub mod health;
 pub mod rollout;
 /// Pools of desktops: thin overlays, domains, update, rollback, assignment.
 pub mod pool;
+/// Per-desktop identity: hostname pattern, answer file, domain join, the config drive.
+pub mod identity;
 /// Hardware profiles (TOML): the virtual hardware an image boots on, validated at load.
 pub mod profile;
 /// The libvirt seam: one trait, the `virt` implementation, lifecycle events, the domain XML with

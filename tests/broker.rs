@@ -974,6 +974,56 @@ fn hostile_requests_get_the_right_status_and_change_nothing() {
 }
 
 #[test]
+fn the_admin_api_gives_a_pool_an_identity_with_the_join_credentials_only_as_a_path_on_the_host() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    let core = vdim::pool::random_secret(12);
+    let cred = t.env.path("join.cred");
+    std::fs::write(&cred, format!("username=svc-join\npassword=api-{core}\n")).unwrap();
+    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let body = |extra: Value| {
+        let mut b = json!({"name": "idp", "image": "img", "size": 1, "profile": "test-linux", "start": true,
+                           "identity": true, "hostname_pattern": "API-{n}", "join_domain": "corp.example.com"});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    // The secret is never part of a request; a relative path means nothing on the broker's host.
+    for (extra, status) in [
+        (json!({"join_credentials": cred, "join_password": format!("api-{core}")}), 400),
+        (json!({"join_credentials": "join.cred"}), 400),
+        (json!({"join_credentials": cred, "hostname_pattern": "API_{n}"}), 400),
+    ] {
+        let (s, v) = http.json("POST", "/api/v1/admin/pools", Some(admin), Some(body(extra.clone())));
+        assert_eq!(s, status, "{extra}: {v}");
+        assert_eq!(http.json("GET", "/api/v1/admin/pools/idp", Some(admin), None).0, 404, "{extra}: nothing made");
+    }
+    let (s, v) = http.json("POST", "/api/v1/admin/pools", Some(admin), Some(body(json!({"join_credentials": cred}))));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["desktops"][0]["hostname"], "API-001");
+    assert_eq!(v["identity"]["join"]["credentials"], cred.to_str().unwrap());
+    let drive = t.env.home().join("run/idp/vdim-idp-001.config.iso");
+    let iso = std::fs::read(&drive).unwrap();
+    assert!(iso.windows(core.len()).any(|w| w == core.as_bytes()), "the drive carries the secret");
+    let ino = std::fs::metadata(&drive).unwrap().ino();
+
+    // A logoff through the broker resets the desktop: its drive is built again.
+    let alice = add_user_api(http, admin, "alice");
+    http.ok("PUT", "/api/v1/admin/pools/idp/entitlements/alice", admin, None);
+    let sess = http.ok("POST", "/api/v1/pools/idp/sessions", &alice, None);
+    http.ok("DELETE", &format!("/api/v1/sessions/{}", sess["id"].as_str().unwrap()), &alice, None);
+    assert_ne!(std::fs::metadata(&drive).unwrap().ino(), ino, "a new drive at the reset");
+    assert_eq!(std::fs::metadata(&drive).unwrap().mode() & 0o777, 0o600);
+    let show = http.ok("GET", "/api/v1/admin/pools/idp", admin, None);
+    let audit = http.ok("GET", "/api/v1/admin/audit", admin, None);
+    for (what, text) in
+        [("response", v.to_string()), ("show", show.to_string()), ("audit", audit.to_string()), ("log", t.srv.log())]
+    {
+        assert!(!text.contains(&core), "the join secret is in the broker's {what}");
+    }
+}
+
+#[test]
 fn persistent_pool_gives_each_user_their_own_desktop_back() {
     let t = test_driver_broker(&[]);
     let (http, admin) = (&t.http, t.admin.as_str());

@@ -44,6 +44,7 @@ fn spec<'a>(profile: &Profile, name: &'a str, files: &'a (PathBuf, PathBuf, Path
         disk: &files.0,
         serial_log: profile.wants_serial_log().then_some(files.1.as_path()),
         nvram: profile.uses_uefi().then_some(files.2.as_path()),
+        config_drive: None,
         graphics_password: "s3cret-ticket",
         listen: "127.0.0.1",
         display_tls: false,
@@ -111,6 +112,8 @@ fn every_profile_validates_against_libvirt_schema() {
         for virt in [VirtType::Kvm, VirtType::Qemu] {
             let mut spec = spec(&profile, "vdim-finance-001", &paths);
             spec.uuid = Some("0b9e3c47-5f0e-4b4e-9d43-2b8f27f1c0aa");
+            // With a config drive (identity): its CD-ROM must pass the schema too.
+            spec.config_drive = Some(Path::new("/var/lib/vdim/run/finance/vdim-finance-001.config.iso"));
             let out = domain_xml(&profile, virt, &spec).expect("domain XML");
             let file = dir.path().join(format!("{}-{}.xml", profile.name(), virt.as_str()));
             std::fs::write(&file, &out).expect("write XML");

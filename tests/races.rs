@@ -211,6 +211,7 @@ fn rollout_moves_leave_a_desktop_given_to_a_user_after_it_was_picked() {
                 start: true,
                 display_listen: "127.0.0.1".parse().unwrap(),
                 insecure_display: false,
+                identity: None,
             },
             &actor,
         )
@@ -343,6 +344,7 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
         disk: &draft.draft,
         serial_log: Some(&env.home().join("run/dev/001.serial.log")),
         nvram: None,
+        config_drive: None,
         graphics_password: "secret",
         listen: "127.0.0.1",
         display_tls: false,
@@ -370,6 +372,7 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
                 start: false,
                 display_listen: "127.0.0.1".parse().unwrap(),
                 insecure_display: false,
+                identity: None,
             },
             &Actor("tester".into()),
         )

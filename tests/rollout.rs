@@ -92,7 +92,8 @@ fn a_crashing_version_is_caught_in_the_first_wave_and_undone() {
         "test the canary",
     ]);
     let took = started.elapsed();
-    r.assert_failure().assert_stderr_contains("crashed (panicked)");
+    // A failed rollout is a conflict (5), not an internal error (1): scripts can tell it apart.
+    r.assert_exit_code(5).assert_stderr_contains("crashed (panicked)");
     let rep = r.json();
     assert_eq!(rep["state"], "failed");
     assert!(took < Duration::from_secs(60), "a crash stops the wave at once, not after the soak: {took:?}");

@@ -275,7 +275,7 @@ pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<Crea
     let view = b
         .blocking(move |_, ctx| {
             let virt = pool::parse_virt_type(&ctx.settings().virt_type)?;
-            Ok(ctx.pools()?.create(&c.options(virt), &actor)?)
+            Ok(ctx.pools()?.create(&c.options(virt)?, &actor)?)
         })
         .await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())

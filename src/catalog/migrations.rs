@@ -188,4 +188,15 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE pools ADD COLUMN insecure_display INTEGER NOT NULL DEFAULT 0;
     UPDATE pools SET insecure_display = 1 WHERE display_listen NOT LIKE '127.%' AND display_listen <> '::1';
     "#,
+    // 7: per-desktop identity (config drive). A pool has one when hostname_pattern is set;
+    // join_credentials is the path of a file on this host, never its contents. Desktops get
+    // the domain UUID vdim chose, which their drive states.
+    r#"
+    ALTER TABLE pools ADD COLUMN hostname_pattern TEXT;
+    ALTER TABLE pools ADD COLUMN join_domain TEXT;
+    ALTER TABLE pools ADD COLUMN join_ou TEXT;
+    ALTER TABLE pools ADD COLUMN join_credentials TEXT;
+    ALTER TABLE pools ADD COLUMN user_data TEXT;
+    ALTER TABLE desktops ADD COLUMN uuid TEXT;
+    "#,
 ];

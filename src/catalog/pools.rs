@@ -1,6 +1,7 @@
 //! Catalog queries for pools and their desktops.
 
 use super::{now, Channel, Result, Tx};
+use crate::identity::{DomainJoin, Identity};
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
@@ -25,6 +26,8 @@ pub struct Pool {
     pub insecure_display: bool,
     pub running: bool,
     pub created: String,
+    /// Each desktop gets a config drive with its own hostname (and domain join).
+    pub identity: Option<Identity>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,11 +45,13 @@ pub struct Desktop {
     pub needs_reset: bool,
     pub assigned_to: Option<String>,
     pub assigned_at: Option<String>,
+    /// The domain UUID vdim gave it (desktops made before vdim chose them have none).
+    pub uuid: Option<String>,
 }
 
 const POOL_COLS: &str = "p.id, p.name, p.image_id, i.name, p.channel, p.version, p.pinned, p.size, p.profile,
      p.persistent, p.virt_type, p.running, p.created, p.display_listen,
-     p.insecure_display";
+     p.insecure_display, p.hostname_pattern, p.join_domain, p.join_ou, p.join_credentials, p.user_data";
 
 fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
     let channel: String = r.get(4)?;
@@ -66,7 +71,23 @@ fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
         created: r.get(12)?,
         display_listen: r.get(13)?,
         insecure_display: r.get(14)?,
+        identity: identity_cols(r, 15)?,
     })
+}
+
+/// The identity columns from `at` on: pattern, domain, OU, credentials path, user data path.
+fn identity_cols(r: &rusqlite::Row, at: usize) -> rusqlite::Result<Option<Identity>> {
+    let Some(hostname_pattern) = r.get::<_, Option<String>>(at)? else { return Ok(None) };
+    let domain: Option<String> = r.get(at + 1)?;
+    let credentials: Option<String> = r.get(at + 3)?;
+    let join = match (domain, credentials) {
+        (Some(domain), Some(credentials)) => {
+            Some(DomainJoin { domain, ou: r.get(at + 2)?, credentials: credentials.into() })
+        }
+        _ => None,
+    };
+    let user_data: Option<String> = r.get(at + 4)?;
+    Ok(Some(Identity { hostname_pattern, join, user_data: user_data.map(Into::into) }))
 }
 
 fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<Desktop> {
@@ -81,10 +102,12 @@ fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<Desktop> {
         needs_reset: r.get(7)?,
         assigned_to: r.get(8)?,
         assigned_at: r.get(9)?,
+        uuid: r.get(10)?,
     })
 }
 
-const DESKTOP_COLS: &str = "id, pool_id, idx, name, overlay, version, target, needs_reset, assigned_to, assigned_at";
+const DESKTOP_COLS: &str =
+    "id, pool_id, idx, name, overlay, version, target, needs_reset, assigned_to, assigned_at, uuid";
 
 /// A new pool's row, before its desktops are added.
 pub struct NewPool<'a> {
@@ -99,6 +122,17 @@ pub struct NewPool<'a> {
     /// An IP address, checked by the caller (it goes into domain XML).
     pub display_listen: &'a str,
     pub insecure_display: bool,
+    pub identity: Option<&'a Identity>,
+}
+
+/// A new desktop's row.
+pub struct NewDesktop<'a> {
+    pub index: u32,
+    pub name: &'a str,
+    /// Relative to the vdim home.
+    pub overlay: &'a str,
+    pub version: u32,
+    pub uuid: &'a str,
 }
 
 impl Tx<'_> {
@@ -126,10 +160,12 @@ impl Tx<'_> {
     }
 
     pub fn insert_pool(&self, p: &NewPool) -> Result<i64> {
+        let join = p.identity.and_then(|i| i.join.as_ref());
         self.0.execute(
             "INSERT INTO pools (name, image_id, channel, version, size, profile, persistent, virt_type, created,
-                                display_listen, insecure_display)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                display_listen, insecure_display, hostname_pattern, join_domain, join_ou,
+                                join_credentials, user_data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 p.name,
                 p.image_id,
@@ -141,7 +177,12 @@ impl Tx<'_> {
                 p.virt_type,
                 now(),
                 p.display_listen,
-                p.insecure_display
+                p.insecure_display,
+                p.identity.map(|i| &i.hostname_pattern),
+                join.map(|j| &j.domain),
+                join.and_then(|j| j.ou.as_ref()),
+                join.map(|j| j.credentials.to_string_lossy()),
+                p.identity.and_then(|i| i.user_data.as_ref()).map(|u| u.to_string_lossy()),
             ],
         )?;
         let id = self.0.last_insert_rowid();
@@ -191,10 +232,10 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub fn insert_desktop(&self, pool_id: i64, index: u32, name: &str, overlay: &str, version: u32) -> Result<()> {
+    pub fn insert_desktop(&self, pool_id: i64, d: &NewDesktop) -> Result<()> {
         self.0.execute(
-            "INSERT INTO desktops (pool_id, idx, name, overlay, version) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![pool_id, index, name, overlay, version],
+            "INSERT INTO desktops (pool_id, idx, name, overlay, version, uuid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![pool_id, d.index, d.name, d.overlay, d.version, d.uuid],
         )?;
         Ok(())
     }
@@ -349,11 +390,53 @@ mod tests {
             virt_type: "qemu",
             display_listen: "127.0.0.1",
             insecure_display: false,
+            identity: None,
         })?;
         for i in 1..=2 {
-            tx.insert_desktop(id, i, &format!("vdim-p-00{i}"), &format!("desktops/p/vdim-p-00{i}.qcow2"), 1)?;
+            let (name, overlay) = (format!("vdim-p-00{i}"), format!("desktops/p/vdim-p-00{i}.qcow2"));
+            let uuid = crate::identity::new_uuid();
+            tx.insert_desktop(id, &NewDesktop { index: i, name: &name, overlay: &overlay, version: 1, uuid: &uuid })?;
         }
         Ok(id)
+    }
+
+    #[test]
+    fn a_pools_identity_and_its_desktops_uuids_are_kept() {
+        let (_dir, mut cat) = cat();
+        let identity = Identity {
+            hostname_pattern: "FIN-{n}".into(),
+            join: Some(DomainJoin {
+                domain: "corp.example.com".into(),
+                ou: Some("OU=VDI,DC=corp,DC=example,DC=com".into()),
+                credentials: "/root/join.cred".into(),
+            }),
+            user_data: Some("/root/user-data".into()),
+        };
+        let (pool, desktops) = cat
+            .write(|tx| -> Result<_> {
+                let id = pool_of_two(tx)?;
+                let img = tx.image("a")?;
+                let with = tx.insert_pool(&NewPool {
+                    name: "q",
+                    image_id: img.id,
+                    channel: Channel::Prod,
+                    version: 1,
+                    size: 1,
+                    profile: "x",
+                    persistent: false,
+                    virt_type: "qemu",
+                    display_listen: "127.0.0.1",
+                    insecure_display: false,
+                    identity: Some(&identity),
+                })?;
+                assert_ne!(id, with);
+                assert_eq!(tx.pool("p")?.unwrap().identity, None);
+                Ok((tx.pool("q")?.unwrap(), tx.desktops(id)?))
+            })
+            .unwrap();
+        assert_eq!(pool.identity, Some(identity));
+        assert!(desktops.iter().all(|d| d.uuid.as_ref().is_some_and(|u| u.len() == 36)));
+        assert_ne!(desktops[0].uuid, desktops[1].uuid);
     }
 
     #[test]

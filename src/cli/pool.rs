@@ -8,6 +8,7 @@ use crate::pool::{self, CreateRequest, MoveReport, PoolError, PoolSummary, PoolV
 use crate::store::Actor;
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
 pub enum PoolCmd {
@@ -84,12 +85,67 @@ pub struct CreateArgs {
     /// network); without it such a pool needs the host's libvirt configured for SPICE TLS
     #[arg(long)]
     insecure_display: bool,
+    /// Give each desktop its own identity: a read-only config drive (config-2) with its
+    /// hostname for cloudbase-init and an answer file (unattend.xml) for Windows Setup
+    #[arg(long)]
+    identity: bool,
+    /// Computer names, {n} the desktop's number (FIN-{n}: FIN-001, FIN-002...); at most 15
+    /// characters of letters, digits and '-' (NetBIOS). Default: <pool>-{n}
+    #[arg(long, value_name = "PATTERN", requires = "identity")]
+    hostname_pattern: Option<String>,
+    /// Join each desktop to this Active Directory domain in the specialize pass
+    #[arg(long, value_name = "DOMAIN", requires_all = ["identity", "join_credentials"])]
+    join_domain: Option<String>,
+    /// The OU the computer accounts go to (e.g. 'OU=VDI,DC=corp,DC=example,DC=com')
+    #[arg(long, value_name = "DN", requires = "join_domain")]
+    join_ou: Option<String>,
+    /// File with the joining account (username=, password=, optional domain=), mode 600;
+    /// read again at every desktop reset, its contents never stored by vdim
+    #[arg(long, value_name = "FILE", requires = "join_domain")]
+    join_credentials: Option<PathBuf>,
+    /// File put on each config drive as OpenStack user data (for cloudbase-init)
+    #[arg(long, value_name = "FILE", requires = "identity")]
+    user_data: Option<PathBuf>,
 }
 
 impl From<CreateArgs> for CreateRequest {
     fn from(a: CreateArgs) -> CreateRequest {
-        let CreateArgs { name, image, channel, size, profile, persistent, start, display_listen, insecure_display } = a;
-        CreateRequest { name, image, channel, size, profile, persistent, start, display_listen, insecure_display }
+        let CreateArgs {
+            name,
+            image,
+            channel,
+            size,
+            profile,
+            persistent,
+            start,
+            display_listen,
+            insecure_display,
+            identity,
+            hostname_pattern,
+            join_domain,
+            join_ou,
+            join_credentials,
+            user_data,
+        } = a;
+        // Files are read again later (at every reset) from wherever vdim runs: keep them absolute.
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        CreateRequest {
+            name,
+            image,
+            channel,
+            size,
+            profile,
+            persistent,
+            start,
+            display_listen,
+            insecure_display,
+            identity,
+            hostname_pattern,
+            join_domain,
+            join_ou,
+            join_credentials: join_credentials.map(absolute),
+            user_data: user_data.map(absolute),
+        }
     }
 }
 
@@ -159,11 +215,15 @@ fn show_text(v: &PoolView) -> String {
         p.display_listen,
         display_security(p)
     );
-    s += &format!("{:<24} {:<22} {:>7} {:>8}  user\n", "desktop", "state", "version", "will run");
+    if let Some(id) = &p.identity {
+        s += &identity_text(id);
+    }
+    s += &format!("{:<24} {:<16} {:<22} {:>7} {:>8}  user\n", "desktop", "hostname", "state", "version", "will run");
     for d in &v.desktops {
         s += &format!(
-            "{:<24} {:<22} {:>7} {:>8}  {}\n",
+            "{:<24} {:<16} {:<22} {:>7} {:>8}  {}\n",
             d.name,
+            d.hostname.as_deref().unwrap_or("-"),
             d.state,
             d.version,
             d.will_run,
@@ -171,6 +231,22 @@ fn show_text(v: &PoolView) -> String {
         );
     }
     s.trim_end().to_string()
+}
+
+/// A pool's identity line in `pool show`: paths and names, never a secret.
+fn identity_text(id: &crate::identity::Identity) -> String {
+    let mut s = format!("identity: hostnames {}", id.hostname_pattern);
+    if let Some(j) = &id.join {
+        s += &format!(", joins {}", j.domain);
+        if let Some(ou) = &j.ou {
+            s += &format!(" in {ou}");
+        }
+        s += &format!(" (credentials from {})", j.credentials.display());
+    }
+    if let Some(u) = &id.user_data {
+        s += &format!(", user data from {}", u.display());
+    }
+    s + "\n"
 }
 
 pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
@@ -184,7 +260,7 @@ pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
     match cmd {
         PoolCmd::Create(args) => {
             let virt = pool::parse_virt_type(&g.virt_type)?;
-            let v = pools.create(&CreateRequest::from(args).options(virt), &actor)?;
+            let v = pools.create(&CreateRequest::from(args).options(virt)?, &actor)?;
             print(g.json, &v, |v| {
                 format!(
                     "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}, displays on {}{}",

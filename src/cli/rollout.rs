@@ -7,7 +7,7 @@ use super::pool::move_text;
 use crate::catalog::Channel;
 use crate::rollout::{self, PromoteRequest, RolloutError, RolloutReport};
 use crate::store::Actor;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
@@ -106,12 +106,16 @@ pub fn promote(g: &Global, a: PromoteArgs) -> Result<()> {
     let mut ctx = open(g)?;
     match ctx.engine(Actor::resolve(None))?.promote(&request.options(&image)) {
         Ok(r) => print(g.json, &r, rollout_text),
-        Err(RolloutError::Failed { report, summary, .. }) => {
-            print(g.json, &*report, rollout_text)?;
-            bail!("the rollout failed and was rolled back: {summary}")
-        }
-        Err(e) => Err(e.into()),
+        Err(e) => failed(g, e),
     }
+}
+
+/// A failed rollout prints its report like a finished one, then exits with its error's kind.
+fn failed(g: &Global, e: RolloutError) -> Result<()> {
+    if let RolloutError::Failed { report, .. } = &e {
+        print(g.json, &**report, rollout_text)?;
+    }
+    Err(e.into())
 }
 
 pub fn run(g: &Global, cmd: RolloutCmd) -> Result<()> {
@@ -140,11 +144,7 @@ pub fn run(g: &Global, cmd: RolloutCmd) -> Result<()> {
         }
         RolloutCmd::Resume { image } => match engine.resume(&image) {
             Ok(r) => print(g.json, &r, rollout_text),
-            Err(RolloutError::Failed { report, summary, .. }) => {
-                print(g.json, &*report, rollout_text)?;
-                bail!("the rollout failed and was rolled back: {summary}")
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => failed(g, e),
         },
     }
 }

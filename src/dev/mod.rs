@@ -162,6 +162,7 @@ impl<'a> Dev<'a> {
                 disk: &draft.draft,
                 serial_log: profile.wants_serial_log().then_some(serial.as_path()),
                 nvram: profile.uses_uefi().then_some(nvram.as_path()),
+                config_drive: None,
                 graphics_password: &secret,
                 listen: "127.0.0.1",
                 display_tls: false,

@@ -85,6 +85,9 @@ pub struct DesktopSpec<'a> {
     /// Per-desktop UEFI variables file; only for UEFI profiles. Absent: libvirt's default
     /// location. Created from the firmware's template when missing.
     pub nvram: Option<&'a Path>,
+    /// The desktop's config drive (identity, see `crate::identity`): an ISO attached
+    /// read-only as a SATA CD-ROM, which Windows reads without extra drivers.
+    pub config_drive: Option<&'a Path>,
     /// Password of every display: 1 to 60 printable ASCII characters. A VNC display gets the
     /// first [`VNC_PASSWORD_MAX`] (libvirt refuses more; VNC clients such as noVNC use only
     /// that many of whatever they are given, so the whole password still works there).
@@ -104,6 +107,7 @@ struct Paths<'a> {
     disk: &'a str,
     nvram: Option<&'a str>,
     serial_log: Option<&'a str>,
+    config_drive: Option<&'a str>,
 }
 
 /// Checks a domain (desktop) name: 1 to 80 characters of `A-Z a-z 0-9 . _ -`, not starting
@@ -146,6 +150,7 @@ fn check_spec<'a>(profile: &Profile, spec: &DesktopSpec<'a>) -> Result<Paths<'a>
     let disk = spec_path("Disk", desktop, spec.disk)?;
     let nvram = spec.nvram.map(|p| spec_path("NVRAM", desktop, p)).transpose()?;
     let serial_log = spec.serial_log.map(|p| spec_path("Serial log", desktop, p)).transpose()?;
+    let config_drive = spec.config_drive.map(|p| spec_path("Config drive", desktop, p)).transpose()?;
     let mismatch = |problem| DomainXmlError::SpecMismatch {
         desktop: desktop.to_string(),
         profile: profile.name().to_string(),
@@ -171,7 +176,7 @@ fn check_spec<'a>(profile: &Profile, spec: &DesktopSpec<'a>) -> Result<Paths<'a>
         }
     }
 
-    Ok(Paths { disk, nvram, serial_log })
+    Ok(Paths { disk, nvram, serial_log, config_drive })
 }
 
 /// Name, UUID, vdim's metadata, memory, vCPUs and the SMBIOS identity.
@@ -318,6 +323,14 @@ fn disk_network_and_channels(x: &mut Writer, hw: &Hardware, paths: &Paths) {
     x.empty("source", &[("file", paths.disk)]);
     x.empty("target", &[("dev", dev), ("bus", bus)]);
     x.close("disk");
+    if let Some(drive) = paths.config_drive {
+        x.open("disk", &[("type", "file"), ("device", "cdrom")]);
+        x.empty("driver", &[("name", "qemu"), ("type", "raw")]);
+        x.empty("source", &[("file", drive)]);
+        x.empty("target", &[("dev", if dev == "sda" { "sdb" } else { "sda" }), ("bus", "sata")]);
+        x.empty("readonly", &[]);
+        x.close("disk");
+    }
 
     if !hw.graphics.is_empty() || hw.usb_redirection > 0 {
         x.empty("controller", &[("type", "usb"), ("model", "qemu-xhci"), ("ports", "15")]);
@@ -494,6 +507,7 @@ mod tests {
             disk: Path::new("/var/lib/vdim/desktops/finance/vdim-finance-001.qcow2"),
             serial_log: profile.wants_serial_log().then_some(Path::new("/var/log/vdim/vdim-finance-001.serial.log")),
             nvram: profile.uses_uefi().then_some(Path::new("/var/lib/vdim/nvram/vdim-finance-001_VARS.fd")),
+            config_drive: None,
             graphics_password: "s3cret-ticket",
             listen: "127.0.0.1",
             display_tls: false,
@@ -626,6 +640,30 @@ mod tests {
         }
         for absent in ["<interface", "firmware='efi'", "<tpm", "<boot ", "<nvram"] {
             assert!(!out.contains(absent), "has {absent}: {out}");
+        }
+    }
+
+    #[test]
+    fn a_config_drive_is_a_read_only_sata_cdrom_beside_the_system_disk() {
+        let drive = Path::new("/var/lib/vdim/run/finance/vdim-finance-001.config.iso");
+        for (name, dev) in [("windows11", "sdb"), ("windows-server-2022", "sda"), ("test-linux", "sda")] {
+            let profile = shipped(name);
+            let mut spec = spec(&profile, "vdim-finance-001");
+            assert!(!domain_xml(&profile, VirtType::Qemu, &spec).unwrap().contains("cdrom"));
+            spec.config_drive = Some(drive);
+            let out = domain_xml(&profile, VirtType::Qemu, &spec).unwrap();
+            let cdrom = &out[out.find("<disk type='file' device='cdrom'>").expect("a CD-ROM")..];
+            let cdrom = &cdrom[..cdrom.find("</disk>").unwrap()];
+            for needle in [
+                "<driver name='qemu' type='raw'/>".to_string(),
+                format!("<source file='{}'/>", drive.display()),
+                format!("<target dev='{dev}' bus='sata'/>"),
+                "<readonly/>".to_string(),
+            ] {
+                assert!(cdrom.contains(&needle), "{name}: lacks {needle}: {cdrom}");
+            }
+            spec.config_drive = Some(Path::new("relative.iso"));
+            assert!(domain_xml(&profile, VirtType::Qemu, &spec).is_err(), "paths are checked like every other");
         }
     }
 

@@ -10,11 +10,12 @@
 //! module gathers the facts and carries the plan out, catalog first (`needs_reset`), files
 //! and domains after, so a crash is healed by the next command (`heal`).
 
-use crate::catalog::pools::NewPool;
+use crate::catalog::pools::{NewDesktop, NewPool};
 use crate::catalog::{Audit, Catalog, CatalogError, Channel, Desktop, Pool, Tx};
 use crate::home::Home;
 use crate::hypervisor::domain_xml::{self, DesktopSpec, DomainXmlError, VirtType};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
+use crate::identity::{self, DomainJoin, Identity, IdentityError};
 use crate::lock::{self, Lock, LockError};
 use crate::names::{self, NameError};
 use crate::profile::{self, Profile, ProfileError};
@@ -55,6 +56,8 @@ pub enum PoolError {
     Qcow2(#[from] Qcow2Error),
     #[error(transparent)]
     Denied(#[from] Denied),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     #[error("no pool named '{0}' (see 'vdim pool list')")]
     NotFound(String),
     #[error("pool '{0}' already exists")]
@@ -105,6 +108,7 @@ impl crate::error::Kind for PoolError {
             PoolError::DomainXml(e) => e.kind(),
             PoolError::Qcow2(e) => e.kind(),
             PoolError::Denied(e) => e.kind(),
+            PoolError::Identity(e) => e.kind(),
             PoolError::NotFound(_) | PoolError::DesktopNotFound(_) => K::NotFound,
             PoolError::Size { .. }
             | PoolError::NameTooLong(_)
@@ -135,6 +139,11 @@ fn gib(bytes: u64) -> String {
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
     move |source| PoolError::Io { what, path: path.display().to_string(), source }
+}
+
+/// A desktop's config drive (identity), beside its serial log in the pool's run directory.
+fn config_drive_name(desktop: &str) -> String {
+    format!("{desktop}.config.iso")
 }
 
 /// Where a desktop's overlay lives, relative to the vdim home (what the catalog records).
@@ -206,6 +215,22 @@ pub struct CreateRequest {
     /// Plaintext SPICE off loopback instead of TLS.
     #[serde(default)]
     pub insecure_display: bool,
+    /// Each desktop gets a config drive: its hostname, and the domain join when given.
+    #[serde(default)]
+    pub identity: bool,
+    /// e.g. `FIN-{n}`; `<pool>-{n}` when absent.
+    #[serde(default)]
+    pub hostname_pattern: Option<String>,
+    #[serde(default)]
+    pub join_domain: Option<String>,
+    #[serde(default)]
+    pub join_ou: Option<String>,
+    /// An absolute path on the host vdim runs on: the secret itself is never in a request.
+    #[serde(default)]
+    pub join_credentials: Option<PathBuf>,
+    /// A file on this host put on each drive as OpenStack user data.
+    #[serde(default)]
+    pub user_data: Option<PathBuf>,
 }
 
 fn default_channel() -> Channel {
@@ -226,9 +251,42 @@ fn display_listen_de<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Res
 }
 
 impl CreateRequest {
+    /// The identity setting the request asks for, its flags checked against each other
+    /// (the files and values themselves are checked by [`Pools::create`]).
+    pub fn identity(&self) -> std::result::Result<Option<Identity>, IdentityError> {
+        let join_given = self.join_domain.is_some() || self.join_ou.is_some() || self.join_credentials.is_some();
+        if !self.identity {
+            let what = if self.hostname_pattern.is_some() {
+                Some("a hostname pattern (--hostname-pattern)")
+            } else if join_given {
+                Some("a domain join (--join-domain, --join-ou, --join-credentials)")
+            } else if self.user_data.is_some() {
+                Some("user data (--user-data)")
+            } else {
+                None
+            };
+            return match what {
+                Some(what) => Err(IdentityError::NeedsIdentity { what }),
+                None => Ok(None),
+            };
+        }
+        let join = match (&self.join_domain, &self.join_credentials) {
+            (Some(domain), Some(credentials)) => {
+                Some(DomainJoin { domain: domain.clone(), ou: self.join_ou.clone(), credentials: credentials.clone() })
+            }
+            (None, None) if self.join_ou.is_none() => None,
+            _ => return Err(IdentityError::IncompleteJoin),
+        };
+        Ok(Some(Identity {
+            hostname_pattern: self.hostname_pattern.clone().unwrap_or_else(|| identity::default_pattern(&self.name)),
+            join,
+            user_data: self.user_data.clone(),
+        }))
+    }
+
     /// The request as [`Pools::create`] takes it, for desktops of virt type `virt`.
-    pub fn options(&self, virt: VirtType) -> CreateOptions<'_> {
-        CreateOptions {
+    pub fn options(&self, virt: VirtType) -> Result<CreateOptions<'_>> {
+        Ok(CreateOptions {
             name: &self.name,
             image: &self.image,
             channel: self.channel,
@@ -239,7 +297,8 @@ impl CreateRequest {
             start: self.start,
             display_listen: self.display_listen,
             insecure_display: self.insecure_display,
-        }
+            identity: self.identity()?,
+        })
     }
 }
 
@@ -257,6 +316,8 @@ pub struct CreateOptions<'a> {
     pub display_listen: IpAddr,
     /// Plaintext SPICE off loopback instead of TLS (recorded on the pool, shown by `show`).
     pub insecure_display: bool,
+    /// Per-desktop identity (config drives); checked by [`Pools::create`] before anything is made.
+    pub identity: Option<Identity>,
 }
 
 #[derive(Debug, Serialize)]
@@ -270,6 +331,8 @@ pub struct DesktopView {
     pub assigned_to: Option<String>,
     pub needs_reset: bool,
     pub overlay: PathBuf,
+    /// Its computer name, when the pool gives identities.
+    pub hostname: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -383,9 +446,17 @@ impl<'a> Pools<'a> {
         Ok(())
     }
 
-    /// Overlays and domains for new desktops of `pool` (on `pool.version`), made before any
-    /// catalog row names them; the caller commits the rows or undoes these on failure.
-    fn provision(&mut self, pool: &Pool, profile: &Profile, indexes: &[u32], digest: &str, vsize: u64) -> Result<()> {
+    /// Overlays, domains and config drives for new desktops of `pool` (on `pool.version`),
+    /// made before any catalog row names them; the caller commits the rows (with the domain
+    /// UUIDs returned, in `indexes` order) or undoes these on failure.
+    fn provision(
+        &mut self,
+        pool: &Pool,
+        profile: &Profile,
+        indexes: &[u32],
+        digest: &str,
+        vsize: u64,
+    ) -> Result<Vec<String>> {
         let names: Vec<String> = indexes.iter().map(|i| desktop_name(&pool.name, *i)).collect();
         if let Some((domain, image)) =
             self.legacy_dev_desktops(&pool.name)?.into_iter().find(|(d, _)| names.contains(d))
@@ -397,10 +468,14 @@ impl<'a> Pools<'a> {
             .map(|n| (self.home().root().join(overlay_rel(&pool.name, n)), digest.to_string(), vsize))
             .collect();
         self.write_overlays(&overlays)?;
-        names
-            .iter()
-            .zip(&overlays)
-            .try_for_each(|(n, (overlay, ..))| self.define_desktop(pool, profile, n, overlay, pool.version))
+        let mut uuids = Vec::with_capacity(names.len());
+        for ((n, (overlay, ..)), index) in names.iter().zip(&overlays).zip(indexes) {
+            let uuid = identity::new_uuid();
+            self.write_config_drive(pool, *index, n, Some(&uuid))?;
+            self.define_desktop(pool, profile, n, &uuid, overlay, pool.version)?;
+            uuids.push(uuid);
+        }
+        Ok(uuids)
     }
 
     /// A desktop's UEFI variables: beside its overlay, since they belong to it as its disk does.
@@ -408,13 +483,42 @@ impl<'a> Pools<'a> {
         self.home().root().join(nvram_rel(pool, desktop))
     }
 
-    fn define_desktop(&self, pool: &Pool, profile: &Profile, name: &str, overlay: &Path, version: u32) -> Result<()> {
+    fn config_drive(&self, pool: &str, desktop: &str) -> PathBuf {
+        self.home().pool_run(pool).join(config_drive_name(desktop))
+    }
+
+    /// (Re)build a desktop's config drive when its pool gives identities, reading the
+    /// credentials and user data files now.
+    fn write_config_drive(&self, pool: &Pool, index: u32, desktop: &str, uuid: Option<&str>) -> Result<()> {
+        let Some(id) = &pool.identity else { return Ok(()) };
+        let d = identity::DesktopIdentity {
+            desktop,
+            pool: &pool.name,
+            hostname: identity::hostname(&id.hostname_pattern, index),
+            uuid,
+        };
+        let files = identity::drive_files(id, &d)?;
+        identity::build_drive(desktop, &self.config_drive(&pool.name, desktop), &files)?;
+        Ok(())
+    }
+
+    fn define_desktop(
+        &self,
+        pool: &Pool,
+        profile: &Profile,
+        name: &str,
+        uuid: &str,
+        overlay: &Path,
+        version: u32,
+    ) -> Result<()> {
         let serial = self.serial_log(&pool.name, name);
         let nvram = self.nvram_path(&pool.name, name);
+        let drive = self.config_drive(&pool.name, name);
         let secret = random_secret(16);
         let spec = DesktopSpec {
             name,
-            uuid: None,
+            uuid: Some(uuid),
+            config_drive: pool.identity.is_some().then_some(drive.as_path()),
             disk: overlay,
             serial_log: profile.wants_serial_log().then_some(serial.as_path()),
             nvram: profile.uses_uefi().then_some(nvram.as_path()),
@@ -457,6 +561,10 @@ impl<'a> Pools<'a> {
         if o.size == 0 || o.size > MAX_POOL_SIZE {
             return Err(PoolError::Size { size: o.size, max: MAX_POOL_SIZE });
         }
+        // The admin's files are read and checked here, before anything is made.
+        if let Some(id) = &o.identity {
+            id.check()?;
+        }
         let profile = Profile::load(self.profiles, o.profile)?;
         let listen = o.display_listen.to_string();
         // Loopback needs no TLS, and plaintext elsewhere only when asked for.
@@ -480,12 +588,7 @@ impl<'a> Pools<'a> {
             let n = tx.channel(&image, o.channel)?;
             Ok((image.clone(), tx.version(&image, n)?))
         })?;
-        if let Some(r) = &version.removed {
-            return Err(
-                StoreError::Removed { image: image.name.clone(), version: version.number, removed: r.clone() }.into()
-            );
-        }
-        fits_profile(&profile, &image.name, version.number, version.virtual_size)?;
+        usable_version(&profile, &image.name, &version)?;
         // Leftovers of an interrupted create of the same name: never in the catalog, safe to drop.
         self.remove_leftovers(o.name)?;
         let home = self.home();
@@ -511,11 +614,12 @@ impl<'a> Pools<'a> {
             insecure_display,
             running: false,
             created: String::new(),
+            identity: o.identity.clone(),
         };
         let indexes: Vec<u32> = (1..=o.size).collect();
         let made = self.provision(&pool, &profile, &indexes, &version.digest, version.virtual_size);
         // Files and domains exist before the catalog names them; undo them on any failure.
-        let committed = made.and_then(|_| {
+        let committed = made.and_then(|uuids| {
             self.catalog.write(|tx| -> Result<()> {
                 let id = tx.insert_pool(&NewPool {
                     name: o.name,
@@ -528,10 +632,13 @@ impl<'a> Pools<'a> {
                     virt_type,
                     display_listen: &display_listen,
                     insecure_display,
+                    identity: o.identity.as_ref(),
                 })?;
-                for i in 1..=o.size {
+                for (i, uuid) in (1..=o.size).zip(&uuids) {
                     let name = desktop_name(o.name, i);
-                    tx.insert_desktop(id, i, &name, &overlay_rel(o.name, &name), version.number)?;
+                    let overlay = overlay_rel(o.name, &name);
+                    let d = NewDesktop { index: i, name: &name, overlay: &overlay, version: version.number, uuid };
+                    tx.insert_desktop(id, &d)?;
                 }
                 tx.audit(Audit {
                     actor: &actor.0,
@@ -543,6 +650,8 @@ impl<'a> Pools<'a> {
                         "size": o.size, "channel": o.channel, "profile": o.profile, "persistent": o.persistent,
                         "virt_type": virt_type, "display_listen": display_listen,
                         "insecure_display": insecure_display,
+                        // Paths and names only: the join secret is never read into the catalog.
+                        "identity": o.identity,
                     }),
                 })?;
                 Ok(())
@@ -644,6 +753,7 @@ impl<'a> Pools<'a> {
                     Err(e) => format!("unknown: {e}"),
                 };
                 DesktopView {
+                    hostname: pool.identity.as_ref().map(|i| identity::hostname(&i.hostname_pattern, d.index)),
                     state,
                     version: d.version,
                     will_run: d.target.unwrap_or(d.version),
@@ -896,9 +1006,15 @@ impl<'a> Pools<'a> {
         let overlays: Vec<(PathBuf, String, u64)> =
             todo.iter().map(|(d, digest, vsize)| (self.overlay_path(d), digest.clone(), *vsize)).collect();
         self.write_overlays(&overlays)?;
+        // A fresh drive at every reset: a new file, with the credentials file read again.
+        for (d, _, _) in &todo {
+            self.write_config_drive(&pool, d.index, &d.name, d.uuid.as_deref())?;
+        }
         if let Some(profile) = &profile {
             for d in &fresh {
-                self.define_desktop(&pool, profile, &d.name, &self.overlay_path(d), d.version)?;
+                // The desktop keeps its UUID (its identity); the TPM state went with the definition.
+                let uuid = d.uuid.clone().unwrap_or_else(identity::new_uuid);
+                self.define_desktop(&pool, profile, &d.name, &uuid, &self.overlay_path(d), d.version)?;
             }
         }
         if !todo.is_empty() {
@@ -1112,10 +1228,12 @@ impl<'a> Pools<'a> {
             }
             let indexes: Vec<u32> = new.iter().map(|(i, _)| *i).collect();
             let made = self.provision(&pool, &profile, &indexes, &digest, vsize);
-            let committed = made.and_then(|_| {
+            let committed = made.and_then(|uuids| {
                 self.catalog.write(|tx| -> Result<()> {
-                    for (i, dn) in &new {
-                        tx.insert_desktop(pool.id, *i, dn, &overlay_rel(name, dn), pool.version)?;
+                    for ((i, dn), uuid) in new.iter().zip(&uuids) {
+                        let overlay = overlay_rel(name, dn);
+                        let d = NewDesktop { index: *i, name: dn, overlay: &overlay, version: pool.version, uuid };
+                        tx.insert_desktop(pool.id, &d)?;
                     }
                     record_resize(tx, &pool, actor, current, size)?;
                     Ok(())
@@ -1125,6 +1243,7 @@ impl<'a> Pools<'a> {
                 for (_, dn) in &new {
                     let _ = self.remove_domain(dn);
                     let _ = fs::remove_file(self.home().root().join(overlay_rel(name, dn)));
+                    let _ = fs::remove_file(self.config_drive(name, dn));
                 }
                 return Err(e);
             }
@@ -1165,6 +1284,7 @@ impl<'a> Pools<'a> {
                 let _ = fs::remove_file(self.overlay_path(d));
                 let _ = fs::remove_file(self.nvram_path(name, &d.name));
                 let _ = fs::remove_file(self.serial_log(name, &d.name));
+                let _ = fs::remove_file(self.config_drive(name, &d.name));
             }
         }
         self.show(name)
@@ -1208,13 +1328,16 @@ impl<'a> Pools<'a> {
     }
 }
 
-/// Refuse an image version whose disk is smaller than the profile's minimum.
-fn fits_profile(profile: &Profile, image: &str, version: u32, size: u64) -> Result<()> {
-    match profile.min_disk_bytes().filter(|min| size < *min) {
+/// Refuse a removed image version, or one whose disk is smaller than the profile's minimum.
+fn usable_version(profile: &Profile, image: &str, v: &crate::catalog::Version) -> Result<()> {
+    if let Some(r) = &v.removed {
+        return Err(StoreError::Removed { image: image.to_string(), version: v.number, removed: r.clone() }.into());
+    }
+    match profile.min_disk_bytes().filter(|min| v.virtual_size < *min) {
         Some(min) => Err(PoolError::ImageTooSmall {
             image: image.to_string(),
-            version,
-            size,
+            version: v.number,
+            size: v.virtual_size,
             profile: profile.name().to_string(),
             min,
         }),

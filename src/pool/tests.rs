@@ -90,6 +90,7 @@ impl Fixture {
             start,
             display_listen: "127.0.0.1".parse().expect("ip"),
             insecure_display: false,
+            identity: None,
         };
         self.pools().create(&create, &actor()).expect("pool create")
     }
@@ -300,6 +301,40 @@ fn deleting_pool_a_removes_exactly_its_domains_and_files_and_leaves_pool_a_b_alo
     assert_eq!(f.desktops("a-b").len(), 2);
 }
 
+#[test]
+fn an_identity_pool_boots_each_desktop_with_its_drive_and_builds_it_again_at_logoff() {
+    use std::os::unix::fs::MetadataExt;
+    let mut f = Fixture::new();
+    let identity = Identity { hostname_pattern: "LAB-{n}".into(), join: None, user_data: None };
+    let create = CreateOptions {
+        name: "lab",
+        image: "img",
+        channel: Channel::Test,
+        size: 2,
+        profile: "test-linux",
+        persistent: false,
+        virt: VirtType::Qemu,
+        start: true,
+        display_listen: "127.0.0.1".parse().expect("ip"),
+        insecure_display: false,
+        identity: Some(identity),
+    };
+    let view = f.pools().create(&create, &actor()).expect("pool create");
+    let hosts: Vec<_> = view.desktops.iter().map(|d| d.hostname.clone().unwrap_or_default()).collect();
+    assert_eq!(hosts, ["LAB-001", "LAB-002"]);
+    let drive = f.home().pool_run("lab").join("vdim-lab-001.config.iso");
+    let xml = f.hv.xml("vdim-lab-001").expect("defined");
+    assert!(xml.contains(&format!("<source file='{}'/>", drive.display())) && xml.contains("<readonly/>"), "{xml}");
+    let uuid = f.desktops("lab")[0].uuid.clone().expect("a uuid on record");
+    assert!(xml.contains(&format!("<uuid>{uuid}</uuid>")), "the domain has the recorded uuid");
+    let ino = std::fs::metadata(&drive).expect("drive").ino();
+    f.pools().assign("lab", "alice", &actor()).expect("assign");
+    f.pools().release("vdim-lab-001", &actor()).expect("release");
+    assert_ne!(std::fs::metadata(&drive).expect("drive").ino(), ino, "a new drive at the reset");
+    f.pools().delete("lab", false, &actor()).expect("delete");
+    assert!(!drive.exists(), "the drive goes with its desktop");
+}
+
 // ---- firmware state (UEFI variables, TPM) at resets ------------------------------------------
 
 /// A running pool of two `windows11` desktops (UEFI + TPM) on v1 of `img`, v2 on prod,
@@ -333,6 +368,7 @@ fn windows_pool(persistent: bool) -> (tempfile::TempDir, Context, Arc<FakeHyperv
         start: true,
         display_listen: "127.0.0.1".parse().expect("ip"),
         insecure_display: false,
+        identity: None,
     };
     ctx.pools().expect("pools").create(&create, &Actor("tester".into())).expect("create");
     ctx.catalog()

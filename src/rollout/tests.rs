@@ -55,6 +55,7 @@ impl Fixture {
             start: true,
             display_listen: "127.0.0.1".parse().expect("ip"),
             insecure_display: false,
+            identity: None,
         };
         f.pools().create(&create, &Actor("tester".into())).expect("pool create");
         f
