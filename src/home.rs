@@ -6,10 +6,10 @@
 //!   layers/<sha256>.qcow2 sealed version layers, mode 0440, backing = "<parent sha256>.qcow2"
 //!   layers/.tmp-<pid>-*   work in progress of a running command (gc removes dead ones)
 //!   drafts/<image>-*.qcow2 writable dev clones, backing = "../layers/<sha256>.qcow2"
-//!   desktops/<pool>/      desktop overlays, backing = "../../layers/<sha256>.qcow2"
+//!   desktops/<pool>/      desktop overlays, backing = "../../layers/<sha256>.qcow2", and NVRAM
 //!   locks/                flock files: one per image, pool and rollout, one for the whole store
-//!   run/<pool>/           serial logs, NVRAM of a pool's desktops
-//!   run/_dev/             the same for dev desktops (`_` starts no pool name)
+//!   run/<pool>/           serial logs of a pool's desktops (their NVRAM is beside their overlays)
+//!   run/_dev/             serial logs and NVRAM of dev desktops (`_` starts no pool name)
 //! ```
 //! Every name below `desktops/`, `run/` and `locks/` comes from `names`, which keeps them disjoint.
 //! Backing paths are relative so the whole home can move without breaking a chain.

@@ -82,7 +82,7 @@ pub fn legacy_dev_domain(image: &str) -> String {
     format!("vdim-dev-{image}")
 }
 
-/// A pool's directory under `run/` (serial logs, NVRAM of its desktops).
+/// A pool's directory under `run/` (serial logs of its desktops).
 pub fn pool_run_dir(pool: &str) -> &str {
     pool
 }

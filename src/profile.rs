@@ -157,6 +157,10 @@ pub struct Hardware {
     pub machine: Machine,
     pub firmware: Firmware,
     pub memory_mib: u64,
+    /// The least memory the guest OS supports; `memory_mib` below it is refused at load.
+    pub min_memory_mib: Option<u64>,
+    /// The least disk the guest OS installs on: `pool create` refuses smaller images.
+    pub min_disk_gib: Option<u64>,
     pub vcpus: u32,
     #[serde(default)]
     pub cpu: CpuMode,
@@ -280,6 +284,16 @@ impl Profile {
         self.hw.memory_mib
     }
 
+    /// The least virtual disk size, in bytes, an image needs to run under this profile.
+    pub fn min_disk_bytes(&self) -> Option<u64> {
+        self.hw.min_disk_gib.map(|gib| gib << 30)
+    }
+
+    /// Whether the desktop has a TPM 2.0 (an swtpm process, state kept by libvirt).
+    pub fn has_tpm(&self) -> bool {
+        self.hw.tpm
+    }
+
     pub fn vcpus(&self) -> u32 {
         self.hw.vcpus
     }
@@ -328,6 +342,15 @@ fn validate_hardware(hw: &Hardware) -> Result<(), String> {
 fn validate_sizes(hw: &Hardware) -> Result<(), String> {
     if !(64..=1_048_576).contains(&hw.memory_mib) {
         return Err(format!("memory_mib = {} is out of range 64..=1048576", hw.memory_mib));
+    }
+    if let Some(min) = hw.min_memory_mib.filter(|min| hw.memory_mib < *min) {
+        return Err(format!(
+            "memory_mib = {} is below min_memory_mib = {min}, the least the guest supports",
+            hw.memory_mib
+        ));
+    }
+    if hw.min_disk_gib.is_some_and(|gib| !(1..=65_536).contains(&gib)) {
+        return Err("min_disk_gib is out of range 1..=65536".into());
     }
     if !(1..=256).contains(&hw.vcpus) {
         return Err(format!("vcpus = {} is out of range 1..=256", hw.vcpus));
@@ -559,6 +582,27 @@ graphics = ["vnc"]
         assert!(matches!(err, ProfileError::Parse { .. }), "{err:?}");
         let problem = invalid_problem(&format!("{MINIMAL}usb_redirection = 9\n"));
         assert!(problem.contains("usb_redirection"), "{problem}");
+    }
+
+    #[test]
+    fn memory_below_the_profiles_minimum_is_refused_at_load() {
+        let problem = invalid_problem(&format!("{MINIMAL}min_memory_mib = 1024\n"));
+        assert!(problem.contains("memory_mib = 512") && problem.contains("min_memory_mib = 1024"), "{problem}");
+        let ok = load_text(&format!("{MINIMAL}min_memory_mib = 512\nmin_disk_gib = 20\n")).expect("at the minimum");
+        assert_eq!(ok.min_disk_bytes(), Some(20 << 30));
+        assert_eq!(load_text(MINIMAL).expect("no minimums").min_disk_bytes(), None);
+        let problem = invalid_problem(&format!("{MINIMAL}min_disk_gib = 0\n"));
+        assert!(problem.contains("min_disk_gib"), "{problem}");
+    }
+
+    #[test]
+    fn windows_profiles_state_their_minimums() {
+        for (name, disk_gib) in [("windows11", 64), ("windows10", 32), ("windows-server-2022", 32)] {
+            assert_eq!(shipped(name).min_disk_bytes(), Some(disk_gib << 30), "{name}");
+        }
+        let w11 = std::fs::read_to_string(profiles_dir().join("windows11.toml")).expect("read");
+        let problem = invalid_problem(&w11.replace("\nmemory_mib = 4096", "\nmemory_mib = 2048"));
+        assert!(problem.contains("min_memory_mib = 4096"), "{problem}");
     }
 
     #[test]

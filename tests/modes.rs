@@ -98,13 +98,16 @@ fn nvram_and_run_files_of_a_running_uefi_desktop_are_private() {
     let t = LibvirtEnv::new("mod");
     let pool = t.pool_name("w");
     let src = t.env.path("w11.qcow2");
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "64M"]);
+    // windows11's minimum disk; sparse, so it costs nothing.
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "64G"]);
     t.vdim_json(&["image", "import", "win11", src.to_str().unwrap()]);
     t.create_pool(&pool, "win11", "prod", 1, "windows11", &["--start"]);
     let run = t.env.home().join("run").join(&pool);
-    let nvram = run.join(format!("vdim-{pool}-001.nvram"));
-    assert!(nvram.exists(), "libvirt made the NVRAM from its template: {:?}", modes(&run));
+    let desktops = t.env.home().join("desktops").join(&pool);
+    let nvram = desktops.join(format!("vdim-{pool}-001.nvram"));
+    assert!(nvram.exists(), "libvirt made the NVRAM from its template: {:?}", modes(&desktops));
     assert_eq!(mode_of(&nvram), 0o600);
+    assert_eq!(mode_of(&desktops), 0o700);
     assert_eq!(mode_of(&run), 0o700);
     assert_private(&t.env.home());
     t.vdim(&["pool", "delete", &pool, "--force"]).assert_success();

@@ -139,7 +139,8 @@ fn windows11_profile_runs_under_tcg_with_secure_boot_and_tpm() {
     let t = LibvirtEnv::new("w11");
     let pool = t.pool_name("w");
     let src = t.env.path("w11.qcow2");
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "1G"]);
+    // windows11's minimum disk; sparse, so it costs nothing.
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "64G"]);
     t.vdim_json(&["image", "import", "win11", src.to_str().unwrap()]);
     t.create_pool(&pool, "win11", "prod", 1, "windows11", &["--start"]);
     let name = format!("vdim-{pool}-001");

@@ -1,12 +1,22 @@
-//! Every shipped hardware profile's domain XML against libvirt itself: its schema
-//! (virt-xml-validate), a define on the real daemon, and a Windows 11 domain booting under
-//! TCG with secure boot and a TPM. These need libvirt's tools and daemon, so they live here
-//! rather than in the fast tier (`cargo test --lib`), which checks the XML's content.
+//! Every shipped hardware profile against libvirt itself. Each profile in images/profiles/
+//! (enumerated, so a new profile is covered without touching this file): its domain XML
+//! passes libvirt's schema (virt-xml-validate) and defines on the real daemon; a 1-desktop
+//! pool of it boots under TCG (qemu:///system), its live XML checked (loader, Secure Boot,
+//! NVRAM, TPM); a disk whose EFI system partition holds an unsigned loader that powers the
+//! machine off boots under UEFI without Secure Boot (the positive control) and is refused
+//! under Secure Boot. A profile's minimum disk size is enforced by `pool create`. These need
+//! libvirt's tools and daemon, so they live here rather than in the fast tier
+//! (`cargo test --lib`), which checks the XML's content.
 
+mod common;
+use common::efi;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 use vdim::hypervisor::domain_xml::{domain_xml, DesktopSpec, VirtType};
-use vdim::profile::Profile;
+use vdim::profile::{Firmware, Profile};
 
 const URI: &str = "qemu:///system";
 
@@ -142,50 +152,162 @@ fn every_profile_defines_on_the_real_daemon() {
     }
 }
 
+fn domstate(domain: &str) -> String {
+    virsh(&["domstate", "--reason", domain]).1.trim().to_string()
+}
+
+/// The text of the first `<tag …>text</tag>` in `xml`.
+fn element_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{tag}"))?;
+    let rest = &xml[start..];
+    let open_end = rest.find('>')? + 1;
+    let close = rest.find(&format!("</{tag}>"))?;
+    Some(&rest[open_end..close])
+}
+
+fn line_with<'a>(xml: &'a str, needle: &str) -> &'a str {
+    xml.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle} in:\n{xml}"))
+}
+
+struct Booted {
+    profile: Profile,
+    desktop: String,
+    started: Instant,
+    nvram: Option<PathBuf>,
+}
+
 #[test]
-fn windows11_domain_runs_under_tcg_with_secure_boot_and_swtpm() {
-    assert_daemon();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("disk.qcow2");
-    let nvram = dir.path().join("VARS.fd");
-    let made =
-        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg("1G").status().expect("qemu-img");
-    assert!(made.success(), "qemu-img create failed");
-    let name = unique_name("w11");
-    let profile = Profile::load(&profiles_dir(), "windows11").expect("windows11");
-    let spec = DesktopSpec {
-        name: &name,
-        uuid: None,
-        disk: &disk,
-        serial_log: None,
-        nvram: Some(&nvram),
-        config_drive: None,
-        graphics_password: "e2e-ticket",
-        listen: "127.0.0.1",
-        display_tls: false,
-        pool: "e2e",
-        version: 1,
-    };
-    let out = domain_xml(&profile, VirtType::Qemu, &spec).expect("domain XML");
-    let xml_path = dir.path().join("domain.xml");
-    std::fs::write(&xml_path, &out).expect("write XML");
+fn every_shipped_profile_defines_and_boots_and_secure_boot_refuses_an_unsigned_loader() {
+    let t = LibvirtEnv::new("prof");
+    let profiles = shipped();
+    assert!(profiles.len() >= 5, "the shipped profiles: {:?}", profiles.iter().map(Profile::name).collect::<Vec<_>>());
+    // `vdim init` puts exactly these files in the home (they are built into the binary).
+    for p in &profiles {
+        let installed = t.env.home().join("profiles").join(format!("{}.toml", p.name()));
+        assert_eq!(
+            std::fs::read_to_string(&installed).ok(),
+            std::fs::read_to_string(p.path()).ok(),
+            "vdim init does not install {} as shipped (profile::SHIPPED)",
+            p.path().display()
+        );
+    }
+    let uefi = |p: &Profile| p.uses_uefi();
+    let secure = |p: &Profile| p.firmware() == Firmware::UefiSecure;
+    assert!(
+        !profiles.iter().any(secure) || profiles.iter().any(|p| uefi(p) && !secure(p)),
+        "a Secure Boot refusal means something only beside a UEFI profile without it that boots the same disk"
+    );
 
-    let (ok, text) = virsh(&["define", xml_path.to_str().expect("utf-8 temp path")]);
-    assert!(ok, "define failed: {text}\n{out}");
-    let _guard = DomainGuard(name.clone());
-    let (ok, text) = virsh(&["start", &name]);
-    assert!(ok, "start failed: {text}\n{out}");
+    // One disk for all: big enough for every profile's minimum, the test guest's marker for
+    // the direct-kernel profiles, the unsigned loader for the UEFI ones.
+    let size = profiles.iter().filter_map(Profile::min_disk_bytes).max().unwrap_or(0).max(1 << 30);
+    let raw = t.env.path("esp.raw");
+    efi::esp_disk(&raw, "esp", size);
+    t.env.vdim_json(&["image", "import", "esp", raw.to_str().unwrap()]);
 
-    // Let OVMF run for a moment: a firmware that kills QEMU would show here.
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let (ok, state) = virsh(&["domstate", &name]);
-    assert!(ok && state.trim() == "running", "domstate: {state}");
-    assert!(swtpm_running_for(&name), "no swtpm process for {name}");
-    let (ok, live) = virsh(&["dumpxml", &name]);
-    assert!(ok, "dumpxml failed: {live}");
-    let loader =
-        live.lines().find(|l| l.contains("<loader")).unwrap_or_else(|| panic!("no loader in live XML: {live}"));
-    assert!(loader.contains("secure='yes'"), "{loader}");
-    assert!(live.contains("<entry name='serial'>"), "{live}");
-    assert!(nvram.exists(), "libvirt did not create the NVRAM file");
+    let mut booted = vec![];
+    for (i, profile) in profiles.into_iter().enumerate() {
+        let pool = t.pool_name(&format!("p{i}"));
+        let started = Instant::now();
+        t.create_pool(&pool, "esp", "prod", 1, profile.name(), &["--start"]);
+        let desktop = format!("vdim-{pool}-001");
+        let name = profile.name().to_string();
+        // At once, while even the fastest guest is still in its firmware: the live XML.
+        let (ok, live) = virsh(&["dumpxml", &desktop]);
+        assert!(ok, "{name}: {live}");
+        assert!(domstate(&desktop).starts_with("running"), "{name}: {desktop} is {}", domstate(&desktop));
+        let mut nvram = None;
+        if profile.uses_uefi() {
+            let loader = line_with(&live, "<loader");
+            assert!(loader.contains("type='pflash'") && loader.contains("/OVMF"), "{name}: {loader}");
+            assert_eq!(loader.contains("secure='yes'"), secure(&profile), "{name}: {loader}");
+            let nv_line = line_with(&live, "<nvram");
+            if secure(&profile) {
+                // Secure Boot with Microsoft's keys enrolled, and SMM to protect the variables.
+                assert!(nv_line.contains(".ms.fd"), "{name}: keys not enrolled: {nv_line}");
+                assert!(live.contains("<smm state='on'/>"), "{name}: no SMM");
+            }
+            let path = PathBuf::from(element_text(&live, "nvram").expect("nvram path"));
+            assert!(path.starts_with(t.env.home().join("desktops").join(&pool)), "{name}: NVRAM at {path:?}");
+            let mode = std::fs::metadata(&path).expect("NVRAM file").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}: NVRAM {path:?} mode {mode:o}");
+            nvram = Some(path);
+        } else {
+            assert!(!live.contains("<loader") && !live.contains("<nvram"), "{name} has firmware:\n{live}");
+            assert!(live.contains("<kernel>"), "{name}: {live}");
+        }
+        if profile.has_tpm() {
+            assert!(live.contains("<tpm model='tpm-crb'>"), "{name}: {live}");
+            assert!(line_with(&live, "<backend type='emulator'").contains("version='2.0'"), "{name}");
+            assert!(swtpm_running_for(&desktop), "{name}: no swtpm process");
+            let uuid = element_text(&live, "uuid").expect("uuid");
+            assert!(efi::swtpm_state_dir(uuid).join("tpm2").is_dir(), "{name}: no swtpm state for {uuid}");
+        } else {
+            assert!(!live.contains("<tpm"), "{name} has a TPM:\n{live}");
+        }
+        booted.push(Booted { profile, desktop, started, nvram });
+    }
+
+    // The direct-kernel guests read the disk's marker and report healthy.
+    for b in booted.iter().filter(|b| !b.profile.uses_uefi()) {
+        let pool = b.desktop.trim_start_matches("vdim-").trim_end_matches("-001");
+        t.wait_marker(pool, &b.desktop, "VDIM-TEST esp health=ok", 120);
+    }
+    // Positive control: without Secure Boot the firmware runs the unsigned loader, which
+    // powers the machine off.
+    let mut slowest = Duration::ZERO;
+    for b in booted.iter().filter(|b| uefi(&b.profile) && !secure(&b.profile)) {
+        let deadline = b.started + Duration::from_secs(180);
+        while domstate(&b.desktop) != "shut off (shutdown)" {
+            assert!(Instant::now() < deadline, "{}: the loader never ran: {}", b.profile.name(), domstate(&b.desktop));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        slowest = slowest.max(b.started.elapsed());
+        let nvram = b.nvram.as_deref().expect("nvram");
+        assert_eq!(efi::boot_count(nvram), Some(1), "{}: OVMF counted one boot in {nvram:?}", b.profile.name());
+    }
+    // Under Secure Boot the same disk's loader is refused: twice the control's time and more
+    // later, the firmware is still up (it wrote its variables) and the machine never powered off.
+    for b in booted.iter().filter(|b| secure(&b.profile)) {
+        let until = b.started + slowest * 2 + Duration::from_secs(15);
+        while Instant::now() < until {
+            let state = domstate(&b.desktop);
+            assert!(state.starts_with("running"), "{}: the unsigned loader ran ({state})", b.profile.name());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let nvram = b.nvram.as_deref().expect("nvram");
+        assert!(efi::boot_count(nvram).is_some(), "{}: OVMF never wrote {nvram:?}", b.profile.name());
+    }
+    eprintln!("positive control powered off within {slowest:?}");
+}
+
+#[test]
+fn an_image_smaller_than_the_profile_minimum_is_refused_and_nothing_is_created() {
+    let t = LibvirtEnv::new("pmin");
+    let pool = t.pool_name("p");
+    let small = t.env.path("small.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", small.to_str().unwrap(), "10G"]);
+    t.env.vdim_json(&["image", "import", "small", small.to_str().unwrap()]);
+    let w11 = Profile::load(&t.env.home().join("profiles"), "windows11").expect("windows11");
+    assert_eq!(w11.min_disk_bytes(), Some(64 << 30));
+
+    let r = t.vdim(&["pool", "create", &pool, "--image", "small", "--size", "1", "--profile", "windows11", "--start"]);
+    r.assert_exit_code(2);
+    r.assert_stderr_contains(
+        "image 'small' version 1 has a 10 GiB disk, smaller than the 64 GiB minimum of profile windows11",
+    );
+    let r = t.vdim(&["--json", "pool", "create", &pool, "--image", "small", "--size", "1", "--profile", "windows10"]);
+    let err: serde_json::Value = serde_json::from_str(r.stderr().trim()).expect("JSON error");
+    assert_eq!(err["error"]["kind"], "invalid", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("32 GiB minimum of profile windows10"), "{err}");
+
+    assert_eq!(t.vdim_json(&["pool", "list"]), serde_json::json!([]));
+    assert!(t.domains().is_empty(), "{:?}", t.domains());
+    assert!(!t.env.home().join("desktops").join(&pool).exists());
+    assert!(!t.env.home().join("run").join(&pool).exists());
+    let audit = t.vdim_json(&["audit"]);
+    assert!(!audit.to_string().contains("pool.create"), "{audit}");
+
+    // The test guest's profile states no minimum: the same image is fine there.
+    t.create_pool(&pool, "small", "prod", 1, "test-linux", &[]);
 }

@@ -76,6 +76,12 @@ pub enum PoolError {
     Exhausted { pool: String, size: u32 },
     #[error("cannot {what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
+    #[error(
+        "image '{image}' version {version} has a {} disk, smaller than the {} minimum of profile {profile}: \
+         grow the image's disk or choose another profile",
+        gib(*size), gib(*min)
+    )]
+    ImageTooSmall { image: String, version: u32, size: u64, profile: String, min: u64 },
     #[error("virt type '{0}' is not one of auto, kvm, qemu")]
     VirtType(String),
     #[error("display listen address {0:?} is not an IP address (e.g. 127.0.0.1, 192.0.2.10, 0.0.0.0 or ::)")]
@@ -107,7 +113,8 @@ impl crate::error::Kind for PoolError {
             PoolError::Size { .. }
             | PoolError::NameTooLong(_)
             | PoolError::VirtType(_)
-            | PoolError::DisplayListen(_) => K::Invalid,
+            | PoolError::DisplayListen(_)
+            | PoolError::ImageTooSmall { .. } => K::Invalid,
             PoolError::Exists(_)
             | PoolError::LegacyDevDesktop { .. }
             | PoolError::InUse { .. }
@@ -119,6 +126,16 @@ impl crate::error::Kind for PoolError {
 }
 
 pub type Result<T> = std::result::Result<T, PoolError>;
+
+/// A disk size for messages: `64 GiB`, `31.5 GiB`.
+fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / f64::from(1u32 << 30);
+    if g.fract() == 0.0 {
+        format!("{g:.0} GiB")
+    } else {
+        format!("{g:.1} GiB")
+    }
+}
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PoolError + 'a {
     move |source| PoolError::Io { what, path: path.display().to_string(), source }
@@ -132,6 +149,12 @@ fn config_drive_name(desktop: &str) -> String {
 /// Where a desktop's overlay lives, relative to the vdim home (what the catalog records).
 fn overlay_rel(pool: &str, desktop: &str) -> String {
     format!("desktops/{pool}/{desktop}.qcow2")
+}
+
+/// Where a desktop's UEFI variable store lives, relative to the vdim home. libvirt creates
+/// it (0600) from the firmware's template at the first start and removes it on undefine.
+fn nvram_rel(pool: &str, desktop: &str) -> String {
+    format!("desktops/{pool}/{desktop}.nvram")
 }
 
 pub use names::{desktop_domain as desktop_name, is_desktop_of};
@@ -455,6 +478,11 @@ impl<'a> Pools<'a> {
         Ok(uuids)
     }
 
+    /// A desktop's UEFI variables: beside its overlay, since they belong to it as its disk does.
+    fn nvram_path(&self, pool: &str, desktop: &str) -> PathBuf {
+        self.home().root().join(nvram_rel(pool, desktop))
+    }
+
     fn config_drive(&self, pool: &str, desktop: &str) -> PathBuf {
         self.home().pool_run(pool).join(config_drive_name(desktop))
     }
@@ -483,9 +511,8 @@ impl<'a> Pools<'a> {
         overlay: &Path,
         version: u32,
     ) -> Result<()> {
-        let run_dir = self.home().pool_run(&pool.name);
         let serial = self.serial_log(&pool.name, name);
-        let nvram = run_dir.join(format!("{name}.nvram"));
+        let nvram = self.nvram_path(&pool.name, name);
         let drive = self.config_drive(&pool.name, name);
         let secret = random_secret(16);
         let spec = DesktopSpec {
@@ -561,11 +588,7 @@ impl<'a> Pools<'a> {
             let n = tx.channel(&image, o.channel)?;
             Ok((image.clone(), tx.version(&image, n)?))
         })?;
-        if let Some(r) = &version.removed {
-            return Err(
-                StoreError::Removed { image: image.name.clone(), version: version.number, removed: r.clone() }.into()
-            );
-        }
+        usable_version(&profile, &image.name, &version)?;
         // Leftovers of an interrupted create of the same name: never in the catalog, safe to drop.
         self.remove_leftovers(o.name)?;
         let home = self.home();
@@ -969,12 +992,30 @@ impl<'a> Pools<'a> {
                 self.hv.destroy(&d.name)?;
             }
         }
+        // Firmware state (UEFI variables, TPM) goes with the disk: a persistent desktop keeps
+        // its definition, so its NVRAM file and its UUID (libvirt's key to the swtpm state)
+        // stay; a non-persistent one is defined afresh, both removed first.
+        let fresh: Vec<&Desktop> = todo.iter().map(|(d, ..)| d).filter(|_| !pool.persistent).collect();
+        let profile = if fresh.is_empty() { None } else { Some(Profile::load(self.profiles, &pool.profile)?) };
+        for d in &fresh {
+            match self.hv.undefine(&d.name) {
+                Ok(()) | Err(HypervisorError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let overlays: Vec<(PathBuf, String, u64)> =
             todo.iter().map(|(d, digest, vsize)| (self.overlay_path(d), digest.clone(), *vsize)).collect();
         self.write_overlays(&overlays)?;
         // A fresh drive at every reset: a new file, with the credentials file read again.
         for (d, _, _) in &todo {
             self.write_config_drive(&pool, d.index, &d.name, d.uuid.as_deref())?;
+        }
+        if let Some(profile) = &profile {
+            for d in &fresh {
+                // The desktop keeps its UUID (its identity); the TPM state went with the definition.
+                let uuid = d.uuid.clone().unwrap_or_else(identity::new_uuid);
+                self.define_desktop(&pool, profile, &d.name, &uuid, &self.overlay_path(d), d.version)?;
+            }
         }
         if !todo.is_empty() {
             self.catalog.write(|tx| -> Result<()> {
@@ -1241,6 +1282,7 @@ impl<'a> Pools<'a> {
             for d in doomed {
                 self.remove_domain(&d.name)?;
                 let _ = fs::remove_file(self.overlay_path(d));
+                let _ = fs::remove_file(self.nvram_path(name, &d.name));
                 let _ = fs::remove_file(self.serial_log(name, &d.name));
                 let _ = fs::remove_file(self.config_drive(name, &d.name));
             }
@@ -1283,6 +1325,23 @@ impl<'a> Pools<'a> {
             Ok(())
         })?;
         self.remove_leftovers(name)
+    }
+}
+
+/// Refuse a removed image version, or one whose disk is smaller than the profile's minimum.
+fn usable_version(profile: &Profile, image: &str, v: &crate::catalog::Version) -> Result<()> {
+    if let Some(r) = &v.removed {
+        return Err(StoreError::Removed { image: image.to_string(), version: v.number, removed: r.clone() }.into());
+    }
+    match profile.min_disk_bytes().filter(|min| v.virtual_size < *min) {
+        Some(min) => Err(PoolError::ImageTooSmall {
+            image: image.to_string(),
+            version: v.number,
+            size: v.virtual_size,
+            profile: profile.name().to_string(),
+            min,
+        }),
+        None => Ok(()),
     }
 }
 

@@ -197,8 +197,9 @@ fn update_moves_idle_desktops_now_and_leaves_an_assigned_one_for_its_logoff() {
     assert_eq!(report.plan.now, idle);
     assert_eq!(report.plan.at_logoff, vec![taken.clone()]);
     let mut moved = vec![];
+    // Non-persistent: each is defined afresh (no UEFI variables or TPM state kept).
     for n in &idle {
-        moved.push((Op::Destroy, n.clone(), None));
+        moved.extend([(Op::Destroy, n.clone(), None), (Op::Undefine, n.clone(), None), (Op::Define, n.clone(), None)]);
         moved.push((Op::Start, n.clone(), Some("v2")));
     }
     let mut got = changes(&f.hv.take_calls());
@@ -213,7 +214,12 @@ fn update_moves_idle_desktops_now_and_leaves_an_assigned_one_for_its_logoff() {
     f.pools().release(&taken, &actor()).expect("logoff");
     assert_eq!(
         changes(&f.hv.calls()),
-        [(Op::Destroy, taken.clone(), None), (Op::Start, taken.clone(), Some("v2"))],
+        [
+            (Op::Destroy, taken.clone(), None),
+            (Op::Undefine, taken.clone(), None),
+            (Op::Define, taken.clone(), None),
+            (Op::Start, taken.clone(), Some("v2"))
+        ],
         "alice's desktop moves at her logoff"
     );
     assert!(f.desktops("a").iter().all(|d| d.version == 2 && d.target.is_none()));
@@ -232,7 +238,7 @@ fn rollback_pins_the_pool_and_moves_its_desktops_back() {
     got.sort();
     let mut want = vec![];
     for n in names("a", 1..=2) {
-        want.push((Op::Destroy, n.clone(), None));
+        want.extend([(Op::Destroy, n.clone(), None), (Op::Undefine, n.clone(), None), (Op::Define, n.clone(), None)]);
         want.push((Op::Start, n, Some("v1")));
     }
     want.sort();
@@ -327,4 +333,98 @@ fn an_identity_pool_boots_each_desktop_with_its_drive_and_builds_it_again_at_log
     assert_ne!(std::fs::metadata(&drive).expect("drive").ino(), ino, "a new drive at the reset");
     f.pools().delete("lab", false, &actor()).expect("delete");
     assert!(!drive.exists(), "the drive goes with its desktop");
+}
+
+// ---- firmware state (UEFI variables, TPM) at resets ------------------------------------------
+
+/// A running pool of two `windows11` desktops (UEFI + TPM) on v1 of `img`, v2 on prod,
+/// against the fake hypervisor; returns the context and the fake.
+fn windows_pool(persistent: bool) -> (tempfile::TempDir, Context, Arc<FakeHypervisor>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings =
+        Settings { profiles: dir.path().join("profiles"), ..Settings::new(Home::new(dir.path().join("home"))) };
+    profile::install_shipped(&settings.profiles).expect("profiles");
+    let hv = Arc::new(FakeHypervisor::new());
+    let mut ctx = Context::init(settings).expect("context").with_hypervisor(hv.clone());
+    ctx.catalog()
+        .write(|tx| -> std::result::Result<(), CatalogError> {
+            let image = tx.insert_image("img", 64 << 30)?;
+            tx.insert_version(&image, None, &"1".repeat(64), 4096, 64 << 30, "tester", "v1")?;
+            for ch in Channel::ALL {
+                tx.set_channel(&image, ch, 1)?;
+            }
+            tx.insert_version(&image, Some(1), &"2".repeat(64), 4096, 64 << 30, "tester", "v2")?;
+            Ok(())
+        })
+        .expect("catalog");
+    let create = CreateOptions {
+        name: "win",
+        image: "img",
+        channel: Channel::Prod,
+        size: 2,
+        profile: "windows11",
+        persistent,
+        virt: VirtType::Qemu,
+        start: true,
+        display_listen: "127.0.0.1".parse().expect("ip"),
+        insecure_display: false,
+        identity: None,
+    };
+    ctx.pools().expect("pools").create(&create, &Actor("tester".into())).expect("create");
+    ctx.catalog()
+        .write(|tx| -> std::result::Result<(), CatalogError> {
+            let image = tx.image("img")?;
+            tx.set_channel(&image, Channel::Prod, 2)
+        })
+        .expect("promote");
+    (dir, ctx, hv)
+}
+
+fn definitions(hv: &FakeHypervisor) -> Vec<(Op, String)> {
+    hv.take_calls()
+        .into_iter()
+        .filter(|c| matches!(c.op, Op::Define | Op::Undefine))
+        .map(|c| (c.op, c.domain))
+        .collect()
+}
+
+#[test]
+fn a_persistent_desktop_keeps_its_definition_and_firmware_state_through_moves_and_restarts() {
+    let (_dir, mut ctx, hv) = windows_pool(true);
+    hv.take_calls();
+    let actor = Actor("tester".into());
+    let mut pools = ctx.pools().expect("pools");
+    // A persistent pool moves only when forced: its users' disks get fresh overlays.
+    pools.update("win", true, &actor).expect("update");
+    pools.stop("win", true, &actor).expect("stop");
+    pools.start("win", &actor).expect("start");
+    pools.rollback("win", None, true, &actor).expect("rollback");
+    assert_eq!(definitions(&hv), [], "never undefined: NVRAM and the UUID keying the TPM state stay");
+}
+
+#[test]
+fn a_non_persistent_desktop_is_defined_afresh_at_every_reset() {
+    let (_dir, mut ctx, hv) = windows_pool(false);
+    hv.take_calls();
+    let actor = Actor("tester".into());
+    let mut pools = ctx.pools().expect("pools");
+    pools.update("win", false, &actor).expect("update");
+    let fresh = |d: &str| [(Op::Undefine, d.to_string()), (Op::Define, d.to_string())];
+    let mut both = definitions(&hv);
+    both.sort();
+    assert_eq!(
+        both,
+        [(Op::Define, "vdim-win-001".into()), (Op::Define, "vdim-win-002".into())]
+            .into_iter()
+            .chain([(Op::Undefine, "vdim-win-001".into()), (Op::Undefine, "vdim-win-002".into())])
+            .collect::<Vec<_>>()
+    );
+    pools.stop("win", true, &actor).expect("stop");
+    pools.start("win", &actor).expect("start");
+    assert_eq!(definitions(&hv), [], "a restart is no reset");
+    pools.assign("win", "alice", &actor).expect("assign");
+    pools.release("vdim-win-001", &actor).expect("logoff");
+    assert_eq!(definitions(&hv), fresh("vdim-win-001"), "logoff resets");
+    let xml = hv.xml("vdim-win-001").expect("defined again");
+    assert!(xml.contains("desktops/win/vdim-win-001.nvram</nvram>"), "{xml}");
 }

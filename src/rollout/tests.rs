@@ -117,13 +117,18 @@ fn a_crash_in_wave_1_reverts_exactly_the_moved_desktops() {
     assert_eq!(report.rollout.state, RolloutState::Failed);
     let moved: Vec<usize> = report.waves.iter().map(|w| w.moved).collect();
     assert_eq!(moved, [1, 0, 0], "the crash stops the rollout in its first wave");
-    // Only the canary was touched: stopped, booted on v2, crashed, stopped, booted on v1.
+    // Only the canary was touched: stopped, defined afresh (non-persistent: no firmware state
+    // kept), booted on v2, crashed, stopped, defined afresh, booted on v1.
     assert_eq!(
         changes(&f.hv.calls()),
         [
             (Op::Destroy, canary.clone(), None),
+            (Op::Undefine, canary.clone(), None),
+            (Op::Define, canary.clone(), None),
             (Op::Start, canary.clone(), Some("v2")),
             (Op::Destroy, canary.clone(), None),
+            (Op::Undefine, canary.clone(), None),
+            (Op::Define, canary.clone(), None),
             (Op::Start, canary.clone(), Some("v1")),
         ]
     );

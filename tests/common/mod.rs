@@ -2,6 +2,7 @@
 //! binary with `assert_success` / `assert_exit_code`, and qcow2 fixtures made with qemu-img.
 #![allow(dead_code)]
 
+pub mod efi;
 pub mod host;
 pub mod viewer;
 
