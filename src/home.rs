@@ -99,6 +99,11 @@ impl Home {
     pub fn run(&self) -> PathBuf {
         self.root.join("run")
     }
+    /// Files an admin puts here to be pools' OpenStack user data: the only place the admin
+    /// API takes them from, so an API token cannot copy an arbitrary host file into guests.
+    pub fn user_data(&self) -> PathBuf {
+        self.root.join("user-data")
+    }
     /// Runtime files of `pool`'s desktops.
     pub fn pool_run(&self, pool: &str) -> PathBuf {
         self.run().join(names::pool_run_dir(pool))

@@ -1023,6 +1023,38 @@ fn the_admin_api_gives_a_pool_an_identity_with_the_join_credentials_only_as_a_pa
     }
 }
 
+/// The broker runs as root: through the API, user data comes only from the home's
+/// `user-data/` directory, so a token cannot copy a host file (a key, the catalog) into guests.
+#[test]
+fn the_admin_api_takes_user_data_only_from_the_homes_user_data_directory() {
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    let secret = format!("host-only-{}", vdim::pool::random_secret(8));
+    let outside = t.env.path("host-secret.txt");
+    std::fs::write(&outside, &secret).unwrap();
+    let dir = t.env.home().join("user-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ud.txt"), "#ps1\nWrite-Host vdim-user-data\n").unwrap();
+    let body = |user_data: &str| {
+        json!({"name": "ud", "image": "img", "size": 1, "profile": "test-linux",
+               "identity": true, "user_data": user_data})
+    };
+    let sneaky = format!("{}/../host-secret.txt", dir.display());
+    for path in [outside.to_str().unwrap(), sneaky.as_str(), "ud.txt"] {
+        let (s, v) = http.json("POST", "/api/v1/admin/pools", Some(admin), Some(body(path)));
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("user-data"), "{v}");
+        assert_eq!(http.json("GET", "/api/v1/admin/pools/ud", Some(admin), None).0, 404, "{path}: nothing made");
+    }
+    let inside = dir.join("ud.txt");
+    let (s, v) = http.json("POST", "/api/v1/admin/pools", Some(admin), Some(body(inside.to_str().unwrap())));
+    assert_eq!(s, 201, "{v}");
+    let iso = std::fs::read(t.env.home().join("run/ud/vdim-ud-001.config.iso")).unwrap();
+    let line = b"Write-Host vdim-user-data";
+    assert!(iso.windows(line.len()).any(|w| w == line), "the user data is on the drive");
+    assert!(!iso.windows(secret.len()).any(|w| w == secret.as_bytes()));
+}
+
 #[test]
 fn persistent_pool_gives_each_user_their_own_desktop_back() {
     let t = test_driver_broker(&[]);

@@ -274,11 +274,31 @@ pub async fn admin_create_pool(State(b): B, a: Admin, JsonBody(c): JsonBody<Crea
     let actor = a.actor();
     let view = b
         .blocking(move |_, ctx| {
+            if let Some(u) = &c.user_data {
+                user_data_in_home(u, &ctx.home().user_data())?;
+            }
             let virt = pool::parse_virt_type(&ctx.settings().virt_type)?;
             Ok(ctx.pools()?.create(&c.options(virt)?, &actor)?)
         })
         .await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// The admin API reads user data only from the home's `user-data/` directory (the CLI, run by
+/// the host's own admin, may name any file): the broker runs as root, and a token must not be
+/// a way to copy `/root/.ssh/id_rsa` onto a guest's drive.
+fn user_data_in_home(path: &std::path::Path, dir: &std::path::Path) -> ApiResult<()> {
+    let plain_name = path.file_name().is_some()
+        && path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+    if plain_name && path.parent() == Some(dir) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "user data for a pool made through the API must be a file directly in {}, not {}",
+            dir.display(),
+            path.display()
+        )))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
