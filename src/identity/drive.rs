@@ -25,7 +25,15 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 
 /// Builds the drive at `out` (mode 0600) holding `files` (paths relative to its root).
 pub fn build(desktop: &str, out: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
-    let staging = tempfile::Builder::new().prefix("vdim-drive-").tempdir().map_err(io("create", Path::new("/tmp")))?;
+    let dir = out.parent().expect("the drive has a directory");
+    // Staged beside the drive, in the desktop's private run directory, never in a shared /tmp:
+    // the answer file may hold the join secret. Named for the desktop, so a crash's leftover
+    // goes with its other files.
+    let name = out.file_name().expect("the drive has a file name").to_string_lossy();
+    let staging = tempfile::Builder::new()
+        .prefix(&format!("{name}.staging-"))
+        .tempdir_in(dir)
+        .map_err(io("create a staging directory in", dir))?;
     let root = staging.path().join("root");
     std::fs::create_dir(&root).map_err(io("create", &root))?;
     for (rel, data) in files {
@@ -40,9 +48,6 @@ pub fn build(desktop: &str, out: &Path, files: &[(&str, Vec<u8>)]) -> Result<()>
             .and_then(|mut f| std::io::Write::write_all(&mut f, data))
             .map_err(io("write", &p))?;
     }
-    let dir = out.parent().expect("the drive has a directory");
-    // Named for the desktop, so a leftover of a crash goes with the desktop's other files.
-    let name = out.file_name().expect("the drive has a file name").to_string_lossy();
     let tmp = dir.join(format!("{name}.tmp-{}", std::process::id()));
     let made = run_xorriso(desktop, &root, &tmp).and_then(|()| {
         // Checked, not assumed: a drive others could read would leak the join secret.

@@ -708,7 +708,9 @@ impl<'a> Pools<'a> {
             let desktop = name.split('.').next().unwrap_or_default();
             if is_desktop_of(pool, desktop) && !keep.iter().any(|k| k == desktop) {
                 let p = e.path();
-                fs::remove_file(&p).map_err(io("remove", &p))?;
+                // A config drive's staging directory survives a crash mid-build.
+                let removed = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                removed.map_err(io("remove", &p))?;
             }
         }
         let _ = fs::remove_dir(&run);
