@@ -160,9 +160,11 @@ impl Hypervisor for Libvirt {
             | sys::VIR_DOMAIN_UNDEFINE_TPM;
         match dom.undefine_flags(full) {
             Ok(()) => {}
-            // Drivers that keep no NVRAM, TPM or checkpoints (the test driver) reject those flags.
-            Err(e) if e.code().to_raw() == sys::VIR_ERR_INVALID_ARG => {
-                tracing::warn!(domain = %name, error = %e.message(), "undefining without removing NVRAM and TPM state");
+            // libvirt's in-process test driver keeps no NVRAM, TPM or checkpoints and rejects
+            // those flags. Nowhere else: undefining while keeping the firmware state would hand
+            // a non-persistent desktop's TPM and UEFI variables to its next user.
+            Err(e) if e.code().to_raw() == sys::VIR_ERR_INVALID_ARG && self.uri.starts_with("test:") => {
+                tracing::debug!(domain = %name, "test driver: undefining without NVRAM and TPM flags");
                 dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
                     .map_err(|e| domain_error("undefine", name, &e))?
             }
