@@ -72,6 +72,16 @@ pub enum PoolError {
     DesktopNotFound(String),
     #[error("desktop '{desktop}' is in use by {user}: {what}")]
     InUse { desktop: String, user: String, what: String },
+    #[error(
+        "desktop '{desktop}' of pool '{pool}' was not handed out: the media of its identity drive, which \
+         holds the domain-join secret, could not be ejected"
+    )]
+    Eject { desktop: String, pool: String, source: Box<HypervisorError> },
+    #[error(
+        "desktop '{desktop}' was not reset: its identity drive could not be built (it stays as it was, \
+         out of service; the next pool command, e.g. 'vdim pool heal {pool}', tries again)"
+    )]
+    Drive { desktop: String, pool: String, source: Box<IdentityError> },
     #[error("pool '{pool}' is exhausted: all {size} desktops are in use")]
     Exhausted { pool: String, size: u32 },
     #[error("cannot {what} {path}: {source}")]
@@ -119,7 +129,8 @@ impl crate::error::Kind for PoolError {
             | PoolError::LegacyDevDesktop { .. }
             | PoolError::InUse { .. }
             | PoolError::DisplayTlsUnavailable { .. } => K::Conflict,
-            PoolError::Exhausted { .. } => K::Exhausted,
+            PoolError::Drive { source, .. } => source.kind(),
+            PoolError::Exhausted { .. } | PoolError::Eject { .. } => K::Exhausted,
             PoolError::Io { .. } => K::Internal,
         }
     }
@@ -1152,14 +1163,18 @@ impl<'a> Pools<'a> {
 
     // ---- assignment (the broker's and an admin's) -----------------------------------------------
 
+    /// What hands desktops to users (this service's `assign` and the broker's sessions).
+    pub(crate) fn hand_out(&self) -> HandOut<'a> {
+        HandOut { hv: self.hv, profiles: self.profiles }
+    }
+
     /// Give an idle desktop of the pool to `user`.
     pub fn assign(&mut self, name: &str, user: &str, actor: &Actor) -> Result<Desktop> {
         names::validate("pool", name)?;
+        let hand_out = self.hand_out();
         self.catalog.write(|tx| -> Result<Desktop> {
             let pool = Self::load_pool(tx, name)?;
-            let d = tx
-                .assign_idle(pool.id, user)?
-                .ok_or(PoolError::Exhausted { pool: name.to_string(), size: pool.size })?;
+            let d = hand_out.idle(tx, &pool, user)?;
             tx.audit(Audit {
                 actor: &actor.0,
                 action: "desktop.assign",
@@ -1325,6 +1340,40 @@ impl<'a> Pools<'a> {
             Ok(())
         })?;
         self.remove_leftovers(name)
+    }
+}
+
+/// Hands desktops to users. The identity drive is for the first boot only (Windows Setup,
+/// cloudbase-init) and its answer file holds the domain-join secret: its media is ejected
+/// before a user gets the desktop. Both calls run inside the catalog transaction that records
+/// the hand-out, so a failed eject rolls it back and nothing is handed out.
+pub(crate) struct HandOut<'a> {
+    hv: &'a dyn Hypervisor,
+    profiles: &'a Path,
+}
+
+impl HandOut<'_> {
+    /// The next idle clean desktop of `pool`, assigned to `user`, its drive ejected.
+    pub(crate) fn idle(&self, tx: &Tx, pool: &Pool, user: &str) -> Result<Desktop> {
+        let d =
+            tx.assign_idle(pool.id, user)?.ok_or(PoolError::Exhausted { pool: pool.name.clone(), size: pool.size })?;
+        self.eject(pool, &d.name)?;
+        Ok(d)
+    }
+
+    /// Eject the media of `desktop`'s identity drive (nothing to do in a pool without one).
+    /// A reset defines a non-persistent desktop with a fresh drive again; a persistent one
+    /// keeps no media in its definition from here on.
+    pub(crate) fn eject(&self, pool: &Pool, desktop: &str) -> Result<()> {
+        if pool.identity.is_none() {
+            return Ok(());
+        }
+        let dev = domain_xml::config_drive_dev(&Profile::load(self.profiles, &pool.profile)?);
+        self.hv.eject_media(desktop, dev).map_err(|source| PoolError::Eject {
+            desktop: desktop.to_string(),
+            pool: pool.name.clone(),
+            source: Box::new(source),
+        })
     }
 }
 
