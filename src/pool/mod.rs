@@ -78,8 +78,9 @@ pub enum PoolError {
     )]
     Eject { desktop: String, pool: String, source: Box<HypervisorError> },
     #[error(
-        "desktop '{desktop}' was not reset: its identity drive could not be built (it stays as it was, \
-         out of service; the next pool command, e.g. 'vdim pool heal {pool}', tries again)"
+        "desktop '{desktop}' was not reset: its identity drive could not be built; it stays as it was and \
+         is not handed out before its reset (fix the cause, then 'vdim pool start {pool}' or any command that \
+         changes the pool resets it)"
     )]
     Drive { desktop: String, pool: String, source: Box<IdentityError> },
     #[error("pool '{pool}' is exhausted: all {size} desktops are in use")]
@@ -500,7 +501,13 @@ impl<'a> Pools<'a> {
 
     /// (Re)build a desktop's config drive when its pool gives identities, reading the
     /// credentials and user data files now.
-    fn write_config_drive(&self, pool: &Pool, index: u32, desktop: &str, uuid: Option<&str>) -> Result<()> {
+    fn write_config_drive(
+        &self,
+        pool: &Pool,
+        index: u32,
+        desktop: &str,
+        uuid: Option<&str>,
+    ) -> std::result::Result<(), IdentityError> {
         let Some(id) = &pool.identity else { return Ok(()) };
         let d = identity::DesktopIdentity {
             desktop,
@@ -997,6 +1004,22 @@ impl<'a> Pools<'a> {
             }
             Ok((pool, todo))
         })?;
+        // New drives first (each renamed into place), while every desktop is still as it was:
+        // one whose drive cannot be built is left alone, defined and running, its reset
+        // pending for the next heal, and reported once the others are done.
+        let mut failed = vec![];
+        let todo: Vec<_> = todo
+            .into_iter()
+            .filter(|(d, ..)| match self.write_config_drive(&pool, d.index, &d.name, d.uuid.as_deref()) {
+                Ok(()) => true,
+                Err(e) => {
+                    let e = PoolError::Drive { desktop: d.name.clone(), pool: pool.name.clone(), source: Box::new(e) };
+                    tracing::warn!(desktop = %d.name, error = %crate::error::message(&e), "desktop not reset");
+                    failed.push(e);
+                    false
+                }
+            })
+            .collect();
         let mut started = vec![];
         for (d, _, _) in &todo {
             if self.is_active(&d.name)? {
@@ -1017,10 +1040,6 @@ impl<'a> Pools<'a> {
         let overlays: Vec<(PathBuf, String, u64)> =
             todo.iter().map(|(d, digest, vsize)| (self.overlay_path(d), digest.clone(), *vsize)).collect();
         self.write_overlays(&overlays)?;
-        // A fresh drive at every reset: a new file, with the credentials file read again.
-        for (d, _, _) in &todo {
-            self.write_config_drive(&pool, d.index, &d.name, d.uuid.as_deref())?;
-        }
         if let Some(profile) = &profile {
             for d in &fresh {
                 // The desktop keeps its UUID (its identity); the TPM state went with the definition.
@@ -1042,7 +1061,10 @@ impl<'a> Pools<'a> {
                 started.push(d.name.clone());
             }
         }
-        Ok(started)
+        match failed.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(started),
+        }
     }
 
     /// Move desktops of a pool, picked while idle, to `to` now (fresh overlays), booting

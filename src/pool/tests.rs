@@ -522,3 +522,31 @@ fn a_broker_session_ejects_the_identity_drive_before_it_is_recorded() {
     assert_eq!(opened.session.desktop, "vdim-lab-001");
     assert_eq!(drive_media(&f.hv, "vdim-lab-001"), None, "ejected before the user got it");
 }
+
+#[test]
+fn a_drive_that_cannot_be_built_at_logoff_leaves_the_desktop_as_it_was_and_heal_resets_it_later() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = Fixture::new();
+    let cred = f.home().root().join("../join.cred");
+    identity_pool(&mut f, 1, &cred);
+    f.pools().assign("lab", "alice", &actor()).expect("assign");
+    fs::set_permissions(&cred, fs::Permissions::from_mode(0o644)).expect("chmod");
+    f.hv.take_calls();
+
+    let e = f.pools().release("vdim-lab-001", &actor()).expect_err("no drive, no reset");
+    assert!(matches!(e, PoolError::Drive { ref desktop, .. } if desktop == "vdim-lab-001"), "{e:?}");
+    let chain = crate::error::message(&e);
+    assert!(chain.contains("vdim-lab-001") && chain.contains("accessible by others"), "{chain}");
+    assert_eq!(changes(&f.hv.take_calls()), [], "nothing destroyed, undefined or defined");
+    assert_eq!(f.hv.state("vdim-lab-001").expect("still defined").0, crate::hypervisor::DomainState::Running);
+    let d = &f.desktops("lab")[0];
+    assert!(d.needs_reset && d.assigned_to.is_none(), "released, its reset pending: {d:?}");
+    assert!(f.pools().assign("lab", "bob", &actor()).is_err(), "not handed out before its reset");
+
+    fs::set_permissions(&cred, fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert_eq!(f.pools().heal("lab").expect("heal"), ["vdim-lab-001"]);
+    assert!(!f.desktops("lab")[0].needs_reset);
+    let done: Vec<Op> = changes(&f.hv.take_calls()).into_iter().map(|(op, ..)| op).collect();
+    assert_eq!(done, [Op::Destroy, Op::Undefine, Op::Define, Op::Start]);
+    assert!(drive_media(&f.hv, "vdim-lab-001").is_some(), "defined with its new drive");
+}
