@@ -444,6 +444,7 @@ impl<'a> Sessions<'a> {
         let now = SystemTime::now();
         let (now_s, expires) = (rfc3339(now), rfc3339(now + ttl));
         let actor = format!("user:{}", user.name);
+        let hand_out = self.pools.hand_out();
         self.catalog().write(|tx| -> Result<Opened> {
             let p = tx.pool(pool)?.ok_or_else(|| PoolError::NotFound(pool.to_string()))?;
             if !tx.is_entitled(p.id, user.id)? {
@@ -482,11 +483,11 @@ impl<'a> Sessions<'a> {
                         let last = tx.last_session_on(&d.name)?.map(|s| s.id).unwrap_or_default();
                         return Err(UserError::LoggingOff { desktop: d.name, session: last });
                     }
+                    // Handed out before (and ejected then); again in case it was not.
+                    hand_out.eject(&p, &d.name)?;
                     d
                 }
-                None => tx
-                    .assign_idle(p.id, &user.name)?
-                    .ok_or(PoolError::Exhausted { pool: pool.to_string(), size: p.size })?,
+                None => hand_out.idle(tx, &p, &user.name)?,
             };
             tx.end_stale_sessions_on(&desktop.name)?;
             tx.insert_session(&NewSession {

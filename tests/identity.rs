@@ -53,6 +53,18 @@ fn xml_value(file: &Path, element: &str) -> String {
     v.strip_suffix('\n').unwrap_or(&v).to_string()
 }
 
+/// The media file of a domain's CD-ROM: in its live XML, in its persistent one.
+fn cdrom_media(domain: &str) -> [Option<PathBuf>; 2] {
+    [&[][..], &["--inactive"][..]].map(|extra| {
+        let args = [&["-c", "qemu:///system", "dumpxml", domain][..], extra].concat();
+        let xml = String::from_utf8_lossy(&sh("virsh", &args).stdout).into_owned();
+        let start = xml.find("device='cdrom'").expect("a CD-ROM");
+        let disk = &xml[start..start + xml[start..].find("</disk>").unwrap()];
+        let file = disk.split("<source file='").nth(1)?;
+        Some(PathBuf::from(&file[..file.find('\'').unwrap()]))
+    })
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
     for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -64,6 +76,19 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// No file under `dir` but the drives (`*.iso`) holds any of `secrets`.
+fn assert_not_in_files(dir: &Path, secrets: &[&str]) {
+    for f in files_under(dir) {
+        if f.extension().is_some_and(|e| e == "iso") {
+            continue;
+        }
+        let bytes = std::fs::read(&f).unwrap();
+        for secret in secrets {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret is in {f:?}");
+        }
+    }
 }
 
 fn write_private(path: &Path, text: &str, mode: u32) {
@@ -156,10 +181,15 @@ fn each_desktop_boots_with_its_own_hostname_and_the_join_secret_is_only_on_the_d
     let dumpxml = sh("virsh", &["-c", "qemu:///system", "dumpxml", &desktops[0]]);
     assert!(String::from_utf8_lossy(&dumpxml.stdout).contains(&format!("<uuid>{uuid}</uuid>")), "uuid = domain's");
 
-    // A non-persistent desktop's reset (logoff) builds its drive again: a new file, same files.
+    // Handed to a user, the drive with the join secret is empty (live and defined); a
+    // non-persistent desktop's reset (logoff) builds it again: a new file, same files.
     let before = (extract(&d1, "/unattend.xml", &x), extract(&d1, "/openstack/latest/meta_data.json", &x));
     assert_eq!(run(&["--json", "pool", "assign", &pool, "alice"]).json()["name"], desktops[0].as_str());
+    let idle = Some(drive(&desktops[1]));
+    assert_eq!(cdrom_media(&desktops[0]), [None, None], "(live, persistent) after assign");
+    assert_eq!(cdrom_media(&desktops[1]), [idle.clone(), idle], "the idle desktop keeps its drive");
     run(&["pool", "release", &desktops[0]]);
+    assert_eq!(cdrom_media(&desktops[0]), [Some(d1.clone()), Some(d1.clone())], "defined and booted with it again");
     assert_ne!(std::fs::metadata(&d1).unwrap().ino(), meta.ino(), "a new drive file");
     assert_eq!(std::fs::metadata(&d1).unwrap().mode() & 0o777, 0o600);
     let after = (extract(&d1, "/unattend.xml", &x), extract(&d1, "/openstack/latest/meta_data.json", &x));
@@ -176,15 +206,7 @@ fn each_desktop_boots_with_its_own_hostname_and_the_join_secret_is_only_on_the_d
     run(&["--json", "audit", "--pool", &pool]);
     run(&["audit", "--pool", &pool]);
     std::fs::remove_file(&x).unwrap();
-    for f in files_under(&t.env.home()) {
-        if f.extension().is_some_and(|e| e == "iso") {
-            continue;
-        }
-        let bytes = std::fs::read(&f).unwrap();
-        for secret in [&core, &core2] {
-            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret is in {f:?}");
-        }
-    }
+    assert_not_in_files(&t.env.home(), &[&core, &core2]);
     for o in &outputs {
         assert!(!o.contains(&core) && !o.contains(&core2), "the secret is in an output:\n{o}");
     }

@@ -312,6 +312,18 @@ fn cpu_clock_and_power(x: &mut Writer, hw: &Hardware, virt: VirtType, hyperv: bo
     x.close("pm");
 }
 
+/// The SATA target of a desktop's config drive (CD-ROM) on this profile: beside the system disk.
+pub fn config_drive_dev(profile: &Profile) -> &'static str {
+    config_drive_target(profile.hardware())
+}
+
+fn config_drive_target(hw: &Hardware) -> &'static str {
+    match hw.disk_bus {
+        DiskBus::Sata => "sdb",
+        DiskBus::Virtio => "sda",
+    }
+}
+
 fn disk_network_and_channels(x: &mut Writer, hw: &Hardware, paths: &Paths) {
     let (dev, bus) = match hw.disk_bus {
         DiskBus::Virtio => ("vda", "virtio"),
@@ -327,7 +339,7 @@ fn disk_network_and_channels(x: &mut Writer, hw: &Hardware, paths: &Paths) {
         x.open("disk", &[("type", "file"), ("device", "cdrom")]);
         x.empty("driver", &[("name", "qemu"), ("type", "raw")]);
         x.empty("source", &[("file", drive)]);
-        x.empty("target", &[("dev", if dev == "sda" { "sdb" } else { "sda" }), ("bus", "sata")]);
+        x.empty("target", &[("dev", config_drive_target(hw)), ("bus", "sata")]);
         x.empty("readonly", &[]);
         x.close("disk");
     }

@@ -9,7 +9,7 @@
 //! Compiled for unit tests and under the `fake` feature only: the shipped binary has no fake
 //! hypervisor in it, and nothing can select one by accident.
 
-use super::xml::{element_text, find_elements};
+use super::xml::{cdrom, element_text, find_elements};
 use super::{
     DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError, LifecycleEvent, LifecycleKind,
     Subscription,
@@ -37,12 +37,13 @@ pub enum Op {
     AgentPing,
     Subscribe,
     SpiceTls,
+    EjectMedia,
 }
 
 impl Op {
     /// Calls that change a domain (the others only read).
     pub fn changes(self) -> bool {
-        matches!(self, Op::Define | Op::Start | Op::Shutdown | Op::Destroy | Op::Undefine)
+        matches!(self, Op::Define | Op::Start | Op::Shutdown | Op::Destroy | Op::Undefine | Op::EjectMedia)
     }
 }
 
@@ -339,6 +340,26 @@ impl Hypervisor for FakeHypervisor {
             port: Some(5900 + index.unwrap_or(0) as u16),
             tls_port: None,
         })
+    }
+
+    /// The CD-ROM loses its `<source>` (one definition: live and persistent alike).
+    fn eject_media(&self, name: &str, target_dev: &str) -> Result<(), HypervisorError> {
+        let mut inner = self.call(Op::EjectMedia, name)?;
+        let d = inner.domain(name)?;
+        let no_cdrom = || HypervisorError::Libvirt {
+            op: "eject the CD-ROM media of",
+            domain: name.into(),
+            message: format!("it has no CD-ROM {target_dev}"),
+        };
+        cdrom(&d.xml, target_dev).ok_or_else(no_cdrom)?;
+        let target = d.xml.find(&format!("<target dev='{target_dev}'")).ok_or_else(no_cdrom)?;
+        let start = d.xml[..target].rfind("<disk ").ok_or_else(no_cdrom)?;
+        let end = target + d.xml[target..].find("</disk>").ok_or_else(no_cdrom)?;
+        if let Some(at) = d.xml[start..end].find("<source ").map(|i| start + i) {
+            let len = d.xml[at..].find("/>").map_or(0, |i| i + 2);
+            d.xml.replace_range(at..at + len, "");
+        }
+        Ok(())
     }
 
     fn agent_ping(&self, name: &str, _timeout: i32) -> Result<(), HypervisorError> {

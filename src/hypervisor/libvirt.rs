@@ -21,7 +21,7 @@ use virt::domain::{Domain, DomainState as RawState};
 use virt::enumutil::Enum;
 use virt::sys;
 
-use super::xml::{element_text, find_elements, Element as XmlElement};
+use super::xml::{cdrom, element_text, empty_cdrom, find_elements, Element as XmlElement};
 use super::*;
 
 /// The `virt`-crate implementation of [`Hypervisor`].
@@ -268,6 +268,22 @@ impl Hypervisor for Libvirt {
             .map_err(|e| domain_error(OP, name, &e))?;
         tracing::info!(domain = %name, %kind, valid_to = %valid_to, "console password set");
         self.graphics(name, kind)
+    }
+
+    fn eject_media(&self, name: &str, target_dev: &str) -> Result<(), HypervisorError> {
+        const OP: &str = "eject the CD-ROM media of";
+        let dom = self.domain(name, OP)?;
+        let xml = dom.xml_desc(0).map_err(|e| domain_error(OP, name, &e))?;
+        let Some(cdrom) = cdrom(&xml, target_dev) else {
+            let message = format!("it has no CD-ROM {target_dev}");
+            return Err(HypervisorError::Libvirt { op: OP, domain: name.to_string(), message });
+        };
+        // The persistent definition always; the running domain too when there is one.
+        let live = dom.is_active().map_err(|e| domain_error(OP, name, &e))?;
+        let flags = sys::VIR_DOMAIN_AFFECT_CONFIG | if live { sys::VIR_DOMAIN_AFFECT_LIVE } else { 0 };
+        dom.update_device_flags(&empty_cdrom(&cdrom, target_dev), flags).map_err(|e| domain_error(OP, name, &e))?;
+        tracing::info!(domain = %name, target = %target_dev, live, "CD-ROM media ejected");
+        Ok(())
     }
 
     fn agent_ping(&self, name: &str, timeout: i32) -> Result<(), HypervisorError> {

@@ -175,6 +175,9 @@ pub trait Hypervisor: Send + Sync {
         password: &str,
         valid_to: SystemTime,
     ) -> Result<GraphicsEndpoint, HypervisorError>;
+    /// Empties the CD-ROM at `target_dev` (e.g. `sdb`): no media in the running domain (when
+    /// it runs) nor in its persistent definition. The drive itself stays.
+    fn eject_media(&self, name: &str, target_dev: &str) -> Result<(), HypervisorError>;
     /// Whether this host's libvirt serves SPICE over TLS (qemu.conf `spice_tls = 1` with
     /// certificates in `spice_tls_x509_cert_dir`). Answered by libvirt itself, so it holds for
     /// remote hosts: a throwaway definition with a TLS port is validated, then removed.

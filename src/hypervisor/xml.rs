@@ -222,6 +222,26 @@ fn parse_start_tag(s: &str) -> Option<StartTag> {
     }
 }
 
+/// The `<disk device='cdrom'>` whose target is `dev`.
+pub(crate) fn cdrom(xml: &str, dev: &str) -> Option<Element> {
+    find_elements(xml, "disk").into_iter().find(|d| {
+        d.attr("device") == Some("cdrom")
+            && find_elements(&d.inner, "target").iter().any(|t| t.attr("dev") == Some(dev))
+    })
+}
+
+/// That CD-ROM without media: what `update-device` takes to eject it.
+pub(crate) fn empty_cdrom(cdrom: &Element, dev: &str) -> String {
+    let target = find_elements(&cdrom.inner, "target");
+    let bus = target.first().and_then(|t| t.attr("bus")).unwrap_or("sata");
+    let mut x = Writer::default();
+    x.open("disk", &[("type", cdrom.attr("type").unwrap_or("file")), ("device", "cdrom")]);
+    x.empty("target", &[("dev", dev), ("bus", bus)]);
+    x.empty("readonly", &[]);
+    x.close("disk");
+    x.out
+}
+
 /// The text of the first `<name>` element, unescaped.
 pub(crate) fn element_text(xml: &str, name: &str) -> Option<String> {
     let el = find_elements(xml, name).into_iter().next()?;

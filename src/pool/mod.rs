@@ -72,6 +72,17 @@ pub enum PoolError {
     DesktopNotFound(String),
     #[error("desktop '{desktop}' is in use by {user}: {what}")]
     InUse { desktop: String, user: String, what: String },
+    #[error(
+        "desktop '{desktop}' of pool '{pool}' was not handed out: the media of its identity drive, which \
+         holds the domain-join secret, could not be ejected"
+    )]
+    Eject { desktop: String, pool: String, source: Box<HypervisorError> },
+    #[error(
+        "desktop '{desktop}' was not reset: its identity drive could not be built; it stays as it was and \
+         is not handed out before its reset (fix the cause, then 'vdim pool start {pool}' or any command that \
+         changes the pool resets it)"
+    )]
+    Drive { desktop: String, pool: String, source: Box<IdentityError> },
     #[error("pool '{pool}' is exhausted: all {size} desktops are in use")]
     Exhausted { pool: String, size: u32 },
     #[error("cannot {what} {path}: {source}")]
@@ -119,7 +130,8 @@ impl crate::error::Kind for PoolError {
             | PoolError::LegacyDevDesktop { .. }
             | PoolError::InUse { .. }
             | PoolError::DisplayTlsUnavailable { .. } => K::Conflict,
-            PoolError::Exhausted { .. } => K::Exhausted,
+            PoolError::Drive { source, .. } => source.kind(),
+            PoolError::Exhausted { .. } | PoolError::Eject { .. } => K::Exhausted,
             PoolError::Io { .. } => K::Internal,
         }
     }
@@ -489,7 +501,13 @@ impl<'a> Pools<'a> {
 
     /// (Re)build a desktop's config drive when its pool gives identities, reading the
     /// credentials and user data files now.
-    fn write_config_drive(&self, pool: &Pool, index: u32, desktop: &str, uuid: Option<&str>) -> Result<()> {
+    fn write_config_drive(
+        &self,
+        pool: &Pool,
+        index: u32,
+        desktop: &str,
+        uuid: Option<&str>,
+    ) -> std::result::Result<(), IdentityError> {
         let Some(id) = &pool.identity else { return Ok(()) };
         let d = identity::DesktopIdentity {
             desktop,
@@ -988,6 +1006,22 @@ impl<'a> Pools<'a> {
             }
             Ok((pool, todo))
         })?;
+        // New drives first (each renamed into place), while every desktop is still as it was:
+        // one whose drive cannot be built is left alone, defined and running, its reset
+        // pending for the next heal, and reported once the others are done.
+        let mut failed = vec![];
+        let todo: Vec<_> = todo
+            .into_iter()
+            .filter(|(d, ..)| match self.write_config_drive(&pool, d.index, &d.name, d.uuid.as_deref()) {
+                Ok(()) => true,
+                Err(e) => {
+                    let e = PoolError::Drive { desktop: d.name.clone(), pool: pool.name.clone(), source: Box::new(e) };
+                    tracing::warn!(desktop = %d.name, error = %crate::error::message(&e), "desktop not reset");
+                    failed.push(e);
+                    false
+                }
+            })
+            .collect();
         let mut started = vec![];
         for (d, _, _) in &todo {
             if self.is_active(&d.name)? {
@@ -1008,10 +1042,6 @@ impl<'a> Pools<'a> {
         let overlays: Vec<(PathBuf, String, u64)> =
             todo.iter().map(|(d, digest, vsize)| (self.overlay_path(d), digest.clone(), *vsize)).collect();
         self.write_overlays(&overlays)?;
-        // A fresh drive at every reset: a new file, with the credentials file read again.
-        for (d, _, _) in &todo {
-            self.write_config_drive(&pool, d.index, &d.name, d.uuid.as_deref())?;
-        }
         if let Some(profile) = &profile {
             for d in &fresh {
                 // The desktop keeps its UUID (its identity); the TPM state went with the definition.
@@ -1033,7 +1063,10 @@ impl<'a> Pools<'a> {
                 started.push(d.name.clone());
             }
         }
-        Ok(started)
+        match failed.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(started),
+        }
     }
 
     /// Move desktops of a pool, picked while idle, to `to` now (fresh overlays), booting
@@ -1154,14 +1187,18 @@ impl<'a> Pools<'a> {
 
     // ---- assignment (the broker's and an admin's) -----------------------------------------------
 
+    /// What hands desktops to users (this service's `assign` and the broker's sessions).
+    pub(crate) fn hand_out(&self) -> HandOut<'a> {
+        HandOut { hv: self.hv, profiles: self.profiles }
+    }
+
     /// Give an idle desktop of the pool to `user`.
     pub fn assign(&mut self, name: &str, user: &str, actor: &Actor) -> Result<Desktop> {
         names::validate("pool", name)?;
+        let hand_out = self.hand_out();
         self.catalog.write(|tx| -> Result<Desktop> {
             let pool = Self::load_pool(tx, name)?;
-            let d = tx
-                .assign_idle(pool.id, user)?
-                .ok_or(PoolError::Exhausted { pool: name.to_string(), size: pool.size })?;
+            let d = hand_out.idle(tx, &pool, user)?;
             tx.audit(Audit {
                 actor: &actor.0,
                 action: "desktop.assign",
@@ -1327,6 +1364,40 @@ impl<'a> Pools<'a> {
             Ok(())
         })?;
         self.remove_leftovers(name)
+    }
+}
+
+/// Hands desktops to users. The identity drive is for the first boot only (Windows Setup,
+/// cloudbase-init) and its answer file holds the domain-join secret: its media is ejected
+/// before a user gets the desktop. Both calls run inside the catalog transaction that records
+/// the hand-out, so a failed eject rolls it back and nothing is handed out.
+pub(crate) struct HandOut<'a> {
+    hv: &'a dyn Hypervisor,
+    profiles: &'a Path,
+}
+
+impl HandOut<'_> {
+    /// The next idle clean desktop of `pool`, assigned to `user`, its drive ejected.
+    pub(crate) fn idle(&self, tx: &Tx, pool: &Pool, user: &str) -> Result<Desktop> {
+        let d =
+            tx.assign_idle(pool.id, user)?.ok_or(PoolError::Exhausted { pool: pool.name.clone(), size: pool.size })?;
+        self.eject(pool, &d.name)?;
+        Ok(d)
+    }
+
+    /// Eject the media of `desktop`'s identity drive (nothing to do in a pool without one).
+    /// A reset defines a non-persistent desktop with a fresh drive again; a persistent one
+    /// keeps no media in its definition from here on.
+    pub(crate) fn eject(&self, pool: &Pool, desktop: &str) -> Result<()> {
+        if pool.identity.is_none() {
+            return Ok(());
+        }
+        let dev = domain_xml::config_drive_dev(&Profile::load(self.profiles, &pool.profile)?);
+        self.hv.eject_media(desktop, dev).map_err(|source| PoolError::Eject {
+            desktop: desktop.to_string(),
+            pool: pool.name.clone(),
+            source: Box::new(source),
+        })
     }
 }
 

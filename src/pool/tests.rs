@@ -428,3 +428,125 @@ fn a_non_persistent_desktop_is_defined_afresh_at_every_reset() {
     let xml = hv.xml("vdim-win-001").expect("defined again");
     assert!(xml.contains("desktops/win/vdim-win-001.nvram</nvram>"), "{xml}");
 }
+
+// ---- the identity drive at hand-out and at reset ---------------------------------------------
+
+/// A started non-persistent test-linux pool `lab` of `size` desktops with identity, the join
+/// credentials read from `cred` (written 0600 here).
+fn identity_pool(f: &mut Fixture, size: u32, cred: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(cred, "username=svc-vdi-join\npassword=JoinSecret\n").expect("credentials");
+    fs::set_permissions(cred, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let join = DomainJoin { domain: "corp.example.com".into(), ou: None, credentials: cred.to_path_buf() };
+    let identity = Identity { hostname_pattern: "LAB-{n}".into(), join: Some(join), user_data: None };
+    let create = CreateOptions {
+        name: "lab",
+        image: "img",
+        channel: Channel::Test,
+        size,
+        profile: "test-linux",
+        persistent: false,
+        virt: VirtType::Qemu,
+        start: true,
+        display_listen: "127.0.0.1".parse().expect("ip"),
+        insecure_display: false,
+        identity: Some(identity),
+    };
+    f.pools().create(&create, &actor()).expect("pool create");
+}
+
+/// The media of a desktop's identity drive in its (fake) definition, if any.
+fn drive_media(hv: &FakeHypervisor, desktop: &str) -> Option<String> {
+    let xml = hv.xml(desktop).expect("defined");
+    let cdrom = crate::hypervisor::xml::cdrom(&xml, "sda").expect("an identity drive");
+    crate::hypervisor::xml::find_elements(&cdrom.inner, "source").first().and_then(|s| s.attr("file").map(String::from))
+}
+
+fn assigned(f: &mut Fixture, desktop: &str) -> Option<String> {
+    f.desktops("lab").into_iter().find(|d| d.name == desktop).and_then(|d| d.assigned_to)
+}
+
+#[test]
+fn assigning_a_desktop_ejects_its_identity_drive_first_and_a_failed_eject_hands_nothing_out() {
+    let mut f = Fixture::new();
+    let cred = f.home().root().join("../join.cred");
+    identity_pool(&mut f, 2, &cred);
+    assert!(drive_media(&f.hv, "vdim-lab-001").is_some(), "booted with its drive");
+    f.hv.take_calls();
+
+    f.hv.fail_next(Op::EjectMedia, "vdim-lab-001");
+    let e = f.pools().assign("lab", "alice", &actor()).expect_err("the eject failed");
+    assert!(matches!(e, PoolError::Eject { ref desktop, .. } if desktop == "vdim-lab-001"), "{e:?}");
+    assert_eq!(crate::error::Kind::kind(&e), crate::error::ErrorKind::Exhausted);
+    assert!(e.to_string().contains("vdim-lab-001") && e.to_string().contains("not handed out"), "{e}");
+    assert_eq!(assigned(&mut f, "vdim-lab-001"), None, "not assigned");
+    assert!(drive_media(&f.hv, "vdim-lab-001").is_some());
+
+    let d = f.pools().assign("lab", "alice", &actor()).expect("assign");
+    assert_eq!(d.name, "vdim-lab-001");
+    assert_eq!(drive_media(&f.hv, "vdim-lab-001"), None, "ejected");
+    assert_eq!(
+        drive_media(&f.hv, "vdim-lab-002"),
+        Some(f.home().pool_run("lab").join("vdim-lab-002.config.iso").display().to_string()),
+        "the idle one keeps it"
+    );
+    let ejects: Vec<String> =
+        f.hv.take_calls().into_iter().filter(|c| c.op == Op::EjectMedia).map(|c| c.domain).collect();
+    assert_eq!(ejects, ["vdim-lab-001", "vdim-lab-001"]);
+    let audited = f.ctx.catalog().read(|tx| tx.audit_log(None, Some("lab"), 100)).expect("audit");
+    let assigns: Vec<_> = audited.iter().filter(|a| a.action == "desktop.assign").collect();
+    assert_eq!(assigns.len(), 1, "only the hand-out that happened is recorded");
+
+    // A logoff defines the desktop again with its rebuilt drive.
+    f.pools().release("vdim-lab-001", &actor()).expect("release");
+    assert!(drive_media(&f.hv, "vdim-lab-001").is_some(), "media again after the reset");
+}
+
+#[test]
+fn a_broker_session_ejects_the_identity_drive_before_it_is_recorded() {
+    let mut f = Fixture::new();
+    let cred = f.home().root().join("../join.cred");
+    identity_pool(&mut f, 1, &cred);
+    let user = f.ctx.users().add("alice", false, None, &actor()).expect("user").user;
+    f.ctx.users().entitle("lab", "alice", &actor()).expect("entitle");
+    let ttl = std::time::Duration::from_secs(600);
+
+    f.hv.fail_next(Op::EjectMedia, "vdim-lab-001");
+    let e = f.ctx.sessions().expect("sessions").open(&user, "lab", ttl).expect_err("the eject failed");
+    assert!(matches!(e, crate::users::UserError::Pool(PoolError::Eject { .. })), "{e:?}");
+    assert_eq!(assigned(&mut f, "vdim-lab-001"), None, "not assigned");
+    assert!(f.ctx.catalog().read(|tx| tx.open_sessions(None)).expect("sessions").is_empty(), "no session");
+    assert!(drive_media(&f.hv, "vdim-lab-001").is_some());
+
+    let opened = f.ctx.sessions().expect("sessions").open(&user, "lab", ttl).expect("open");
+    assert_eq!(opened.session.desktop, "vdim-lab-001");
+    assert_eq!(drive_media(&f.hv, "vdim-lab-001"), None, "ejected before the user got it");
+}
+
+#[test]
+fn a_drive_that_cannot_be_built_at_logoff_leaves_the_desktop_as_it_was_and_heal_resets_it_later() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = Fixture::new();
+    let cred = f.home().root().join("../join.cred");
+    identity_pool(&mut f, 1, &cred);
+    f.pools().assign("lab", "alice", &actor()).expect("assign");
+    fs::set_permissions(&cred, fs::Permissions::from_mode(0o644)).expect("chmod");
+    f.hv.take_calls();
+
+    let e = f.pools().release("vdim-lab-001", &actor()).expect_err("no drive, no reset");
+    assert!(matches!(e, PoolError::Drive { ref desktop, .. } if desktop == "vdim-lab-001"), "{e:?}");
+    let chain = crate::error::message(&e);
+    assert!(chain.contains("vdim-lab-001") && chain.contains("accessible by others"), "{chain}");
+    assert_eq!(changes(&f.hv.take_calls()), [], "nothing destroyed, undefined or defined");
+    assert_eq!(f.hv.state("vdim-lab-001").expect("still defined").0, crate::hypervisor::DomainState::Running);
+    let d = &f.desktops("lab")[0];
+    assert!(d.needs_reset && d.assigned_to.is_none(), "released, its reset pending: {d:?}");
+    assert!(f.pools().assign("lab", "bob", &actor()).is_err(), "not handed out before its reset");
+
+    fs::set_permissions(&cred, fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert_eq!(f.pools().heal("lab").expect("heal"), ["vdim-lab-001"]);
+    assert!(!f.desktops("lab")[0].needs_reset);
+    let done: Vec<Op> = changes(&f.hv.take_calls()).into_iter().map(|(op, ..)| op).collect();
+    assert_eq!(done, [Op::Destroy, Op::Undefine, Op::Define, Op::Start]);
+    assert!(drive_media(&f.hv, "vdim-lab-001").is_some(), "defined with its new drive");
+}
