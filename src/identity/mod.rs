@@ -35,6 +35,10 @@ pub const MAX_USER_DATA: u64 = 64 * 1024;
 pub enum IdentityError {
     #[error("hostname pattern {pattern:?} is not usable: {reason}")]
     Pattern { pattern: String, reason: String },
+    #[error(
+        "hostname pattern {pattern:?} can give the same computer names as pool '{other}' ({theirs:?}); Windows compares them without case and two machines with one name break each other's domain join: choose another pattern"
+    )]
+    Clash { pattern: String, other: String, theirs: String },
     #[error("join domain {0:?} is not a DNS domain name (e.g. corp.example.com)")]
     Domain(String),
     #[error("join OU {0:?} is not usable: it must be a distinguished name without control characters (e.g. OU=VDI,DC=corp,DC=example,DC=com)")]
@@ -59,6 +63,7 @@ impl crate::error::Kind for IdentityError {
     fn kind(&self) -> crate::error::ErrorKind {
         use crate::error::ErrorKind as K;
         match self {
+            IdentityError::Clash { .. } => K::Conflict,
             IdentityError::Pattern { .. }
             | IdentityError::Domain(_)
             | IdentityError::Ou(_)
@@ -96,6 +101,24 @@ pub struct DomainJoin {
 /// The pattern used when a pool asks for an identity without one: `<pool>-{n}`.
 pub fn default_pattern(pool: &str) -> String {
     format!("{pool}-{NUMBER}")
+}
+
+/// Whether two pools' patterns can give the same computer name: Windows compares computer
+/// names without case, and two machines with one name take each other's domain account.
+/// Names are `prefix + number + suffix` (the number at least three digits), so they can meet
+/// only when one prefix extends the other by digits, and one suffix the other by digits.
+pub fn patterns_may_clash(a: &str, b: &str) -> bool {
+    let split = |p: &str| {
+        let (pre, suf) = p.split_once(NUMBER).unwrap_or((p, ""));
+        (pre.to_ascii_uppercase(), suf.to_ascii_uppercase())
+    };
+    let ((pa, sa), (pb, sb)) = (split(a), split(b));
+    let digits = |s: &str| s.bytes().all(|c| c.is_ascii_digit());
+    let (short, long) = if pa.len() <= pb.len() { (&pa, &pb) } else { (&pb, &pa) };
+    let prefixes = long.starts_with(short.as_str()) && digits(&long[short.len()..]);
+    let (short, long) = if sa.len() <= sb.len() { (&sa, &sb) } else { (&sb, &sa) };
+    let suffixes = long.ends_with(short.as_str()) && digits(&long[..long.len() - short.len()]);
+    prefixes && suffixes
 }
 
 /// The hostname of desktop number `index` of a pool with this pattern.
@@ -241,6 +264,17 @@ pub fn new_uuid() -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn patterns_clash_when_they_can_give_one_computer_name_in_any_case() {
+        for (a, b) in [("FIN-{n}", "fin-{n}"), ("FIN-{n}", "FIN-1{n}"), ("{n}-FIN", "1{n}-fin"), ("LAB{n}X", "lab{n}x")]
+        {
+            assert!(patterns_may_clash(a, b) && patterns_may_clash(b, a), "{a} {b}");
+        }
+        for (a, b) in [("FIN-{n}", "FINX-{n}"), ("FIN-{n}", "FIN-{n}X"), ("A{n}", "AB{n}"), ("{n}A", "{n}BA")] {
+            assert!(!patterns_may_clash(a, b) && !patterns_may_clash(b, a), "{a} {b}");
+        }
+    }
     use super::*;
 
     #[test]

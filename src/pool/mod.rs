@@ -582,6 +582,7 @@ impl<'a> Pools<'a> {
         // The admin's files are read and checked here, before anything is made.
         if let Some(id) = &o.identity {
             id.check()?;
+            self.catalog.read(|tx| no_hostname_clash(tx, o.name, id))?;
         }
         let profile = Profile::load(self.profiles, o.profile)?;
         let listen = o.display_listen.to_string();
@@ -639,6 +640,10 @@ impl<'a> Pools<'a> {
         // Files and domains exist before the catalog names them; undo them on any failure.
         let committed = made.and_then(|uuids| {
             self.catalog.write(|tx| -> Result<()> {
+                // Again in the write: two creates at once must not both pass.
+                if let Some(identity) = &o.identity {
+                    no_hostname_clash(tx, o.name, identity)?;
+                }
                 let id = tx.insert_pool(&NewPool {
                     name: o.name,
                     image_id: image.id,
@@ -1416,6 +1421,22 @@ fn usable_version(profile: &Profile, image: &str, v: &crate::catalog::Version) -
         }),
         None => Ok(()),
     }
+}
+
+/// Refuses a pool whose desktops' computer names could be another identity pool's.
+fn no_hostname_clash(tx: &Tx, pool: &str, id: &Identity) -> Result<()> {
+    for other in tx.pools()? {
+        let Some(theirs) = other.identity.as_ref().map(|i| &i.hostname_pattern) else { continue };
+        if other.name != pool && identity::patterns_may_clash(&id.hostname_pattern, theirs) {
+            return Err(IdentityError::Clash {
+                pattern: id.hostname_pattern.clone(),
+                other: other.name.clone(),
+                theirs: theirs.clone(),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// In the caller's write transaction: refuse (unless `claim` is forced) when a desktop of

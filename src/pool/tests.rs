@@ -335,6 +335,35 @@ fn an_identity_pool_boots_each_desktop_with_its_drive_and_builds_it_again_at_log
     assert!(!drive.exists(), "the drive goes with its desktop");
 }
 
+#[test]
+fn a_pool_whose_computer_names_could_be_another_pools_is_refused_and_nothing_is_made() {
+    let mut f = Fixture::new();
+    let options = |name: &'static str, pattern: &str| CreateOptions {
+        name,
+        image: "img",
+        channel: Channel::Test,
+        size: 1,
+        profile: "test-linux",
+        persistent: false,
+        virt: VirtType::Qemu,
+        start: false,
+        display_listen: "127.0.0.1".parse().expect("ip"),
+        insecure_display: false,
+        identity: Some(Identity { hostname_pattern: pattern.into(), join: None, user_data: None }),
+    };
+    f.pools().create(&options("fin", "FIN-{n}"), &actor()).expect("first pool");
+    let before = f.hv.calls().len();
+    // `fin-001` is FIN-001 to Windows.
+    for pattern in ["fin-{n}", "FIN-{n}", "Fin-1{n}"] {
+        let e = f.pools().create(&options("other", pattern), &actor()).expect_err(pattern);
+        assert!(e.to_string().contains("pool 'fin'"), "{pattern}: {e}");
+        assert_eq!(crate::error::Kind::kind(&e), crate::error::ErrorKind::Conflict);
+        assert!(f.pools().show("other").is_err(), "{pattern}: no pool");
+    }
+    assert_eq!(f.hv.calls().len(), before, "nothing was defined for a refused pool");
+    f.pools().create(&options("other", "FINX-{n}"), &actor()).expect("a pattern of its own");
+}
+
 // ---- firmware state (UEFI variables, TPM) at resets ------------------------------------------
 
 /// A running pool of two `windows11` desktops (UEFI + TPM) on v1 of `img`, v2 on prod,
