@@ -3,6 +3,8 @@
 //! With `VDIM_TEST_PAUSE_BEFORE=<step>` and `VDIM_TEST_PAUSE_FILE=<path>` in its environment,
 //! a command reaching `step` creates `<path>` and waits until the test removes it (at most
 //! 60 s). Without those variables `pause` returns at once; vdim never sets them itself.
+//! Release builds (what `scripts/demo` and a site run) ignore them: only the debug binary
+//! the tests drive can be paused.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ pub const SEAL_COPY: &str = "seal-copy";
 pub const ROLLOUT_WAVE: &str = "rollout-wave";
 
 pub fn pause(step: &str) {
-    if std::env::var_os("VDIM_TEST_PAUSE_BEFORE").is_none_or(|s| s != step) {
+    if !cfg!(debug_assertions) || std::env::var_os("VDIM_TEST_PAUSE_BEFORE").is_none_or(|s| s != step) {
         return;
     }
     let Some(file) = std::env::var_os("VDIM_TEST_PAUSE_FILE") else { return };
