@@ -85,7 +85,8 @@ struct Inner {
     domains: BTreeMap<String, Domain>,
     calls: Vec<Call>,
     failures: Vec<(Op, String)>,
-    boots: Vec<(String, Boot)>,
+    /// (only this domain, if named; layer; behaviour)
+    boots: Vec<(Option<String>, String, Boot)>,
     subscribers: Vec<(String, Sender<LifecycleEvent>)>,
 }
 
@@ -151,7 +152,13 @@ impl FakeHypervisor {
     /// Guests whose disk is backed by a file whose name contains `backing_contains` (a
     /// layer's digest: the version they boot) behave as `boot` when started.
     pub fn on_boot(&self, backing_contains: &str, boot: Boot) {
-        self.lock().boots.push((backing_contains.into(), boot));
+        self.lock().boots.push((None, backing_contains.into(), boot));
+    }
+
+    /// As [`FakeHypervisor::on_boot`], for the one domain `domain` only; it wins over a
+    /// rule for every domain.
+    pub fn on_boot_of(&self, domain: &str, backing_contains: &str, boot: Boot) {
+        self.lock().boots.push((Some(domain.into()), backing_contains.into(), boot));
     }
 
     /// Deliver an event to subscribers as libvirt would, with the state change it implies.
@@ -186,7 +193,7 @@ impl FakeHypervisor {
 }
 
 /// The backing file named by the header of a domain's first qcow2 disk.
-fn disk_backing(xml: &str) -> Option<String> {
+pub fn disk_backing(xml: &str) -> Option<String> {
     find_elements(xml, "source")
         .into_iter()
         .filter_map(|s| s.attr("file").map(str::to_string))
@@ -243,7 +250,12 @@ impl Hypervisor for FakeHypervisor {
         }
         (d.state, d.reason) = (DomainState::Running, "booted".into());
         let backing = disk_backing(&d.xml).unwrap_or_default();
-        let boot = inner.boots.iter().find(|(needle, _)| backing.contains(needle.as_str())).map(|(_, b)| b.clone());
+        let boot = inner
+            .boots
+            .iter()
+            .filter(|(only, needle, _)| only.as_deref().is_none_or(|o| o == name) && backing.contains(needle.as_str()))
+            .min_by_key(|(only, _, _)| only.is_none())
+            .map(|(_, _, b)| b.clone());
         let boot = boot.unwrap_or(Boot::Healthy);
         inner.domain(name)?.agent_answers = boot != Boot::SilentAgent;
         inner.emit(name, LifecycleKind::Started, "booted");

@@ -7,7 +7,7 @@ use crate::catalog::Channel;
 use crate::context::{Context, Settings};
 use crate::home::Home;
 use crate::hypervisor::domain_xml::VirtType;
-use crate::hypervisor::fake::{Boot, Call, FakeHypervisor, Op};
+use crate::hypervisor::fake::{disk_backing, Boot, Call, FakeHypervisor, Op};
 use crate::hypervisor::{DomainState, Hypervisor};
 use crate::pool::CreateOptions;
 use std::sync::Arc;
@@ -26,6 +26,11 @@ impl Fixture {
     /// Image `img` with v1 on every channel and v2 sealed onto dev (as import and seal leave
     /// them), and a running pool of four desktops on the test channel.
     fn new() -> Fixture {
+        Fixture::with_size(4)
+    }
+
+    /// As [`Fixture::new`], with `size` desktops.
+    fn with_size(size: u32) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let settings =
             Settings { profiles: dir.path().join("profiles"), ..Settings::new(Home::new(dir.path().join("home"))) };
@@ -48,7 +53,7 @@ impl Fixture {
             name: POOL,
             image: "img",
             channel: Channel::Test,
-            size: 4,
+            size,
             profile: "test-linux",
             persistent: false,
             virt: VirtType::Qemu,
@@ -87,6 +92,31 @@ impl Fixture {
             })
             .expect("desktops")
     }
+
+    /// The version's status in the catalog, and the version the test channel points at.
+    fn v2_status_and_channel(&mut self) -> (String, u32) {
+        self.ctx
+            .catalog()
+            .read(|tx| -> std::result::Result<(String, u32), CatalogError> {
+                let image = tx.image("img")?;
+                Ok((tx.version(&image, 2)?.status, tx.channel(&image, Channel::Test)?))
+            })
+            .expect("catalog")
+    }
+
+    /// The layer a domain's disk is on now ("v1", "v2"), read from its overlay's header.
+    fn layer(&self, domain: &str) -> &'static str {
+        let backing = disk_backing(&self.hv.xml(domain).expect("xml")).expect("a qcow2 disk with a backing file");
+        layer_name(&backing)
+    }
+}
+
+fn layer_name(backing: &str) -> &'static str {
+    match () {
+        _ if backing.contains(V1) => "v1",
+        _ if backing.contains(V2) => "v2",
+        _ => "other",
+    }
 }
 
 fn desktop(i: u32) -> String {
@@ -95,13 +125,7 @@ fn desktop(i: u32) -> String {
 
 /// The calls that changed a domain, as (op, domain, the layer its disk was on at a start).
 fn changes(calls: &[Call]) -> Vec<(Op, String, Option<&'static str>)> {
-    let layer = |c: &Call| {
-        c.disk_backing.as_deref().map(|b| match () {
-            _ if b.contains(V1) => "v1",
-            _ if b.contains(V2) => "v2",
-            _ => "other",
-        })
-    };
+    let layer = |c: &Call| c.disk_backing.as_deref().map(layer_name);
     calls.iter().filter(|c| c.op.changes()).map(|c| (c.op, c.domain.clone(), layer(c))).collect()
 }
 
@@ -151,4 +175,68 @@ fn a_good_rollout_passes_all_waves_and_moves_every_desktop_once() {
     let want: Vec<(String, Option<&str>)> = (1..=4).map(|i| (desktop(i), Some("v2"))).collect();
     assert_eq!(starts, want, "each desktop booted once, on v2, wave by wave");
     assert_eq!(f.versions(), [2, 2, 2, 2]);
+}
+
+/// The changes made to one domain, as (op, the layer its disk was on at a start).
+fn changes_of(calls: &[Call], domain: &str) -> Vec<(Op, Option<&'static str>)> {
+    changes(calls).into_iter().filter(|c| c.1 == domain).map(|c| (c.0, c.2)).collect()
+}
+
+/// The domains started on `layer`, in order.
+fn started_on(calls: &[Call], layer: &str) -> Vec<String> {
+    changes(calls).into_iter().filter(|c| c.0 == Op::Start && c.2 == Some(layer)).map(|c| c.1).collect()
+}
+
+/// Exactly `moved` went to v2, in that order, and back to v1 after the last of them;
+/// `untouched` saw no change at all.
+fn assert_moved_and_back(calls: &[Call], moved: &[String], untouched: &[String]) {
+    let fresh_boot = |layer| [(Op::Destroy, None), (Op::Undefine, None), (Op::Define, None), (Op::Start, Some(layer))];
+    let there_and_back: Vec<(Op, Option<&str>)> = fresh_boot("v2").into_iter().chain(fresh_boot("v1")).collect();
+    for d in moved {
+        assert_eq!(changes_of(calls, d), there_and_back, "{d}: to v2 and back to v1, once each");
+    }
+    for d in untouched {
+        assert!(changes_of(calls, d).is_empty(), "{d} is not touched: {:?}", changes_of(calls, d));
+    }
+    let changed: BTreeSet<String> = changes(calls).into_iter().map(|c| c.1).collect();
+    assert_eq!(changed, moved.iter().cloned().collect::<BTreeSet<String>>(), "no other domain changed");
+    assert_eq!(started_on(calls, "v2"), moved, "wave by wave");
+    let mut back = started_on(calls, "v1");
+    back.sort();
+    assert_eq!(back, moved, "each moved desktop boots v1 again");
+    let starts: Vec<(String, Option<&str>)> =
+        changes(calls).into_iter().filter(|c| c.0 == Op::Start).map(|c| (c.1, c.2)).collect();
+    let last_v2 = starts.iter().rposition(|s| s.1 == Some("v2"));
+    let first_v1 = starts.iter().position(|s| s.1 == Some("v1"));
+    assert!(last_v2 < first_v1, "the revert follows the crash: {starts:?}");
+}
+
+#[test]
+fn a_crash_in_wave_2_reverts_waves_1_and_2_and_leaves_the_rest_and_an_assigned_desktop_alone() {
+    let mut f = Fixture::with_size(6);
+    let in_use = f.pools().assign(POOL, "alice", &Actor("tester".into())).expect("assign").name;
+    let idle: Vec<String> = (1..=6).map(desktop).filter(|d| *d != in_use).collect();
+    let (wave1, wave2, wave3) = (&idle[..1], &idle[1..3], &idle[3..]);
+    // v2 is healthy (wave 1 passes), but the first desktop of wave 2 panics on it: its
+    // wave-mate still moves, and must go back too.
+    f.hv.on_boot_of(&wave2[0], V2, Boot::Panic);
+    f.hv.take_calls();
+    let err = f.promote("1,3,100%").expect_err("a crash in wave 2 fails the rollout");
+    let RolloutError::Failed { summary, report, .. } = err else { panic!("not a failed rollout: {err}") };
+    assert_eq!(summary, format!("{} crashed (panicked)", wave2[0]));
+    assert_eq!(report.rollout.state, RolloutState::Failed);
+    let moved: Vec<String> = wave1.iter().chain(wave2).cloned().collect();
+    let untouched: Vec<String> = wave3.iter().chain([&in_use]).cloned().collect();
+    assert_moved_and_back(&f.hv.calls(), &moved, &untouched);
+    let waves: Vec<Vec<String>> =
+        report.waves.iter().map(|w| w.desktops.iter().map(|d| d.desktop.clone()).collect()).collect();
+    assert_eq!(waves, [wave1.to_vec(), wave2.to_vec(), vec![]], "the crash stops the rollout in wave 2");
+    let states: Vec<DesktopState> = report.waves.iter().flat_map(|w| &w.desktops).map(|d| d.state).collect();
+    assert_eq!(states, [DesktopState::Reverted; 3], "{:?}", report.waves);
+    assert_eq!(f.v2_status_and_channel(), ("failed".to_string(), 1), "v2 marked failed, the channel stays on v1");
+    for d in idle.iter().chain([&in_use]) {
+        assert_eq!(f.layer(d), "v1", "{d} ends on v1");
+        assert_eq!(f.hv.state(d).expect("state").0, DomainState::Running, "{d} runs");
+    }
+    assert_eq!(f.versions(), [1; 6]);
 }
