@@ -204,6 +204,62 @@ fn align8(n: u64) -> u64 {
     n.div_ceil(8) * 8
 }
 
+/// Walk the header extensions from `start` up to `ext_end`. Without a backing file the
+/// list must close with an end marker.
+fn read_extensions(
+    buf: &[u8],
+    start: u64,
+    ext_end: u64,
+    backing_file_offset: u64,
+) -> Result<Vec<Extension>, HeaderError> {
+    let malformed = |s: String| Err(HeaderError::Malformed(s));
+    let mut extensions = Vec::new();
+    let mut off = start;
+    let mut saw_end = false;
+    while off < ext_end {
+        if off + 8 > ext_end || off + 8 > buf.len() as u64 {
+            return malformed(format!("header extension at offset {off} runs past the first cluster or the file"));
+        }
+        let kind = be32(buf, off as usize);
+        let len = u64::from(be32(buf, off as usize + 4));
+        let data_start = off + 8;
+        let data_end = data_start + len;
+        if data_end > ext_end || data_end > buf.len() as u64 {
+            return malformed(format!(
+                "header extension {kind:#010x} at offset {off} ({len} bytes) runs past the \
+                 first cluster or the file"
+            ));
+        }
+        if kind == EXT_END {
+            saw_end = true;
+            break;
+        }
+        extensions.push(Extension { kind, data: buf[data_start as usize..data_end as usize].to_vec() });
+        off = data_start + align8(len);
+    }
+    if !saw_end && backing_file_offset == 0 {
+        return malformed("the header extensions have no end marker".to_string());
+    }
+    Ok(extensions)
+}
+
+/// The backing file name the header points at; it must lie inside the first cluster and the file.
+fn read_backing_name(buf: &[u8], offset: u64, size: u32, cluster_size: u64) -> Result<Vec<u8>, HeaderError> {
+    let malformed = |s: String| Err(HeaderError::Malformed(s));
+    let len = u64::from(size);
+    if offset > cluster_size || len > (MAX_BACKING_NAME as u64).min(cluster_size - offset) {
+        return malformed(format!(
+            "backing file name at offset {offset} ({len} bytes) does not fit \
+             in the first cluster or exceeds {MAX_BACKING_NAME} bytes"
+        ));
+    }
+    let end = offset + len;
+    if end > buf.len() as u64 {
+        return malformed("the backing file name lies beyond the end of the file".into());
+    }
+    Ok(buf[offset as usize..end as usize].to_vec())
+}
+
 /// Parse the header, its extensions and the backing file name from the start of the file
 /// (`buf` should hold the whole first cluster, or the whole file if shorter).
 pub(crate) fn parse_header(buf: &[u8]) -> Result<RawHeader, HeaderError> {
@@ -250,33 +306,7 @@ pub(crate) fn parse_header(buf: &[u8]) -> Result<RawHeader, HeaderError> {
 
     // QEMU reads extensions up to the backing file name, or to the end of the first cluster.
     let ext_end = if backing_file_offset != 0 { backing_file_offset.min(cluster_size) } else { cluster_size };
-    let mut extensions = Vec::new();
-    let mut off = u64::from(header_length);
-    let mut saw_end = false;
-    while off < ext_end {
-        if off + 8 > ext_end || off + 8 > buf.len() as u64 {
-            return malformed(format!("header extension at offset {off} runs past the first cluster or the file"));
-        }
-        let kind = be32(buf, off as usize);
-        let len = u64::from(be32(buf, off as usize + 4));
-        let data_start = off + 8;
-        let data_end = data_start + len;
-        if data_end > ext_end || data_end > buf.len() as u64 {
-            return malformed(format!(
-                "header extension {kind:#010x} at offset {off} ({len} bytes) runs past the \
-                 first cluster or the file"
-            ));
-        }
-        if kind == EXT_END {
-            saw_end = true;
-            break;
-        }
-        extensions.push(Extension { kind, data: buf[data_start as usize..data_end as usize].to_vec() });
-        off = data_start + align8(len);
-    }
-    if !saw_end && backing_file_offset == 0 {
-        return malformed("the header extensions have no end marker".to_string());
-    }
+    let extensions = read_extensions(buf, u64::from(header_length), ext_end, backing_file_offset)?;
     if let Some(e) = extensions.iter().find(|e| e.kind == EXT_BACKING_FORMAT) {
         if e.data.len() > MAX_FORMAT_NAME {
             return malformed(format!("the backing format extension is {} bytes long", e.data.len()));
@@ -284,19 +314,7 @@ pub(crate) fn parse_header(buf: &[u8]) -> Result<RawHeader, HeaderError> {
     }
 
     let backing_file = if backing_file_offset != 0 {
-        let len = u64::from(backing_file_size);
-        if backing_file_offset > cluster_size || len > (MAX_BACKING_NAME as u64).min(cluster_size - backing_file_offset)
-        {
-            return malformed(format!(
-                "backing file name at offset {backing_file_offset} ({len} bytes) does not fit \
-                 in the first cluster or exceeds {MAX_BACKING_NAME} bytes"
-            ));
-        }
-        let end = backing_file_offset + len;
-        if end > buf.len() as u64 {
-            return malformed("the backing file name lies beyond the end of the file".into());
-        }
-        Some(buf[backing_file_offset as usize..end as usize].to_vec())
+        Some(read_backing_name(buf, backing_file_offset, backing_file_size, cluster_size)?)
     } else {
         None
     };

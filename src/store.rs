@@ -800,72 +800,14 @@ impl<'a> Store<'a> {
         for (image, v) in versions.iter().filter(|(i, _)| only.is_none_or(|n| n == i)) {
             layers += 1;
             let path = self.layer_path(v);
-            let mut report = |problem: String| {
-                problems.push(Problem {
-                    image: Some(image.clone()),
-                    version: Some(v.number),
-                    path: path.display().to_string(),
-                    problem,
-                })
-            };
-            let meta = match fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                Err(e) => {
-                    report(format!("layer file is missing or unreadable ({e})"));
-                    continue;
-                }
-            };
-            if !meta.file_type().is_file() {
-                report("layer is not a regular file".into());
-                continue;
-            }
-            let mode = meta.permissions().mode() & 0o7777;
-            if mode & !LAYER_MODE != 0 {
-                report(format!("mode is {mode:04o}, sealed layers must be 0440 or stricter (read-only, private)"));
-            }
-            match hash_file(&path, &format!("verifying {image} v{}", v.number)) {
-                Ok(d) if d == v.digest => {}
-                Ok(d) => report(format!("content changed: SHA-256 is {d}, the catalog recorded {}", v.digest)),
-                Err(e) => report(format!("cannot read: {e}")),
-            }
-            bytes += meta.len();
-            if meta.len() != v.size {
-                report(format!("size is {} bytes, the catalog recorded {}", meta.len(), v.size));
-            }
-            let expected_backing = match v.parent {
-                None => None,
-                Some(p) => match by_number.get(&(image.clone(), p)) {
-                    Some(pv) => Some(layer_backing(&pv.digest)),
-                    None => {
-                        report(format!("its parent version {p} has no layer"));
-                        continue;
-                    }
-                },
-            };
-            match qcow2::read_header(&path) {
-                Err(e) => report(format!("qcow2 header unreadable: {e}")),
-                Ok(h) => {
-                    if h.backing_file != expected_backing {
-                        report(format!(
-                            "backing file is {:?}, the catalog expects {:?}",
-                            h.backing_file, expected_backing
-                        ));
-                    }
-                    if expected_backing.is_some() && h.backing_format.as_deref() != Some("qcow2") {
-                        report(format!("backing format is {:?}, expected \"qcow2\"", h.backing_format));
-                    }
-                    if h.corrupt {
-                        report("qcow2 corrupt bit is set".into());
-                    }
-                    if h.external_data_file {
-                        report("layer names an external data file".into());
-                    }
-                }
-            }
-            match qemu_img::check(&path) {
-                Ok(issues) => issues.into_iter().for_each(|i| report(format!("qemu-img check: {i}"))),
-                Err(e) => report(e.to_string()),
-            }
+            let (found, hashed) = self.verify_layer(image, v, &path, &by_number);
+            bytes += hashed;
+            problems.extend(found.into_iter().map(|problem| Problem {
+                image: Some(image.clone()),
+                version: Some(v.number),
+                path: path.display().to_string(),
+                problem,
+            }));
         }
         // Drafts: their file must exist and sit on the version they say.
         for d in &drafts {
@@ -894,6 +836,74 @@ impl<'a> Store<'a> {
             }
         }
         Ok(VerifyReport { ok: problems.is_empty(), layers, bytes_hashed: bytes, problems })
+    }
+
+    /// Problems with one sealed layer (mode, content, size, backing file, format, `qemu-img
+    /// check`), and the bytes read to hash it.
+    fn verify_layer(
+        &self,
+        image: &str,
+        v: &Version,
+        path: &Path,
+        by_number: &BTreeMap<(String, u32), &Version>,
+    ) -> (Vec<String>, u64) {
+        let mut found = Vec::new();
+        let mut report = |problem: String| found.push(problem);
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                report(format!("layer file is missing or unreadable ({e})"));
+                return (found, 0);
+            }
+        };
+        if !meta.file_type().is_file() {
+            report("layer is not a regular file".into());
+            return (found, 0);
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & !LAYER_MODE != 0 {
+            report(format!("mode is {mode:04o}, sealed layers must be 0440 or stricter (read-only, private)"));
+        }
+        match hash_file(path, &format!("verifying {image} v{}", v.number)) {
+            Ok(d) if d == v.digest => {}
+            Ok(d) => report(format!("content changed: SHA-256 is {d}, the catalog recorded {}", v.digest)),
+            Err(e) => report(format!("cannot read: {e}")),
+        }
+        if meta.len() != v.size {
+            report(format!("size is {} bytes, the catalog recorded {}", meta.len(), v.size));
+        }
+        let expected_backing = match v.parent {
+            None => None,
+            Some(p) => match by_number.get(&(image.to_string(), p)) {
+                Some(pv) => Some(layer_backing(&pv.digest)),
+                None => {
+                    report(format!("its parent version {p} has no layer"));
+                    return (found, meta.len());
+                }
+            },
+        };
+        match qcow2::read_header(path) {
+            Err(e) => report(format!("qcow2 header unreadable: {e}")),
+            Ok(h) => {
+                if h.backing_file != expected_backing {
+                    report(format!("backing file is {:?}, the catalog expects {:?}", h.backing_file, expected_backing));
+                }
+                if expected_backing.is_some() && h.backing_format.as_deref() != Some("qcow2") {
+                    report(format!("backing format is {:?}, expected \"qcow2\"", h.backing_format));
+                }
+                if h.corrupt {
+                    report("qcow2 corrupt bit is set".into());
+                }
+                if h.external_data_file {
+                    report("layer names an external data file".into());
+                }
+            }
+        }
+        match qemu_img::check(path) {
+            Ok(issues) => issues.into_iter().for_each(|i| report(format!("qemu-img check: {i}"))),
+            Err(e) => report(e.to_string()),
+        }
+        (found, meta.len())
     }
 
     /// Files in layers/ and drafts/ that no catalog row names (left by a crash), except

@@ -383,6 +383,51 @@ fn qemu_broker(tag: &str, size: u32, label: &str) -> QemuBroker {
     QemuBroker { srv, http, alice, pool, t }
 }
 
+/// The keys of a `.vv` file, which must open with its `[virt-viewer]` section.
+fn vv_keys(text: &str) -> BTreeMap<String, String> {
+    assert!(text.starts_with("[virt-viewer]\n"), "{text}");
+    text.lines().skip(1).map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())).unwrap()).collect()
+}
+
+/// Run scripts/thin-client for alice on `x` until its viewer shows the desktop, close the viewer
+/// as a user would, and return the script's exit status and log.
+fn thin_client_until_viewer_closed(q: &QemuBroker, x: &Xvfb) -> (std::process::ExitStatus, String) {
+    let tc_log = q.t.env.path("thin-client.log");
+    let out = File::create(&tc_log).unwrap();
+    let mut script = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/thin-client"))
+        .args([&q.srv.base, &q.pool])
+        .env("VDIM_TOKEN", &q.alice)
+        .env("VDIM_VIEWER", "remote-viewer --debug")
+        .env("DISPLAY", &x.display)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&tc_log).unwrap().contains("main channel: opened") {
+        assert!(
+            Instant::now() < deadline,
+            "thin-client did not open the desktop:\n{}",
+            std::fs::read_to_string(&tc_log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The user closes the viewer.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", script.id())).unwrap();
+    for pid in children.split_whitespace() {
+        sh("kill", &[pid]);
+    }
+    let status = loop {
+        if let Some(st) = script.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(30), "thin-client did not exit");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    (status, std::fs::read_to_string(&tc_log).unwrap())
+}
+
 #[track_caller]
 fn assert_no_secret_in(log: &str, secrets: &[&str]) {
     for s in secrets {
@@ -423,11 +468,7 @@ fn entitled_user_gets_a_desktop_whose_display_takes_the_vv_ticket_and_refuses_ot
         q.http.rt.block_on(resp.text()).unwrap()
     };
     let (first, second) = (get_vv(), get_vv());
-    let kv = |text: &str| -> BTreeMap<String, String> {
-        assert!(text.starts_with("[virt-viewer]\n"), "{text}");
-        text.lines().skip(1).map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())).unwrap()).collect()
-    };
-    let (a, b) = (kv(&first), kv(&second));
+    let (a, b) = (vv_keys(&first), vv_keys(&second));
     assert_eq!(b["type"], "spice");
     assert_eq!(b["host"], "127.0.0.1");
     assert_eq!(b["delete-this-file"], "1");
@@ -473,40 +514,7 @@ fn entitled_user_gets_a_desktop_whose_display_takes_the_vv_ticket_and_refuses_ot
     assert!(matches!(login, Err(vdim::broker::vnc::VncError::Refused { .. })), "{login:?}");
 
     // The Linux endpoint script: session, .vv, remote-viewer; logoff when the viewer closes.
-    let tc_log = q.t.env.path("thin-client.log");
-    let out = File::create(&tc_log).unwrap();
-    let mut script = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/thin-client"))
-        .args([&q.srv.base, pool])
-        .env("VDIM_TOKEN", &q.alice)
-        .env("VDIM_VIEWER", "remote-viewer --debug")
-        .env("DISPLAY", &x.display)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&tc_log).unwrap().contains("main channel: opened") {
-        assert!(
-            Instant::now() < deadline,
-            "thin-client did not open the desktop:\n{}",
-            std::fs::read_to_string(&tc_log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // The user closes the viewer.
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", script.id())).unwrap();
-    for pid in children.split_whitespace() {
-        sh("kill", &[pid]);
-    }
-    let status = loop {
-        if let Some(st) = script.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline + Duration::from_secs(30), "thin-client did not exit");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let tc = std::fs::read_to_string(&tc_log).unwrap();
+    let (status, tc) = thin_client_until_viewer_closed(&q, &x);
     assert!(status.success() && tc.contains("logged off (desktop reset: done)"), "{status}: {tc}");
     assert_eq!(http.json("GET", &format!("/api/v1/sessions/{id}"), Some(&q.alice), None).0, 404, "logged off");
 
@@ -678,27 +686,15 @@ fn html5_console_in_headless_chromium_shows_the_guest_screen_and_closes_at_logof
 
 // ---- test:///default: the catalog side --------------------------------------------------------
 
-#[test]
-fn authorization_matrix_every_endpoint_by_every_kind_of_caller() {
-    let t = test_driver_broker(&[]);
-    let (http, admin) = (&t.http, t.admin.as_str());
-    create_pool_api(http, admin, "mp", 4, false);
-    create_pool_api(http, admin, "mq", 2, false);
-    let alice = add_user_api(http, admin, "alice");
-    let bob = add_user_api(http, admin, "bob");
-    http.ok("PUT", "/api/v1/admin/pools/mp/entitlements/alice", admin, None);
-    http.ok("PUT", "/api/v1/admin/pools/mq/entitlements/bob", admin, None);
-    let (_, s) = http.json("POST", "/api/v1/pools/mp/sessions", Some(&alice), None);
-    let sid = s["id"].as_str().unwrap().to_string();
-    let (_, t2) = http.json("POST", "/api/v1/pools/mq/sessions", Some(&bob), None);
-    let tid = t2["id"].as_str().unwrap().to_string();
-    let bob_console = t2["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
-    let alice_first = s["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
-    let mut console_tokens = vec![bob_console.clone(), alice_first.clone()];
+/// One endpoint of the authorization matrix: method, path, body, and the status for each
+/// caller [no token, owner/entitled user, other user, admin]; 0 = not tried.
+type MatrixRow = (&'static str, String, Option<String>, [u16; 4]);
 
-    // (method, path, body, [no token, owner/entitled user, other user, admin]); 0 = not tried.
+/// Every endpoint, in an order where each row's effect is what the next rows expect: `sid` is
+/// alice's session on `mp`, `tid` bob's on `mq`; `mx` is created, changed and deleted here.
+fn endpoint_matrix(sid: &str, tid: &str) -> Vec<MatrixRow> {
     let create = json!({"name": "mx", "image": "img", "size": 1, "profile": "test-linux"}).to_string();
-    let rows: Vec<(&str, String, Option<String>, [u16; 4])> = vec![
+    vec![
         ("GET", "/healthz".into(), None, [200, 200, 200, 200]),
         ("GET", "/metrics".into(), None, [401, 403, 403, 200]),
         ("GET", "/".into(), None, [200, 200, 200, 200]),
@@ -750,7 +746,28 @@ fn authorization_matrix_every_endpoint_by_every_kind_of_caller() {
         ("DELETE", "/api/v1/admin/pools/mx?force=true".into(), None, [401, 403, 403, 200]),
         // bob is not an administrator even for his own session.
         ("DELETE", format!("/api/v1/admin/sessions/{tid}"), None, [401, 403, 403, 200]),
-    ];
+    ]
+}
+
+#[test]
+fn authorization_matrix_every_endpoint_by_every_kind_of_caller() {
+    let t = test_driver_broker(&[]);
+    let (http, admin) = (&t.http, t.admin.as_str());
+    create_pool_api(http, admin, "mp", 4, false);
+    create_pool_api(http, admin, "mq", 2, false);
+    let alice = add_user_api(http, admin, "alice");
+    let bob = add_user_api(http, admin, "bob");
+    http.ok("PUT", "/api/v1/admin/pools/mp/entitlements/alice", admin, None);
+    http.ok("PUT", "/api/v1/admin/pools/mq/entitlements/bob", admin, None);
+    let (_, s) = http.json("POST", "/api/v1/pools/mp/sessions", Some(&alice), None);
+    let sid = s["id"].as_str().unwrap().to_string();
+    let (_, t2) = http.json("POST", "/api/v1/pools/mq/sessions", Some(&bob), None);
+    let tid = t2["id"].as_str().unwrap().to_string();
+    let bob_console = t2["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
+    let alice_first = s["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
+    let mut console_tokens = vec![bob_console.clone(), alice_first.clone()];
+
+    let rows = endpoint_matrix(&sid, &tid);
     let callers = [None, Some(alice.as_str()), Some(bob.as_str()), Some(admin)];
     for (method, path, body, want) in &rows {
         let before = snapshot(http, admin);

@@ -152,6 +152,25 @@ fn sockets(host: &TestHost, state: &str, port: u16) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
 }
 
+/// The desktop's SPICE TLS port, after checking its display is TLS-only (`defaultMode='secure'`).
+fn secure_spice_port(host: &TestHost, desktop: &str) -> u16 {
+    let xml = String::from_utf8_lossy(&sh("virsh", &["-c", &host.uri, "dumpxml", desktop]).stdout).into_owned();
+    let spice = xml.lines().find(|l| l.contains("<graphics type='spice'")).unwrap().to_string();
+    assert!(spice.contains("defaultMode='secure'"), "{spice}");
+    spice.split("tlsPort='").nth(1).and_then(|r| r.split('\'').next()).unwrap().parse().expect("tlsPort")
+}
+
+/// The only SPICE socket listening on the host's address is the TLS one (16509 is libvirtd).
+fn assert_only_tls_port_listens(host: &TestHost, tls_port: u16) {
+    let listening = String::from_utf8_lossy(&host.exec("ss", &["-H", "-l", "-t", "-n"]).stdout).into_owned();
+    let on_addr: Vec<&str> = listening
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter(|a| a.starts_with(&format!("{}:", host.addr)) && !a.ends_with(":16509"))
+        .collect();
+    assert_eq!(on_addr, [format!("{}:{tls_port}", host.addr)], "{listening}");
+}
+
 #[test]
 fn off_loopback_plaintext_needs_insecure_display_and_pool_show_says_so() {
     // The system libvirtd here has no SPICE TLS (qemu.conf spice_tls = 0).
@@ -242,19 +261,8 @@ fn a_tls_display_on_a_remote_host_opens_in_remote_viewer_only_with_the_right_ca(
     let text = env.cmd().args(["--connect", &host.uri, "pool", "show", pool]).output().unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("(SPICE over TLS)"));
     let desktop = "vdim-tls-001";
-    let xml = String::from_utf8_lossy(&sh("virsh", &["-c", &host.uri, "dumpxml", desktop]).stdout).into_owned();
-    let spice = xml.lines().find(|l| l.contains("<graphics type='spice'")).unwrap().to_string();
-    assert!(spice.contains("defaultMode='secure'"), "{spice}");
-    let tls_port: u16 =
-        spice.split("tlsPort='").nth(1).and_then(|r| r.split('\'').next()).unwrap().parse().expect("tlsPort");
-    // The only SPICE socket on the host's address is the TLS one.
-    let listening = String::from_utf8_lossy(&host.exec("ss", &["-H", "-l", "-t", "-n"]).stdout).into_owned();
-    let on_addr: Vec<&str> = listening
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(3))
-        .filter(|a| a.starts_with(&format!("{}:", host.addr)) && !a.ends_with(":16509"))
-        .collect();
-    assert_eq!(on_addr, [format!("{}:{tls_port}", host.addr)], "{listening}");
+    let tls_port = secure_spice_port(&host, desktop);
+    assert_only_tls_port_listens(&host, tls_port);
 
     add_user(&env, "admin");
     let alice = add_user(&env, "alice");

@@ -96,6 +96,19 @@ fn write_private(path: &Path, text: &str, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// Each desktop's guest boots from its config-2 drive and reports the hostname given for it.
+fn wait_booted_with_hostnames(t: &LibvirtEnv, pool: &str, desktops: &[String], hostnames: &[&str]) {
+    for (d, host) in desktops.iter().zip(hostnames) {
+        let want = [
+            "GUEST-CONFIG-DRIVE: config-2".to_string(),
+            format!("GUEST-HOSTNAME: {host}"),
+            format!("GUEST-COMPUTERNAME: {host}"),
+            "GUEST: healthy".to_string(),
+        ];
+        wait_lines(t, pool, d, &want, 120);
+    }
+}
+
 #[test]
 fn each_desktop_boots_with_its_own_hostname_and_the_join_secret_is_only_on_the_drives() {
     let t = LibvirtEnv::new("ident");
@@ -144,15 +157,7 @@ fn each_desktop_boots_with_its_own_hostname_and_the_join_secret_is_only_on_the_d
 
     // Two different names from the pattern, as the guest reads them from its drive.
     let desktops = [format!("vdim-{pool}-001"), format!("vdim-{pool}-002")];
-    for (d, host) in desktops.iter().zip(["FIN-001", "FIN-002"]) {
-        let want = [
-            "GUEST-CONFIG-DRIVE: config-2".to_string(),
-            format!("GUEST-HOSTNAME: {host}"),
-            format!("GUEST-COMPUTERNAME: {host}"),
-            "GUEST: healthy".to_string(),
-        ];
-        wait_lines(&t, &pool, d, &want, 120);
-    }
+    wait_booted_with_hostnames(&t, &pool, &desktops, &["FIN-001", "FIN-002"]);
     let show = run(&["--json", "pool", "show", &pool]).json();
     let hosts: Vec<&str> =
         show["desktops"].as_array().unwrap().iter().map(|d| d["hostname"].as_str().unwrap()).collect();

@@ -570,7 +570,9 @@ impl<'a> Pools<'a> {
 
     // ---- create ----------------------------------------------------------------------------
 
-    pub fn create(&mut self, o: &CreateOptions, actor: &Actor) -> Result<PoolView> {
+    /// Check the options, the admin's identity files and the profile's display needs before
+    /// anything is locked or made. Returns the profile and whether the display is plaintext.
+    fn check_create_options(&mut self, o: &CreateOptions) -> Result<(Profile, bool)> {
         names::validate("pool", o.name)?;
         if o.name.len() > 50 {
             return Err(PoolError::NameTooLong(o.name.to_string()));
@@ -598,6 +600,11 @@ impl<'a> Pools<'a> {
                 uri: self.hv.uri().to_string(),
             });
         }
+        Ok((profile, insecure_display))
+    }
+
+    pub fn create(&mut self, o: &CreateOptions, actor: &Actor) -> Result<PoolView> {
+        let (profile, insecure_display) = self.check_create_options(o)?;
         let _locks = self.lock_pool(o.name)?;
         let (image, version) = self.catalog.read(|tx| -> Result<_> {
             if tx.pool(o.name)?.is_some() {
