@@ -5,75 +5,19 @@
 //! test:///default driver (inside the broker process) where only the catalog matters.
 
 mod common;
+use common::serve::Server;
+use common::viewer::Xvfb;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 // ---- harness -------------------------------------------------------------------------------
-
-/// A running `vdim serve` on 127.0.0.1 with a port of its own; killed on drop.
-struct Server {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    base: String,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(env: &Env, connect: &str, extra: &[&str]) -> Server {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let log = env.path(&format!("serve-{n}.log"));
-        let mut child = env
-            .cmd()
-            .env("VDIM_VIRT_TYPE", "qemu")
-            // Everything, so the test can check no secret is ever logged.
-            .env("VDIM_LOG", "debug")
-            .args(["--connect", connect, "serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start vdim serve");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let base = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .unwrap_or_else(|| {
-                let _ = child.kill();
-                panic!("vdim serve did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
-            })
-            .to_string();
-        let addr = base.split("://").nth(1).unwrap().to_string();
-        Server { child, _stdout: stdout, base, addr, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, as a crash would.
-    fn crash(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// HTTP through reqwest on a runtime of the test's own.
 struct Http {
@@ -203,53 +147,6 @@ fn snapshot(http: &Http, admin: &str) -> Value {
         "sessions": http.ok("GET", "/api/v1/admin/sessions", admin, None),
         "audit": http.ok("GET", "/api/v1/admin/audit?limit=10000", admin, None).as_array().unwrap().len(),
     })
-}
-
-/// An Xvfb display of the test's own; killed on drop.
-struct Xvfb {
-    child: Child,
-    display: String,
-}
-
-impl Xvfb {
-    fn start() -> Xvfb {
-        let mut n = 100 + std::process::id() % 400;
-        loop {
-            while Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&format!("/tmp/.X{n}-lock")).exists()
-            {
-                n += 1;
-            }
-            let display = format!(":{n}");
-            let mut child = Command::new("Xvfb")
-                .args([&display, "-screen", "0", "1024x768x24", "-nolisten", "tcp"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("Xvfb (scripts/setup-host installs xvfb)");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            // Ours once its socket exists and it still runs (another X server may have won the number).
-            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-                if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
-                    std::thread::sleep(Duration::from_millis(200));
-                    if child.try_wait().unwrap().is_none() {
-                        return Xvfb { child, display };
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            assert!(Instant::now() < deadline, "Xvfb {display} did not start");
-            n += 1;
-        }
-    }
-}
-
-impl Drop for Xvfb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[derive(Debug, PartialEq, Eq)]

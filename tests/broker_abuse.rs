@@ -3,70 +3,16 @@
 //! or libvirt, and `/metrics` kept for administrators or a listener of its own.
 
 mod common;
+use common::serve::Server;
 use common::*;
 use serde_json::{json, Value};
-use std::fs::File;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A running `vdim serve` on 127.0.0.1 with a port of its own; killed on drop.
-struct Server {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    /// The line `vdim serve` prints once listening.
-    banner: String,
-    base: String,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(env: &Env, connect: &str, extra: &[&str]) -> Server {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let log = env.path(&format!("serve-{n}.log"));
-        let mut child = env
-            .cmd()
-            .env("VDIM_VIRT_TYPE", "qemu")
-            .env("VDIM_LOG", "info")
-            .args(["--connect", connect, "serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start vdim serve");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut banner = String::new();
-        stdout.read_line(&mut banner).unwrap();
-        let base = banner
-            .split_whitespace()
-            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .unwrap_or_else(|| {
-                let _ = child.kill();
-                panic!("vdim serve did not start: {banner:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
-            })
-            .to_string();
-        let addr = base.split("://").nth(1).unwrap().to_string();
-        Server { child, _stdout: stdout, banner, base, addr, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// HTTP through reqwest on a runtime of the test's own; a fresh client (no pooled
 /// connection) per `Http`.
@@ -165,7 +111,8 @@ fn a_thousand_slow_connections_neither_starve_a_session_open_nor_stay_open() {
     let admin = add_user(&env, "admin", true);
     let alice = add_user(&env, "alice", false);
     // A cap below the number of attackers: the slow ones must not be what fills it.
-    let srv = Server::start(&env, "test:///default", &["--header-timeout", "3s", "--max-connections", "400"]);
+    let srv =
+        Server::start_logging(&env, "test:///default", &["--header-timeout", "3s", "--max-connections", "400"], "info");
     let setup = Http::new(&srv.base);
     let body = json!({"name": "slow", "image": "img", "size": 2, "profile": "test-linux", "start": true});
     setup.ok("POST", "/api/v1/admin/pools", &admin, Some(body));
@@ -243,7 +190,7 @@ fn metrics_need_an_admin_token_or_the_metrics_listener() {
     marker_image(&env, "img", "abuse-metrics");
     let admin = add_user(&env, "admin", true);
     let alice = add_user(&env, "alice", false);
-    let srv = Server::start(&env, "test:///default", &["--metrics-listen", "127.0.0.1:0"]);
+    let srv = Server::start_logging(&env, "test:///default", &["--metrics-listen", "127.0.0.1:0"], "info");
     let http = Http::new(&srv.base);
 
     let (s, body) = http.call("GET", "/metrics", None);
@@ -346,7 +293,7 @@ fn thin_clients_get_an_error_id_without_host_paths_or_libvirt_text_and_the_log_h
     t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
     let sock = t.env.path("libvirt.sock");
     let mut proxy = LibvirtProxy::start(&sock);
-    let srv = Server::start(&t.env, &format!("qemu+unix:///system?socket={}", sock.display()), &[]);
+    let srv = Server::start_logging(&t.env, &format!("qemu+unix:///system?socket={}", sock.display()), &[], "info");
     let http = Http::new(&srv.base);
     let (s, sess) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), Some(&alice), None);
     assert_eq!(s, 201, "{sess}");
@@ -382,7 +329,7 @@ fn thin_clients_get_an_error_id_without_host_paths_or_libvirt_text_and_the_log_h
 fn a_request_body_that_does_not_arrive_in_time_gets_408_and_changes_nothing() {
     let env = Env::new();
     let admin = add_user(&env, "admin", true);
-    let srv = Server::start(&env, "test:///default", &["--request-timeout", "2s"]);
+    let srv = Server::start_logging(&env, "test:///default", &["--request-timeout", "2s"], "info");
     let mut s = TcpStream::connect(&srv.addr).unwrap();
     let t = Instant::now();
     write!(
@@ -434,10 +381,11 @@ fn tls_handshakes_that_never_finish_are_closed_by_the_header_timeout() {
             cert.to_str().unwrap(),
         ],
     );
-    let srv = Server::start(
+    let srv = Server::start_logging(
         &env,
         "test:///default",
         &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--header-timeout", "2s"],
+        "info",
     );
     // Half of them say nothing, half start a ClientHello (a TLS record header) and stop.
     let socks: Vec<TcpStream> = (0..100)

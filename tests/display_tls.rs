@@ -5,13 +5,12 @@
 mod common;
 
 use common::host::TestHost;
+use common::serve::Server;
 use common::viewer::{screenshot_text_pixels, Viewer, Xvfb};
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Stdio};
 use std::time::Duration;
 
 /// A CA (`<name>-ca-cert.pem`, `<name>-ca-key.pem`) made with openssl in `dir`.
@@ -85,51 +84,15 @@ fn spice_cert_dir(dir: &Path, addr: &str) {
     );
 }
 
-/// `vdim serve` on 127.0.0.1 against `connect`; killed on drop.
-struct Serve {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    base: String,
-}
-
-impl Serve {
-    fn start(env: &Env, connect: &str, extra: &[&str]) -> Serve {
-        let log = env.path(&format!("serve-{}.log", extra.len()));
-        let mut child = env
-            .cmd()
-            .env("VDIM_VIRT_TYPE", "qemu")
-            .args(["--connect", connect, "serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start vdim serve");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let Some(base) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
-            let _ = child.kill();
-            panic!("vdim serve did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-        };
-        Serve { base: base.to_string(), child, _stdout: stdout }
-    }
-
-    fn call(&self, method: &str, path: &str, token: &str) -> (u16, String) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-            let r = c.request(method.parse().unwrap(), format!("{}{path}", self.base)).bearer_auth(token);
-            let resp = r.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-            (resp.status().as_u16(), resp.text().await.unwrap())
-        })
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// One authenticated request to a broker; (status, body).
+fn call(srv: &Server, method: &str, path: &str, token: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let r = c.request(method.parse().unwrap(), format!("{}{path}", srv.base)).bearer_auth(token);
+        let resp = r.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    })
 }
 
 fn add_user(env: &Env, name: &str) -> String {
@@ -268,20 +231,20 @@ fn a_tls_display_on_a_remote_host_opens_in_remote_viewer_only_with_the_right_ca(
     let alice = add_user(&env, "alice");
     env.vdim(&["pool", "entitle", pool, "alice"]).assert_success();
     // A broker not given the CA refuses the .vv, saying what to configure.
-    let plain = Serve::start(&env, &host.uri, &[]);
-    let (s, body) = plain.call("POST", &format!("/api/v1/pools/{pool}/sessions"), &alice);
+    let plain = Server::start(&env, &host.uri, &[]);
+    let (s, body) = call(&plain, "POST", &format!("/api/v1/pools/{pool}/sessions"), &alice);
     assert_eq!(s, 201, "{body}");
     let sess: Value = serde_json::from_str(&body).unwrap();
     let vv_path = format!("/api/v1/sessions/{}/console.vv", sess["id"].as_str().unwrap());
-    let (s, body) = plain.call("GET", &vv_path, &alice);
+    let (s, body) = call(&plain, "GET", &vv_path, &alice);
     assert!(s == 503 && body.contains("--display-ca") && body.contains(desktop), "{s} {body}");
     drop(plain);
 
     let ca = spice_dir.join("ca-cert.pem");
     let subject = format!("O=vdim test,CN={}", host.addr);
     let srv =
-        Serve::start(&env, &host.uri, &["--display-ca", ca.to_str().unwrap(), "--display-host-subject", &subject]);
-    let (s, vv) = srv.call("GET", &vv_path, &alice);
+        Server::start(&env, &host.uri, &["--display-ca", ca.to_str().unwrap(), "--display-host-subject", &subject]);
+    let (s, vv) = call(&srv, "GET", &vv_path, &alice);
     assert_eq!(s, 200, "{vv}");
     let kv = vv_keys(&vv);
     assert_eq!(kv["host"], host.addr);
@@ -311,7 +274,7 @@ fn a_tls_display_on_a_remote_host_opens_in_remote_viewer_only_with_the_right_ca(
     drop(viewer);
 
     // The same kind of file with another CA: the certificate is refused, nothing opens.
-    let (s, vv) = srv.call("GET", &vv_path, &alice);
+    let (s, vv) = call(&srv, "GET", &vv_path, &alice);
     assert_eq!(s, 200, "{vv}");
     let other = make_ca(env.dir.path(), "other");
     let forged: String = vv

@@ -4,6 +4,7 @@
 
 pub mod efi;
 pub mod host;
+pub mod serve;
 pub mod viewer;
 
 use std::path::{Path, PathBuf};
