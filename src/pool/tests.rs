@@ -43,7 +43,7 @@ pub(crate) const V2: &str = "222222222222222222222222222222222222222222222222222
 /// A home with image `img`: v1 on every channel, v2 sealed onto dev (as import and seal
 /// leave them), its catalog on a fake hypervisor.
 pub(crate) struct Fixture {
-    _dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
     pub ctx: Context,
     pub hv: Arc<FakeHypervisor>,
 }

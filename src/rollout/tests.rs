@@ -4,8 +4,7 @@
 
 use super::*;
 use crate::catalog::Channel;
-use crate::context::{Context, Settings};
-use crate::home::Home;
+use crate::context::Context;
 use crate::hypervisor::domain_xml::VirtType;
 use crate::hypervisor::fake::{disk_backing, Boot, Call, FakeHypervisor, Op};
 use crate::hypervisor::{DomainState, Hypervisor};
@@ -13,8 +12,7 @@ use crate::pool::CreateOptions;
 use std::sync::Arc;
 
 const POOL: &str = "canary";
-const V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
-const V2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+use crate::pool::tests::{V1, V2};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -31,24 +29,9 @@ impl Fixture {
 
     /// As [`Fixture::new`], with `size` desktops.
     fn with_size(size: u32) -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let settings =
-            Settings { profiles: dir.path().join("profiles"), ..Settings::new(Home::new(dir.path().join("home"))) };
-        crate::profile::install_shipped(&settings.profiles).expect("profiles");
-        let hv = Arc::new(FakeHypervisor::new());
-        let mut ctx = Context::init(settings).expect("context").with_hypervisor(hv.clone());
-        ctx.catalog()
-            .write(|tx| -> std::result::Result<(), CatalogError> {
-                let image = tx.insert_image("img", 1 << 30)?;
-                tx.insert_version(&image, None, V1, 4096, 1 << 30, "tester", "v1")?;
-                for ch in Channel::ALL {
-                    tx.set_channel(&image, ch, 1)?;
-                }
-                tx.insert_version(&image, Some(1), V2, 4096, 1 << 30, "tester", "v2")?;
-                tx.set_channel(&image, Channel::Dev, 2)
-            })
-            .expect("catalog");
-        let mut f = Fixture { _dir: dir, ctx, hv };
+        // The pool tests' home: `img` with v1 on every channel, v2 on dev, a fake hypervisor.
+        let crate::pool::tests::Fixture { _dir, ctx, hv } = crate::pool::tests::Fixture::new();
+        let mut f = Fixture { _dir, ctx, hv };
         let create = CreateOptions {
             name: POOL,
             image: "img",
