@@ -26,6 +26,7 @@
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::dev::Dev;
+use crate::fleet::{Progress, Quiet};
 use crate::home::{self, Home};
 use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
 use crate::pool::Pools;
@@ -63,7 +64,7 @@ impl crate::error::Kind for ContextError {
 pub type Result<T> = std::result::Result<T, ContextError>;
 
 /// Where vdim works and how it reaches libvirt: the global flags (`--home`, `--connect`,
-/// `--virt-type`, `--profiles`) or what `vdim serve` was started with.
+/// `--virt-type`, `--profiles`, `--parallel`) or what `vdim serve` was started with.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub home: Home,
@@ -73,13 +74,21 @@ pub struct Settings {
     pub virt_type: String,
     /// Directory of hardware profiles.
     pub profiles: PathBuf,
+    /// libvirt calls in flight to the host at once (operations on many desktops).
+    pub parallel: usize,
 }
 
 impl Settings {
     /// The defaults for a home: qemu:///system, auto, `<home>/profiles`.
     pub fn new(home: Home) -> Settings {
         let profiles = home.root().join("profiles");
-        Settings { home, connect: "qemu:///system".into(), virt_type: "auto".into(), profiles }
+        Settings {
+            home,
+            connect: "qemu:///system".into(),
+            virt_type: "auto".into(),
+            profiles,
+            parallel: crate::hypervisor::DEFAULT_PARALLEL,
+        }
     }
 }
 
@@ -93,6 +102,8 @@ pub struct Context {
     shared: Arc<Shared>,
     catalog: Catalog,
     recovered: Vec<String>,
+    /// Where operations on many desktops report desktops done (a terminal's progress line).
+    progress: Arc<dyn Progress + Send>,
 }
 
 impl Context {
@@ -113,7 +124,7 @@ impl Context {
 
     fn start(settings: Settings, catalog: Catalog) -> Result<Context> {
         let shared = Arc::new(Shared { settings, hv: OnceLock::new() });
-        let mut ctx = Context { shared, catalog, recovered: vec![] };
+        let mut ctx = Context { shared, catalog, recovered: vec![], progress: Arc::new(Quiet) };
         // A rollout whose vdim was killed is found by the next vdim, whatever it runs.
         ctx.recovered = crate::rollout::recover_interrupted(&mut ctx.catalog)?;
         Ok(ctx)
@@ -128,6 +139,12 @@ impl Context {
     /// Has no effect once the hypervisor was used.
     pub fn with_hypervisor(self, hv: Arc<dyn Hypervisor>) -> Context {
         let _ = self.shared.hv.set(hv);
+        self
+    }
+
+    /// Reports desktops done in operations on many desktops to `progress`.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress + Send>) -> Context {
+        self.progress = progress;
         self
     }
 
@@ -164,7 +181,7 @@ impl Context {
     pub fn pools(&mut self) -> Result<Pools<'_>> {
         let hv = self.shared.hypervisor_ref()?;
         let s = &self.shared.settings;
-        Ok(Pools::new(&s.home, &mut self.catalog, hv, &s.profiles))
+        Ok(Pools::new(&s.home, &mut self.catalog, hv, &s.profiles).with_progress(&*self.progress))
     }
 
     pub fn sessions(&mut self) -> Result<Sessions<'_>> {
@@ -174,7 +191,7 @@ impl Context {
     pub fn engine(&mut self, actor: Actor) -> Result<Engine<'_>> {
         let hv = self.shared.hypervisor_ref()?;
         let s = &self.shared.settings;
-        Ok(Engine::new(&s.home, &mut self.catalog, hv, &s.profiles, actor))
+        Ok(Engine::new(&s.home, &mut self.catalog, hv, &s.profiles, actor).with_progress(&*self.progress))
     }
 
     pub fn dev(&mut self) -> Result<Dev<'_>> {
@@ -199,7 +216,7 @@ pub struct Connector(Arc<Shared>);
 impl Connector {
     pub fn open(&self) -> Result<Context> {
         let catalog = Catalog::open(&self.0.settings.home.catalog(), false)?;
-        Ok(Context { shared: self.0.clone(), catalog, recovered: vec![] })
+        Ok(Context { shared: self.0.clone(), catalog, recovered: vec![], progress: Arc::new(Quiet) })
     }
 }
 
@@ -208,7 +225,7 @@ impl Shared {
         if let Some(hv) = self.hv.get() {
             return Ok(hv.as_ref());
         }
-        let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect(&self.settings.connect)?);
+        let hv: Arc<dyn Hypervisor> = Arc::new(Libvirt::connect_with(&self.settings.connect, self.settings.parallel)?);
         // Two threads may connect at once: the first one kept wins, the other is dropped.
         let _ = self.hv.set(hv);
         Ok(self.hv.get().expect("just set").as_ref())

@@ -38,6 +38,8 @@ pub mod profile;
 /// The libvirt seam: one trait, the `virt` implementation, lifecycle events, the domain XML with
 /// its one escaper, a recording fake for tests.
 pub mod hypervisor;
+/// Acting on many desktops at once: bounded concurrency per host, per-desktop outcomes, progress.
+pub mod fleet;
 /// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
 pub mod users;
 /// The thin-client broker (`vdim serve`): HTTP API, `.vv` files, HTML5 console proxy, TLS.

@@ -20,7 +20,7 @@ use crate::home::Home;
 use crate::hypervisor::{Hypervisor, HypervisorError, Subscription};
 use crate::lock::{self, LockError, Mode};
 use crate::names::{self, NameError};
-use crate::pool::{PoolError, Pools};
+use crate::pool::{DesktopMove, PoolError, Pools};
 use crate::profile::Profile;
 use crate::rules::{self, PromotionDenied, WaveSize};
 use crate::store::{Actor, StoreError};
@@ -125,8 +125,15 @@ pub struct ChannelRollback {
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum PoolRollback {
-    Moved { at_logoff: Vec<String>, moved_now: Vec<String> },
-    Error { error: String },
+    /// `failed`: desktops whose move failed (the others moved); due for the next command.
+    Moved {
+        at_logoff: Vec<String>,
+        moved_now: Vec<String>,
+        failed: Vec<crate::fleet::Failure>,
+    },
+    Error {
+        error: String,
+    },
 }
 
 /// Cumulative share of each pool's desktops per wave, unless told otherwise.
@@ -277,6 +284,7 @@ pub struct Engine<'a> {
     hv: &'a dyn Hypervisor,
     profiles: &'a Path,
     actor: Actor,
+    progress: &'a dyn crate::fleet::Progress,
 }
 
 impl<'a> Engine<'a> {
@@ -287,11 +295,16 @@ impl<'a> Engine<'a> {
         profiles: &'a Path,
         actor: Actor,
     ) -> Engine<'a> {
-        Engine { home, catalog, hv, profiles, actor }
+        Engine { home, catalog, hv, profiles, actor, progress: &crate::fleet::Quiet }
+    }
+
+    /// Reports desktops done in waves, reverts and channel rollbacks to `progress`.
+    pub fn with_progress(self, progress: &'a dyn crate::fleet::Progress) -> Engine<'a> {
+        Engine { progress, ..self }
     }
 
     fn pools(&mut self) -> Pools<'_> {
-        Pools::new(self.home, self.catalog, self.hv, self.profiles)
+        Pools::new(self.home, self.catalog, self.hv, self.profiles).with_progress(self.progress)
     }
 
     fn lock(&self, image: &str) -> Result<lock::Lock> {
@@ -543,15 +556,24 @@ impl<'a> Engine<'a> {
         k: u32,
         picks: &BTreeMap<String, Vec<String>>,
     ) -> Result<BTreeMap<String, Vec<String>>> {
-        let mut skipped = vec![];
         let mut picks = picks.clone();
-        for (pool, ds) in picks.iter_mut() {
-            let actor = self.actor.clone();
-            let why = format!("rollout {} wave {}", r.id, k + 1);
-            let moved = self.pools().move_desktops(pool, ds, r.version, true, &actor, &why, rules::Claim::Wave)?;
-            ds.retain(|d| !moved.skipped.contains(d));
-            skipped.extend(moved.skipped);
+        let moves: Vec<DesktopMove> = picks
+            .iter()
+            .map(|(pool, ds)| DesktopMove { pool: pool.clone(), desktops: ds.clone(), to: r.version })
+            .collect();
+        let actor = self.actor.clone();
+        let why = format!("rollout {} wave {}", r.id, k + 1);
+        // Every pool's desktops of the wave at once.
+        let moved = self.pools().move_desktops(&moves, true, &actor, &why, rules::Claim::Wave)?;
+        if !moved.failed.is_empty() {
+            // A desktop the wave could not boot cannot be soaked: the rollout stops here,
+            // halted for the admin (resume or roll back); the catalog knows every move.
+            return Err(PoolError::Desktops { failed: moved.failed }.into());
         }
+        for ds in picks.values_mut() {
+            ds.retain(|d| !moved.skipped.contains(d));
+        }
+        let skipped = moved.skipped;
         let all: Vec<String> = picks.values().flatten().cloned().collect();
         self.catalog.write(|tx| -> Result<()> {
             for d in &all {
@@ -761,14 +783,17 @@ impl<'a> Engine<'a> {
         for d in moved.iter().filter(|d| !matches!(d.state, DesktopState::Reverted | DesktopState::Skipped)) {
             by_pool.entry((d.pool.clone(), d.from_version)).or_default().push(d.desktop.clone());
         }
-        let mut at_logoff = vec![];
-        for ((pool, from), ds) in &by_pool {
-            let actor = self.actor.clone();
-            let why = format!("revert of rollout {}", r.id);
-            at_logoff.extend(
-                self.pools().move_desktops(pool, ds, *from, true, &actor, &why, rules::Claim::Revert)?.at_logoff,
-            );
-        }
+        let moves: Vec<DesktopMove> = by_pool
+            .iter()
+            .map(|((pool, from), ds)| DesktopMove { pool: pool.clone(), desktops: ds.clone(), to: *from })
+            .collect();
+        let actor = self.actor.clone();
+        let why = format!("revert of rollout {}", r.id);
+        // Every desktop back at once, whatever its pool; one that fails keeps its move back
+        // pending in the catalog, done by the next command on its pool.
+        let moved = self.pools().move_desktops(&moves, true, &actor, &why, rules::Claim::Revert)?;
+        let at_logoff = moved.at_logoff;
+        let failed = moved.failed;
         self.catalog.write(|tx| -> Result<()> {
             for ds in by_pool.values() {
                 for d in ds {
@@ -778,9 +803,13 @@ impl<'a> Engine<'a> {
                         .find(|x| &x.desktop == d)
                         .map(|x| x.detail)
                         .unwrap_or_default();
-                    let how = if at_logoff.contains(d) { "in use, moves back at logoff" } else { "moved back" };
-                    let detail =
-                        if prior.is_empty() { how.to_string() } else { format!("{FAILED_PREFIX}: {prior}; {how}") };
+                    let not_yet = failed.iter().find(|f| &f.desktop == d);
+                    let how = match not_yet {
+                        Some(f) => format!("move back pending (the next command on its pool does it): {}", f.error),
+                        None if at_logoff.contains(d) => "in use, moves back at logoff".to_string(),
+                        None => "moved back".to_string(),
+                    };
+                    let detail = if prior.is_empty() { how } else { format!("{FAILED_PREFIX}: {prior}; {how}") };
                     tx.set_rollout_desktop(r.id, d, DesktopState::Reverted, &detail)?;
                 }
             }
@@ -854,7 +883,7 @@ impl<'a> Engine<'a> {
             moved_back = ds.into_iter().map(|d| d.desktop).collect();
         }
         let (target, pools) = self.point_channel_back(image, channel, to, open.as_ref().map(|r| r.id), force)?;
-        let results = self.update_pools(pools, force);
+        let results = self.update_pools(pools, force)?;
         Ok(ChannelRollback {
             image: image.to_string(),
             channel,
@@ -910,21 +939,26 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// Every pool onto its channel's version now; a pool that fails says why and the rest go on.
-    fn update_pools(&mut self, pools: Vec<String>, force: bool) -> BTreeMap<String, PoolRollback> {
-        let mut results = BTreeMap::new();
-        for p in pools {
-            let actor = self.actor.clone();
-            let r = match self.pools().update(&p, force, &actor) {
-                Ok(m) => PoolRollback::Moved { at_logoff: m.plan.at_logoff, moved_now: m.plan.now },
-                Err(PoolError::Denied(rules::Denied::AlreadyThere { .. })) => {
-                    PoolRollback::Moved { at_logoff: vec![], moved_now: vec![] }
-                }
-                Err(e) => PoolRollback::Error { error: e.to_string() },
-            };
-            results.insert(p, r);
-        }
-        results
+    /// Every pool onto its channel's version now, all pools' desktops at once; a pool that
+    /// fails says why and the rest go on.
+    fn update_pools(&mut self, pools: Vec<String>, force: bool) -> Result<BTreeMap<String, PoolRollback>> {
+        let actor = self.actor.clone();
+        let reports = self.pools().update_pools(&pools, force, &actor)?;
+        Ok(reports
+            .into_iter()
+            .map(|(p, r)| {
+                let r = match r {
+                    Ok(m) => {
+                        PoolRollback::Moved { at_logoff: m.plan.at_logoff, moved_now: m.plan.now, failed: m.failed }
+                    }
+                    Err(PoolError::Denied(rules::Denied::AlreadyThere { .. })) => {
+                        PoolRollback::Moved { at_logoff: vec![], moved_now: vec![], failed: vec![] }
+                    }
+                    Err(e) => PoolRollback::Error { error: crate::error::message(&e) },
+                };
+                (p, r)
+            })
+            .collect())
     }
 }
 

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use vdim::context::{Context, Settings};
+use vdim::pool::DesktopMove;
 use vdim::rules::Claim;
 use vdim::store::Actor;
 
@@ -221,7 +222,15 @@ fn rollout_moves_leave_a_desktop_given_to_a_user_after_it_was_picked() {
     assert_eq!(picked, ["vdim-p-001", "vdim-p-002"]);
     // ...and the broker gives the first idle one to alice before the wave writes.
     assert_eq!(pools.assign("p", "alice", &actor).unwrap().name, "vdim-p-001");
-    let moved = pools.move_desktops("p", &picked, 2, true, &actor, "rollout 1 wave 1", Claim::Wave).unwrap();
+    let moved = pools
+        .move_desktops(
+            &[DesktopMove { pool: "p".into(), desktops: picked.clone(), to: 2 }],
+            true,
+            &actor,
+            "rollout 1 wave 1",
+            Claim::Wave,
+        )
+        .unwrap();
     assert_eq!(moved.now, ["vdim-p-002"]);
     assert_eq!(moved.skipped, ["vdim-p-001"]);
     let show = pools.show("p").unwrap();
@@ -235,7 +244,15 @@ fn rollout_moves_leave_a_desktop_given_to_a_user_after_it_was_picked() {
 
     // A revert: bob is given the moved desktop during the soak; it goes back at his logoff.
     assert_eq!(pools.assign("p", "bob", &actor).unwrap().name, "vdim-p-002");
-    let back = pools.move_desktops("p", &["vdim-p-002".into()], 1, true, &actor, "revert", Claim::Revert).unwrap();
+    let back = pools
+        .move_desktops(
+            &[DesktopMove { pool: "p".into(), desktops: vec!["vdim-p-002".into()], to: 1 }],
+            true,
+            &actor,
+            "revert",
+            Claim::Revert,
+        )
+        .unwrap();
     assert!(back.now.is_empty(), "{back:?}");
     assert_eq!(back.at_logoff, ["vdim-p-002"]);
     let bobs = pools.show("p").unwrap().desktops.into_iter().find(|d| d.name == "vdim-p-002").unwrap();

@@ -318,8 +318,9 @@ pub async fn admin_delete_pool(State(b): B, a: Admin, P(name): P<String>, Q(f): 
 pub async fn admin_start_pool(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
     let actor = a.actor();
     let n = name.clone();
-    let started = b.blocking(move |_, ctx| Ok(ctx.pools()?.start(&n, &actor)?)).await?;
-    Ok(Json(serde_json::json!({"pool": name, "started": started})).into_response())
+    let r = b.blocking(move |_, ctx| Ok(ctx.pools()?.start(&n, &actor)?)).await?;
+    // Desktops that failed are listed in `failed`; the others started (as the CLI's --json).
+    Ok(Json(serde_json::json!({"pool": name, "started": r.desktops, "failed": r.failed})).into_response())
 }
 
 pub async fn admin_stop_pool(
@@ -330,8 +331,8 @@ pub async fn admin_stop_pool(
 ) -> ApiResult<Response> {
     let actor = a.actor();
     let n = name.clone();
-    let stopped = b.blocking(move |_, ctx| Ok(ctx.pools()?.stop(&n, f.force, &actor)?)).await?;
-    Ok(Json(serde_json::json!({"pool": name, "stopped": stopped})).into_response())
+    let r = b.blocking(move |_, ctx| Ok(ctx.pools()?.stop(&n, f.force, &actor)?)).await?;
+    Ok(Json(serde_json::json!({"pool": name, "stopped": r.desktops, "failed": r.failed})).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,6 +23,11 @@ pub struct Global {
     /// Directory of hardware profiles [default: $VDIM_HOME/profiles]
     #[arg(long, env = "VDIM_PROFILES", global = true)]
     pub profiles: Option<PathBuf>,
+    /// libvirt calls in flight to the host at once when acting on many desktops (keep it below
+    /// the host libvirtd's max_workers, 20 by default)
+    #[arg(long, env = "VDIM_PARALLEL", global = true, default_value_t = crate::hypervisor::DEFAULT_PARALLEL,
+          value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
+    pub parallel: usize,
 }
 
 impl Global {
@@ -30,13 +35,19 @@ impl Global {
     pub fn settings(&self) -> Settings {
         let home = Home::new(self.home.clone().unwrap_or_else(Home::default_root));
         let profiles = self.profiles.clone().unwrap_or_else(|| home.root().join("profiles"));
-        Settings { home, connect: self.connect.clone(), virt_type: self.virt_type.clone(), profiles }
+        Settings {
+            home,
+            connect: self.connect.clone(),
+            virt_type: self.virt_type.clone(),
+            profiles,
+            parallel: self.parallel,
+        }
     }
 }
 
 /// The context every command runs in; interrupted rollouts it found are warned about.
 pub fn open(g: &Global) -> Result<Context> {
-    let ctx = Context::open(g.settings())?;
+    let ctx = Context::open(g.settings())?.with_progress(super::output::TtyProgress::for_command(g.json));
     for line in ctx.recovered() {
         eprintln!("warning: {line}");
     }

@@ -2,7 +2,7 @@
 //! release, entitle, unentitle, delete.
 
 use super::global::{open, Global};
-use super::output::print;
+use super::output::{desktops_line, fail_on, failures_text, print};
 use crate::catalog::Channel;
 use crate::pool::{self, CreateRequest, MoveReport, PoolError, PoolSummary, PoolView};
 use crate::store::Actor;
@@ -175,7 +175,8 @@ pub fn move_text(r: &MoveReport, verb: &str) -> String {
     if !p.at_logoff.is_empty() {
         s += &format!("\n  in use, move at logoff: {}", p.at_logoff.join(", "));
     }
-    s
+    s += &desktops_line("booted", &r.started);
+    s + &failures_text(&r.failed)
 }
 
 fn list_text(l: &Vec<PoolSummary>) -> String {
@@ -285,23 +286,29 @@ pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
             print(g.json, &v, show_text)
         }
         PoolCmd::Start { name } => {
-            let started = pools.start(&name, &actor)?;
-            print(g.json, &serde_json::json!({"pool": name, "started": started}), |_| {
-                format!("pool '{name}' running ({} desktops started)", started.len())
-            })
+            let r = pools.start(&name, &actor)?;
+            print(g.json, &serde_json::json!({"pool": name, "started": r.desktops, "failed": r.failed}), |_| {
+                format!("pool '{name}' running ({} desktops started)", r.desktops.len())
+                    + &desktops_line("started", &r.desktops)
+                    + &failures_text(&r.failed)
+            })?;
+            fail_on(&r.failed)
         }
         PoolCmd::Stop { name, force } => {
-            let stopped = pools.stop(&name, force, &actor)?;
-            print(g.json, &serde_json::json!({"pool": name, "stopped": stopped}), |_| {
-                format!("pool '{name}' stopped ({} desktops)", stopped.len())
-            })
+            let r = pools.stop(&name, force, &actor)?;
+            print(g.json, &serde_json::json!({"pool": name, "stopped": r.desktops, "failed": r.failed}), |_| {
+                format!("pool '{name}' stopped ({} desktops)", r.desktops.len())
+                    + &desktops_line("stopped", &r.desktops)
+                    + &failures_text(&r.failed)
+            })?;
+            fail_on(&r.failed)
         }
         PoolCmd::Resize { name, size } => {
             let v = pools.resize(&name, size, &actor)?;
             print(g.json, &v, |v| format!("pool '{}' now has {} desktops", v.pool.name, v.desktops.len()))
         }
         PoolCmd::Update { name, force } => match pools.update(&name, force, &actor) {
-            Ok(r) => print(g.json, &r, |r| move_text(r, "updated")),
+            Ok(r) => print(g.json, &r, |r| move_text(r, "updated")).and_then(|()| fail_on(&r.failed)),
             // Idempotent for scripts: being up to date is success.
             Err(PoolError::Denied(crate::rules::Denied::AlreadyThere { version, .. })) => {
                 print(g.json, &serde_json::json!({"pool": name, "version": version, "moved": false}), |_| {
@@ -312,7 +319,8 @@ pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
         },
         PoolCmd::Pin { name, version, force } => {
             let r = pools.pin(&name, version, force, &actor)?;
-            print(g.json, &r, |r| move_text(r, "pinned"))
+            print(g.json, &r, |r| move_text(r, "pinned"))?;
+            fail_on(&r.failed)
         }
         PoolCmd::Unpin { name } => {
             let p = pools.unpin(&name, &actor)?;

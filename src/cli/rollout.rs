@@ -2,10 +2,10 @@
 //! the way back.
 
 use super::global::{open, Global};
-use super::output::print;
+use super::output::{fail_on, failures_text, print};
 use super::pool::move_text;
 use crate::catalog::Channel;
-use crate::rollout::{self, PromoteRequest, RolloutError, RolloutReport};
+use crate::rollout::{self, PoolRollback, PromoteRequest, RolloutError, RolloutReport};
 use crate::store::Actor;
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -153,7 +153,8 @@ pub fn rollback(g: &Global, a: RollbackArgs) -> Result<()> {
     let RollbackArgs { pool, image, channel, to, force } = a;
     if let Some(name) = pool {
         let r = open(g)?.pools()?.rollback(&name, to, force, &Actor::resolve(None))?;
-        return print(g.json, &r, |r| move_text(r, "rolled back"));
+        print(g.json, &r, |r| move_text(r, "rolled back"))?;
+        return fail_on(&r.failed);
     }
     let (image, channel) = (image.unwrap_or_default(), channel.unwrap_or(Channel::Prod));
     let r = open(g)?.engine(Actor::resolve(None))?.rollback_channel(&image, channel, to, force)?;
@@ -163,8 +164,24 @@ pub fn rollback(g: &Global, a: RollbackArgs) -> Result<()> {
             s += &format!("; rollout {id} stopped and {} desktop(s) moved back", r.reverted_desktops.len());
         }
         for (p, res) in &r.pools {
-            s += &format!("\n  pool {p}: {}", serde_json::to_string(res).unwrap_or_default());
+            s += &format!("\n  pool {p}: ");
+            s += &match res {
+                PoolRollback::Moved { at_logoff, moved_now, failed } => {
+                    format!("{} moved now, {} at logoff", moved_now.len(), at_logoff.len())
+                        + &failures_text(failed).replace("\n  ", "\n    ")
+                }
+                PoolRollback::Error { error } => format!("not moved: {error}"),
+            };
         }
         s
-    })
+    })?;
+    let failed: Vec<_> = r
+        .pools
+        .values()
+        .flat_map(|p| match p {
+            PoolRollback::Moved { failed, .. } => failed.clone(),
+            PoolRollback::Error { .. } => vec![],
+        })
+        .collect();
+    fail_on(&failed)
 }

@@ -16,9 +16,10 @@ use super::{
 };
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// A trait method, as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,6 +55,8 @@ pub struct Call {
     pub op: Op,
     pub domain: String,
     pub disk_backing: Option<String>,
+    /// Calls in flight when this one began, itself included (1: nothing overlapped it yet).
+    pub in_flight: usize,
 }
 
 /// How a guest behaves once started.
@@ -88,6 +91,8 @@ struct Inner {
     /// (only this domain, if named; layer; behaviour)
     boots: Vec<(Option<String>, String, Boot)>,
     subscribers: Vec<(String, Sender<LifecycleEvent>)>,
+    /// How long each call of an op takes (outside the lock, as libvirt's own work would).
+    latency: BTreeMap<Op, Duration>,
 }
 
 impl Inner {
@@ -103,14 +108,43 @@ impl Inner {
 }
 
 /// The fake; see the module documentation.
-#[derive(Default)]
 pub struct FakeHypervisor {
     inner: Mutex<Inner>,
+    parallel: usize,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Default for FakeHypervisor {
+    fn default() -> FakeHypervisor {
+        FakeHypervisor::with_parallel(4)
+    }
 }
 
 impl FakeHypervisor {
     pub fn new() -> FakeHypervisor {
         FakeHypervisor::default()
+    }
+
+    /// A fake host serving `parallel` calls at once.
+    pub fn with_parallel(parallel: usize) -> FakeHypervisor {
+        FakeHypervisor { inner: Mutex::default(), parallel, in_flight: AtomicUsize::new(0), peak: AtomicUsize::new(0) }
+    }
+
+    /// Every call of `op` takes `d` from now on, spent outside the fake's lock, so calls from
+    /// several threads overlap as they do on libvirtd (QEMU's exit after a destroy takes seconds).
+    pub fn set_latency(&self, op: Op, d: Duration) {
+        self.lock().latency.insert(op, d);
+    }
+
+    /// The most calls that were in flight at once since the start or [`Self::reset_peak`].
+    pub fn peak_in_flight(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// Start counting [`Self::peak_in_flight`] afresh (before the step a test looks at).
+    pub fn reset_peak(&self) {
+        self.peak.store(0, Ordering::SeqCst);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -119,10 +153,17 @@ impl FakeHypervisor {
 
     /// Record a call, then fail it when the test asked for that.
     fn call(&self, op: Op, domain: &str) -> Result<MutexGuard<'_, Inner>, HypervisorError> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        let latency = self.lock().latency.get(&op).copied();
+        if let Some(d) = latency {
+            std::thread::sleep(d);
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let mut inner = self.lock();
         let disk_backing =
             (op == Op::Start).then(|| inner.domains.get(domain).and_then(|d| disk_backing(&d.xml))).flatten();
-        inner.calls.push(Call { op, domain: domain.into(), disk_backing });
+        inner.calls.push(Call { op, domain: domain.into(), disk_backing, in_flight: now });
         if let Some(i) = inner.failures.iter().position(|(o, d)| *o == op && d == domain) {
             inner.failures.remove(i);
             return Err(HypervisorError::Libvirt {
@@ -205,6 +246,10 @@ pub fn disk_backing(xml: &str) -> Option<String> {
 impl Hypervisor for FakeHypervisor {
     fn uri(&self) -> &str {
         "fake:///"
+    }
+
+    fn parallel(&self) -> usize {
+        self.parallel
     }
 
     /// The fake host has no SPICE TLS: pools off loopback need `--insecure-display`, as on a

@@ -2,9 +2,12 @@
 //! connection, console passwords on live graphics devices, and lifecycle events from
 //! libvirt's event loop.
 //!
-//! Two connections per [`Libvirt`]:
-//! - the command connection, shared by all threads (libvirt connections are thread-safe and
-//!   report errors per thread) and reopened when keepalive declares it dead;
+//! Two kinds of connections per [`Libvirt`]:
+//! - the command connections: up to [`Hypervisor::parallel`] of them, opened as concurrent calls
+//!   need them (one serves a command that calls one after another), each reopened when keepalive
+//!   declares it dead. libvirtd serves only 5 calls of one connection at once
+//!   (`max_client_requests`), and a destroy holds its call for the seconds QEMU takes to exit:
+//!   a fleet's calls need connections of their own;
 //! - one event connection per [`Subscription`](super::Subscription), whose domain lifecycle callbacks are run by a
 //!   single process-wide event loop thread. Crashes are reported by libvirt's events, not found by
 //!   polling, so a rollout sees a panicked guest as soon as QEMU reports it. When an event
@@ -12,8 +15,9 @@
 //!   closed: `recv` returns `Err`, and the caller must subscribe again and re-read states.
 
 use std::ffi::{c_int, c_void, CStr};
+use std::ops::Deref;
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use virt::connect::Connect;
@@ -28,7 +32,56 @@ use super::*;
 #[derive(Debug)]
 pub struct Libvirt {
     uri: String,
-    conn: Mutex<Connect>,
+    lanes: Lanes,
+}
+
+/// The command connections: idle ones, how many are open, and at most how many.
+#[derive(Debug)]
+struct Lanes {
+    state: Mutex<LaneState>,
+    freed: Condvar,
+    max: usize,
+}
+
+#[derive(Debug)]
+struct LaneState {
+    idle: Vec<Connect>,
+    open: usize,
+}
+
+/// A command connection lent to one call; back to the idle ones when dropped.
+struct Lease<'a> {
+    lanes: &'a Lanes,
+    conn: Option<Connect>,
+}
+
+impl Deref for Lease<'_> {
+    type Target = Connect;
+    fn deref(&self) -> &Connect {
+        self.conn.as_ref().expect("a lease holds its connection until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            lock(&self.lanes.state).idle.push(c);
+            self.lanes.freed.notify_one();
+        }
+    }
+}
+
+/// A value (a domain) used under the lease of the connection it came from.
+struct Leased<'a, T> {
+    _lease: Lease<'a>,
+    value: T,
+}
+
+impl<T> Deref for Leased<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
 }
 
 impl Libvirt {
@@ -41,23 +94,57 @@ impl Libvirt {
     }
 
     pub fn connect(uri: &str) -> Result<Libvirt, HypervisorError> {
+        Libvirt::connect_with(uri, DEFAULT_PARALLEL)
+    }
+
+    /// As [`Libvirt::connect`], serving up to `parallel` calls at once (at least one).
+    pub fn connect_with(uri: &str, parallel: usize) -> Result<Libvirt, HypervisorError> {
         ensure_event_loop().map_err(|message| HypervisorError::Connect { uri: uri.to_string(), message })?;
         let conn = open(uri)?;
-        Ok(Libvirt { uri: uri.to_string(), conn: Mutex::new(conn) })
+        // Each connection to the test driver is a host of its own: one is all there is.
+        let max = if uri.starts_with("test:") { 1 } else { parallel.max(1) };
+        let lanes = Lanes { state: Mutex::new(LaneState { idle: vec![conn], open: 1 }), freed: Condvar::new(), max };
+        Ok(Libvirt { uri: uri.to_string(), lanes })
     }
 
-    /// A reference to the command connection, reopened first if keepalive found it dead.
-    fn conn(&self) -> Result<Connect, HypervisorError> {
-        let mut conn = lock(&self.conn);
-        if !conn.is_alive().unwrap_or(false) {
-            tracing::warn!(uri = %self.uri, "libvirt connection lost, reconnecting");
-            *conn = open(&self.uri)?;
+    /// A command connection for one call: an idle one (reopened first if keepalive found it
+    /// dead), a new one while fewer than `max` are open, else the next one freed.
+    fn conn(&self) -> Result<Lease<'_>, HypervisorError> {
+        let lanes = &self.lanes;
+        let mut st = lock(&lanes.state);
+        let reuse = loop {
+            if let Some(c) = st.idle.pop() {
+                break Some(c);
+            }
+            if st.open < lanes.max {
+                st.open += 1;
+                break None;
+            }
+            st = lanes.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+        };
+        drop(st);
+        let conn = match reuse {
+            Some(c) if c.is_alive().unwrap_or(false) => Ok(c),
+            Some(_) => {
+                tracing::warn!(uri = %self.uri, "libvirt connection lost, reconnecting");
+                open(&self.uri)
+            }
+            None => open(&self.uri),
+        };
+        match conn {
+            Ok(c) => Ok(Lease { lanes, conn: Some(c) }),
+            Err(e) => {
+                lock(&lanes.state).open -= 1;
+                lanes.freed.notify_one();
+                Err(e)
+            }
         }
-        Ok(conn.clone())
     }
 
-    fn domain(&self, name: &str, op: &'static str) -> Result<Domain, HypervisorError> {
-        self.conn()?.lookup_domain_by_name(name).map_err(|e| domain_error(op, name, &e))
+    fn domain(&self, name: &str, op: &'static str) -> Result<Leased<'_, Domain>, HypervisorError> {
+        let lease = self.conn()?;
+        let value = lease.lookup_domain_by_name(name).map_err(|e| domain_error(op, name, &e))?;
+        Ok(Leased { _lease: lease, value })
     }
 
     fn live_graphics(
@@ -65,7 +152,7 @@ impl Libvirt {
         name: &str,
         kind: GraphicsKind,
         op: &'static str,
-    ) -> Result<(Domain, XmlElement), HypervisorError> {
+    ) -> Result<(Leased<'_, Domain>, XmlElement), HypervisorError> {
         let dom = self.domain(name, op)?;
         let xml = dom.xml_desc(sys::VIR_DOMAIN_XML_SECURE).map_err(|e| domain_error(op, name, &e))?;
         let element = find_elements(&xml, "graphics")
@@ -79,6 +166,10 @@ impl Libvirt {
 impl Hypervisor for Libvirt {
     fn uri(&self) -> &str {
         &self.uri
+    }
+
+    fn parallel(&self) -> usize {
+        self.lanes.max
     }
 
     fn spice_tls(&self) -> Result<bool, HypervisorError> {
@@ -272,6 +363,8 @@ impl Hypervisor for Libvirt {
         }
         dom.update_device_flags(&graphics.to_xml(), sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(|e| domain_error(OP, name, &e))?;
+        // Its connection back before the next call takes one (there may be only one).
+        drop(dom);
         tracing::info!(domain = %name, %kind, valid_to = %valid_to, "console password set");
         self.graphics(name, kind)
     }

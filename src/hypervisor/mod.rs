@@ -35,6 +35,12 @@ pub const VNC_PASSWORD_MAX: usize = 8;
 const KEEPALIVE_INTERVAL_S: i32 = 5;
 const KEEPALIVE_COUNT: u32 = 3;
 
+/// Calls in flight to one libvirt host unless set otherwise (`--parallel`, `VDIM_PARALLEL`).
+/// libvirtd serves 20 calls at once by default (`max_workers`) and 5 per connection
+/// (`max_client_requests`): vdim opens up to this many connections, leaving workers for the
+/// broker and other clients.
+pub const DEFAULT_PARALLEL: usize = 16;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum DomainState {
     Running,
@@ -145,6 +151,9 @@ impl crate::error::Kind for HypervisorError {
 /// The one narrow seam between vdim and libvirt.
 pub trait Hypervisor: Send + Sync {
     fn uri(&self) -> &str;
+    /// How many calls this host serves for vdim at once: the bound of every operation on
+    /// many desktops ([`crate::fleet`]).
+    fn parallel(&self) -> usize;
     /// Defines a persistent domain (or updates the definition of an existing one).
     fn define(&self, xml: &str) -> Result<(), HypervisorError>;
     fn start(&self, name: &str) -> Result<(), HypervisorError>;

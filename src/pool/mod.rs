@@ -12,16 +12,17 @@
 
 use crate::catalog::pools::{NewDesktop, NewPool};
 use crate::catalog::{Audit, Catalog, CatalogError, Channel, Desktop, Pool, Tx};
+use crate::fleet::{Failure, Progress, Quiet};
 use crate::home::Home;
-use crate::hypervisor::domain_xml::{self, DesktopSpec, DomainXmlError, VirtType};
+use crate::hypervisor::domain_xml::{self, DomainXmlError, VirtType};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::identity::{self, DomainJoin, Identity, IdentityError};
 use crate::lock::{self, Lock, LockError};
 use crate::names::{self, NameError};
 use crate::profile::{self, Profile, ProfileError};
-use crate::qcow2::{self, Qcow2Error};
+use crate::qcow2::Qcow2Error;
 use crate::rules::{self, Denied, DesktopFacts, MovePlan, PoolFacts, VersionFacts};
-use crate::store::{self, Actor, StoreError};
+use crate::store::{Actor, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::fs;
@@ -85,6 +86,8 @@ pub enum PoolError {
     Drive { desktop: String, pool: String, source: Box<IdentityError> },
     #[error("pool '{pool}' is exhausted: all {size} desktops are in use")]
     Exhausted { pool: String, size: u32 },
+    #[error("{} desktop(s) failed, the others went on: {}", failed.len(), failure_list(failed))]
+    Desktops { failed: Vec<Failure> },
     #[error("cannot {what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
     #[error(
@@ -133,11 +136,76 @@ impl crate::error::Kind for PoolError {
             PoolError::Drive { source, .. } => source.kind(),
             PoolError::Exhausted { .. } | PoolError::Eject { .. } => K::Exhausted,
             PoolError::Io { .. } => K::Internal,
+            PoolError::Desktops { failed } => failed.first().map_or(K::Internal, |f| f.kind),
         }
     }
 }
 
 pub type Result<T> = std::result::Result<T, PoolError>;
+
+fn failure_list(failed: &[Failure]) -> String {
+    failed.iter().map(|f| f.error.as_str()).collect::<Vec<_>>().join("; ")
+}
+
+/// What a step over many desktops did: the desktops it acted on, and each one it could not
+/// finish with its error (the others went on).
+#[derive(Debug, Default)]
+pub(crate) struct Done {
+    pub ok: Vec<String>,
+    pub failed: Vec<(String, PoolError)>,
+}
+
+impl Done {
+    /// From each desktop's outcome: `Ok(true)` acted, `Ok(false)` had nothing to do.
+    fn of(names: &[String], outcomes: Vec<Result<bool>>) -> Done {
+        let mut done = Done::default();
+        for (n, r) in names.iter().zip(outcomes) {
+            match r {
+                Ok(true) => done.ok.push(n.clone()),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(desktop = %n, error = %crate::error::message(&e), "desktop failed");
+                    done.failed.push((n.clone(), e));
+                }
+            }
+        }
+        done
+    }
+
+    fn add(&mut self, other: Done) {
+        self.ok.extend(other.ok);
+        self.failed.extend(other.failed);
+    }
+
+    /// The failures as reports show them.
+    pub fn failures(&self) -> Vec<Failure> {
+        self.failed.iter().map(|(d, e)| Failure::new(d, e)).collect()
+    }
+
+    /// Only the desktops of `pool`.
+    fn of_pool(&self, pool: &str) -> (Vec<String>, Vec<Failure>) {
+        let ok = self.ok.iter().filter(|d| is_desktop_of(pool, d)).cloned().collect();
+        let failed = self.failures().into_iter().filter(|f| is_desktop_of(pool, &f.desktop)).collect();
+        (ok, failed)
+    }
+
+    /// The desktops acted on, or the first failure (for callers that stop at one).
+    fn into_result(self) -> Result<Vec<String>> {
+        match self.failed.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(self.ok),
+        }
+    }
+}
+
+/// What a command on a whole pool did: per desktop, acted on or failed with why.
+#[derive(Debug, Default, Serialize)]
+pub struct PoolOutcome {
+    pub pool: String,
+    /// The desktops the command acted on (started, stopped).
+    pub desktops: Vec<String>,
+    pub failed: Vec<Failure>,
+}
 
 /// A disk size for messages: `64 GiB`, `31.5 GiB`.
 fn gib(bytes: u64) -> String {
@@ -168,6 +236,9 @@ fn overlay_rel(pool: &str, desktop: &str) -> String {
 fn nvram_rel(pool: &str, desktop: &str) -> String {
     format!("desktops/{pool}/{desktop}.nvram")
 }
+
+mod desktops;
+use desktops::{Desktops, Reset};
 
 pub use names::{desktop_domain as desktop_name, is_desktop_of};
 
@@ -374,6 +445,16 @@ pub struct Moved {
     pub skipped: Vec<String>,
     /// Booted by this call.
     pub started: Vec<String>,
+    /// Not moved now: their reset failed and stays pending for the next command.
+    pub failed: Vec<Failure>,
+}
+
+/// Desktops of one pool to move to version `to`.
+#[derive(Debug, Clone)]
+pub struct DesktopMove {
+    pub pool: String,
+    pub desktops: Vec<String>,
+    pub to: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -381,6 +462,8 @@ pub struct MoveReport {
     #[serde(flatten)]
     pub plan: MovePlan,
     pub started: Vec<String>,
+    /// Desktops whose move failed (the others moved); each stays due for the next command.
+    pub failed: Vec<Failure>,
 }
 
 /// The pool service, borrowing the home, catalog, hypervisor and profiles of a
@@ -390,11 +473,17 @@ pub struct Pools<'a> {
     pub(crate) catalog: &'a mut Catalog,
     pub(crate) hv: &'a dyn Hypervisor,
     profiles: &'a Path,
+    progress: &'a dyn Progress,
 }
 
 impl<'a> Pools<'a> {
     pub fn new(home: &'a Home, catalog: &'a mut Catalog, hv: &'a dyn Hypervisor, profiles: &'a Path) -> Pools<'a> {
-        Pools { home, catalog, hv, profiles }
+        Pools { home, catalog, hv, profiles, progress: &Quiet }
+    }
+
+    /// Reports desktops done in operations on many of them to `progress`.
+    pub fn with_progress(self, progress: &'a dyn Progress) -> Pools<'a> {
+        Pools { progress, ..self }
     }
 
     fn home(&self) -> &Home {
@@ -412,50 +501,6 @@ impl<'a> Pools<'a> {
 
     fn load_pool(tx: &Tx, name: &str) -> Result<Pool> {
         tx.pool(name)?.ok_or_else(|| PoolError::NotFound(name.to_string()))
-    }
-
-    fn overlay_path(&self, d: &Desktop) -> PathBuf {
-        self.home().root().join(&d.overlay)
-    }
-
-    fn serial_log(&self, pool: &str, desktop: &str) -> PathBuf {
-        self.home().pool_run(pool).join(format!("{desktop}.serial.log"))
-    }
-
-    /// Write fresh, empty overlays (path, digest, virtual size), each replacing any old one
-    /// atomically. All are written, made durable with one `syncfs`, then renamed into place
-    /// and the directories synced: a crash leaves each overlay old or new, never torn, and
-    /// hundreds cost one sync instead of hundreds.
-    fn write_overlays(&self, overlays: &[(PathBuf, String, u64)]) -> Result<()> {
-        let mut tmps = Vec::with_capacity(overlays.len());
-        let cleanup = |tmps: &[PathBuf]| tmps.iter().for_each(|t| drop(fs::remove_file(t)));
-        for (path, digest, vsize) in overlays {
-            let dir = path.parent().expect("overlay has a directory");
-            let tmp = Home::tmp_path(dir, "overlay.qcow2");
-            if let Err(e) = qcow2::create_overlay_unsynced(&tmp, &store::backing_from(2, digest), "qcow2", *vsize) {
-                cleanup(&tmps);
-                return Err(e.into());
-            }
-            tmps.push(tmp);
-        }
-        let Some((first, ..)) = overlays.first() else { return Ok(()) };
-        let dir = first.parent().expect("overlay has a directory");
-        if let Err(e) = syncfs(dir) {
-            cleanup(&tmps);
-            return Err(e);
-        }
-        for (tmp, (path, ..)) in tmps.iter().zip(overlays) {
-            fs::rename(tmp, path).map_err(|e| {
-                cleanup(&tmps);
-                PoolError::Io { what: "replace overlay", path: path.display().to_string(), source: e }
-            })?;
-        }
-        let mut dirs: Vec<&Path> = overlays.iter().filter_map(|(p, ..)| p.parent()).collect();
-        dirs.dedup();
-        for d in dirs {
-            fs::File::open(d).and_then(|f| f.sync_all()).map_err(io("sync", d))?;
-        }
-        Ok(())
     }
 
     /// Overlays, domains and config drives for new desktops of `pool` (on `pool.version`),
@@ -479,93 +524,29 @@ impl<'a> Pools<'a> {
             .iter()
             .map(|n| (self.home().root().join(overlay_rel(&pool.name, n)), digest.to_string(), vsize))
             .collect();
-        self.write_overlays(&overlays)?;
-        let mut uuids = Vec::with_capacity(names.len());
-        for ((n, (overlay, ..)), index) in names.iter().zip(&overlays).zip(indexes) {
-            let uuid = identity::new_uuid();
-            self.write_config_drive(pool, *index, n, Some(&uuid))?;
-            self.define_desktop(pool, profile, n, &uuid, overlay, pool.version)?;
-            uuids.push(uuid);
-        }
-        Ok(uuids)
+        let desktops = self.desktops();
+        desktops.write_overlays(&overlays)?;
+        let jobs: Vec<(&String, &PathBuf, u32)> =
+            names.iter().zip(&overlays).zip(indexes).map(|((n, (o, ..)), i)| (n, o, *i)).collect();
+        desktops
+            .each(&jobs, "defined", |(n, overlay, index)| {
+                let uuid = identity::new_uuid();
+                desktops.write_config_drive(pool, *index, n, Some(&uuid))?;
+                desktops.define(pool, profile, n, &uuid, overlay, pool.version)?;
+                Ok(uuid)
+            })
+            .into_iter()
+            .collect()
     }
 
-    /// A desktop's UEFI variables: beside its overlay, since they belong to it as its disk does.
-    fn nvram_path(&self, pool: &str, desktop: &str) -> PathBuf {
-        self.home().root().join(nvram_rel(pool, desktop))
+    fn desktops(&self) -> Desktops<'_> {
+        Desktops { home: self.home, hv: self.hv, progress: self.progress }
     }
 
-    fn config_drive(&self, pool: &str, desktop: &str) -> PathBuf {
-        self.home().pool_run(pool).join(config_drive_name(desktop))
-    }
-
-    /// (Re)build a desktop's config drive when its pool gives identities, reading the
-    /// credentials and user data files now.
-    fn write_config_drive(
-        &self,
-        pool: &Pool,
-        index: u32,
-        desktop: &str,
-        uuid: Option<&str>,
-    ) -> std::result::Result<(), IdentityError> {
-        let Some(id) = &pool.identity else { return Ok(()) };
-        let d = identity::DesktopIdentity {
-            desktop,
-            pool: &pool.name,
-            hostname: identity::hostname(&id.hostname_pattern, index),
-            uuid,
-        };
-        let files = identity::drive_files(id, &d)?;
-        identity::build_drive(desktop, &self.config_drive(&pool.name, desktop), &files)?;
-        Ok(())
-    }
-
-    fn define_desktop(
-        &self,
-        pool: &Pool,
-        profile: &Profile,
-        name: &str,
-        uuid: &str,
-        overlay: &Path,
-        version: u32,
-    ) -> Result<()> {
-        let serial = self.serial_log(&pool.name, name);
-        let nvram = self.nvram_path(&pool.name, name);
-        let drive = self.config_drive(&pool.name, name);
-        let secret = random_secret(16);
-        let spec = DesktopSpec {
-            name,
-            uuid: Some(uuid),
-            config_drive: pool.identity.is_some().then_some(drive.as_path()),
-            disk: overlay,
-            serial_log: profile.wants_serial_log().then_some(serial.as_path()),
-            nvram: profile.uses_uefi().then_some(nvram.as_path()),
-            graphics_password: &secret,
-            listen: &pool.display_listen,
-            display_tls: display_tls(&pool.display_listen, pool.insecure_display),
-            pool: &pool.name,
-            version,
-        };
-        let virt = parse_virt_type(&pool.virt_type)?;
-        let xml = domain_xml::domain_xml(profile, virt, &spec)?;
-        self.hv.define(&xml)?;
-        Ok(())
-    }
-
-    /// Stop and undefine a domain, ignoring one that is already gone.
-    fn remove_domain(&self, name: &str) -> Result<()> {
-        match self.hv.destroy(name).and_then(|_| self.hv.undefine(name)) {
-            Ok(()) | Err(HypervisorError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn is_active(&self, name: &str) -> Result<bool> {
-        match self.hv.state(name) {
-            Ok((s, _)) => Ok(!matches!(s, DomainState::ShutOff)),
-            Err(HypervisorError::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+    /// Boots every desktop of `names` that is not running, all at once.
+    fn start_all(&self, names: &[String]) -> Done {
+        let desktops = self.desktops();
+        Done::of(names, desktops.each(names, "started", |n| desktops.start(n)))
     }
 
     // ---- create ----------------------------------------------------------------------------
@@ -719,7 +700,7 @@ impl<'a> Pools<'a> {
         let keep: Vec<String> = self.legacy_dev_desktops(pool)?.into_iter().map(|(d, _)| d).collect();
         for d in self.hv.list(&format!("vdim-{pool}-"))? {
             if is_desktop_of(pool, &d) && !keep.contains(&d) {
-                self.remove_domain(&d)?;
+                self.desktops().remove_domain(&d)?;
             }
         }
         let home = self.home();
@@ -789,7 +770,7 @@ impl<'a> Pools<'a> {
                     state,
                     version: d.version,
                     will_run: d.target.unwrap_or(d.version),
-                    overlay: self.overlay_path(&d),
+                    overlay: self.desktops().overlay_path(&d),
                     assigned_to: d.assigned_to,
                     needs_reset: d.needs_reset,
                     name: d.name,
@@ -801,13 +782,16 @@ impl<'a> Pools<'a> {
 
     // ---- start / stop ----------------------------------------------------------------------
 
-    pub fn start(&mut self, name: &str, actor: &Actor) -> Result<Vec<String>> {
+    /// Boots every desktop of the pool, all at once (up to the host's bound); one that fails
+    /// to start is reported and the others boot.
+    pub fn start(&mut self, name: &str, actor: &Actor) -> Result<PoolOutcome> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
-        self.start_locked(name, actor)
+        let done = self.start_locked(name, actor)?;
+        Ok(PoolOutcome { pool: name.to_string(), desktops: done.ok.clone(), failed: done.failures() })
     }
 
-    fn start_locked(&mut self, name: &str, actor: &Actor) -> Result<Vec<String>> {
+    fn start_locked(&mut self, name: &str, actor: &Actor) -> Result<Done> {
         let pool = self.catalog.write(|tx| -> Result<Pool> {
             let p = Self::load_pool(tx, name)?;
             tx.set_pool_running(p.id, true)?;
@@ -820,16 +804,17 @@ impl<'a> Pools<'a> {
             })?;
             Ok(p)
         })?;
-        self.heal_locked(&pool.name)?;
-        let desktops = self.catalog.read(|tx| tx.desktops(pool.id))?;
-        let mut started = vec![];
-        for d in desktops {
-            if !self.is_active(&d.name)? {
-                self.hv.start(&d.name)?;
-                started.push(d.name);
-            }
-        }
-        Ok(started)
+        // Pending resets first (they boot what they reset), then every other desktop.
+        let mut done = self.heal_pools(std::slice::from_ref(&pool.name), &[])?;
+        let rest: Vec<String> = self
+            .catalog
+            .read(|tx| tx.desktops(pool.id))?
+            .into_iter()
+            .map(|d| d.name)
+            .filter(|d| !done.failed.iter().any(|(f, _)| f == d))
+            .collect();
+        done.add(self.start_all(&rest));
+        Ok(done)
     }
 
     /// The pool and its desktops, unless one is in use and `force` is not given.
@@ -848,7 +833,8 @@ impl<'a> Pools<'a> {
         Ok((pool, desktops))
     }
 
-    pub fn stop(&mut self, name: &str, force: bool, actor: &Actor) -> Result<Vec<String>> {
+    /// Stops every desktop of the pool at once; one that fails is reported, the others stop.
+    pub fn stop(&mut self, name: &str, force: bool, actor: &Actor) -> Result<PoolOutcome> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
         let why = "stopping it would cut the user off";
@@ -869,22 +855,12 @@ impl<'a> Pools<'a> {
             })?;
             Ok(())
         })?;
-        let mut stopped = vec![];
-        for d in desktops {
-            if self.is_active(&d.name)? {
-                // Persistent desktops get an ACPI shutdown first: the user's disk should be clean.
-                if pool.persistent && !force {
-                    let _ = self.hv.shutdown(&d.name);
-                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                    while self.is_active(&d.name)? && std::time::Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
-                }
-                self.hv.destroy(&d.name)?;
-                stopped.push(d.name);
-            }
-        }
-        Ok(stopped)
+        let names: Vec<String> = desktops.into_iter().map(|d| d.name).collect();
+        let ds = self.desktops();
+        // Persistent desktops get an ACPI shutdown first: the user's disk should be clean.
+        let clean = pool.persistent && !force;
+        let done = Done::of(&names, ds.each(&names, "stopped", |n| ds.stop(n, clean)));
+        Ok(PoolOutcome { pool: name.to_string(), desktops: done.ok.clone(), failed: done.failures() })
     }
 
     // ---- moving between versions ------------------------------------------------------------
@@ -966,28 +942,74 @@ impl<'a> Pools<'a> {
         actor: &Actor,
         action: &str,
         force: bool,
-        plan: impl FnOnce(&Tx, &Pool, &PoolFacts, &[DesktopFacts]) -> Result<MovePlan>,
+        plan: impl Fn(&Tx, &Pool, &PoolFacts, &[DesktopFacts]) -> Result<MovePlan>,
     ) -> Result<MoveReport> {
-        names::validate("pool", name)?;
-        let _l = self.lock_pool(name)?;
-        self.heal_locked(name)?;
-        let plan = self.catalog.write(|tx| -> Result<MovePlan> {
-            let pool = Self::load_pool(tx, name)?;
-            let (facts, dfacts, desktops) = Self::facts(tx, &pool)?;
-            let plan = plan(tx, &pool, &facts, &dfacts)?;
-            apply_plan(tx, &pool, &desktops, &plan)?;
-            tx.audit(Audit {
-                actor: &actor.0,
-                action,
-                image: Some(&pool.image),
-                pool: Some(name),
-                version: Some(plan.to),
-                detail: json!({"from": plan.from, "to": plan.to, "now": plan.now, "at_logoff": plan.at_logoff, "pinned": plan.pinned, "force": force}),
-            })?;
-            Ok(plan)
-        })?;
-        let started = self.heal_locked(name)?;
-        Ok(MoveReport { plan, started })
+        let mut reports = self.move_pools(&[name.to_string()], actor, action, force, plan)?;
+        reports.pop().map(|(_, r)| r).unwrap_or_else(|| Err(PoolError::NotFound(name.to_string())))
+    }
+
+    /// `pool update` of several pools at once (emergency channel rollback): each pool's move
+    /// is planned and recorded under its lock, then all their desktops move together. A pool
+    /// that cannot move says why; the others go on.
+    pub fn update_pools(
+        &mut self,
+        names: &[String],
+        force: bool,
+        actor: &Actor,
+    ) -> Result<Vec<(String, Result<MoveReport>)>> {
+        self.move_pools(names, actor, "pool.update", force, |tx, pool, facts, desktops| {
+            let to = Self::version_facts(tx, pool, facts.channel_version)?;
+            Ok(rules::plan_update(facts, desktops, to, force)?)
+        })
+    }
+
+    /// Plans and records each pool's move (catalog first), then carries out every pool's
+    /// resets in one concurrent batch.
+    fn move_pools(
+        &mut self,
+        names: &[String],
+        actor: &Actor,
+        action: &str,
+        force: bool,
+        plan: impl Fn(&Tx, &Pool, &PoolFacts, &[DesktopFacts]) -> Result<MovePlan>,
+    ) -> Result<Vec<(String, Result<MoveReport>)>> {
+        for n in names {
+            names::validate("pool", n)?;
+        }
+        let _locks = self.lock_pools(names)?;
+        // Resets a crash left pending go first, so the plans start from what is on disk.
+        self.heal_pools(names, &[])?;
+        let mut plans = vec![];
+        for name in names {
+            let planned = self.catalog.write(|tx| -> Result<MovePlan> {
+                let pool = Self::load_pool(tx, name)?;
+                let (facts, dfacts, desktops) = Self::facts(tx, &pool)?;
+                let plan = plan(tx, &pool, &facts, &dfacts)?;
+                apply_plan(tx, &pool, &desktops, &plan)?;
+                tx.audit(Audit {
+                    actor: &actor.0,
+                    action,
+                    image: Some(&pool.image),
+                    pool: Some(name),
+                    version: Some(plan.to),
+                    detail: json!({"from": plan.from, "to": plan.to, "now": plan.now, "at_logoff": plan.at_logoff, "pinned": plan.pinned, "force": force}),
+                })?;
+                Ok(plan)
+            });
+            plans.push((name.clone(), planned));
+        }
+        let moving: Vec<String> = plans.iter().filter(|(_, p)| p.is_ok()).map(|(n, _)| n.clone()).collect();
+        let done = self.heal_pools(&moving, &[])?;
+        Ok(plans
+            .into_iter()
+            .map(|(name, planned)| {
+                let report = planned.map(|plan| {
+                    let (started, failed) = done.of_pool(&name);
+                    MoveReport { plan, started, failed }
+                });
+                (name, report)
+            })
+            .collect())
     }
 
     /// Carry out every pending reset of idle desktops: a fresh overlay on their version,
@@ -996,161 +1018,191 @@ impl<'a> Pools<'a> {
     pub fn heal(&mut self, name: &str) -> Result<Vec<String>> {
         names::validate("pool", name)?;
         let _l = self.lock_pool(name)?;
-        self.heal_locked(name)
+        self.heal_pools(&[name.to_string()], &[])?.into_result()
     }
 
-    fn heal_locked(&mut self, name: &str) -> Result<Vec<String>> {
-        let (pool, todo) = self.catalog.read(|tx| -> Result<_> {
-            let pool = Self::load_pool(tx, name)?;
-            let image = tx.image(&pool.image)?;
-            let mut todo = vec![];
-            for d in tx.desktops(pool.id)? {
-                // A persistent desktop stays assigned to its owner: in use only while in a session.
-                let in_use = match d.assigned_to {
-                    None => false,
-                    Some(_) if pool.persistent => tx.open_session_on(&d.name)?.is_some(),
-                    Some(_) => true,
-                };
-                if d.needs_reset && !in_use {
-                    let v = tx.version(&image, d.version)?;
-                    todo.push((d, v.digest, v.virtual_size));
-                }
+    /// Pool locks of several pools, always taken in name order (no two commands wait on
+    /// each other).
+    fn lock_pools(&self, names: &[String]) -> Result<Vec<(Lock, Lock)>> {
+        let mut sorted: Vec<&String> = names.iter().collect();
+        sorted.sort();
+        sorted.dedup();
+        sorted.into_iter().map(|n| self.lock_pool(n)).collect()
+    }
+
+    /// The pending resets of idle desktops of `pool` (a persistent desktop stays assigned to
+    /// its owner: in use only while in a session), with their version's layer.
+    fn due_resets(tx: &Tx, pool: &Pool) -> Result<Vec<(Desktop, String, u64)>> {
+        let image = tx.image(&pool.image)?;
+        let mut todo = vec![];
+        for d in tx.desktops(pool.id)? {
+            let in_use = match d.assigned_to {
+                None => false,
+                Some(_) if pool.persistent => tx.open_session_on(&d.name)?.is_some(),
+                Some(_) => true,
+            };
+            if d.needs_reset && !in_use {
+                let v = tx.version(&image, d.version)?;
+                todo.push((d, v.digest, v.virtual_size));
             }
-            Ok((pool, todo))
-        })?;
-        // New drives first (each renamed into place), while every desktop is still as it was:
-        // one whose drive cannot be built is left alone, defined and running, its reset
-        // pending for the next heal, and reported once the others are done.
-        let mut failed = vec![];
-        let todo: Vec<_> = todo
-            .into_iter()
-            .filter(|(d, ..)| match self.write_config_drive(&pool, d.index, &d.name, d.uuid.as_deref()) {
-                Ok(()) => true,
-                Err(e) => {
-                    let e = PoolError::Drive { desktop: d.name.clone(), pool: pool.name.clone(), source: Box::new(e) };
-                    tracing::warn!(desktop = %d.name, error = %crate::error::message(&e), "desktop not reset");
-                    failed.push(e);
-                    false
-                }
-            })
-            .collect();
-        let mut started = vec![];
-        for (d, _, _) in &todo {
-            if self.is_active(&d.name)? {
-                self.hv.destroy(&d.name)?;
-            }
+        }
+        Ok(todo)
+    }
+
+    /// Every pending reset of the pools (locked by the caller), all at once: new drives
+    /// first, while every desktop is still as it was (one whose drive cannot be built is left
+    /// alone, defined and running, its reset pending); then the overlays in one batch with one
+    /// sync; then each desktop stopped, defined afresh and booted when its pool runs (or it is
+    /// in `boot`). A desktop is recorded clean only once all of that is done: one that failed
+    /// keeps its reset pending for the next command, and the others go on.
+    fn heal_pools(&mut self, names: &[String], boot: &[String]) -> Result<Done> {
+        let mut pools = vec![];
+        for name in names {
+            let found = self.catalog.read(|tx| -> Result<_> {
+                let pool = Self::load_pool(tx, name)?;
+                let todo = Self::due_resets(tx, &pool)?;
+                Ok((pool, todo))
+            })?;
+            pools.push(found);
         }
         // Firmware state (UEFI variables, TPM) goes with the disk: a persistent desktop keeps
         // its definition, so its NVRAM file and its UUID (libvirt's key to the swtpm state)
         // stay; a non-persistent one is defined afresh, both removed first.
-        let fresh: Vec<&Desktop> = todo.iter().map(|(d, ..)| d).filter(|_| !pool.persistent).collect();
-        let profile = if fresh.is_empty() { None } else { Some(Profile::load(self.profiles, &pool.profile)?) };
-        for d in &fresh {
-            match self.hv.undefine(&d.name) {
-                Ok(()) | Err(HypervisorError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
+        let mut profiles = vec![];
+        for (pool, todo) in &pools {
+            let fresh = !pool.persistent && !todo.is_empty();
+            profiles.push(if fresh { Some(Profile::load(self.profiles, &pool.profile)?) } else { None });
+        }
+        let mut resets: Vec<Reset> = vec![];
+        for ((pool, todo), profile) in pools.iter().zip(&profiles) {
+            for (d, digest, vsize) in todo {
+                resets.push(Reset {
+                    pool,
+                    profile: profile.as_ref(),
+                    boot: pool.running || boot.contains(&d.name),
+                    desktop: d.clone(),
+                    digest: digest.clone(),
+                    virtual_size: *vsize,
+                });
             }
         }
+        let ds = self.desktops();
+        let mut done = Done::default();
+        let drives = ds.each(&resets, "drives built", |r| {
+            let d = &r.desktop;
+            ds.write_config_drive(r.pool, d.index, &d.name, d.uuid.as_deref()).map(|()| false).map_err(|e| {
+                PoolError::Drive { desktop: d.name.clone(), pool: r.pool.name.clone(), source: Box::new(e) }
+            })
+        });
+        let names: Vec<String> = resets.iter().map(|r| r.desktop.name.clone()).collect();
+        done.add(Done::of(&names, drives));
+        resets.retain(|r| !done.failed.iter().any(|(n, _)| *n == r.desktop.name));
         let overlays: Vec<(PathBuf, String, u64)> =
-            todo.iter().map(|(d, digest, vsize)| (self.overlay_path(d), digest.clone(), *vsize)).collect();
-        self.write_overlays(&overlays)?;
-        if let Some(profile) = &profile {
-            for d in &fresh {
-                // The desktop keeps its UUID (its identity); the TPM state went with the definition.
-                let uuid = d.uuid.clone().unwrap_or_else(identity::new_uuid);
-                self.define_desktop(&pool, profile, &d.name, &uuid, &self.overlay_path(d), d.version)?;
-            }
-        }
-        if !todo.is_empty() {
+            resets.iter().map(|r| (ds.overlay_path(&r.desktop), r.digest.clone(), r.virtual_size)).collect();
+        ds.write_overlays(&overlays)?;
+        let names: Vec<String> = resets.iter().map(|r| r.desktop.name.clone()).collect();
+        let outcomes = ds.each(&resets, "reset", |r| ds.reset(r));
+        let clean: Vec<i64> =
+            resets.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(r, _)| r.desktop.id).collect();
+        done.add(Done::of(&names, outcomes));
+        if !clean.is_empty() {
             self.catalog.write(|tx| -> Result<()> {
-                for (d, _, _) in &todo {
-                    tx.clear_reset(d.id)?;
+                for id in &clean {
+                    tx.clear_reset(*id)?;
                 }
                 Ok(())
             })?;
         }
-        if pool.running {
-            for (d, _, _) in &todo {
-                self.hv.start(&d.name)?;
-                started.push(d.name.clone());
-            }
-        }
-        match failed.into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(started),
-        }
+        Ok(done)
     }
 
-    /// Move desktops of a pool, picked while idle, to `to` now (fresh overlays), booting
-    /// them when `boot` or when the pool runs. The rollout engine's step. A desktop given to
-    /// a user since it was picked is not moved now; `rules::when_taken(claim)` says what
-    /// becomes of it.
-    #[allow(clippy::too_many_arguments)]
+    /// Move desktops of pools, picked while idle, to the version each move names, now (fresh
+    /// overlays), booting them when `boot` or when their pool runs: all pools' desktops at
+    /// once. The rollout engine's step. A desktop given to a user since it was picked is not
+    /// moved now; `rules::when_taken(claim)` says what becomes of it. A desktop whose move
+    /// failed is in `failed`, its reset pending for the next command.
     pub fn move_desktops(
         &mut self,
-        pool: &str,
-        desktops: &[String],
-        to: u32,
+        moves: &[DesktopMove],
         boot: bool,
         actor: &Actor,
         why: &str,
         claim: rules::Claim,
     ) -> Result<Moved> {
-        let _l = self.lock_pool(pool)?;
-        let (p, mut moved) = self.catalog.write(|tx| -> Result<(Pool, Moved)> {
-            let p = Self::load_pool(tx, pool)?;
+        let pools: Vec<String> = moves.iter().map(|m| m.pool.clone()).collect();
+        let _locks = self.lock_pools(&pools)?;
+        let mut moved = self.catalog.write(|tx| -> Result<Moved> {
             let mut moved = Moved::default();
-            for name in desktops {
-                let d = tx
-                    .desktop(name)?
-                    .filter(|d| d.pool_id == p.id)
-                    .ok_or_else(|| PoolError::DesktopNotFound(name.clone()))?;
-                if tx.claim_for_reset(d.id, to)? {
-                    moved.now.push(d.name);
-                    continue;
-                }
-                match rules::when_taken(claim) {
-                    rules::Taken::Skip => moved.skipped.push(d.name),
-                    rules::Taken::AtLogoff => {
-                        tx.set_target(d.id, (d.version != to).then_some(to))?;
-                        moved.at_logoff.push(d.name);
-                    }
-                    rules::Taken::Refuse => {
-                        return Err(PoolError::InUse {
-                            user: d.assigned_to.unwrap_or_default(),
-                            desktop: d.name,
-                            what: format!("it was given to the user while {why} was about to move it"),
-                        })
-                    }
-                    rules::Taken::Proceed => {
-                        tx.mark_reset(d.id, to)?;
-                        moved.now.push(d.name);
-                    }
-                }
+            for m in moves {
+                Self::claim_moves(tx, m, actor, why, claim, &mut moved)?;
             }
-            tx.audit(Audit {
-                actor: &actor.0,
-                action: "desktop.move",
-                image: Some(&p.image),
-                pool: Some(pool),
-                version: Some(to),
-                detail: json!({"desktops": moved.now, "at_logoff": moved.at_logoff, "skipped": moved.skipped, "why": why}),
-            })?;
-            Ok((p, moved))
+            Ok(moved)
         })?;
-        moved.started = self.heal_locked(pool)?;
-        if boot && !p.running {
-            for name in &moved.now {
-                if !self.is_active(name)? {
-                    self.hv.start(name)?;
-                    moved.started.push(name.clone());
-                }
-            }
-        }
+        let mut unique = pools.clone();
+        unique.sort();
+        unique.dedup();
+        let boot: &[String] = if boot { &moved.now } else { &[] };
+        let done = self.heal_pools(&unique, boot)?;
+        moved.failed = done.failures();
+        moved.started = done.ok;
         Ok(moved)
     }
 
-    /// Stop desktops a rollout booted in a pool that is not running.
+    /// In the caller's write: claim one pool's desktops for a move (or say what becomes of
+    /// those given to a user meanwhile) and audit it.
+    fn claim_moves(
+        tx: &Tx,
+        m: &DesktopMove,
+        actor: &Actor,
+        why: &str,
+        claim: rules::Claim,
+        moved: &mut Moved,
+    ) -> Result<()> {
+        let p = Self::load_pool(tx, &m.pool)?;
+        let mut mine = Moved::default();
+        for name in &m.desktops {
+            let d = tx
+                .desktop(name)?
+                .filter(|d| d.pool_id == p.id)
+                .ok_or_else(|| PoolError::DesktopNotFound(name.clone()))?;
+            if tx.claim_for_reset(d.id, m.to)? {
+                mine.now.push(d.name);
+                continue;
+            }
+            match rules::when_taken(claim) {
+                rules::Taken::Skip => mine.skipped.push(d.name),
+                rules::Taken::AtLogoff => {
+                    tx.set_target(d.id, (d.version != m.to).then_some(m.to))?;
+                    mine.at_logoff.push(d.name);
+                }
+                rules::Taken::Refuse => {
+                    return Err(PoolError::InUse {
+                        user: d.assigned_to.unwrap_or_default(),
+                        desktop: d.name,
+                        what: format!("it was given to the user while {why} was about to move it"),
+                    })
+                }
+                rules::Taken::Proceed => {
+                    tx.mark_reset(d.id, m.to)?;
+                    mine.now.push(d.name);
+                }
+            }
+        }
+        tx.audit(Audit {
+            actor: &actor.0,
+            action: "desktop.move",
+            image: Some(&p.image),
+            pool: Some(&m.pool),
+            version: Some(m.to),
+            detail: json!({"desktops": mine.now, "at_logoff": mine.at_logoff, "skipped": mine.skipped, "why": why}),
+        })?;
+        moved.now.extend(mine.now);
+        moved.at_logoff.extend(mine.at_logoff);
+        moved.skipped.extend(mine.skipped);
+        Ok(())
+    }
+
+    /// Stop desktops a rollout booted in a pool that is not running, all at once.
     pub fn stop_if_pool_stopped(&mut self, pool: &str, desktops: &[String]) -> Result<()> {
         let (p, idle) = self.catalog.read(|tx| -> Result<_> {
             let p = Self::load_pool(tx, pool)?;
@@ -1158,14 +1210,12 @@ impl<'a> Pools<'a> {
                 tx.desktops(p.id)?.into_iter().filter(|d| d.assigned_to.is_none()).map(|d| d.name).collect();
             Ok((p, idle))
         })?;
-        if !p.running {
-            for d in desktops.iter().filter(|d| idle.contains(d)) {
-                if self.is_active(d)? {
-                    self.hv.destroy(d)?;
-                }
-            }
+        if p.running {
+            return Ok(());
         }
-        Ok(())
+        let names: Vec<String> = desktops.iter().filter(|d| idle.contains(d)).cloned().collect();
+        let ds = self.desktops();
+        Done::of(&names, ds.each(&names, "stopped", |n| ds.stop(n, false))).into_result().map(drop)
     }
 
     /// After a rollout: the pool runs `to` (history recorded); in-use desktops still on
@@ -1250,7 +1300,11 @@ impl<'a> Pools<'a> {
             })?;
             Ok(r)
         })?;
-        self.heal_locked(&pool_name)?;
+        // The released desktop's own reset: a failure is this command's error.
+        let done = self.heal_pools(std::slice::from_ref(&pool_name), &[])?;
+        if let Some((_, e)) = done.failed.into_iter().find(|(d, _)| d == desktop) {
+            return Err(e);
+        }
         Ok(release)
     }
 
@@ -1262,7 +1316,7 @@ impl<'a> Pools<'a> {
             return Err(PoolError::Size { size, max: MAX_POOL_SIZE });
         }
         let _l = self.lock_pool(name)?;
-        self.heal_locked(name)?;
+        self.heal_pools(&[name.to_string()], &[])?;
         let (pool, desktops, digest, vsize) = self.catalog.read(|tx| -> Result<_> {
             let pool = Self::load_pool(tx, name)?;
             let image = tx.image(&pool.image)?;
@@ -1271,74 +1325,99 @@ impl<'a> Pools<'a> {
         })?;
         let current = desktops.len() as u32;
         if size > current {
-            let profile = Profile::load(self.profiles, &pool.profile)?;
             let next = desktops.iter().map(|d| d.index).max().unwrap_or(0) + 1;
-            let new: Vec<(u32, String)> = (next..next + (size - current)).map(|i| (i, desktop_name(name, i))).collect();
-            if let Some((i, _)) = new.iter().find(|(i, _)| *i > MAX_POOL_SIZE) {
-                return Err(PoolError::Size { size: *i, max: MAX_POOL_SIZE });
-            }
-            let indexes: Vec<u32> = new.iter().map(|(i, _)| *i).collect();
-            let made = self.provision(&pool, &profile, &indexes, &digest, vsize);
-            let committed = made.and_then(|uuids| {
-                self.catalog.write(|tx| -> Result<()> {
-                    for ((i, dn), uuid) in new.iter().zip(&uuids) {
-                        let overlay = overlay_rel(name, dn);
-                        let d = NewDesktop { index: *i, name: dn, overlay: &overlay, version: pool.version, uuid };
-                        tx.insert_desktop(pool.id, &d)?;
-                    }
-                    record_resize(tx, &pool, actor, current, size)?;
-                    Ok(())
-                })
-            });
-            if let Err(e) = committed {
-                for (_, dn) in &new {
-                    let _ = self.remove_domain(dn);
-                    let _ = fs::remove_file(self.home().root().join(overlay_rel(name, dn)));
-                    let _ = fs::remove_file(self.config_drive(name, dn));
-                }
-                return Err(e);
-            }
-            if pool.running {
-                for (_, dn) in &new {
-                    self.hv.start(dn)?;
-                }
-            }
+            self.grow(&pool, next..next + (size - current), &digest, vsize, actor, current, size)?;
         } else if size < current {
             // Shrink from the top, never taking a desktop from its user.
             let doomed: Vec<&Desktop> = desktops.iter().rev().take((current - size) as usize).collect();
-            if let Some(d) = doomed.iter().find(|d| d.assigned_to.is_some()) {
-                return Err(PoolError::InUse {
-                    desktop: d.name.clone(),
-                    user: d.assigned_to.clone().unwrap_or_default(),
-                    what: format!("shrinking pool '{name}' to {size} would remove it"),
-                });
-            }
-            crate::test_hook::pause(crate::test_hook::POOL_SHRINK);
-            // The broker may have given one away since the look above: checked again in the
-            // write, and then the shrink refuses (`rules::when_taken(Claim::Shrink)`).
-            self.catalog.write(|tx| -> Result<()> {
-                for d in &doomed {
-                    if !tx.delete_idle_desktop(d.id)? {
-                        let now = tx.desktop(&d.name)?.and_then(|d| d.assigned_to).unwrap_or_default();
-                        return Err(PoolError::InUse {
-                            desktop: d.name.clone(),
-                            user: now,
-                            what: format!("shrinking pool '{name}' to {size} would remove it"),
-                        });
-                    }
-                }
-                record_resize(tx, &pool, actor, current, size)?;
-                Ok(())
-            })?;
-            for d in doomed {
-                self.remove_domain(&d.name)?;
-                let _ = fs::remove_file(self.overlay_path(d));
-                let _ = fs::remove_file(self.nvram_path(name, &d.name));
-                let _ = fs::remove_file(self.serial_log(name, &d.name));
-                let _ = fs::remove_file(self.config_drive(name, &d.name));
-            }
+            self.shrink(&pool, &doomed, actor, current, size)?;
         }
         self.show(name)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grow(
+        &mut self,
+        pool: &Pool,
+        indexes: std::ops::Range<u32>,
+        digest: &str,
+        vsize: u64,
+        actor: &Actor,
+        current: u32,
+        size: u32,
+    ) -> Result<()> {
+        let name = &pool.name;
+        let profile = Profile::load(self.profiles, &pool.profile)?;
+        let new: Vec<(u32, String)> = indexes.map(|i| (i, desktop_name(name, i))).collect();
+        if let Some((i, _)) = new.iter().find(|(i, _)| *i > MAX_POOL_SIZE) {
+            return Err(PoolError::Size { size: *i, max: MAX_POOL_SIZE });
+        }
+        let indexes: Vec<u32> = new.iter().map(|(i, _)| *i).collect();
+        let made = self.provision(pool, &profile, &indexes, digest, vsize);
+        let committed = made.and_then(|uuids| {
+            self.catalog.write(|tx| -> Result<()> {
+                for ((i, dn), uuid) in new.iter().zip(&uuids) {
+                    let overlay = overlay_rel(name, dn);
+                    let d = NewDesktop { index: *i, name: dn, overlay: &overlay, version: pool.version, uuid };
+                    tx.insert_desktop(pool.id, &d)?;
+                }
+                record_resize(tx, pool, actor, current, size)?;
+                Ok(())
+            })
+        });
+        let ds = self.desktops();
+        if let Err(e) = committed {
+            for (_, dn) in &new {
+                let _ = ds.remove_domain(dn);
+                let _ = fs::remove_file(self.home().root().join(overlay_rel(name, dn)));
+                let _ = fs::remove_file(ds.config_drive(name, dn));
+            }
+            return Err(e);
+        }
+        if pool.running {
+            let names: Vec<String> = new.into_iter().map(|(_, n)| n).collect();
+            self.start_all(&names).into_result()?;
+        }
+        Ok(())
+    }
+
+    fn shrink(&mut self, pool: &Pool, doomed: &[&Desktop], actor: &Actor, current: u32, size: u32) -> Result<()> {
+        let name = &pool.name;
+        if let Some(d) = doomed.iter().find(|d| d.assigned_to.is_some()) {
+            return Err(PoolError::InUse {
+                desktop: d.name.clone(),
+                user: d.assigned_to.clone().unwrap_or_default(),
+                what: format!("shrinking pool '{name}' to {size} would remove it"),
+            });
+        }
+        crate::test_hook::pause(crate::test_hook::POOL_SHRINK);
+        // The broker may have given one away since the look above: checked again in the
+        // write, and then the shrink refuses (`rules::when_taken(Claim::Shrink)`).
+        self.catalog.write(|tx| -> Result<()> {
+            for d in doomed {
+                if !tx.delete_idle_desktop(d.id)? {
+                    let now = tx.desktop(&d.name)?.and_then(|d| d.assigned_to).unwrap_or_default();
+                    return Err(PoolError::InUse {
+                        desktop: d.name.clone(),
+                        user: now,
+                        what: format!("shrinking pool '{name}' to {size} would remove it"),
+                    });
+                }
+            }
+            record_resize(tx, pool, actor, current, size)?;
+            Ok(())
+        })?;
+        let ds = self.desktops();
+        let outcomes = ds.each(doomed, "removed", |d| {
+            ds.remove_domain(&d.name)?;
+            let _ = fs::remove_file(ds.overlay_path(d));
+            let _ = fs::remove_file(ds.nvram_path(name, &d.name));
+            let _ = fs::remove_file(ds.serial_log(name, &d.name));
+            let _ = fs::remove_file(ds.config_drive(name, &d.name));
+            Ok(true)
+        });
+        let names: Vec<String> = doomed.iter().map(|d| d.name.clone()).collect();
+        Done::of(&names, outcomes).into_result().map(drop)
     }
 
     /// Remove exactly the pool's domains, overlays and runtime files.
@@ -1359,9 +1438,13 @@ impl<'a> Pools<'a> {
             }
             Ok(())
         })?;
-        // Domains first: a desktop still defined must keep its overlay.
-        for d in &desktops {
-            self.remove_domain(&d.name)?;
+        // Domains first: a desktop still defined must keep its overlay. All at once; when one
+        // fails the pool stays (stopped) and the command can be run again.
+        let names: Vec<String> = desktops.iter().map(|d| d.name.clone()).collect();
+        let ds = self.desktops();
+        let removed = Done::of(&names, ds.each(&names, "removed", |n| ds.remove_domain(n).map(|()| true)));
+        if !removed.failed.is_empty() {
+            return Err(PoolError::Desktops { failed: removed.failures() });
         }
         self.catalog.write(|tx| -> Result<()> {
             tx.delete_pool(pool.id)?;

@@ -153,8 +153,10 @@ fn a_good_rollout_passes_all_waves_and_moves_every_desktop_once() {
     let moved: Vec<usize> = rep.waves.iter().map(|w| w.moved).collect();
     assert_eq!(moved, [1, 1, 2], "canary first, then half, then everyone");
     assert!(rep.waves.iter().all(|w| w.failed == 0 && w.healthy == w.moved), "{:?}", rep.waves);
-    let starts: Vec<(String, Option<&str>)> =
+    let mut starts: Vec<(String, Option<&str>)> =
         changes(&f.hv.calls()).into_iter().filter(|c| c.0 == Op::Start).map(|c| (c.1, c.2)).collect();
+    // Within a wave the desktops boot at once, in any order.
+    starts[2..].sort();
     let want: Vec<(String, Option<&str>)> = (1..=4).map(|i| (desktop(i), Some("v2"))).collect();
     assert_eq!(starts, want, "each desktop booted once, on v2, wave by wave");
     assert_eq!(f.versions(), [2, 2, 2, 2]);
@@ -222,4 +224,26 @@ fn a_crash_in_wave_2_reverts_waves_1_and_2_and_leaves_the_rest_and_an_assigned_d
         assert_eq!(f.hv.state(d).expect("state").0, DomainState::Running, "{d} runs");
     }
     assert_eq!(f.versions(), [1; 6]);
+}
+
+#[test]
+fn a_failed_waves_desktops_go_back_at_once() {
+    let mut f = Fixture::with_size(6);
+    // Every desktop of wave 1 (three) panics on v2; QEMU takes its time to exit.
+    f.hv.on_boot(V2, Boot::Panic);
+    f.hv.set_latency(Op::Destroy, std::time::Duration::from_millis(80));
+    f.hv.take_calls();
+    let err = f.promote("50%,100%").expect_err("a panicking version fails");
+    let RolloutError::Failed { report, .. } = err else { panic!("not a failed rollout: {err}") };
+    assert_eq!(report.waves[0].desktops.len(), 3);
+    let destroys: Vec<Call> = f.hv.calls().into_iter().filter(|c| c.op == Op::Destroy).collect();
+    assert_eq!(destroys.len(), 6, "each wave-1 desktop stopped to move to v2, then to move back");
+    // The revert's three destroys (the last ones) overlapped: the last to begin found the
+    // other two still in flight.
+    let revert_overlap = destroys[3..].iter().map(|c| c.in_flight).max().unwrap_or(0);
+    assert!(revert_overlap >= 3, "the wave's desktops were stopped together: {destroys:?}");
+    assert_eq!(f.versions(), [1; 6]);
+    for i in 1..=6 {
+        assert_eq!(f.hv.state(&desktop(i)).expect("state").0, DomainState::Running);
+    }
 }
