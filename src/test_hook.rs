@@ -1,4 +1,5 @@
-//! Pause points that let a test interleave two real vdim processes deterministically.
+//! Pause points that let a test interleave two real vdim processes deterministically, and one
+//! failure a test can inject into a real libvirt call.
 //!
 //! With `VDIM_TEST_PAUSE_BEFORE=<step>` and `VDIM_TEST_PAUSE_FILE=<path>` in its environment,
 //! a command reaching `step` creates `<path>` and waits until the test removes it (at most
@@ -29,4 +30,12 @@ pub fn pause(step: &str) {
     while file.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// With `VDIM_TEST_FAIL=<op>:<domain>` in the environment of a debug build, the libvirt call
+/// `op` (e.g. `destroy`) on that domain fails as a libvirt error would: libvirt offers no way
+/// to make a destroy fail on demand, and a test must show that one desktop's failure does not
+/// stop the others. Release builds ignore it.
+pub fn fails(op: &str, domain: &str) -> bool {
+    cfg!(debug_assertions) && std::env::var("VDIM_TEST_FAIL").is_ok_and(|v| v.split_once(':') == Some((op, domain)))
 }

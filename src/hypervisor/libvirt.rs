@@ -204,6 +204,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn start(&self, name: &str) -> Result<(), HypervisorError> {
+        tracing::debug!(domain = %name, "starting");
         self.domain(name, "start")?.create().map_err(|e| domain_error("start", name, &e))?;
         tracing::debug!(domain = %name, "started");
         Ok(())
@@ -222,6 +223,11 @@ impl Hypervisor for Libvirt {
     }
 
     fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
+        tracing::debug!(domain = %name, "destroying");
+        if crate::test_hook::fails("destroy", name) {
+            let message = "failed as the test asked (VDIM_TEST_FAIL)".to_string();
+            return Err(HypervisorError::Libvirt { op: "destroy", domain: name.to_string(), message });
+        }
         let dom = self.domain(name, "destroy")?;
         // QEMU may take a moment to die after SIGKILL (EBUSY): libvirt advises retrying.
         for attempt in 1..=3 {
