@@ -787,11 +787,13 @@ impl<'a> Sessions<'a> {
     /// At broker start: complete interrupted logoffs, then every pool's pending resets.
     pub fn heal(&mut self, actor: &Actor) -> Result<Reaped> {
         let reaped = self.reap_older_than(actor, &|_| {}, Duration::ZERO)?;
-        let pools = self.catalog().read(|tx| tx.pools())?;
-        for p in pools {
-            if let Err(e) = self.pools.heal(&p.name) {
-                tracing::warn!(pool = %p.name, error = %e, "pool not healed");
+        match self.pools.heal_all() {
+            Ok((_, failed)) => {
+                for f in failed {
+                    tracing::warn!(desktop = %f.desktop, error = %f.error, "desktop not reset; the next command retries");
+                }
             }
+            Err(e) => tracing::warn!(error = %crate::error::message(&e), "pools not healed"),
         }
         Ok(reaped)
     }

@@ -132,3 +132,43 @@ fn a_desktop_whose_destroy_fails_does_not_stop_the_others_and_the_next_command_h
         assert_eq!((d["version"].as_u64(), d["needs_reset"].as_bool()), (Some(1), Some(false)), "{d}");
     }
 }
+
+#[test]
+fn a_failed_waves_desktops_of_every_pool_go_back_at_once() {
+    let t = LibvirtEnv::new("fleetrev");
+    let (pa, pb) = (t.pool_name("a"), t.pool_name("b"));
+    marker_image(&t.env, "img", "fr-v1");
+    for p in [&pa, &pb] {
+        t.create_pool(p, "img", "prod", 2, "test-linux", &["--start"]);
+    }
+    seal_marker(&t.env, "img", "fr-v2", "panic");
+    let out = t
+        .env
+        .cmd()
+        .env("VDIM_VIRT_TYPE", "qemu")
+        .env("VDIM_LOG", "vdim=debug")
+        .args(["--json", "promote", "img", "2", "--to", "prod", "--waves", "100%", "--soak", "60s", "--force"])
+        .args(["--reason", "a wave over two pools"])
+        .output()
+        .expect("run vdim");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(5), "a failed rollout: {log}");
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["state"], "failed");
+    assert_eq!(rep["waves"][0]["moved"], 4, "{rep}");
+    // The revert's destroys (each desktop's last) overlapped, across both pools.
+    let spans = destroy_spans(&log);
+    assert_eq!(spans.len(), 4, "{spans:?}");
+    let overlapping: Vec<&String> = spans
+        .iter()
+        .filter(|(a, (b1, e1))| spans.iter().any(|(o, (b2, _))| o != *a && b2 > b1 && b2 < e1))
+        .map(|(a, _)| a)
+        .collect();
+    assert!(overlapping.len() >= 2, "the revert stopped desktops together: {spans:?}");
+    for p in [&pa, &pb] {
+        for d in desktops(&t, p) {
+            assert_eq!((d["version"].as_u64(), d["needs_reset"].as_bool()), (Some(1), Some(false)), "{d}");
+            t.wait_marker(p, d["name"].as_str().unwrap(), "fr-v1", 240);
+        }
+    }
+}

@@ -318,9 +318,8 @@ pub async fn admin_delete_pool(State(b): B, a: Admin, P(name): P<String>, Q(f): 
 pub async fn admin_start_pool(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
     let actor = a.actor();
     let n = name.clone();
-    let r = b.blocking(move |_, ctx| Ok(ctx.pools()?.start(&n, &actor)?)).await?;
-    // Desktops that failed are listed in `failed`; the others started (as the CLI's --json).
-    Ok(Json(serde_json::json!({"pool": name, "started": r.desktops, "failed": r.failed})).into_response())
+    let r = b.blocking(move |_, ctx| all_done(ctx.pools()?.start(&n, &actor)?)).await?;
+    Ok(Json(serde_json::json!({"pool": name, "started": r.desktops})).into_response())
 }
 
 pub async fn admin_stop_pool(
@@ -331,8 +330,8 @@ pub async fn admin_stop_pool(
 ) -> ApiResult<Response> {
     let actor = a.actor();
     let n = name.clone();
-    let r = b.blocking(move |_, ctx| Ok(ctx.pools()?.stop(&n, f.force, &actor)?)).await?;
-    Ok(Json(serde_json::json!({"pool": name, "stopped": r.desktops, "failed": r.failed})).into_response())
+    let r = b.blocking(move |_, ctx| all_done(ctx.pools()?.stop(&n, f.force, &actor)?)).await?;
+    Ok(Json(serde_json::json!({"pool": name, "stopped": r.desktops})).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -358,7 +357,7 @@ pub async fn admin_update_pool(
     JsonBody(f): JsonBody<Force>,
 ) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.update(&name, f.force, &actor)?)).await?).into_response())
+    Ok(Json(b.blocking(move |_, ctx| all_done(ctx.pools()?.update(&name, f.force, &actor)?)).await?).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -376,7 +375,8 @@ pub async fn admin_pin_pool(
     JsonBody(p): JsonBody<Pin>,
 ) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.pin(&name, p.version, p.force, &actor)?)).await?).into_response())
+    Ok(Json(b.blocking(move |_, ctx| all_done(ctx.pools()?.pin(&name, p.version, p.force, &actor)?)).await?)
+        .into_response())
 }
 
 pub async fn admin_unpin_pool(State(b): B, a: Admin, P(name): P<String>) -> ApiResult<Response> {
@@ -400,7 +400,8 @@ pub async fn admin_rollback_pool(
     JsonBody(r): JsonBody<Rollback>,
 ) -> ApiResult<Response> {
     let actor = a.actor();
-    Ok(Json(b.blocking(move |_, ctx| Ok(ctx.pools()?.rollback(&name, r.to, r.force, &actor)?)).await?).into_response())
+    Ok(Json(b.blocking(move |_, ctx| all_done(ctx.pools()?.rollback(&name, r.to, r.force, &actor)?)).await?)
+        .into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -576,7 +577,47 @@ pub async fn admin_rollback_channel(
 ) -> ApiResult<Response> {
     let channel = parse_channel(&r.channel)?;
     let actor = a.actor();
-    let out =
-        b.blocking(move |_, ctx| Ok(ctx.engine(actor)?.rollback_channel(&image, channel, r.to, r.force)?)).await?;
+    let out = b
+        .blocking(move |_, ctx| all_done(ctx.engine(actor)?.rollback_channel(&image, channel, r.to, r.force)?))
+        .await?;
     Ok(Json(out).into_response())
+}
+
+/// A report of an operation on many desktops, or, when any desktop failed, the error naming
+/// each one (its kind decides the status; the others went on, as `pool show` tells).
+fn all_done<T: Failed>(report: T) -> ApiResult<T> {
+    let failed = report.failed();
+    if failed.is_empty() {
+        return Ok(report);
+    }
+    Err(crate::pool::PoolError::Desktops { failed }.into())
+}
+
+/// Reports that list desktops an operation could not finish.
+trait Failed {
+    fn failed(&self) -> Vec<crate::fleet::Failure>;
+}
+
+impl Failed for crate::pool::PoolOutcome {
+    fn failed(&self) -> Vec<crate::fleet::Failure> {
+        self.failed.clone()
+    }
+}
+
+impl Failed for crate::pool::MoveReport {
+    fn failed(&self) -> Vec<crate::fleet::Failure> {
+        self.failed.clone()
+    }
+}
+
+impl Failed for crate::rollout::ChannelRollback {
+    fn failed(&self) -> Vec<crate::fleet::Failure> {
+        self.pools
+            .values()
+            .flat_map(|p| match p {
+                crate::rollout::PoolRollback::Moved { failed, .. } => failed.clone(),
+                crate::rollout::PoolRollback::Error { .. } => vec![],
+            })
+            .collect()
+    }
 }

@@ -1021,6 +1021,27 @@ impl<'a> Pools<'a> {
         self.heal_pools(&[name.to_string()], &[])?.into_result()
     }
 
+    /// Every pool's pending resets in one batch (the broker at start, after a crash); a pool
+    /// another command holds is left to that command. Returns the desktops reset and those
+    /// that failed (still due).
+    pub fn heal_all(&mut self) -> Result<(Vec<String>, Vec<Failure>)> {
+        let names: Vec<String> = self.catalog.read(|tx| tx.pools())?.into_iter().map(|p| p.name).collect();
+        let mut locks = vec![];
+        let mut locked = vec![];
+        for n in names {
+            match self.lock_pool(&n) {
+                Ok(l) => {
+                    locks.push(l);
+                    locked.push(n);
+                }
+                Err(e) => tracing::warn!(pool = %n, error = %crate::error::message(&e), "pool not healed"),
+            }
+        }
+        let done = self.heal_pools(&locked, &[])?;
+        drop(locks);
+        Ok((done.ok.clone(), done.failures()))
+    }
+
     /// Pool locks of several pools, always taken in name order (no two commands wait on
     /// each other).
     fn lock_pools(&self, names: &[String]) -> Result<Vec<(Lock, Lock)>> {
