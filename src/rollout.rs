@@ -17,7 +17,7 @@ use crate::catalog::rollouts::{
 use crate::catalog::{Audit, Catalog, CatalogError, Channel, Tx};
 use crate::health;
 use crate::home::Home;
-use crate::hypervisor::{Hypervisor, HypervisorError, Subscription};
+use crate::hypervisor::{Hypervisor, HypervisorError, LifecycleEvent, Subscription};
 use crate::lock::{self, LockError, Mode};
 use crate::names::{self, NameError};
 use crate::pool::{DesktopMove, PoolError, Pools};
@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
@@ -548,13 +549,64 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// [`Engine::move_wave`] while a watcher reads the wave's events: booting a large wave
+    /// takes seconds, and a desktop that crashes meanwhile stops the boots not yet made (the
+    /// soak then acts on it at once). Returns the desktops that moved, the subscription, and
+    /// the events seen meanwhile with when they were seen.
+    #[allow(clippy::type_complexity)]
+    fn move_wave_watched(
+        &mut self,
+        r: &Rollout,
+        k: u32,
+        picks: &BTreeMap<String, Vec<String>>,
+        sub: Subscription,
+        since: SystemTime,
+    ) -> Result<(BTreeMap<String, Vec<String>>, Subscription, Vec<(LifecycleEvent, SystemTime)>)> {
+        let halt = AtomicBool::new(false);
+        let booted = AtomicBool::new(false);
+        let all: Vec<String> = picks.values().flatten().cloned().collect();
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let sub = sub;
+                // The soak's own rules, with no end: only a failure matters here.
+                let until = since + Duration::from_secs(365 * 24 * 3600);
+                let window = health::Window { since, until, agent_grace: AGENT_GRACE };
+                let mut watch = health::Wave::new(window, all.iter().map(|d| (d.clone(), false)));
+                let mut seen = vec![];
+                while !booted.load(Ordering::SeqCst) {
+                    match sub.events.recv_timeout(Duration::from_millis(50)) {
+                        Ok(ev) => {
+                            let now = SystemTime::now();
+                            let event = health::from_lifecycle(&ev.kind, &ev.detail);
+                            if event.is_some_and(|e| watch.observe(&ev.domain, e, ev.at, now)) {
+                                tracing::warn!(desktop = %ev.domain, "a desktop of the wave failed while it booted: no more boots");
+                                halt.store(true, Ordering::SeqCst);
+                            }
+                            seen.push((ev, now));
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        // The soak finds the stream closed and falls back to state checks.
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                (sub, seen)
+            });
+            let moved = self.move_wave(r, k, picks, &halt);
+            booted.store(true, Ordering::SeqCst);
+            let (sub, seen) = watcher.join().expect("the wave's watcher does not panic");
+            moved.map(|m| (m, sub, seen))
+        })
+    }
+
     /// Moves the wave's desktops to the new version and marks them soaking; those given to a
-    /// user meanwhile are marked skipped. Returns the desktops that moved, by pool.
+    /// user meanwhile are marked skipped. Boots stop once `halt` is set. Returns the desktops
+    /// that moved, by pool.
     fn move_wave(
         &mut self,
         r: &Rollout,
         k: u32,
         picks: &BTreeMap<String, Vec<String>>,
+        halt: &AtomicBool,
     ) -> Result<BTreeMap<String, Vec<String>>> {
         let mut picks = picks.clone();
         let moves: Vec<DesktopMove> = picks
@@ -564,7 +616,7 @@ impl<'a> Engine<'a> {
         let actor = self.actor.clone();
         let why = format!("rollout {} wave {}", r.id, k + 1);
         // Every pool's desktops of the wave at once.
-        let moved = self.pools().move_desktops(&moves, true, &actor, &why, rules::Claim::Wave)?;
+        let moved = self.pools().with_halt(halt).move_desktops(&moves, true, &actor, &why, rules::Claim::Wave)?;
         if !moved.failed.is_empty() {
             // A desktop the wave could not boot cannot be soaked: the rollout stops here,
             // halted for the admin (resume or roll back); the catalog knows every move.
@@ -599,11 +651,18 @@ impl<'a> Engine<'a> {
         let sub = self.hv.subscribe("vdim-")?;
         let soak_start = SystemTime::now();
         crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
-        let picks = &self.move_wave(r, k, picks)?;
+        let (picks, sub, early) = self.move_wave_watched(r, k, picks, sub, soak_start)?;
+        let picks = &picks;
         let all: Vec<String> = picks.values().flatten().cloned().collect();
         let agents = self.agent_desktops(picks)?;
         let window = health::Window { since: soak_start, until: SystemTime::now() + soak, agent_grace: AGENT_GRACE };
         let mut wave = health::Wave::new(window, all.iter().map(|d| (d.clone(), agents.contains(d))));
+        // What happened while the wave booted counts as it happened.
+        for (ev, seen) in early {
+            if let Some(event) = health::from_lifecycle(&ev.kind, &ev.detail) {
+                wave.observe(&ev.domain, event, ev.at, seen);
+            }
+        }
         self.soak(&mut wave, window.until, &all, &sub);
         drop(sub);
         let failed: Vec<(String, String, SystemTime, SystemTime)> = match self.await_agents(&mut wave) {

@@ -172,3 +172,42 @@ fn a_failed_waves_desktops_of_every_pool_go_back_at_once() {
         }
     }
 }
+
+/// Runs `vdim args` on a pseudo-terminal (util-linux `script`), as an admin at a console would.
+fn on_a_terminal(t: &LibvirtEnv, args: &[&str]) -> String {
+    let mut line = format!("{} ", env!("CARGO_BIN_EXE_vdim"));
+    line += &args.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" ");
+    let out = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("VDIM_HOME", t.env.home())
+        .env("VDIM_VIRT_TYPE", "qemu")
+        .env_remove("VDIM_CONNECT")
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{args:?} failed: {text}");
+    text
+}
+
+#[test]
+fn on_a_terminal_pool_start_and_stop_show_progress_and_end_with_each_desktop() {
+    let t = LibvirtEnv::new("fleettty");
+    let pool = t.pool_name("p");
+    marker_image(&t.env, "img", "tty-v1");
+    t.create_pool(&pool, "img", "dev", 3, "test-linux", &[]);
+    let all = names(&t, &pool);
+
+    let text = on_a_terminal(&t, &["pool", "start", &pool]);
+    for step in 1..=3 {
+        assert!(text.contains(&format!("started {step}/3 desktops")), "progress {step}/3: {text:?}");
+    }
+    assert!(text.contains(&format!("started (3): {}", all.join(", "))), "each desktop in the summary: {text:?}");
+    let text = on_a_terminal(&t, &["pool", "stop", &pool, "--force"]);
+    assert!(text.contains("stopped 3/3 desktops"), "{text:?}");
+    assert!(text.contains(&format!("stopped (3): {}", all.join(", "))), "{text:?}");
+    // Not on a terminal (and with --json): no progress line, only the report.
+    let r = t.vdim(&["--json", "pool", "start", &pool]);
+    r.assert_success();
+    assert!(!r.stderr().contains("desktops"), "{}", r.stderr());
+    assert_eq!(r.json()["started"].as_array().map(Vec::len), Some(3));
+}

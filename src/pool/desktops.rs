@@ -12,6 +12,7 @@ use crate::profile::Profile;
 use crate::{qcow2, store};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a persistent desktop gets to shut down cleanly before it is stopped hard.
@@ -35,6 +36,8 @@ pub(super) struct Desktops<'a> {
     pub home: &'a Home,
     pub hv: &'a dyn Hypervisor,
     pub progress: &'a dyn Progress,
+    /// Once set, [`Desktops::reset`] boots nothing more.
+    pub halt: Option<&'a AtomicBool>,
 }
 
 impl Desktops<'_> {
@@ -209,9 +212,10 @@ impl Desktops<'_> {
             let uuid = d.uuid.clone().unwrap_or_else(identity::new_uuid);
             self.define(r.pool, profile, &d.name, &uuid, &self.overlay_path(d), d.version)?;
         }
-        if r.boot {
+        let boot = r.boot && !self.halt.is_some_and(|h| h.load(Ordering::SeqCst));
+        if boot {
             self.hv.start(&d.name)?;
         }
-        Ok(r.boot)
+        Ok(boot)
     }
 }

@@ -28,6 +28,7 @@ use serde_json::json;
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -474,11 +475,18 @@ pub struct Pools<'a> {
     pub(crate) hv: &'a dyn Hypervisor,
     profiles: &'a Path,
     progress: &'a dyn Progress,
+    /// Once set, resets stop booting desktops (a rollout wave whose desktop crashed).
+    halt: Option<&'a AtomicBool>,
 }
 
 impl<'a> Pools<'a> {
     pub fn new(home: &'a Home, catalog: &'a mut Catalog, hv: &'a dyn Hypervisor, profiles: &'a Path) -> Pools<'a> {
-        Pools { home, catalog, hv, profiles, progress: &Quiet }
+        Pools { home, catalog, hv, profiles, progress: &Quiet, halt: None }
+    }
+
+    /// Desktops reset from here on are not booted once `halt` is set (they are still reset).
+    pub fn with_halt(self, halt: &'a AtomicBool) -> Pools<'a> {
+        Pools { halt: Some(halt), ..self }
     }
 
     /// Reports desktops done in operations on many of them to `progress`.
@@ -540,7 +548,7 @@ impl<'a> Pools<'a> {
     }
 
     fn desktops(&self) -> Desktops<'_> {
-        Desktops { home: self.home, hv: self.hv, progress: self.progress }
+        Desktops { home: self.home, hv: self.hv, progress: self.progress, halt: self.halt }
     }
 
     /// Boots every desktop of `names` that is not running, all at once.
