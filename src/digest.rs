@@ -28,6 +28,46 @@ pub fn sha256_file(path: &Path, mut on_progress: impl FnMut(u64)) -> std::io::Re
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// A SHA-256 over a file's bytes in order, fed as they stream by: data as read, a sparse
+/// file's holes as the zeros they read as. What a layer's upload sends and its read-back
+/// receives are hashed this way, so neither reads the file twice.
+#[derive(Default)]
+pub struct Running {
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Running {
+    pub fn new() -> Running {
+        Running::default()
+    }
+
+    pub fn data(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.bytes += bytes.len() as u64;
+    }
+
+    /// `n` zero bytes: a hole.
+    pub fn zeros(&mut self, mut n: u64) {
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        while n > 0 {
+            let take = n.min(ZEROS.len() as u64) as usize;
+            self.data(&ZEROS[..take]);
+            n -= take as u64;
+        }
+    }
+
+    /// Bytes hashed so far, holes included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The hex digest.
+    pub fn finish(self) -> String {
+        hex::encode(self.hasher.finalize())
+    }
+}
+
 pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -46,5 +86,21 @@ mod tests {
         assert!(is_digest(&d));
         std::fs::write(&p, b"abb").unwrap();
         assert_ne!(sha256_file(&p, |_| {}).unwrap(), d);
+    }
+
+    #[test]
+    fn a_running_hash_with_holes_as_zeros_equals_the_file_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut bytes = vec![0u8; 200_000];
+        bytes[..3].copy_from_slice(b"abc");
+        bytes[199_999] = 7;
+        std::fs::write(&p, &bytes).unwrap();
+        let mut r = Running::new();
+        r.data(b"abc");
+        r.zeros(199_996);
+        r.data(&[7]);
+        assert_eq!(r.bytes(), 200_000);
+        assert_eq!(r.finish(), sha256_file(&p, |_| {}).unwrap());
     }
 }
