@@ -5,6 +5,8 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
 
 const BUF: usize = 1 << 20;
 
@@ -29,8 +31,8 @@ pub fn sha256_file(path: &Path, mut on_progress: impl FnMut(u64)) -> std::io::Re
 }
 
 /// A SHA-256 over a file's bytes in order, fed as they stream by: data as read, a sparse
-/// file's holes as the zeros they read as. What a layer's upload sends and its read-back
-/// receives are hashed this way, so neither reads the file twice.
+/// file's holes as the zeros they read as. A layer read back from a host is hashed this way
+/// as it arrives, never stored.
 #[derive(Default)]
 pub struct Running {
     hasher: Sha256,
@@ -68,6 +70,68 @@ impl Running {
     }
 }
 
+/// A [`Running`] hash on a thread of its own, fed through a bounded queue, so the caller's
+/// I/O (a stream's send or receive) and the hashing overlap: on these machines hashing a 1 GiB
+/// sparse layer's holes costs as long as sending its data.
+pub struct Background {
+    tx: Option<SyncSender<Piece>>,
+    hasher: Option<JoinHandle<String>>,
+}
+
+enum Piece {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+/// Pieces queued at most: 64 stream chunks, about 16 MiB.
+const QUEUED: usize = 64;
+
+impl Background {
+    pub fn start() -> Background {
+        let (tx, rx) = sync_channel::<Piece>(QUEUED);
+        let hasher = std::thread::Builder::new()
+            .name("vdim-sha256".into())
+            .spawn(move || {
+                let mut r = Running::new();
+                for piece in rx {
+                    match piece {
+                        Piece::Data(d) => r.data(&d),
+                        Piece::Zeros(n) => r.zeros(n),
+                    }
+                }
+                r.finish()
+            })
+            .expect("the OS starts a thread");
+        Background { tx: Some(tx), hasher: Some(hasher) }
+    }
+
+    fn send(&self, piece: Piece) {
+        // The hasher only ends when the queue closes, so it is there to receive.
+        let _ = self.tx.as_ref().map(|tx| tx.send(piece));
+    }
+
+    pub fn data(&self, bytes: Vec<u8>) {
+        self.send(Piece::Data(bytes));
+    }
+
+    pub fn zeros(&self, n: u64) {
+        self.send(Piece::Zeros(n));
+    }
+
+    /// The hex digest of everything fed, once the hasher has caught up.
+    pub fn finish(mut self) -> String {
+        self.tx.take();
+        self.hasher.take().map(|h| h.join().expect("the hasher does not panic")).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // Abandoned (an I/O error): close the queue; the thread ends on its own.
+        self.tx.take();
+    }
+}
+
 pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -102,5 +166,10 @@ mod tests {
         r.data(&[7]);
         assert_eq!(r.bytes(), 200_000);
         assert_eq!(r.finish(), sha256_file(&p, |_| {}).unwrap());
+        let b = Background::start();
+        b.data(b"abc".to_vec());
+        b.zeros(199_996);
+        b.data(vec![7]);
+        assert_eq!(b.finish(), sha256_file(&p, |_| {}).unwrap());
     }
 }

@@ -493,17 +493,6 @@ impl Replicator<'_> {
             };
             upload_seconds += t.elapsed().as_secs_f64();
             bytes_sent += up.bytes_sent;
-            if up.sha256 != digest {
-                // What was sent is not the layer: the local file is damaged. No retry helps.
-                let _ = hv.delete_volume(pool, &name);
-                let e = ReplicaError::LocalCorrupt {
-                    uri: hv.uri().into(),
-                    digest: digest.into(),
-                    path: layer.path.clone(),
-                    found: up.sha256,
-                };
-                return failed(&e, quarantined);
-            }
             let (sha256, secs) = match read_back(hv, pool, digest, up.length, self.progress) {
                 Ok(r) => r,
                 // Unverified, so it does not count; the next replicate reads it back again.
@@ -520,6 +509,25 @@ impl Replicator<'_> {
                     attempts: attempt,
                     quarantined,
                 };
+            }
+            // Wrong on the host. Only now is the local file hashed (a copy that reads back
+            // right needs no local hash): if it is what is damaged, no upload can help.
+            match digest::sha256_file(&layer.path, |_| {}) {
+                Ok(local) if local != digest => {
+                    let _ = self.quarantine(layer, BadCopy::Digest { sha256 }, &mut quarantined);
+                    let e = ReplicaError::LocalCorrupt {
+                        uri: hv.uri().into(),
+                        digest: digest.into(),
+                        path: layer.path.clone(),
+                        found: local,
+                    };
+                    return failed(&e, quarantined);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = hv.delete_volume(pool, &name);
+                    return failed(&local_error(layer, e), quarantined);
+                }
             }
             found = sha256.clone();
             if let Err(e) = self.quarantine(layer, BadCopy::Digest { sha256 }, &mut quarantined) {

@@ -133,8 +133,6 @@ pub struct Upload {
     pub bytes_sent: u64,
     /// The volume's length (the local file's).
     pub length: u64,
-    /// SHA-256 of the local file as it was read for sending (holes as zeros).
-    pub sha256: String,
 }
 
 /// A volume read back from its host.

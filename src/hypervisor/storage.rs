@@ -28,7 +28,7 @@ use virt::sys;
 use super::sparse::{self, Extent};
 use super::xml::{self, element_text, find_elements, Writer};
 use super::{HypervisorError, StorageRef, Upload, Volume, VolumeDigest};
-use crate::digest::Running;
+use crate::digest::Background;
 
 /// Bytes per stream call: libvirt's own (`VIR_NET_MESSAGE_LEGACY_PAYLOAD_MAX`, what
 /// `virStreamSendAll` uses), which every daemon accepts.
@@ -194,14 +194,12 @@ impl Host<'_> {
                 self.volume_error("create", volume, e.message().into())
             }
         })?;
-        let mut hash = Running::new();
-        hash.data(&head);
         let mut sent = 0u64;
         let result = (|| -> Result<(), Fail> {
             if length > head.len() as u64 {
                 let body_len = length - head.len() as u64;
                 stream_to(conn, &vol, head.len() as u64, body_len, true, |st| {
-                    send_extents(st, &file, &body, &mut hash, &mut sent, progress)
+                    send_extents(st, &file, &body, &mut sent, progress)
                 })?;
             }
             if !head.is_empty() {
@@ -212,7 +210,7 @@ impl Host<'_> {
             Ok(())
         })();
         match result {
-            Ok(()) => Ok(Upload { bytes_sent: sent, length, sha256: hash.finish() }),
+            Ok(()) => Ok(Upload { bytes_sent: sent, length }),
             Err(fail) => {
                 // A volume no upload finished is never left behind by a failure vdim sees.
                 if let Err(e) = vol.delete(0) {
@@ -238,26 +236,30 @@ impl Host<'_> {
         let fail = |e: virt::error::Error| self.volume_error("read back", volume, e.message().into());
         let st = Stream::new(conn, 0).map_err(fail)?;
         vol.download(&st, 0, 0, sys::VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM).map_err(fail)?;
-        let mut hash = Running::new();
-        let mut received = 0u64;
-        let mut buf = vec![0u8; CHUNK];
+        let hash = Background::start();
+        let (mut length, mut received) = (0u64, 0u64);
         loop {
+            let mut buf = vec![0u8; CHUNK];
             match recv(&st, &mut buf) {
                 Ok(Received::End) => break,
                 Ok(Received::Data(n)) => {
-                    hash.data(&buf[..n]);
-                    received += n as u64;
+                    buf.truncate(n);
+                    hash.data(buf);
+                    (length, received) = (length + n as u64, received + n as u64);
                 }
-                Ok(Received::Hole(len)) => hash.zeros(len),
+                Ok(Received::Hole(len)) => {
+                    hash.zeros(len);
+                    length += len;
+                }
                 Err(e) => {
                     let _ = st.abort();
                     return Err(fail(e));
                 }
             }
-            progress(hash.bytes());
+            progress(length);
         }
         st.finish().map_err(fail)?;
-        Ok(VolumeDigest { length: hash.bytes(), sha256: hash.finish(), bytes_received: received })
+        Ok(VolumeDigest { length, sha256: hash.finish(), bytes_received: received })
     }
 
     pub(super) fn delete(&self, conn: &Connect, volume: &str) -> Result<(), HypervisorError> {
@@ -318,23 +320,18 @@ fn send_extents(
     st: &Stream,
     file: &File,
     extents: &[Extent],
-    hash: &mut Running,
     sent: &mut u64,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), Fail> {
     let mut buf = vec![0u8; CHUNK];
     for extent in extents {
         match *extent {
-            Extent::Hole { len } => {
-                send_hole(st, len)?;
-                hash.zeros(len);
-            }
+            Extent::Hole { len } => send_hole(st, len)?,
             Extent::Data { offset, len } => {
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(CHUNK as u64) as usize;
                     file.read_exact_at(&mut buf[..n], offset + done).map_err(Fail::Local)?;
-                    hash.data(&buf[..n]);
                     send_all(st, &buf[..n])?;
                     done += n as u64;
                     *sent += n as u64;
