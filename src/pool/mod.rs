@@ -1117,13 +1117,14 @@ impl<'a> Pools<'a> {
         }
         let ds = self.desktops();
         let mut done = Done::default();
-        let drives = ds.each(&resets, "drives built", |r| {
+        let with_drive: Vec<&Reset> = resets.iter().filter(|r| r.pool.identity.is_some()).collect();
+        let drives = ds.each(&with_drive, "drives built", |r| {
             let d = &r.desktop;
             ds.write_config_drive(r.pool, d.index, &d.name, d.uuid.as_deref()).map(|()| false).map_err(|e| {
                 PoolError::Drive { desktop: d.name.clone(), pool: r.pool.name.clone(), source: Box::new(e) }
             })
         });
-        let names: Vec<String> = resets.iter().map(|r| r.desktop.name.clone()).collect();
+        let names: Vec<String> = with_drive.iter().map(|r| r.desktop.name.clone()).collect();
         done.add(Done::of(&names, drives));
         resets.retain(|r| !done.failed.iter().any(|(n, _)| *n == r.desktop.name));
         let overlays: Vec<(PathBuf, String, u64)> =
