@@ -86,11 +86,11 @@ impl TestHost {
         host
     }
 
-    /// A free 10.77.N.0/24 with a network namespace and veth pair of this test's own.
+    /// A free 10.77.N.0/24 with a network namespace and veth pair of this test's own. N is
+    /// above 200: 1..=200 are `scripts/fake-hosts`' (see hosts.rs).
     fn claim() -> TestHost {
-        let first = 20 + std::process::id() % 200;
-        for i in 0..230 {
-            let n = (first + i) % 250 + 1;
+        for i in 0..50 {
+            let n = 201 + (std::process::id() + i) % 50;
             let addrs = String::from_utf8_lossy(&run("ip", &["-o", "-4", "addr", "show"]).stdout).into_owned();
             if addrs.contains(&format!(" 10.77.{n}.")) {
                 continue;
