@@ -41,7 +41,13 @@ impl TestHost {
         for d in ["run", "lib", "cache", "log", "etc"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        ok("cp", &["-a", "/etc/libvirt/.", root.join("etc").to_str().unwrap()]);
+        // The daemons' settings only: not the system daemon's domain, network or storage definitions.
+        for e in std::fs::read_dir("/etc/libvirt").unwrap().flatten() {
+            let name = e.file_name();
+            if e.path().is_file() && name.to_string_lossy().ends_with(".conf") {
+                std::fs::copy(e.path(), root.join("etc").join(&name)).unwrap();
+            }
+        }
         let conf = root.join("etc/qemu.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
         // No virtlogd and no cgroups inside the namespace.
