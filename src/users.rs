@@ -411,9 +411,19 @@ pub struct RemovedUser {
     pub kept_desktops: Vec<String>,
 }
 
-/// Logoffs (release + reset) run one at a time in a process, so a session is never released
-/// twice (by a DELETE and the reaper at once).
+/// Logoffs (release + reset) run one batch at a time in a process, so a session is never
+/// released twice (by a DELETE and the reaper at once).
 static FINISHING: Mutex<()> = Mutex::new(());
+
+/// Where a logoff stands after its first step.
+enum Finish {
+    /// Released before (by another logoff).
+    Already,
+    /// Nothing to reset: kept (persistent, up to date) or not this user's any more.
+    Nothing(&'static str),
+    /// Released: its reset (when due) is in the batch.
+    Released { desktop: String, pool: String, persistent: bool, reset: bool },
+}
 
 /// The reaper leaves a logoff begun by another process (`vdim user remove`) to that process
 /// for this long, so the two never release the same desktop at once.
@@ -677,40 +687,96 @@ impl<'a> Sessions<'a> {
 
     /// Completes the logoff of an ended session, once.
     fn finish(&mut self, s: &Session, actor: &Actor) -> Result<&'static str> {
+        self.finish_all(std::slice::from_ref(s), actor).pop().expect("one outcome per session")
+    }
+
+    /// Completes the logoffs of ended sessions, once each: every release recorded first, then
+    /// all their desktops reset in one batch (the end of a shift logs hundreds off at once),
+    /// then each session marked released. One whose reset failed stays unreleased: the
+    /// reaper retries it. Outcomes in the sessions' order.
+    fn finish_all(&mut self, sessions: &[Session], actor: &Actor) -> Vec<Result<&'static str>> {
         let _one_at_a_time = FINISHING.lock().unwrap_or_else(|p| p.into_inner());
+        let mut steps: Vec<Result<Finish>> = sessions.iter().map(|s| self.release_of(s, actor)).collect();
+        let mut pools: Vec<String> = steps
+            .iter()
+            .filter_map(|st| match st {
+                Ok(Finish::Released { pool, .. }) => Some(pool.clone()),
+                _ => None,
+            })
+            .collect();
+        pools.sort();
+        pools.dedup();
+        let mut failed = match self.pools.heal_many(&pools) {
+            Ok(done) => done.failed,
+            Err(e) => {
+                // Nothing was reset: every released desktop's logoff is retried.
+                let failure = crate::fleet::Failure::new("", &e);
+                for st in steps.iter_mut().filter(|st| matches!(st, Ok(Finish::Released { .. }))) {
+                    let Ok(Finish::Released { desktop, .. }) = st else { continue };
+                    let f = crate::fleet::Failure { desktop: desktop.clone(), ..failure.clone() };
+                    *st = Err(PoolError::Desktops { failed: vec![f] }.into());
+                }
+                vec![]
+            }
+        };
+        sessions
+            .iter()
+            .zip(steps)
+            .map(|(s, st)| {
+                let outcome = match st? {
+                    Finish::Already => return Ok("done"),
+                    Finish::Nothing(outcome) => outcome,
+                    Finish::Released { desktop, persistent, reset, .. } => {
+                        if let Some(i) = failed.iter().position(|(d, _)| *d == desktop) {
+                            return Err(failed.swap_remove(i).1.into());
+                        }
+                        if persistent {
+                            // Moved to its new version (wiped): still this user's own desktop.
+                            let user = s.user.clone();
+                            self.catalog().write(|tx| -> Result<()> {
+                                let d = tx.desktop(&desktop)?;
+                                if let Some(d) = d.filter(|d| d.assigned_to.is_none() && !d.needs_reset) {
+                                    tx.assign(d.id, &user)?;
+                                }
+                                Ok(())
+                            })?;
+                        }
+                        if reset {
+                            "done"
+                        } else {
+                            "kept"
+                        }
+                    }
+                };
+                self.catalog().write(|tx| tx.mark_released(&s.id))?;
+                Ok(outcome)
+            })
+            .collect()
+    }
+
+    /// A logoff's first step: what its desktop needs, the release recorded when it needs one.
+    fn release_of(&mut self, s: &Session, actor: &Actor) -> Result<Finish> {
         let (current, desktop, pool, other) = self.catalog().read(|tx| -> Result<_> {
             Ok((tx.session(&s.id)?, tx.desktop(&s.desktop)?, tx.pool(&s.pool)?, tx.open_session_on(&s.desktop)?))
         })?;
         if current.is_none_or(|c| c.released.is_some()) {
-            return Ok("done");
+            return Ok(Finish::Already);
         }
-        let outcome = match (desktop, pool) {
+        match (desktop, pool) {
             (Some(d), Some(p)) if d.assigned_to.as_deref() == Some(s.user.as_str()) && other.is_none() => {
                 if p.persistent && d.target.is_none() && !d.needs_reset {
-                    "kept"
-                } else {
-                    let r: Release = self.pools.release(&d.name, actor)?;
-                    if p.persistent {
-                        // Moved to its new version (wiped): still this user's own desktop.
-                        let user = s.user.clone();
-                        self.catalog().write(|tx| -> Result<()> {
-                            if tx.desktop(&d.name)?.is_some_and(|d| d.assigned_to.is_none() && !d.needs_reset) {
-                                tx.assign(d.id, &user)?;
-                            }
-                            Ok(())
-                        })?;
-                    }
-                    if r.reset || d.needs_reset {
-                        "done"
-                    } else {
-                        "kept"
-                    }
+                    return Ok(Finish::Nothing("kept"));
                 }
+                let (pool, r): (String, Release) = self.pools.release_recorded(&d.name, actor)?;
+                Ok(Finish::Released {
+                    desktop: d.name,
+                    pool,
+                    persistent: p.persistent,
+                    reset: r.reset || d.needs_reset,
+                })
             }
-            _ => "none",
-        };
-        self.catalog().write(|tx| tx.mark_released(&s.id))?;
-        Ok(outcome)
+            _ => Ok(Finish::Nothing("none")),
+        }
     }
 
     /// Ends expired sessions and sessions whose desktop was given back without the broker,
@@ -772,8 +838,9 @@ impl<'a> Sessions<'a> {
         let before = rfc3339(SystemTime::now() - grace);
         let mine = |s: &Session| out.ended.contains(&s.id) || s.ended.as_deref().is_some_and(|e| e <= before.as_str());
         let todo: Vec<Session> = self.catalog().read(|tx| tx.unreleased_sessions())?.into_iter().filter(mine).collect();
-        for s in todo {
-            match self.finish(&s, actor) {
+        let outcomes = self.finish_all(&todo, actor);
+        for (s, r) in todo.into_iter().zip(outcomes) {
+            match r {
                 Ok(_) => out.finished.push(s.id),
                 Err(e) => {
                     tracing::warn!(session = %s.id, desktop = %s.desktop, error = %e, "logoff failed; retrying later");

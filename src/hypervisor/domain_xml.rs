@@ -637,7 +637,7 @@ mod tests {
         for needle in [
             "<kernel>/var/cache/vdim/test-guest/vmlinux</kernel>",
             "<initrd>/var/cache/vdim/test-guest/initrd.img</initrd>",
-            "<cmdline>console=ttyS0 panic=0 quiet</cmdline>",
+            "<cmdline>console=ttyS0 panic=0 quiet no_timer_check</cmdline>",
             "<type arch='x86_64' machine='pc'>hvm</type>",
             "<serial type='file'>",
             "<source path='/var/log/vdim/vdim-finance-001.serial.log'/>",

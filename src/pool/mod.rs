@@ -1117,13 +1117,14 @@ impl<'a> Pools<'a> {
         }
         let ds = self.desktops();
         let mut done = Done::default();
-        let drives = ds.each(&resets, "drives built", |r| {
+        let with_drive: Vec<&Reset> = resets.iter().filter(|r| r.pool.identity.is_some()).collect();
+        let drives = ds.each(&with_drive, "drives built", |r| {
             let d = &r.desktop;
             ds.write_config_drive(r.pool, d.index, &d.name, d.uuid.as_deref()).map(|()| false).map_err(|e| {
                 PoolError::Drive { desktop: d.name.clone(), pool: r.pool.name.clone(), source: Box::new(e) }
             })
         });
-        let names: Vec<String> = resets.iter().map(|r| r.desktop.name.clone()).collect();
+        let names: Vec<String> = with_drive.iter().map(|r| r.desktop.name.clone()).collect();
         done.add(Done::of(&names, drives));
         resets.retain(|r| !done.failed.iter().any(|(n, _)| *n == r.desktop.name));
         let overlays: Vec<(PathBuf, String, u64)> =
@@ -1305,6 +1306,20 @@ impl<'a> Pools<'a> {
     /// Logoff: the desktop is wiped (non-persistent) and moved where it is due, before
     /// anyone can get it again.
     pub fn release(&mut self, desktop: &str, actor: &Actor) -> Result<rules::Release> {
+        let (pool_name, release) = self.release_recorded(desktop, actor)?;
+        let _l = self.lock_pool(&pool_name)?;
+        // The released desktop's own reset: a failure is this command's error.
+        let done = self.heal_pools(std::slice::from_ref(&pool_name), &[])?;
+        if let Some((_, e)) = done.failed.into_iter().find(|(d, _)| d == desktop) {
+            return Err(e);
+        }
+        Ok(release)
+    }
+
+    /// The catalog half of a logoff: the desktop unassigned and, when due, marked for its
+    /// reset (which [`Pools::heal_many`] carries out, for many logoffs at once). Returns its
+    /// pool and what the release decided.
+    pub(crate) fn release_recorded(&mut self, desktop: &str, actor: &Actor) -> Result<(String, rules::Release)> {
         let pool_name = self.catalog.read(|tx| -> Result<String> {
             let d = tx.desktop(desktop)?.ok_or_else(|| PoolError::DesktopNotFound(desktop.to_string()))?;
             Ok(tx.pools()?.into_iter().find(|p| p.id == d.pool_id).map(|p| p.name).unwrap_or_default())
@@ -1329,12 +1344,13 @@ impl<'a> Pools<'a> {
             })?;
             Ok(r)
         })?;
-        // The released desktop's own reset: a failure is this command's error.
-        let done = self.heal_pools(std::slice::from_ref(&pool_name), &[])?;
-        if let Some((_, e)) = done.failed.into_iter().find(|(d, _)| d == desktop) {
-            return Err(e);
-        }
-        Ok(release)
+        Ok((pool_name, release))
+    }
+
+    /// Every pending reset of these pools, in one batch (many logoffs at once).
+    pub(crate) fn heal_many(&mut self, names: &[String]) -> Result<Done> {
+        let _locks = self.lock_pools(names)?;
+        self.heal_pools(names, &[])
     }
 
     // ---- resize / delete -------------------------------------------------------------------

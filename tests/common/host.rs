@@ -41,7 +41,13 @@ impl TestHost {
         for d in ["run", "lib", "cache", "log", "etc"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        ok("cp", &["-a", "/etc/libvirt/.", root.join("etc").to_str().unwrap()]);
+        // The daemons' settings only: not the system daemon's domain, network or storage definitions.
+        for e in std::fs::read_dir("/etc/libvirt").unwrap().flatten() {
+            let name = e.file_name();
+            if e.path().is_file() && name.to_string_lossy().ends_with(".conf") {
+                std::fs::copy(e.path(), root.join("etc").join(&name)).unwrap();
+            }
+        }
         let conf = root.join("etc/qemu.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
         // No virtlogd and no cgroups inside the namespace.
@@ -86,11 +92,11 @@ impl TestHost {
         host
     }
 
-    /// A free 10.77.N.0/24 with a network namespace and veth pair of this test's own.
+    /// A free 10.77.N.0/24 with a network namespace and veth pair of this test's own. N is
+    /// above 200: 1..=200 are `scripts/fake-hosts`' (see hosts.rs).
     fn claim() -> TestHost {
-        let first = 20 + std::process::id() % 200;
-        for i in 0..230 {
-            let n = (first + i) % 250 + 1;
+        for i in 0..50 {
+            let n = 201 + (std::process::id() + i) % 50;
             let addrs = String::from_utf8_lossy(&run("ip", &["-o", "-4", "addr", "show"]).stdout).into_owned();
             if addrs.contains(&format!(" 10.77.{n}.")) {
                 continue;

@@ -4,6 +4,7 @@
 
 pub mod efi;
 pub mod host;
+pub mod hosts;
 pub mod serve;
 pub mod viewer;
 
