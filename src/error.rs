@@ -112,6 +112,7 @@ fn kind_of_one(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         crate::users::UserError,
         crate::pool::PoolError,
         crate::store::StoreError,
+        crate::replica::ReplicaError,
         crate::catalog::CatalogError,
         crate::lock::LockError,
         crate::names::NameError,

@@ -5,17 +5,23 @@
 //! events to subscribers the way libvirt does (started, stopped, crashed, rebooted), and lets
 //! a test decide how a guest behaves when it boots ([`Boot`], chosen by the layer its disk is
 //! backed by, as the real test guest's disk marker does), inject events, and fail chosen calls.
+//! Its storage pools keep volumes in memory; a test can flip a byte of a stored volume or of
+//! the next upload, or leave a volume as a crashed upload would.
 //!
 //! Compiled for unit tests and under the `fake` feature only: the shipped binary has no fake
 //! hypervisor in it, and nothing can select one by accident.
 
+use super::sparse::{self, Extent};
 use super::xml::{cdrom, element_text, find_elements};
 use super::{
     DomainState, GraphicsEndpoint, GraphicsKind, Hypervisor, HypervisorError, LifecycleEvent, LifecycleKind,
-    Subscription,
+    StorageRef, Subscription, Upload, Volume, VolumeDigest,
 };
+use crate::digest::Running;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Mutex, MutexGuard};
@@ -39,17 +45,34 @@ pub enum Op {
     Subscribe,
     SpiceTls,
     EjectMedia,
+    EnsureStoragePool,
+    StorageVolumes,
+    UploadVolume,
+    VolumeSha256,
+    DeleteVolume,
 }
 
 impl Op {
-    /// Calls that change a domain (the others only read).
+    /// Calls that change a domain or a volume (the others only read).
     pub fn changes(self) -> bool {
-        matches!(self, Op::Define | Op::Start | Op::Shutdown | Op::Destroy | Op::Undefine | Op::EjectMedia)
+        matches!(
+            self,
+            Op::Define
+                | Op::Start
+                | Op::Shutdown
+                | Op::Destroy
+                | Op::Undefine
+                | Op::EjectMedia
+                | Op::EnsureStoragePool
+                | Op::UploadVolume
+                | Op::DeleteVolume
+        )
     }
 }
 
-/// One recorded call: the domain (the prefix for `List` and `Subscribe`) and, for `Start`,
-/// the backing file of the domain's disk at that moment (what the guest boots).
+/// One recorded call: the domain (the prefix for `List` and `Subscribe`, the storage pool for
+/// `EnsureStoragePool` and `StorageVolumes`, the volume for the other volume calls) and, for
+/// `Start`, the backing file of the domain's disk at that moment (what the guest boots).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
     pub op: Op,
@@ -83,6 +106,20 @@ struct Domain {
     passwords: BTreeMap<&'static str, String>,
 }
 
+/// A storage pool: its directory (named only) and its volumes' bytes.
+#[derive(Debug, Default)]
+struct StoragePool {
+    path: PathBuf,
+    volumes: BTreeMap<String, StoredVolume>,
+}
+
+#[derive(Debug)]
+struct StoredVolume {
+    bytes: Vec<u8>,
+    /// The data bytes it was uploaded with (holes take no room).
+    allocation: u64,
+}
+
 #[derive(Default)]
 struct Inner {
     domains: BTreeMap<String, Domain>,
@@ -93,6 +130,9 @@ struct Inner {
     subscribers: Vec<(String, Sender<LifecycleEvent>)>,
     /// How long each call of an op takes (outside the lock, as libvirt's own work would).
     latency: BTreeMap<Op, Duration>,
+    storage: BTreeMap<String, StoragePool>,
+    /// Volumes whose next upload arrives with a byte flipped at this offset.
+    corrupt_uploads: Vec<(String, u64)>,
 }
 
 impl Inner {
@@ -175,6 +215,19 @@ impl FakeHypervisor {
         Ok(inner)
     }
 
+    /// As [`Self::call`] for a call on a volume of a storage pool: an injected failure names
+    /// the host, the storage pool and the volume, as libvirt's do.
+    fn volume_call(&self, op: Op, pool: &str, volume: &str) -> Result<MutexGuard<'_, Inner>, HypervisorError> {
+        self.call(op, volume).map_err(|e| HypervisorError::Storage {
+            at: StorageRef::volume(FAKE_URI, pool, volume),
+            op: "do (injected failure)",
+            message: match e {
+                HypervisorError::Libvirt { message, .. } => message,
+                other => other.to_string(),
+            },
+        })
+    }
+
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()
@@ -225,12 +278,68 @@ impl FakeHypervisor {
         self.lock().domains.get(domain).and_then(|d| d.passwords.get(kind.as_str()).cloned())
     }
 
+    /// The bytes of a stored volume.
+    pub fn volume_bytes(&self, pool: &str, volume: &str) -> Option<Vec<u8>> {
+        self.lock().storage.get(pool).and_then(|p| p.volumes.get(volume)).map(|v| v.bytes.clone())
+    }
+
+    /// Flips the byte at `offset` of a stored volume, as a failing disk would.
+    pub fn corrupt_volume(&self, pool: &str, volume: &str, offset: usize) {
+        let mut inner = self.lock();
+        let v = inner.storage.get_mut(pool).and_then(|p| p.volumes.get_mut(volume)).expect("a stored volume");
+        v.bytes[offset] ^= 0xff;
+    }
+
+    /// The next upload of `volume` arrives with the byte at `offset` flipped, as a bad
+    /// network or disk would deliver it (once per call).
+    pub fn corrupt_next_upload(&self, volume: &str, offset: u64) {
+        self.lock().corrupt_uploads.push((volume.into(), offset));
+    }
+
+    /// Puts a volume into a storage pool as something other than vdim left it (a crashed
+    /// upload, another tool).
+    pub fn put_volume(&self, pool: &str, volume: &str, bytes: Vec<u8>) {
+        let mut inner = self.lock();
+        let p = inner.storage.get_mut(pool).expect("an ensured storage pool");
+        let allocation = bytes.len() as u64;
+        p.volumes.insert(volume.into(), StoredVolume { bytes, allocation });
+    }
+
+    fn storage_pool<'a>(
+        inner: &'a mut Inner,
+        pool: &str,
+        op: &'static str,
+    ) -> Result<&'a mut StoragePool, HypervisorError> {
+        inner.storage.get_mut(pool).ok_or_else(|| HypervisorError::Storage {
+            at: StorageRef::pool(FAKE_URI, pool),
+            op,
+            message: format!("Storage pool not found: no storage pool with matching name '{pool}'"),
+        })
+    }
+
     fn running(inner: &mut Inner, name: &str, op: &'static str) -> Result<(), HypervisorError> {
         match inner.domain(name)?.state {
             DomainState::Running => Ok(()),
             _ => Err(HypervisorError::Libvirt { op, domain: name.into(), message: "domain is not running".into() }),
         }
     }
+}
+
+const FAKE_URI: &str = "fake:///";
+
+/// The local file's bytes (holes read as zeros) and the data bytes a sparse upload sends.
+fn read_sparse(path: &Path) -> std::io::Result<(Vec<u8>, u64)> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut bytes = vec![0u8; len as usize];
+    let mut data = 0;
+    for e in sparse::extents(&file, 0, len)? {
+        if let Extent::Data { offset, len } = e {
+            file.read_exact_at(&mut bytes[offset as usize..(offset + len) as usize], offset)?;
+            data += len;
+        }
+    }
+    Ok((bytes, data))
 }
 
 /// The backing file named by the header of a domain's first qcow2 disk.
@@ -245,7 +354,7 @@ pub fn disk_backing(xml: &str) -> Option<String> {
 
 impl Hypervisor for FakeHypervisor {
     fn uri(&self) -> &str {
-        "fake:///"
+        FAKE_URI
     }
 
     fn parallel(&self) -> usize {
@@ -439,6 +548,87 @@ impl Hypervisor for FakeHypervisor {
         inner.subscribers.push((prefix.into(), tx));
         Ok(Subscription { events, prefix: prefix.into(), _registration: None })
     }
+
+    fn ensure_storage_pool(&self, pool: &str, path: &Path) -> Result<(), HypervisorError> {
+        let mut inner = self.call(Op::EnsureStoragePool, pool)?;
+        let p =
+            inner.storage.entry(pool.into()).or_insert_with(|| StoragePool { path: path.into(), ..Default::default() });
+        if p.path != path {
+            return Err(HypervisorError::StoragePoolElsewhere {
+                at: StorageRef::pool(FAKE_URI, pool),
+                found: format!("a dir pool at {}", p.path.display()),
+                wanted: path.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn storage_volumes(&self, pool: &str) -> Result<Vec<Volume>, HypervisorError> {
+        let mut inner = self.call(Op::StorageVolumes, pool)?;
+        let p = Self::storage_pool(&mut inner, pool, "find")?;
+        Ok(p.volumes
+            .iter()
+            .map(|(name, v)| Volume {
+                name: name.clone(),
+                capacity: v.bytes.len() as u64,
+                allocation: v.allocation,
+                physical: v.bytes.len() as u64,
+            })
+            .collect())
+    }
+
+    fn upload_volume(
+        &self,
+        pool: &str,
+        volume: &str,
+        source: &Path,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Upload, HypervisorError> {
+        let mut inner = self.volume_call(Op::UploadVolume, pool, volume)?;
+        let p = Self::storage_pool(&mut inner, pool, "find")?;
+        if p.volumes.contains_key(volume) {
+            return Err(HypervisorError::VolumeExists { at: StorageRef::volume(FAKE_URI, pool, volume) });
+        }
+        let (mut bytes, data) = read_sparse(source).map_err(|source_error| HypervisorError::LocalFile {
+            at: StorageRef::volume(FAKE_URI, pool, volume),
+            path: source.into(),
+            source: source_error,
+        })?;
+        progress(data);
+        if let Some(i) = inner.corrupt_uploads.iter().position(|(v, _)| v == volume) {
+            let (_, at) = inner.corrupt_uploads.remove(i);
+            bytes[at as usize] ^= 0xff;
+        }
+        let length = bytes.len() as u64;
+        let p = Self::storage_pool(&mut inner, pool, "find")?;
+        p.volumes.insert(volume.into(), StoredVolume { bytes, allocation: data });
+        Ok(Upload { bytes_sent: data, length })
+    }
+
+    fn volume_sha256(
+        &self,
+        pool: &str,
+        volume: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VolumeDigest, HypervisorError> {
+        let mut inner = self.volume_call(Op::VolumeSha256, pool, volume)?;
+        let p = Self::storage_pool(&mut inner, pool, "find")?;
+        let v = p.volumes.get(volume).ok_or_else(|| HypervisorError::Storage {
+            at: StorageRef::volume(FAKE_URI, pool, volume),
+            op: "find",
+            message: format!("Storage volume not found: no storage vol with matching name '{volume}'"),
+        })?;
+        let mut hash = Running::new();
+        hash.data(&v.bytes);
+        progress(hash.bytes());
+        Ok(VolumeDigest { length: hash.bytes(), sha256: hash.finish(), bytes_received: v.allocation })
+    }
+
+    fn delete_volume(&self, pool: &str, volume: &str) -> Result<(), HypervisorError> {
+        let mut inner = self.volume_call(Op::DeleteVolume, pool, volume)?;
+        Self::storage_pool(&mut inner, pool, "find")?.volumes.remove(volume);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -498,6 +688,41 @@ mod tests {
         drop(sub);
         hv.inject("vdim-a-001", LifecycleKind::Rebooted, "");
         assert!(hv.lock().subscribers.is_empty(), "a dropped subscription is forgotten");
+    }
+
+    #[test]
+    fn volumes_are_kept_in_memory_and_a_flipped_byte_changes_their_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("layer");
+        let f = File::create(&src).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(b"QFI\xfb", 0).unwrap();
+        let hv = FakeHypervisor::new();
+        let pools = dir.path().join("pool");
+        assert!(matches!(hv.storage_volumes("layers"), Err(HypervisorError::Storage { .. })));
+        hv.ensure_storage_pool("layers", &pools).expect("ensure");
+        hv.ensure_storage_pool("layers", &pools).expect("ensure again");
+        let e = hv.ensure_storage_pool("layers", Path::new("/elsewhere")).expect_err("another path");
+        assert!(e.to_string().contains("/elsewhere") && e.to_string().contains("layers"), "{e}");
+
+        let up = hv.upload_volume("layers", "a.qcow2", &src, &mut |_| {}).expect("upload");
+        assert_eq!(up.length, 1 << 20);
+        assert!(up.bytes_sent < 1 << 20, "sparse: only the data travels ({})", up.bytes_sent);
+        let e = hv.upload_volume("layers", "a.qcow2", &src, &mut |_| {}).expect_err("exists");
+        assert!(matches!(e, HypervisorError::VolumeExists { .. }), "{e}");
+        let good = hv.volume_sha256("layers", "a.qcow2", &mut |_| {}).expect("read back");
+        assert_eq!(good.sha256, crate::digest::sha256_file(&src, |_| {}).unwrap());
+        hv.corrupt_volume("layers", "a.qcow2", 12345);
+        assert_ne!(hv.volume_sha256("layers", "a.qcow2", &mut |_| {}).expect("read back").sha256, good.sha256);
+        let vols = hv.storage_volumes("layers").expect("list");
+        assert_eq!((vols.len(), vols[0].physical), (1, 1 << 20));
+        hv.delete_volume("layers", "a.qcow2").expect("delete");
+        hv.delete_volume("layers", "a.qcow2").expect("deleting a missing volume is Ok");
+        let e = hv.volume_sha256("layers", "a.qcow2", &mut |_| {}).expect_err("gone");
+        let msg = e.to_string();
+        assert!(msg.contains("fake:///") && msg.contains("layers") && msg.contains("a.qcow2"), "{msg}");
+        let ops: Vec<Op> = hv.calls().into_iter().map(|c| c.op).collect();
+        assert!(ops.contains(&Op::UploadVolume) && ops.contains(&Op::DeleteVolume));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use virt::domain::{Domain, DomainState as RawState};
 use virt::enumutil::Enum;
 use virt::sys;
 
+use super::storage::Host;
 use super::xml::{cdrom, element_text, empty_cdrom, find_elements, Element as XmlElement};
 use super::*;
 
@@ -423,6 +424,37 @@ impl Hypervisor for Libvirt {
         let mut registration = EventRegistration { sink, callback_ids: Vec::new(), close_registered: false, conn };
         registration.register().map_err(fail)?;
         Ok(Subscription { events, prefix: prefix.to_string(), _registration: Some(registration) })
+    }
+
+    fn ensure_storage_pool(&self, pool: &str, path: &Path) -> Result<(), HypervisorError> {
+        Host { uri: &self.uri, pool }.ensure_pool(&*self.conn()?, path)
+    }
+
+    fn storage_volumes(&self, pool: &str) -> Result<Vec<Volume>, HypervisorError> {
+        Host { uri: &self.uri, pool }.volumes(&*self.conn()?)
+    }
+
+    fn upload_volume(
+        &self,
+        pool: &str,
+        volume: &str,
+        source: &Path,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Upload, HypervisorError> {
+        Host { uri: &self.uri, pool }.upload(&*self.conn()?, volume, source, progress)
+    }
+
+    fn volume_sha256(
+        &self,
+        pool: &str,
+        volume: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VolumeDigest, HypervisorError> {
+        Host { uri: &self.uri, pool }.sha256(&*self.conn()?, volume, progress)
+    }
+
+    fn delete_volume(&self, pool: &str, volume: &str) -> Result<(), HypervisorError> {
+        Host { uri: &self.uri, pool }.delete(&*self.conn()?, volume)
     }
 }
 

@@ -9,13 +9,15 @@
 //! hypervisor/
 //!   mod.rs         the trait, its types, VNC_PASSWORD_MAX
 //!   libvirt.rs     Libvirt: the `virt` implementation and lifecycle events
+//!   storage.rs     its storage half: a host's layer store (storage pool, volumes, sparse streams)
+//!   sparse.rs      a local file's data and holes (SEEK_DATA / SEEK_HOLE)
 //!   domain_xml.rs  a desktop's domain XML from its profile
 //!   xml.rs         the one escaper; the little reading of libvirt's XML
 //!   fake.rs        a recording in-memory implementation for tests
 //! ```
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::time::SystemTime;
 
@@ -23,6 +25,8 @@ pub mod domain_xml;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod libvirt;
+pub(crate) mod sparse;
+mod storage;
 pub(crate) mod xml;
 
 pub use libvirt::Libvirt;
@@ -110,6 +114,37 @@ pub struct GraphicsEndpoint {
     pub tls_port: Option<u16>,
 }
 
+/// A storage volume as libvirt reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Volume {
+    pub name: String,
+    /// libvirt's capacity: for a qcow2 volume the disk size it offers a guest, not the file's.
+    pub capacity: u64,
+    /// Bytes the file takes on the host's disk (holes take none).
+    pub allocation: u64,
+    /// The file's length.
+    pub physical: u64,
+}
+
+/// What an upload sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// Data bytes on the wire: holes travel as their length only.
+    pub bytes_sent: u64,
+    /// The volume's length (the local file's).
+    pub length: u64,
+}
+
+/// A volume read back from its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDigest {
+    /// SHA-256 of the volume's bytes, holes as zeros.
+    pub sha256: String,
+    pub length: u64,
+    /// Data bytes received (the rest came as holes).
+    pub bytes_received: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("Cannot connect to libvirt at {uri}: {message} (is libvirtd running? scripts/setup-host starts it)")]
@@ -128,6 +163,42 @@ pub enum HypervisorError {
     InvalidPassword { domain: String, reason: String },
     #[error("Cannot subscribe to events of domains starting with {prefix:?} on {uri}: {message}")]
     Subscribe { uri: String, prefix: String, message: String },
+    #[error("Libvirt could not {op} {at}: {message}")]
+    Storage { at: Box<StorageRef>, op: &'static str, message: String },
+    #[error("The {at} is {found}, not a directory pool at {wanted}: give vdim's layer store another storage pool name or path")]
+    StoragePoolElsewhere { at: Box<StorageRef>, found: String, wanted: PathBuf },
+    #[error("The {at} already exists: delete it before uploading it again")]
+    VolumeExists { at: Box<StorageRef> },
+    #[error("Cannot read {path} to upload it as {at}: {source}")]
+    LocalFile { at: Box<StorageRef>, path: PathBuf, source: std::io::Error },
+}
+
+/// Where a storage error happened: the host, its storage pool, the volume if it was one's.
+/// (Boxed in [`HypervisorError`], which every module's error carries.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageRef {
+    pub uri: String,
+    pub pool: String,
+    pub volume: Option<String>,
+}
+
+impl StorageRef {
+    pub fn pool(uri: &str, pool: &str) -> Box<StorageRef> {
+        Box::new(StorageRef { uri: uri.into(), pool: pool.into(), volume: None })
+    }
+
+    pub fn volume(uri: &str, pool: &str, volume: &str) -> Box<StorageRef> {
+        Box::new(StorageRef { uri: uri.into(), pool: pool.into(), volume: Some(volume.into()) })
+    }
+}
+
+impl fmt::Display for StorageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.volume {
+            Some(v) => write!(f, "volume {v} of storage pool {} at {}", self.pool, self.uri),
+            None => write!(f, "storage pool {} at {}", self.pool, self.uri),
+        }
+    }
 }
 
 impl crate::error::Kind for HypervisorError {
@@ -143,7 +214,11 @@ impl crate::error::Kind for HypervisorError {
             | HypervisorError::NoGraphics { .. }
             | HypervisorError::NoConsolePort { .. }
             | HypervisorError::InvalidPassword { .. }
-            | HypervisorError::Subscribe { .. } => K::Internal,
+            | HypervisorError::Subscribe { .. }
+            | HypervisorError::Storage { .. }
+            | HypervisorError::LocalFile { .. } => K::Internal,
+            // Another libvirt user's pool holds the name, or another upload runs: not vdim's to undo.
+            HypervisorError::StoragePoolElsewhere { .. } | HypervisorError::VolumeExists { .. } => K::Conflict,
         }
     }
 }
@@ -199,6 +274,40 @@ pub trait Hypervisor: Send + Sync {
     /// Lifecycle events of domains whose name starts with `prefix`, delivered on a channel.
     /// Dropping the returned Subscription deregisters the callback.
     fn subscribe(&self, prefix: &str) -> Result<Subscription, HypervisorError>;
+
+    // ---- the host's layer store: a storage pool of content-addressed volumes ----------------
+
+    /// Makes sure storage pool `pool` is a directory pool at `path` on this host: defined
+    /// (autostarted, directory mode 0711) when missing, built and started when inactive.
+    /// [`HypervisorError::StoragePoolElsewhere`] when a pool of that name is of another type or
+    /// at another path. Directories are the host's own: `path` names one there.
+    fn ensure_storage_pool(&self, pool: &str, path: &Path) -> Result<(), HypervisorError>;
+    /// The volumes of a storage pool, by name, as the pool's directory holds them now (libvirt
+    /// re-reads the directory first, so files changed behind its back are seen).
+    fn storage_volumes(&self, pool: &str) -> Result<Vec<Volume>, HypervisorError>;
+    /// Uploads the local file `source` as a new volume `volume` (mode 0440) of `pool` through a
+    /// libvirt stream on this host's own connection, sparse: holes travel as their length.
+    /// `progress` gets the data bytes sent so far. The file's first 4 KiB (a qcow2 header and
+    /// its magic) are sent last, so a volume whose upload died is no image QEMU would open;
+    /// a failed upload deletes its volume. [`HypervisorError::VolumeExists`] when the name is
+    /// taken. Nothing here says the copy is good: read it back with [`Self::volume_sha256`].
+    fn upload_volume(
+        &self,
+        pool: &str,
+        volume: &str,
+        source: &Path,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Upload, HypervisorError>;
+    /// Reads a volume back from the host (a sparse download: holes as zeros) and returns its
+    /// SHA-256. `progress` gets the bytes hashed so far, holes included.
+    fn volume_sha256(
+        &self,
+        pool: &str,
+        volume: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VolumeDigest, HypervisorError>;
+    /// Deletes a volume and its file. `Ok` when there is no such volume.
+    fn delete_volume(&self, pool: &str, volume: &str) -> Result<(), HypervisorError>;
 }
 
 /// Lifecycle events on a channel. The channel closes (`recv` returns `Err`) when the event
