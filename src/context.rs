@@ -28,6 +28,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::dev::Dev;
 use crate::fleet::{Progress, Quiet};
 use crate::home::{self, Home};
+use crate::hosts::Hosts;
 use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
 use crate::pool::Pools;
 use crate::rollout::Engine;
@@ -172,6 +173,10 @@ impl Context {
 
     pub fn store(&mut self) -> Store<'_> {
         Store::new(&self.shared.settings.home, &mut self.catalog)
+    }
+
+    pub fn hosts(&mut self) -> Hosts<'_> {
+        Hosts::new(&self.shared.settings.home, &mut self.catalog)
     }
 
     pub fn users(&mut self) -> Users<'_> {

@@ -111,6 +111,8 @@ fn kind_of_one(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         crate::rollout::RolloutError,
         crate::users::UserError,
         crate::pool::PoolError,
+        crate::hosts::HostError,
+        crate::replica::ReplicaError,
         crate::store::StoreError,
         crate::replica::ReplicaError,
         crate::catalog::CatalogError,

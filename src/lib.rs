@@ -23,6 +23,8 @@ pub mod store;
 pub mod catalog;
 /// The dev desktop: an image's draft booted for patching, shut down before sealing.
 pub mod dev;
+/// libvirt hosts: registered by URI, the layers each holds verified.
+pub mod hosts;
 /// Layers reach a host, verified: a chain uploaded (sparse) into a host's layer store, read back.
 pub mod replica;
 /// Lifecycle rules as a pure state machine: which move, rollback or release is allowed.

@@ -199,4 +199,26 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE pools ADD COLUMN user_data TEXT;
     ALTER TABLE desktops ADD COLUMN uuid TEXT;
     "#,
+    // 8: libvirt hosts and the layers each holds verified. A home without hosts drives the
+    // one libvirt of `--connect`, as before. A host's layer store is a directory storage pool
+    // there; a layer counts on a host only once read back from it with its SHA-256.
+    r#"
+    CREATE TABLE hosts (
+        id            INTEGER PRIMARY KEY,
+        name          TEXT NOT NULL UNIQUE,
+        uri           TEXT NOT NULL UNIQUE,
+        zone          TEXT,
+        max_desktops  INTEGER CHECK (max_desktops IS NULL OR max_desktops >= 0),
+        storage_pool  TEXT NOT NULL,
+        store_path    TEXT NOT NULL,
+        state         TEXT NOT NULL DEFAULT 'up' CHECK (state IN ('up', 'draining', 'fenced')),
+        added         TEXT NOT NULL
+    );
+    CREATE TABLE host_layers (
+        host_id     INTEGER NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        digest      TEXT NOT NULL CHECK (length(digest) = 64),
+        verified_at TEXT NOT NULL,
+        PRIMARY KEY (host_id, digest)
+    );
+    "#,
 ];

@@ -8,6 +8,7 @@
 //! missing file.
 
 mod migrations;
+pub mod hosts;
 pub mod pools;
 pub mod rollouts;
 pub mod users;

@@ -5,6 +5,7 @@
 
 mod audit;
 mod global;
+mod host;
 mod image;
 mod output;
 mod pool;
@@ -54,6 +55,9 @@ pub enum Command {
     /// Thin-client users and their tokens
     #[command(subcommand)]
     User(user::UserCmd),
+    /// libvirt hosts and the layers each holds verified
+    #[command(subcommand)]
+    Host(host::HostCmd),
     /// Run the thin-client broker and admin API (HTTP, or HTTPS with --tls-cert)
     Serve(serve::ServeArgs),
     /// The append-only audit log
@@ -77,6 +81,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rollout(cmd) => rollout::run(g, cmd),
         Command::Rollback(args) => rollout::rollback(g, args),
         Command::User(cmd) => user::run(g, cmd),
+        Command::Host(cmd) => host::run(g, cmd),
         Command::Serve(args) => serve::run(g, args),
         Command::Audit(args) => audit::run(g, args),
     }

@@ -1,0 +1,316 @@
+//! libvirt hosts: the daemons desktops run on, each reached by its URI, and the layers each
+//! holds verified. A home without hosts drives the one libvirt of `--connect`, as it always
+//! did; hosts added here get the image chains their desktops will need (`sync`), copied over
+//! their own libvirt connection and read back before they count ([`crate::replica`]).
+
+use crate::catalog::hosts::{Host, NewHost};
+use crate::catalog::{Audit, Catalog, CatalogError};
+use crate::home::Home;
+use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
+use crate::names::{self, NameError};
+use crate::replica::{self, ChainLayer, HostStore, ReplicaError, Replicated, Verification};
+use crate::store::Actor;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("no host named '{0}' (see 'vdim host list')")]
+    NotFound(String),
+    #[error("host '{name}' exists already (it is {uri})")]
+    Exists { name: String, uri: String },
+    #[error("{uri} is host '{name}' already")]
+    UriTaken { uri: String, name: String },
+    #[error("host URI {0:?} is not a libvirt URI (e.g. qemu+tls://hv2.example.com/system)")]
+    BadUri(String),
+}
+
+impl crate::error::Kind for HostError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            HostError::Name(e) => e.kind(),
+            HostError::Catalog(e) => e.kind(),
+            HostError::Hypervisor(e) => e.kind(),
+            HostError::Replica(e) => e.kind(),
+            HostError::NotFound(_) => K::NotFound,
+            HostError::Exists { .. } | HostError::UriTaken { .. } => K::Conflict,
+            HostError::BadUri(_) => K::Invalid,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, HostError>;
+
+/// What `vdim host add` asks for.
+#[derive(Debug, Clone)]
+pub struct AddRequest {
+    pub name: String,
+    pub uri: String,
+    pub zone: Option<String>,
+    pub max_desktops: Option<u32>,
+    /// Its layer store; the default pool and directory unless given.
+    pub store: HostStore,
+}
+
+/// A host as `host list` and `host show` give it.
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    #[serde(flatten)]
+    pub host: Host,
+    /// Layers recorded verified there.
+    pub layers_verified: usize,
+}
+
+/// A host's layers against what the channels need: verified there, or still missing.
+#[derive(Debug, Serialize)]
+pub struct HostDetail {
+    #[serde(flatten)]
+    pub host: Host,
+    /// Whether its libvirt answered now, and its error when not.
+    pub reachable: bool,
+    pub error: Option<String>,
+    /// Every layer recorded verified there (digest, when).
+    pub layers: Vec<(String, String)>,
+    /// Per image channel: the version and whether its whole chain is there verified.
+    pub channels: Vec<ChannelChain>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChannelChain {
+    pub image: String,
+    pub channel: String,
+    pub version: u32,
+    /// Layers of the chain not verified on the host yet: desktops of it wait ("pending").
+    pub missing: Vec<String>,
+}
+
+/// What `host sync` did: per version, the replication report.
+#[derive(Debug, Serialize)]
+pub struct Synced {
+    pub host: String,
+    pub versions: Vec<SyncedVersion>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SyncedVersion {
+    pub image: String,
+    pub version: u32,
+    #[serde(flatten)]
+    pub report: Replicated,
+}
+
+/// The host service, borrowing the catalog and home of a [`crate::context::Context`].
+pub struct Hosts<'a> {
+    home: &'a Home,
+    catalog: &'a mut Catalog,
+}
+
+impl<'a> Hosts<'a> {
+    pub fn new(home: &'a Home, catalog: &'a mut Catalog) -> Hosts<'a> {
+        Hosts { home, catalog }
+    }
+
+    fn load(&mut self, name: &str) -> Result<Host> {
+        names::validate("host", name)?;
+        self.catalog.read(|tx| tx.host(name))?.ok_or_else(|| HostError::NotFound(name.to_string()))
+    }
+
+    /// Registers a host after its libvirt answered and its layer store is usable.
+    pub fn add(&mut self, r: &AddRequest, actor: &Actor) -> Result<Host> {
+        names::validate("host", &r.name)?;
+        if let Some(z) = &r.zone {
+            names::validate("zone", z)?;
+        }
+        if !r.uri.contains(":/") || r.uri.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(HostError::BadUri(r.uri.escape_default().to_string()));
+        }
+        r.store.validate()?;
+        self.catalog.read(|tx| -> Result<()> {
+            if let Some(h) = tx.host(&r.name)? {
+                return Err(HostError::Exists { name: h.name, uri: h.uri });
+            }
+            if let Some(h) = tx.host_by_uri(&r.uri)? {
+                return Err(HostError::UriTaken { uri: h.uri, name: h.name });
+            }
+            Ok(())
+        })?;
+        // It must answer before it is one of ours, and hold a layer store.
+        let hv = Libvirt::connect_with(&r.uri, 1)?;
+        hv.ensure_storage_pool(&r.store.storage_pool, &r.store.path)?;
+        let store_path = r.store.path.display().to_string();
+        self.catalog.write(|tx| -> Result<Host> {
+            let h = tx.insert_host(&NewHost {
+                name: &r.name,
+                uri: &r.uri,
+                zone: r.zone.as_deref(),
+                max_desktops: r.max_desktops,
+                storage_pool: &r.store.storage_pool,
+                store_path: &store_path,
+            })?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "host.add",
+                detail: json!({"host": h.name, "uri": h.uri, "zone": h.zone, "max_desktops": h.max_desktops,
+                    "storage_pool": h.storage_pool, "store_path": h.store_path}),
+                ..Default::default()
+            })?;
+            Ok(h)
+        })
+    }
+
+    pub fn list(&mut self) -> Result<Vec<HostView>> {
+        self.catalog.read(|tx| -> Result<Vec<HostView>> {
+            let mut out = vec![];
+            for host in tx.hosts()? {
+                let layers_verified = tx.host_layers(host.id)?.len();
+                out.push(HostView { host, layers_verified });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The host, whether it answers, its layers, and which channel versions it lacks.
+    pub fn show(&mut self, name: &str) -> Result<HostDetail> {
+        let host = self.load(name)?;
+        let error = Libvirt::connect_with(&host.uri, 1).err().map(|e| crate::error::message(&e));
+        let (layers, channels) = self.catalog.read(|tx| -> Result<_> {
+            let layers = tx.host_layers(host.id)?;
+            let held: BTreeSet<&str> = layers.iter().map(|(d, _)| d.as_str()).collect();
+            let mut channels = vec![];
+            for image in tx.images()? {
+                for (channel, version) in channels_of(tx, &image)? {
+                    let missing =
+                        chain(tx, &image, version)?.into_iter().filter(|d| !held.contains(d.as_str())).collect();
+                    channels.push(ChannelChain {
+                        image: image.name.clone(),
+                        channel: channel.to_string(),
+                        version,
+                        missing,
+                    });
+                }
+            }
+            Ok((layers, channels))
+        })?;
+        Ok(HostDetail { reachable: error.is_none(), error, host, layers, channels })
+    }
+
+    /// Forgets a host (its libvirt and its layer store are left as they are).
+    pub fn remove(&mut self, name: &str, actor: &Actor) -> Result<()> {
+        let host = self.load(name)?;
+        self.catalog.write(|tx| -> Result<()> {
+            tx.delete_host(host.id)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "host.remove",
+                detail: json!({"host": host.name, "uri": host.uri}),
+                ..Default::default()
+            })?;
+            Ok(())
+        })
+    }
+
+    /// Copies the chains of `versions` (image, number; every channel's version when empty)
+    /// to the host, verified, and records what reads back right.
+    pub fn sync(&mut self, name: &str, versions: &[(String, u32)], actor: &Actor) -> Result<Synced> {
+        let host = self.load(name)?;
+        let wanted = self.catalog.read(|tx| -> Result<Vec<(String, u32, Vec<String>)>> {
+            let mut wanted: Vec<(String, u32)> = versions.to_vec();
+            if wanted.is_empty() {
+                for image in tx.images()? {
+                    for (_, v) in channels_of(tx, &image)? {
+                        wanted.push((image.name.clone(), v));
+                    }
+                }
+                wanted.sort();
+                wanted.dedup();
+            }
+            wanted.into_iter().map(|(i, v)| Ok((i.clone(), v, chain(tx, &tx.image(&i)?, v)?))).collect()
+        })?;
+        let hv = Libvirt::connect_with(&host.uri, 1)?;
+        let store = store_of(&host);
+        let mut out = Synced { host: host.name.clone(), versions: vec![] };
+        for (image, version, digests) in wanted {
+            let recorded: BTreeSet<String> =
+                self.catalog.read(|tx| tx.host_layers(host.id))?.into_iter().map(|(d, _)| d).collect();
+            let layers: Vec<ChainLayer> =
+                digests.iter().map(|d| ChainLayer { digest: d.clone(), path: self.home.layer(d) }).collect();
+            let report = replica::replicate(&hv, &store, &layers, &recorded, &mut |_| {})?;
+            let verified: Vec<&str> = report.verified();
+            let lost: Vec<&str> = digests.iter().map(String::as_str).filter(|d| !verified.contains(d)).collect();
+            self.catalog.write(|tx| -> Result<()> {
+                tx.record_host_layers(host.id, &verified)?;
+                tx.forget_host_layers(host.id, &lost)?;
+                tx.audit(Audit {
+                    actor: &actor.0,
+                    action: "host.sync",
+                    image: Some(&image),
+                    version: Some(version),
+                    detail: json!({"host": host.name, "verified": verified, "failed": lost,
+                        "bytes_sent": report.bytes_sent()}),
+                    ..Default::default()
+                })?;
+                Ok(())
+            })?;
+            out.versions.push(SyncedVersion { image, version, report });
+        }
+        Ok(out)
+    }
+
+    /// Reads back every layer recorded on the host: a copy that reads back wrong is removed
+    /// there and forgotten here (the next `sync` copies it again).
+    pub fn verify(&mut self, name: &str, actor: &Actor) -> Result<Verification> {
+        let host = self.load(name)?;
+        let digests: Vec<String> =
+            self.catalog.read(|tx| tx.host_layers(host.id))?.into_iter().map(|(d, _)| d).collect();
+        let hv = Libvirt::connect_with(&host.uri, 1)?;
+        let v = replica::verify_host(&hv, &store_of(&host), &digests, &mut |_| {})?;
+        let good: Vec<&str> = v.verified();
+        let bad: Vec<&str> = digests.iter().map(String::as_str).filter(|d| !good.contains(d)).collect();
+        self.catalog.write(|tx| -> Result<()> {
+            tx.record_host_layers(host.id, &good)?;
+            tx.forget_host_layers(host.id, &bad)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: "host.verify",
+                detail: json!({"host": host.name, "verified": good, "not_verified": bad}),
+                ..Default::default()
+            })?;
+            Ok(())
+        })?;
+        Ok(v)
+    }
+}
+
+fn store_of(h: &Host) -> HostStore {
+    HostStore { storage_pool: h.storage_pool.clone(), path: PathBuf::from(&h.store_path) }
+}
+
+/// The digests of a version's chain, base first (a layer's backing is the one before).
+fn chain(tx: &crate::catalog::Tx, image: &crate::catalog::Image, version: u32) -> Result<Vec<String>> {
+    let mut out = vec![];
+    let mut next = Some(version);
+    while let Some(n) = next {
+        let v = tx.version(image, n)?;
+        out.push(v.digest);
+        next = v.parent;
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// Where each channel of an image points.
+fn channels_of(tx: &crate::catalog::Tx, image: &crate::catalog::Image) -> Result<Vec<(crate::catalog::Channel, u32)>> {
+    crate::catalog::Channel::ALL.into_iter().map(|c| Ok((c, tx.channel(image, c)?))).collect()
+}
