@@ -151,6 +151,9 @@ impl Inner {
 pub struct FakeHypervisor {
     inner: Mutex<Inner>,
     parallel: usize,
+    /// Calls in flight, kept within `parallel` as libvirt's connections keep them.
+    lanes: Mutex<usize>,
+    lane_freed: std::sync::Condvar,
     in_flight: AtomicUsize,
     peak: AtomicUsize,
 }
@@ -168,7 +171,14 @@ impl FakeHypervisor {
 
     /// A fake host serving `parallel` calls at once.
     pub fn with_parallel(parallel: usize) -> FakeHypervisor {
-        FakeHypervisor { inner: Mutex::default(), parallel, in_flight: AtomicUsize::new(0), peak: AtomicUsize::new(0) }
+        FakeHypervisor {
+            inner: Mutex::default(),
+            parallel,
+            lanes: Mutex::new(0),
+            lane_freed: std::sync::Condvar::new(),
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        }
     }
 
     /// Every call of `op` takes `d` from now on, spent outside the fake's lock, so calls from
@@ -193,6 +203,12 @@ impl FakeHypervisor {
 
     /// Record a call, then fail it when the test asked for that.
     fn call(&self, op: Op, domain: &str) -> Result<MutexGuard<'_, Inner>, HypervisorError> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        while *lanes >= self.parallel {
+            lanes = self.lane_freed.wait(lanes).unwrap_or_else(|e| e.into_inner());
+        }
+        *lanes += 1;
+        drop(lanes);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
         let latency = self.lock().latency.get(&op).copied();
@@ -200,6 +216,8 @@ impl FakeHypervisor {
             std::thread::sleep(d);
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        *self.lanes.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.lane_freed.notify_one();
         let mut inner = self.lock();
         let disk_backing =
             (op == Op::Start).then(|| inner.domains.get(domain).and_then(|d| disk_backing(&d.xml))).flatten();
