@@ -10,7 +10,18 @@ use std::collections::BTreeSet;
 const CONNECT: &str = "test:///default";
 
 /// Commands that take no object name, or only as a filter: they have no not-found case.
-const NO_OBJECT: &[&str] = &["init", "image list", "image gc", "pool list", "user add", "user list", "serve", "audit"];
+const NO_OBJECT: &[&str] = &[
+    "init",
+    "image list",
+    "image gc",
+    "pool list",
+    "user add",
+    "user list",
+    "host add",
+    "host list",
+    "serve",
+    "audit",
+];
 
 fn run(env: &Env, json: bool, args: &[&str]) -> Run {
     let mut a = vec!["--connect", CONNECT];
@@ -102,6 +113,10 @@ fn not_found_cases(env: &Env) -> Vec<(&'static str, Vec<String>, &'static str)> 
         c("rollback", &["rollback", "--image", "ghost", "--channel", "prod"], "'ghost'"),
         c("rollback", &["rollback", "--image", "img", "--channel", "prod", "--to", "9"], "no version 9"),
         c("user remove", &["user", "remove", "ghost"], "'ghost'"),
+        c("host show", &["host", "show", "ghost"], "'ghost'"),
+        c("host sync", &["host", "sync", "ghost"], "'ghost'"),
+        c("host verify", &["host", "verify", "ghost"], "'ghost'"),
+        c("host remove", &["host", "remove", "ghost"], "'ghost'"),
     ]
 }
 
