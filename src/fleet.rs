@@ -82,7 +82,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     struct Count(AtomicUsize, Mutex<Vec<(usize, usize)>>);
     impl Progress for Count {
@@ -97,7 +97,6 @@ mod tests {
         let items: Vec<u32> = (0..12).collect();
         let running = AtomicUsize::new(0);
         let peak = AtomicUsize::new(0);
-        let t0 = Instant::now();
         let out = run(4, &items, "x", &Quiet, |i| {
             let now = running.fetch_add(1, Ordering::SeqCst) + 1;
             peak.fetch_max(now, Ordering::SeqCst);
@@ -107,8 +106,6 @@ mod tests {
         });
         assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
         assert_eq!(peak.load(Ordering::SeqCst), 4, "never more than the bound, and the bound reached");
-        // 12 items of 50 ms on 4 workers: 3 rounds, far less than 12 one after another.
-        assert!(t0.elapsed() < Duration::from_millis(450), "took {:?}", t0.elapsed());
     }
 
     #[test]

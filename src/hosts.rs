@@ -221,21 +221,29 @@ impl<'a> Hosts<'a> {
         })
     }
 
-    /// Copies the chains of `versions` (image, number; every channel's version when empty)
-    /// to the host, verified, and records what reads back right.
-    pub fn sync(&mut self, name: &str, versions: &[(String, u32)], actor: &Actor) -> Result<Synced> {
+    /// Copies version chains to the host, verified, and records what reads back right: every
+    /// channel's version of every image, or `image`'s versions (not removed), or one `version`.
+    pub fn sync(&mut self, name: &str, image: Option<&str>, version: Option<u32>, actor: &Actor) -> Result<Synced> {
         let host = self.load(name)?;
         let wanted = self.catalog.read(|tx| -> Result<Vec<(String, u32, Vec<String>)>> {
-            let mut wanted: Vec<(String, u32)> = versions.to_vec();
-            if wanted.is_empty() {
-                for image in tx.images()? {
-                    for (_, v) in channels_of(tx, &image)? {
-                        wanted.push((image.name.clone(), v));
+            let mut wanted: Vec<(String, u32)> = vec![];
+            match (image, version) {
+                (Some(i), Some(v)) => wanted.push((i.to_string(), v)),
+                (Some(i), None) => {
+                    for v in tx.versions(&tx.image(i)?)?.into_iter().filter(|v| v.removed.is_none()) {
+                        wanted.push((i.to_string(), v.number));
                     }
                 }
-                wanted.sort();
-                wanted.dedup();
+                (None, _) => {
+                    for image in tx.images()? {
+                        for (_, v) in channels_of(tx, &image)? {
+                            wanted.push((image.name.clone(), v));
+                        }
+                    }
+                }
             }
+            wanted.sort();
+            wanted.dedup();
             wanted.into_iter().map(|(i, v)| Ok((i.clone(), v, chain(tx, &tx.image(&i)?, v)?))).collect()
         })?;
         let hv = Libvirt::connect_with(&host.uri, 1)?;

@@ -113,20 +113,7 @@ pub fn run(g: &Global, cmd: HostCmd) -> Result<()> {
             print(g.json, &d, show_text)
         }
         HostCmd::Sync { name, image, version } => {
-            let versions: Vec<(String, u32)> = match (image, version) {
-                (Some(i), Some(v)) => vec![(i, v)],
-                (Some(i), None) => {
-                    let history = ctx.store().history(&i)?;
-                    history
-                        .versions
-                        .iter()
-                        .filter(|v| v.version.removed.is_none())
-                        .map(|v| (i.clone(), v.version.number))
-                        .collect()
-                }
-                _ => vec![],
-            };
-            let r = ctx.hosts().sync(&name, &versions, &actor)?;
+            let r = hosts.sync(&name, image.as_deref(), version, &actor)?;
             print(g.json, &r, |r| {
                 let mut s = format!("host '{}':", r.host);
                 for v in &r.versions {

@@ -1307,9 +1307,8 @@ impl<'a> Pools<'a> {
     /// anyone can get it again.
     pub fn release(&mut self, desktop: &str, actor: &Actor) -> Result<rules::Release> {
         let (pool_name, release) = self.release_recorded(desktop, actor)?;
-        let _l = self.lock_pool(&pool_name)?;
         // The released desktop's own reset: a failure is this command's error.
-        let done = self.heal_pools(std::slice::from_ref(&pool_name), &[])?;
+        let done = self.heal_many(std::slice::from_ref(&pool_name))?;
         if let Some((_, e)) = done.failed.into_iter().find(|(d, _)| d == desktop) {
             return Err(e);
         }

@@ -5,10 +5,8 @@
 use super::*;
 use crate::catalog::Channel;
 use crate::context::Context;
-use crate::hypervisor::domain_xml::VirtType;
 use crate::hypervisor::fake::{disk_backing, Boot, Call, FakeHypervisor, Op};
 use crate::hypervisor::{DomainState, Hypervisor};
-use crate::pool::CreateOptions;
 use std::sync::Arc;
 
 const POOL: &str = "canary";
@@ -29,24 +27,12 @@ impl Fixture {
 
     /// As [`Fixture::new`], with `size` desktops.
     fn with_size(size: u32) -> Fixture {
-        // The pool tests' home: `img` with v1 on every channel, v2 on dev, a fake hypervisor.
-        let crate::pool::tests::Fixture { _dir, ctx, hv } = crate::pool::tests::Fixture::new();
-        let mut f = Fixture { _dir, ctx, hv };
-        let create = CreateOptions {
-            name: POOL,
-            image: "img",
-            channel: Channel::Test,
-            size,
-            profile: "test-linux",
-            persistent: false,
-            virt: VirtType::Qemu,
-            start: true,
-            display_listen: "127.0.0.1".parse().expect("ip"),
-            insecure_display: false,
-            identity: None,
-        };
-        f.pools().create(&create, &Actor("tester".into())).expect("pool create");
-        f
+        // The pool tests' home (`img` with v1 on every channel, v2 on dev, a fake hypervisor)
+        // and its running test-channel pool.
+        let mut pool_home = crate::pool::tests::Fixture::new();
+        pool_home.create(POOL, size, true);
+        let crate::pool::tests::Fixture { _dir, ctx, hv } = pool_home;
+        Fixture { _dir, ctx, hv }
     }
 
     fn pools(&mut self) -> Pools<'_> {
