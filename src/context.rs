@@ -29,7 +29,7 @@ use crate::dev::Dev;
 use crate::fleet::{Progress, Quiet};
 use crate::home::{self, Home};
 use crate::hosts::Hosts;
-use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
+use crate::hypervisor::{Connections, Hypervisor, HypervisorError, Libvirt};
 use crate::pool::Pools;
 use crate::rollout::Engine;
 use crate::store::{Actor, Store};
@@ -46,6 +46,10 @@ pub enum ContextError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Heal(#[from] UserError),
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
+    #[error(transparent)]
+    Rollout(#[from] crate::rollout::RolloutError),
     #[error("cannot create directory {path}: {source}")]
     Dir { path: String, source: std::io::Error },
 }
@@ -56,6 +60,8 @@ impl crate::error::Kind for ContextError {
             ContextError::Catalog(e) => e.kind(),
             ContextError::Hypervisor(e) => e.kind(),
             ContextError::Heal(e) => e.kind(),
+            ContextError::Pool(e) => e.kind(),
+            ContextError::Rollout(e) => e.kind(),
             // vdim's own home directories.
             ContextError::Dir { .. } => crate::error::ErrorKind::Internal,
         }
@@ -97,6 +103,8 @@ impl Settings {
 struct Shared {
     settings: Settings,
     hv: OnceLock<Arc<dyn Hypervisor>>,
+    /// The registered hosts' hypervisors, by URI, connected on first use.
+    links: OnceLock<Connections>,
 }
 
 pub struct Context {
@@ -124,7 +132,7 @@ impl Context {
     }
 
     fn start(settings: Settings, catalog: Catalog) -> Result<Context> {
-        let shared = Arc::new(Shared { settings, hv: OnceLock::new() });
+        let shared = Arc::new(Shared { settings, hv: OnceLock::new(), links: OnceLock::new() });
         let mut ctx = Context { shared, catalog, recovered: vec![], progress: Arc::new(Quiet) };
         // A rollout whose vdim was killed is found by the next vdim, whatever it runs.
         ctx.recovered = crate::rollout::recover_interrupted(&mut ctx.catalog)?;
@@ -141,6 +149,18 @@ impl Context {
     pub fn with_hypervisor(self, hv: Arc<dyn Hypervisor>) -> Context {
         let _ = self.shared.hv.set(hv);
         self
+    }
+
+    /// Reaches registered hosts through `links` (a test's fakes) instead of libvirt.
+    /// Has no effect once a host was reached.
+    pub fn with_connections(self, links: Connections) -> Context {
+        let _ = self.shared.links.set(links);
+        self
+    }
+
+    /// The registered hosts' hypervisors.
+    pub fn links(&self) -> &Connections {
+        self.shared.links()
     }
 
     /// Reports desktops done in operations on many desktops to `progress`.
@@ -176,7 +196,7 @@ impl Context {
     }
 
     pub fn hosts(&mut self) -> Hosts<'_> {
-        Hosts::new(&self.shared.settings.home, &mut self.catalog)
+        Hosts::new(&self.shared.settings.home, &mut self.catalog, self.shared.links())
     }
 
     pub fn users(&mut self) -> Users<'_> {
@@ -186,7 +206,8 @@ impl Context {
     pub fn pools(&mut self) -> Result<Pools<'_>> {
         let hv = self.shared.hypervisor_ref()?;
         let s = &self.shared.settings;
-        Ok(Pools::new(&s.home, &mut self.catalog, hv, &s.profiles).with_progress(&*self.progress))
+        let pools = Pools::new(&s.home, &mut self.catalog, hv, self.shared.links(), &s.profiles)?;
+        Ok(pools.with_progress(&*self.progress))
     }
 
     pub fn sessions(&mut self) -> Result<Sessions<'_>> {
@@ -196,7 +217,8 @@ impl Context {
     pub fn engine(&mut self, actor: Actor) -> Result<Engine<'_>> {
         let hv = self.shared.hypervisor_ref()?;
         let s = &self.shared.settings;
-        Ok(Engine::new(&s.home, &mut self.catalog, hv, &s.profiles, actor).with_progress(&*self.progress))
+        let engine = Engine::new(&s.home, &mut self.catalog, hv, self.shared.links(), &s.profiles, actor)?;
+        Ok(engine.with_progress(&*self.progress))
     }
 
     pub fn dev(&mut self) -> Result<Dev<'_>> {
@@ -226,6 +248,10 @@ impl Connector {
 }
 
 impl Shared {
+    fn links(&self) -> &Connections {
+        self.links.get_or_init(|| Connections::libvirt(self.settings.parallel))
+    }
+
     fn hypervisor_ref(&self) -> Result<&dyn Hypervisor> {
         if let Some(hv) = self.hv.get() {
             return Ok(hv.as_ref());

@@ -6,7 +6,7 @@
 use crate::catalog::hosts::{Host, NewHost};
 use crate::catalog::{Audit, Catalog, CatalogError};
 use crate::home::Home;
-use crate::hypervisor::{Hypervisor, HypervisorError, Libvirt};
+use crate::hypervisor::{Connections, HypervisorError};
 use crate::names::{self, NameError};
 use crate::replica::{self, ChainLayer, HostStore, ReplicaError, Replicated, Verification};
 use crate::store::Actor;
@@ -34,6 +34,14 @@ pub enum HostError {
     UriTaken { uri: String, name: String },
     #[error("host URI {0:?} is not a libvirt URI (e.g. qemu+tls://hv2.example.com/system)")]
     BadUri(String),
+    #[error("host '{host}' is {state}: {what}")]
+    State { host: String, state: String, what: String },
+    #[error(
+        "host '{host}' still holds {count} desktop(s) (e.g. {example}): drain it first ('vdim host drain {host}')"
+    )]
+    HasDesktops { host: String, count: usize, example: String },
+    #[error("fencing host '{0}' needs --confirm: confirm that it is powered off (its desktops are made again elsewhere; one still running there would run twice)")]
+    Unconfirmed(String),
 }
 
 impl crate::error::Kind for HostError {
@@ -46,12 +54,41 @@ impl crate::error::Kind for HostError {
             HostError::Replica(e) => e.kind(),
             HostError::NotFound(_) => K::NotFound,
             HostError::Exists { .. } | HostError::UriTaken { .. } => K::Conflict,
-            HostError::BadUri(_) => K::Invalid,
+            HostError::BadUri(_) | HostError::Unconfirmed(_) => K::Invalid,
+            HostError::State { .. } | HostError::HasDesktops { .. } => K::Conflict,
         }
     }
 }
 
 pub type Result<T> = std::result::Result<T, HostError>;
+
+/// How long a host gets to answer a probe (a fresh connection and a call).
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Probes missed in a row before a host counts as dead (suspect before): with the broker's
+/// probe every 2 s, 6 to 15 s after its last answer.
+pub const DEAD_AFTER: u32 = 3;
+/// How long a fence command may run.
+pub const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a probe round found of one host.
+#[derive(Debug, Serialize)]
+pub struct Probe {
+    pub host: String,
+    /// up, suspect, dead, or fenced (not probed).
+    pub liveness: &'static str,
+    pub missed: u32,
+    pub error: Option<String>,
+}
+
+/// A host's liveness from its state and the probes it missed in a row.
+pub fn liveness(h: &Host) -> &'static str {
+    match (h.state.as_str(), h.missed) {
+        ("fenced", _) => "fenced",
+        (_, 0) => "up",
+        (_, m) if m < DEAD_AFTER => "suspect",
+        _ => "dead",
+    }
+}
 
 /// What `vdim host add` asks for.
 #[derive(Debug, Clone)]
@@ -62,6 +99,9 @@ pub struct AddRequest {
     pub max_desktops: Option<u32>,
     /// Its layer store; the default pool and directory unless given.
     pub store: HostStore,
+    /// Run by `sh -c` when the host stops answering (e.g. an IPMI power-off): its success
+    /// fences the host, and its desktops are made again elsewhere.
+    pub fence_command: Option<String>,
 }
 
 /// A host as `host list` and `host show` give it.
@@ -115,11 +155,12 @@ pub struct SyncedVersion {
 pub struct Hosts<'a> {
     home: &'a Home,
     catalog: &'a mut Catalog,
+    links: &'a Connections,
 }
 
 impl<'a> Hosts<'a> {
-    pub fn new(home: &'a Home, catalog: &'a mut Catalog) -> Hosts<'a> {
-        Hosts { home, catalog }
+    pub fn new(home: &'a Home, catalog: &'a mut Catalog, links: &'a Connections) -> Hosts<'a> {
+        Hosts { home, catalog, links }
     }
 
     fn load(&mut self, name: &str) -> Result<Host> {
@@ -147,7 +188,7 @@ impl<'a> Hosts<'a> {
             Ok(())
         })?;
         // It must answer before it is one of ours, and hold a layer store.
-        let hv = Libvirt::connect_with(&r.uri, 1)?;
+        let hv = self.links.get(&r.uri)?;
         hv.ensure_storage_pool(&r.store.storage_pool, &r.store.path)?;
         let store_path = r.store.path.display().to_string();
         self.catalog.write(|tx| -> Result<Host> {
@@ -158,6 +199,7 @@ impl<'a> Hosts<'a> {
                 max_desktops: r.max_desktops,
                 storage_pool: &r.store.storage_pool,
                 store_path: &store_path,
+                fence_command: r.fence_command.as_deref(),
             })?;
             tx.audit(Audit {
                 actor: &actor.0,
@@ -184,7 +226,7 @@ impl<'a> Hosts<'a> {
     /// The host, whether it answers, its layers, and which channel versions it lacks.
     pub fn show(&mut self, name: &str) -> Result<HostDetail> {
         let host = self.load(name)?;
-        let error = Libvirt::connect_with(&host.uri, 1).err().map(|e| crate::error::message(&e));
+        let error = self.links.probe(&host.uri, PROBE_TIMEOUT).err();
         let (layers, channels) = self.catalog.read(|tx| -> Result<_> {
             let layers = tx.host_layers(host.id)?;
             let held: BTreeSet<&str> = layers.iter().map(|(d, _)| d.as_str()).collect();
@@ -206,10 +248,19 @@ impl<'a> Hosts<'a> {
         Ok(HostDetail { reachable: error.is_none(), error, host, layers, channels })
     }
 
-    /// Forgets a host (its libvirt and its layer store are left as they are).
+    /// Forgets a host (its libvirt and its layer store are left as they are). Refused while
+    /// desktops are placed there.
     pub fn remove(&mut self, name: &str, actor: &Actor) -> Result<()> {
         let host = self.load(name)?;
         self.catalog.write(|tx| -> Result<()> {
+            let on = tx.desktops_on(host.id)?;
+            if let Some(d) = on.first() {
+                return Err(HostError::HasDesktops {
+                    host: host.name.clone(),
+                    count: on.len(),
+                    example: d.name.clone(),
+                });
+            }
             tx.delete_host(host.id)?;
             tx.audit(Audit {
                 actor: &actor.0,
@@ -224,6 +275,19 @@ impl<'a> Hosts<'a> {
     /// Copies version chains to the host, verified, and records what reads back right: every
     /// channel's version of every image, or `image`'s versions (not removed), or one `version`.
     pub fn sync(&mut self, name: &str, image: Option<&str>, version: Option<u32>, actor: &Actor) -> Result<Synced> {
+        self.sync_with(name, image, version, true, actor)
+    }
+
+    /// [`Hosts::sync`]; unless `trust_recorded`, copies recorded verified are read back again
+    /// too (a flipped byte since is found, the copy replaced).
+    fn sync_with(
+        &mut self,
+        name: &str,
+        image: Option<&str>,
+        version: Option<u32>,
+        trust_recorded: bool,
+        actor: &Actor,
+    ) -> Result<Synced> {
         let host = self.load(name)?;
         let wanted = self.catalog.read(|tx| -> Result<Vec<(String, u32, Vec<String>)>> {
             let mut wanted: Vec<(String, u32)> = vec![];
@@ -246,15 +310,18 @@ impl<'a> Hosts<'a> {
             wanted.dedup();
             wanted.into_iter().map(|(i, v)| Ok((i.clone(), v, chain(tx, &tx.image(&i)?, v)?))).collect()
         })?;
-        let hv = Libvirt::connect_with(&host.uri, 1)?;
+        let hv = self.links.get(&host.uri)?;
         let store = store_of(&host);
         let mut out = Synced { host: host.name.clone(), versions: vec![] };
         for (image, version, digests) in wanted {
-            let recorded: BTreeSet<String> =
-                self.catalog.read(|tx| tx.host_layers(host.id))?.into_iter().map(|(d, _)| d).collect();
+            let recorded: BTreeSet<String> = if trust_recorded {
+                self.catalog.read(|tx| tx.host_layers(host.id))?.into_iter().map(|(d, _)| d).collect()
+            } else {
+                BTreeSet::new()
+            };
             let layers: Vec<ChainLayer> =
                 digests.iter().map(|d| ChainLayer { digest: d.clone(), path: self.home.layer(d) }).collect();
-            let report = replica::replicate(&hv, &store, &layers, &recorded, &mut |_| {})?;
+            let report = replica::replicate(&*hv, &store, &layers, &recorded, &mut |_| {})?;
             let verified: Vec<&str> = report.verified();
             let lost: Vec<&str> = digests.iter().map(String::as_str).filter(|d| !verified.contains(d)).collect();
             self.catalog.write(|tx| -> Result<()> {
@@ -266,7 +333,7 @@ impl<'a> Hosts<'a> {
                     image: Some(&image),
                     version: Some(version),
                     detail: json!({"host": host.name, "verified": verified, "failed": lost,
-                        "bytes_sent": report.bytes_sent()}),
+                        "quarantined": report.quarantined(), "bytes_sent": report.bytes_sent()}),
                     ..Default::default()
                 })?;
                 Ok(())
@@ -276,14 +343,150 @@ impl<'a> Hosts<'a> {
         Ok(out)
     }
 
+    /// The host by name, as the catalog has it now.
+    pub fn get(&mut self, name: &str) -> Result<Host> {
+        self.load(name)
+    }
+
+    /// Sets the host's state (`up`, `draining`, `fenced`), audited.
+    pub fn set_state(&mut self, name: &str, state: &str, actor: &Actor, detail: serde_json::Value) -> Result<Host> {
+        let host = self.load(name)?;
+        self.catalog.write(|tx| -> Result<Host> {
+            tx.set_host_state(host.id, state)?;
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: match state {
+                    "draining" => "host.drain",
+                    "fenced" => "host.fence",
+                    _ => "host.up",
+                },
+                detail: json!({"host": host.name, "from": host.state, "detail": detail}),
+                ..Default::default()
+            })?;
+            Ok(tx.host_by_id(host.id)?.expect("still there"))
+        })
+    }
+
+    /// One probe of every host that is not fenced (all at once): answered or not, recorded.
+    /// A host that stopped answering loses its kept connection (the next use reconnects).
+    pub fn probe_all(&mut self) -> Result<Vec<Probe>> {
+        let hosts: Vec<Host> =
+            self.catalog.read(|tx| tx.hosts())?.into_iter().filter(|h| h.state != "fenced").collect();
+        let links = self.links;
+        let answers: Vec<std::result::Result<(), String>> = std::thread::scope(|s| {
+            let probes: Vec<_> = hosts.iter().map(|h| s.spawn(move || links.probe(&h.uri, PROBE_TIMEOUT))).collect();
+            probes.into_iter().map(|p| p.join().unwrap_or_else(|_| Err("probe panicked".into()))).collect()
+        });
+        let mut out = vec![];
+        for (h, answer) in hosts.iter().zip(answers) {
+            let missed = self.catalog.write(|tx| tx.record_probe(h.id, answer.is_ok()))?;
+            if answer.is_err() {
+                self.links.forget(&h.uri);
+            }
+            let now = Host { missed, ..h.clone() };
+            if missed != h.missed && (missed == 1 || missed == DEAD_AFTER || missed == 0) {
+                tracing::warn!(host = %h.name, liveness = liveness(&now), missed, error = ?answer.as_ref().err(), "host liveness changed");
+            }
+            out.push(Probe { host: h.name.clone(), liveness: liveness(&now), missed, error: answer.err() });
+        }
+        Ok(out)
+    }
+
+    /// Runs the host's fence command (`sh -c`, env VDIM_HOST and VDIM_HOST_URI) with a time
+    /// limit: whether it exited 0. No command: false.
+    pub fn run_fence_command(&mut self, name: &str) -> Result<bool> {
+        let host = self.load(name)?;
+        let Some(cmd) = &host.fence_command else { return Ok(false) };
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("VDIM_HOST", &host.name)
+            .env("VDIM_HOST_URI", &host.uri)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(host = %host.name, error = %e, "fence command did not start");
+                return Ok(false);
+            }
+        };
+        let deadline = std::time::Instant::now() + FENCE_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    tracing::warn!(host = %host.name, %status, "fence command ran");
+                    return Ok(status.success());
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    tracing::error!(host = %host.name, "fence command timed out: the host is not fenced");
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// A fenced host is back: domains there that the catalog has placed on another host
+    /// since (made again elsewhere while it was off) are removed with their files, so none
+    /// of them ever runs twice. Returns the domains removed.
+    pub fn reconcile(&mut self, name: &str) -> Result<Vec<String>> {
+        let host = self.load(name)?;
+        let hv = self.links.get(&host.uri)?;
+        let (spool, _) = crate::pool::sites::desktop_store(&host);
+        let mut removed = vec![];
+        for domain in hv.list("vdim-")? {
+            let elsewhere = self.catalog.read(|tx| tx.desktop(&domain))?.is_some_and(|d| d.host_id != Some(host.id));
+            if !elsewhere {
+                continue;
+            }
+            match hv.destroy(&domain).and_then(|_| hv.undefine(&domain)) {
+                Ok(()) | Err(HypervisorError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            for f in [
+                format!("{domain}.qcow2"),
+                format!("{domain}.nvram"),
+                format!("{domain}.serial.log"),
+                format!("{domain}.config.iso"),
+            ] {
+                hv.delete_volume(&spool, &f)?;
+            }
+            removed.push(domain);
+        }
+        Ok(removed)
+    }
+
+    /// Copies a version's chain to the host unless all of it is recorded verified there; with
+    /// `reread`, every copy of it there is read back again first (before a rollout moves
+    /// desktops onto it).
+    pub fn ensure_version(&mut self, name: &str, image: &str, version: u32, reread: bool, actor: &Actor) -> Result<()> {
+        let host = self.load(name)?;
+        let missing = self.catalog.read(|tx| -> Result<bool> {
+            let held: BTreeSet<String> = tx.host_layers(host.id)?.into_iter().map(|(d, _)| d).collect();
+            Ok(!chain(tx, &tx.image(image)?, version)?.iter().all(|d| held.contains(d)))
+        })?;
+        if missing || reread {
+            let r = self.sync_with(name, Some(image), Some(version), !reread, actor)?;
+            if let Some(v) = r.versions.iter().find(|v| !v.report.complete()) {
+                tracing::warn!(host = name, image, version = v.version, "version not complete on the host");
+            }
+        }
+        Ok(())
+    }
+
     /// Reads back every layer recorded on the host: a copy that reads back wrong is removed
     /// there and forgotten here (the next `sync` copies it again).
     pub fn verify(&mut self, name: &str, actor: &Actor) -> Result<Verification> {
         let host = self.load(name)?;
         let digests: Vec<String> =
             self.catalog.read(|tx| tx.host_layers(host.id))?.into_iter().map(|(d, _)| d).collect();
-        let hv = Libvirt::connect_with(&host.uri, 1)?;
-        let v = replica::verify_host(&hv, &store_of(&host), &digests, &mut |_| {})?;
+        let hv = self.links.get(&host.uri)?;
+        let v = replica::verify_host(&*hv, &store_of(&host), &digests, &mut |_| {})?;
         let good: Vec<&str> = v.verified();
         let bad: Vec<&str> = digests.iter().map(String::as_str).filter(|d| !good.contains(d)).collect();
         self.catalog.write(|tx| -> Result<()> {
@@ -306,7 +509,7 @@ fn store_of(h: &Host) -> HostStore {
 }
 
 /// The digests of a version's chain, base first (a layer's backing is the one before).
-fn chain(tx: &crate::catalog::Tx, image: &crate::catalog::Image, version: u32) -> Result<Vec<String>> {
+pub(crate) fn chain(tx: &crate::catalog::Tx, image: &crate::catalog::Image, version: u32) -> Result<Vec<String>> {
     let mut out = vec![];
     let mut next = Some(version);
     while let Some(n) = next {

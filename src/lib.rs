@@ -46,6 +46,8 @@ pub mod hypervisor;
 pub mod fleet;
 /// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
 pub mod users;
+/// A host leaves: drained, or dead and fenced; its desktops made again on other hosts.
+pub mod failover;
 /// The thin-client broker (`vdim serve`): HTTP API, `.vv` files, HTML5 console proxy, TLS.
 pub mod broker;
 /// One error kind for every module error: exit codes, HTTP statuses, `--json` errors.

@@ -266,6 +266,17 @@ impl Replicated {
         self.layers.iter().filter(ok).map(|l| l.digest.as_str()).collect()
     }
 
+    /// Copies found bad on the host and replaced (or deleted), by layer.
+    pub fn quarantined(&self) -> Vec<(&str, String)> {
+        let mut out = vec![];
+        for l in &self.layers {
+            if let Outcome::Copied { quarantined, .. } | Outcome::Failed { quarantined, .. } = &l.outcome {
+                out.extend(quarantined.iter().map(|q| (l.digest.as_str(), q.to_string())));
+            }
+        }
+        out
+    }
+
     /// Data bytes sent over all layers.
     pub fn bytes_sent(&self) -> u64 {
         self.layers

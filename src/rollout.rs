@@ -17,9 +17,10 @@ use crate::catalog::rollouts::{
 use crate::catalog::{Audit, Catalog, CatalogError, Channel, Tx};
 use crate::health;
 use crate::home::Home;
-use crate::hypervisor::{Hypervisor, HypervisorError, LifecycleEvent, Subscription};
+use crate::hypervisor::{Connections, Hypervisor, HypervisorError, LifecycleEvent, Subscription};
 use crate::lock::{self, LockError, Mode};
 use crate::names::{self, NameError};
+use crate::pool::sites::Sites;
 use crate::pool::{DesktopMove, PoolError, Pools};
 use crate::profile::Profile;
 use crate::rules::{self, PromotionDenied, WaveSize};
@@ -283,9 +284,13 @@ pub struct Engine<'a> {
     home: &'a Home,
     catalog: &'a mut Catalog,
     hv: &'a dyn Hypervisor,
+    links: &'a Connections,
     profiles: &'a Path,
     actor: Actor,
     progress: &'a dyn crate::fleet::Progress,
+    /// The local libvirt and the registered hosts; where each desktop of the wave is.
+    sites: Sites<'a>,
+    placed: BTreeMap<String, Option<i64>>,
 }
 
 impl<'a> Engine<'a> {
@@ -293,10 +298,14 @@ impl<'a> Engine<'a> {
         home: &'a Home,
         catalog: &'a mut Catalog,
         hv: &'a dyn Hypervisor,
+        links: &'a Connections,
         profiles: &'a Path,
         actor: Actor,
-    ) -> Engine<'a> {
-        Engine { home, catalog, hv, profiles, actor, progress: &crate::fleet::Quiet }
+    ) -> Result<Engine<'a>> {
+        let hosts = catalog.read(|tx| tx.hosts())?;
+        let sites = Sites::new(hv, links, hosts);
+        let progress = &crate::fleet::Quiet;
+        Ok(Engine { home, catalog, hv, links, profiles, actor, progress, sites, placed: BTreeMap::new() })
     }
 
     /// Reports desktops done in waves, reverts and channel rollbacks to `progress`.
@@ -304,8 +313,57 @@ impl<'a> Engine<'a> {
         Engine { progress, ..self }
     }
 
-    fn pools(&mut self) -> Pools<'_> {
-        Pools::new(self.home, self.catalog, self.hv, self.profiles).with_progress(self.progress)
+    fn pools(&mut self) -> Result<Pools<'_>> {
+        Ok(Pools::new(self.home, self.catalog, self.hv, self.links, self.profiles)?.with_progress(self.progress))
+    }
+
+    /// Lifecycle events of every host the desktops are on, on one channel.
+    fn subscribe(&mut self, desktops: &[String]) -> Result<Subscription> {
+        self.placed = self.catalog.read(|tx| -> Result<BTreeMap<String, Option<i64>>> {
+            let mut out = BTreeMap::new();
+            for d in desktops {
+                if let Some(desktop) = tx.desktop(d)? {
+                    out.insert(d.clone(), desktop.host_id);
+                }
+            }
+            Ok(out)
+        })?;
+        let mut hosts: Vec<Option<i64>> = self.placed.values().copied().collect();
+        hosts.push(None);
+        hosts.sort();
+        hosts.dedup();
+        let mut subs = vec![];
+        for h in hosts {
+            subs.push(self.sites.hv(h)?.subscribe("vdim-")?);
+        }
+        Ok(Subscription::merge(subs))
+    }
+
+    /// The hypervisor a desktop of the wave is on.
+    fn hv_of(&self, desktop: &str) -> std::result::Result<crate::pool::sites::Hv<'a>, PoolError> {
+        self.sites.hv(self.placed.get(desktop).copied().flatten())
+    }
+
+    /// Layers reach a host before desktops do: the version's chain is copied (and read back)
+    /// to every host of the channel's pools before the first wave; a desktop on a host that
+    /// could not take it is not moved (its reset says the version is pending there).
+    fn replicate_for(&mut self, image: &str, channel: Channel, version: u32) -> Result<()> {
+        let hosts = self.catalog.read(|tx| -> Result<Vec<i64>> {
+            let img = tx.image(image)?;
+            let mut out = vec![];
+            for p in tx.pools_of_image(img.id)?.into_iter().filter(|p| p.channel == channel) {
+                out.extend(tx.pool_hosts(p.id)?);
+            }
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })?;
+        if !hosts.is_empty() {
+            let actor = self.actor.clone();
+            // Read back even where recorded: no desktop boots from a copy changed since.
+            self.pools()?.replicate_to(&hosts, image, version, true, &actor)?;
+        }
+        Ok(())
     }
 
     fn lock(&self, image: &str) -> Result<lock::Lock> {
@@ -346,6 +404,7 @@ impl<'a> Engine<'a> {
             return Err(RolloutError::ForceWithoutReason);
         }
         let _l = self.lock(o.image)?;
+        self.replicate_for(o.image, o.to, o.version)?;
         let actor = self.actor.0.clone();
         let id = self.catalog.write(|tx| -> Result<i64> {
             let image = tx.image(o.image)?;
@@ -616,7 +675,7 @@ impl<'a> Engine<'a> {
         let actor = self.actor.clone();
         let why = format!("rollout {} wave {}", r.id, k + 1);
         // Every pool's desktops of the wave at once.
-        let moved = self.pools().with_halt(halt).move_desktops(&moves, true, &actor, &why, rules::Claim::Wave)?;
+        let moved = self.pools()?.with_halt(halt).move_desktops(&moves, true, &actor, &why, rules::Claim::Wave)?;
         if !moved.failed.is_empty() {
             // A desktop the wave could not boot cannot be soaked: the rollout stops here,
             // halted for the admin (resume or roll back); the catalog knows every move.
@@ -648,7 +707,8 @@ impl<'a> Engine<'a> {
         // Record first, act after: a killed vdim leaves desktops the next run knows about.
         self.record_wave(r, k, picks)?;
         // Subscribe before the desktops start, so even a crash at once is seen.
-        let sub = self.hv.subscribe("vdim-")?;
+        let wave_desktops: Vec<String> = picks.values().flatten().cloned().collect();
+        let sub = self.subscribe(&wave_desktops)?;
         let soak_start = SystemTime::now();
         crate::test_hook::pause(crate::test_hook::ROLLOUT_WAVE);
         let (picks, sub, early) = self.move_wave_watched(r, k, picks, sub, soak_start)?;
@@ -684,7 +744,7 @@ impl<'a> Engine<'a> {
                 Ok(())
             })?;
             for (pool, ds) in picks {
-                self.pools().stop_if_pool_stopped(pool, ds)?;
+                self.pools()?.stop_if_pool_stopped(pool, ds)?;
             }
             return Ok(());
         }
@@ -745,7 +805,12 @@ impl<'a> Engine<'a> {
             if SystemTime::now() >= next_check {
                 next_check = SystemTime::now() + Duration::from_secs(1);
                 for d in desktops {
-                    if let Some(event) = health::from_state(&self.hv.state(d)) {
+                    let state = self.hv_of(d).map_err(|e| HypervisorError::Connection {
+                        uri: String::new(),
+                        op: "reach the host of",
+                        message: crate::error::message(&e),
+                    });
+                    if let Some(event) = health::from_state(&state.and_then(|hv| hv.state(d))) {
                         let now = SystemTime::now();
                         wave.observe(d, event, now, now);
                     }
@@ -762,9 +827,10 @@ impl<'a> Engine<'a> {
                 return wave.verdict_at(SystemTime::now());
             };
             for d in waiting {
-                let event = match self.hv.agent_ping(&d, AGENT_PING_TIMEOUT) {
+                let ping = self.hv_of(&d).map_err(|e| crate::error::message(&e));
+                let event = match ping.and_then(|hv| hv.agent_ping(&d, AGENT_PING_TIMEOUT).map_err(|e| e.to_string())) {
                     Ok(()) => health::Event::AgentReplied,
-                    Err(e) => health::Event::AgentFailed(e.to_string()),
+                    Err(e) => health::Event::AgentFailed(e),
                 };
                 let now = SystemTime::now();
                 wave.observe(&d, event, now, now);
@@ -850,7 +916,7 @@ impl<'a> Engine<'a> {
         let why = format!("revert of rollout {}", r.id);
         // Every desktop back at once, whatever its pool; one that fails keeps its move back
         // pending in the catalog, done by the next command on its pool.
-        let moved = self.pools().move_desktops(&moves, true, &actor, &why, rules::Claim::Revert)?;
+        let moved = self.pools()?.move_desktops(&moves, true, &actor, &why, rules::Claim::Revert)?;
         let at_logoff = moved.at_logoff;
         let failed = moved.failed;
         self.catalog.write(|tx| -> Result<()> {
@@ -889,7 +955,7 @@ impl<'a> Engine<'a> {
         let mut later = BTreeMap::new();
         for p in &pools {
             let actor = self.actor.clone();
-            let l = self.pools().settle(p, r.version, &actor, &format!("rollout {}", r.id))?;
+            let l = self.pools()?.settle(p, r.version, &actor, &format!("rollout {}", r.id))?;
             if !l.is_empty() {
                 later.insert(p.clone(), l);
             }
@@ -1002,7 +1068,7 @@ impl<'a> Engine<'a> {
     /// fails says why and the rest go on.
     fn update_pools(&mut self, pools: Vec<String>, force: bool) -> Result<BTreeMap<String, PoolRollback>> {
         let actor = self.actor.clone();
-        let reports = self.pools().update_pools(&pools, force, &actor)?;
+        let reports = self.pools()?.update_pools(&pools, force, &actor)?;
         Ok(reports
             .into_iter()
             .map(|(p, r)| {

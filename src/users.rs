@@ -494,7 +494,7 @@ impl<'a> Sessions<'a> {
                         return Err(UserError::LoggingOff { desktop: d.name, session: last });
                     }
                     // Handed out before (and ejected then); again in case it was not.
-                    hand_out.eject(&p, &d.name)?;
+                    hand_out.eject(&p, &d)?;
                     d
                 }
                 None => hand_out.idle(tx, &p, &user.name)?,
@@ -556,7 +556,7 @@ impl<'a> Sessions<'a> {
 
     fn set_ticket(&mut self, s: &Session, kind: GraphicsKind, password: &str) -> Result<GraphicsEndpoint> {
         self.pools
-            .hv
+            .hv_of(&s.desktop)?
             .set_graphics_password(&s.desktop, kind, password, SystemTime::now() + TICKET_TTL)
             .map_err(|source| UserError::NoConsole { desktop: s.desktop.clone(), session: s.id.clone(), source })
     }
@@ -566,7 +566,7 @@ impl<'a> Sessions<'a> {
     pub fn spice_display(&mut self, caller: &User, id: &str) -> Result<(Session, GraphicsEndpoint)> {
         let session = self.get(Some(caller), id)?;
         self.check_holds(&session)?;
-        match self.pools.hv.graphics(&session.desktop, GraphicsKind::Spice) {
+        match self.pools.hv_of(&session.desktop)?.graphics(&session.desktop, GraphicsKind::Spice) {
             Ok(endpoint) => Ok((session, endpoint)),
             Err(source) => Err(UserError::NoConsole { desktop: session.desktop, session: session.id, source }),
         }
@@ -595,7 +595,7 @@ impl<'a> Sessions<'a> {
             return Err(denied());
         }
         self.check_holds(&session)?;
-        if let Err(source) = self.pools.hv.graphics(&session.desktop, GraphicsKind::Vnc) {
+        if let Err(source) = self.pools.hv_of(&session.desktop)?.graphics(&session.desktop, GraphicsKind::Vnc) {
             return Err(UserError::NoConsole { desktop: session.desktop, session: session.id, source });
         }
         Ok(session)
@@ -635,7 +635,8 @@ impl<'a> Sessions<'a> {
         for kind in [GraphicsKind::Spice, GraphicsKind::Vnc] {
             let rotated = Ticket::new().and_then(|t| {
                 let password = if kind == GraphicsKind::Vnc { t.vnc_password() } else { t.spice_password().into() };
-                self.pools.hv.set_graphics_password(&s.desktop, kind, &password, SystemTime::now()).map_err(|source| {
+                let hv = self.pools.hv_of(&s.desktop)?;
+                hv.set_graphics_password(&s.desktop, kind, &password, SystemTime::now()).map_err(|source| {
                     UserError::NoConsole { desktop: s.desktop.clone(), session: s.id.clone(), source }
                 })
             });

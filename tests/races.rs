@@ -213,6 +213,8 @@ fn rollout_moves_leave_a_desktop_given_to_a_user_after_it_was_picked() {
                 display_listen: "127.0.0.1".parse().unwrap(),
                 insecure_display: false,
                 identity: None,
+                hosts: &[],
+                zone: None,
             },
             &actor,
         )
@@ -390,6 +392,8 @@ fn a_dev_desktop_named_by_an_older_vdim_is_found_and_never_taken_by_a_pool() {
                 display_listen: "127.0.0.1".parse().unwrap(),
                 insecure_display: false,
                 identity: None,
+                hosts: &[],
+                zone: None,
             },
             &Actor("tester".into()),
         )

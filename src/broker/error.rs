@@ -49,6 +49,8 @@ pub enum ApiError {
     Vv(#[from] VvError),
     #[error(transparent)]
     Context(#[from] ContextError),
+    #[error(transparent)]
+    Failover(#[from] crate::failover::FailoverError),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -76,6 +78,7 @@ impl crate::error::Kind for ApiError {
             ApiError::Rollout(e) => e.kind(),
             ApiError::Vv(e) => e.kind(),
             ApiError::Context(e) => e.kind(),
+            ApiError::Failover(e) => e.kind(),
             ApiError::BadRequest(_) | ApiError::TooLarge { .. } | ApiError::BodyTimeout => ErrorKind::Invalid,
             ApiError::NoRoute { .. } => ErrorKind::NotFound,
             ApiError::Origin { .. } => ErrorKind::Forbidden,

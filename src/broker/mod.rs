@@ -398,6 +398,7 @@ async fn run(
         tracing::warn!(dir = %opts.novnc.display(), "noVNC not found: the HTML5 console will not load (run scripts/setup-console, or pass --novnc)");
     }
     tokio::spawn(reaper(broker.clone()));
+    tokio::spawn(host_watch(broker.clone()));
     let app = router(broker.clone(), &opts);
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(BrokerError::Serve)?;
     let metrics_note = metrics_addr.map(|a| format!(", metrics http://{a}/metrics")).unwrap_or_default();
@@ -467,6 +468,36 @@ async fn reaper(b: Arc<Broker>) {
         }
     }
 }
+
+/// Probes every registered host every 2 s; a dead host with a fence command is fenced and
+/// its desktops made again elsewhere ([`crate::failover::watch_round`]).
+async fn host_watch(b: Arc<Broker>) {
+    let mut tick = tokio::time::interval(HOST_PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let round = b
+            .blocking(move |_, ctx| {
+                if ctx.catalog().read(|tx| tx.hosts())?.is_empty() {
+                    return Ok(vec![]);
+                }
+                Ok(crate::failover::watch_round(ctx, &Actor("broker".into()))?.1)
+            })
+            .await;
+        match round {
+            Ok(left) => {
+                for l in left {
+                    tracing::warn!(host = %l.host, moved = ?l.desktops.moved, failed = l.desktops.failed.len(),
+                        waiting = ?l.desktops.waiting, "host fenced: its desktops were made again on other hosts");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e.message(), "host watch round failed"),
+        }
+    }
+}
+
+/// How often the broker probes the registered hosts.
+const HOST_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 fn router(b: Arc<Broker>, opts: &ServeOptions) -> Router {
     let thin_client: Router<Arc<Broker>> = Router::new()

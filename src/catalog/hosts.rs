@@ -18,6 +18,12 @@ pub struct Host {
     /// up, draining or fenced.
     pub state: String,
     pub added: String,
+    /// Run (by `sh -c`) when the host stops answering; its success fences the host.
+    pub fence_command: Option<String>,
+    /// When a probe last got an answer, and how many probes since got none.
+    pub seen: Option<String>,
+    pub missed: u32,
+    pub fenced_at: Option<String>,
 }
 
 /// A host's row before it is inserted.
@@ -28,9 +34,11 @@ pub struct NewHost<'a> {
     pub max_desktops: Option<u32>,
     pub storage_pool: &'a str,
     pub store_path: &'a str,
+    pub fence_command: Option<&'a str>,
 }
 
-const HOST_COLS: &str = "id, name, uri, zone, max_desktops, storage_pool, store_path, state, added";
+const HOST_COLS: &str =
+    "id, name, uri, zone, max_desktops, storage_pool, store_path, state, added, fence_command, seen, missed, fenced_at";
 
 fn host_row(r: &rusqlite::Row) -> rusqlite::Result<Host> {
     Ok(Host {
@@ -43,6 +51,10 @@ fn host_row(r: &rusqlite::Row) -> rusqlite::Result<Host> {
         store_path: r.get(6)?,
         state: r.get(7)?,
         added: r.get(8)?,
+        fence_command: r.get(9)?,
+        seen: r.get(10)?,
+        missed: r.get(11)?,
+        fenced_at: r.get(12)?,
     })
 }
 
@@ -64,9 +76,9 @@ impl Tx<'_> {
 
     pub fn insert_host(&self, h: &NewHost) -> Result<Host> {
         self.0.execute(
-            "INSERT INTO hosts (name, uri, zone, max_desktops, storage_pool, store_path, added)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![h.name, h.uri, h.zone, h.max_desktops, h.storage_pool, h.store_path, now()],
+            "INSERT INTO hosts (name, uri, zone, max_desktops, storage_pool, store_path, added, fence_command, seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7)",
+            params![h.name, h.uri, h.zone, h.max_desktops, h.storage_pool, h.store_path, now(), h.fence_command],
         )?;
         Ok(self.0.query_row(
             &format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1"),
@@ -75,9 +87,34 @@ impl Tx<'_> {
         )?)
     }
 
+    pub fn host_by_id(&self, id: i64) -> Result<Option<Host>> {
+        Ok(self.0.query_row(&format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1"), [id], host_row).optional()?)
+    }
+
+    /// `up`, `draining` or `fenced` (`fenced_at` set when fenced, cleared otherwise).
+    pub fn set_host_state(&self, id: i64, state: &str) -> Result<()> {
+        self.0.execute(
+            "UPDATE hosts SET state = ?2, fenced_at = CASE WHEN ?2 = 'fenced' THEN ?3 ELSE NULL END WHERE id = ?1",
+            params![id, state, now()],
+        )?;
+        Ok(())
+    }
+
+    /// A probe's outcome: answered (seen now, nothing missed) or one more missed. Returns the
+    /// probes missed in a row.
+    pub fn record_probe(&self, id: i64, answered: bool) -> Result<u32> {
+        if answered {
+            self.0.execute("UPDATE hosts SET seen = ?2, missed = 0 WHERE id = ?1", params![id, now()])?;
+        } else {
+            self.0.execute("UPDATE hosts SET missed = missed + 1 WHERE id = ?1", [id])?;
+        }
+        Ok(self.0.query_row("SELECT missed FROM hosts WHERE id = ?1", [id], |r| r.get(0))?)
+    }
+
     /// Removes the host and its layer records.
     pub fn delete_host(&self, id: i64) -> Result<()> {
         self.0.execute("DELETE FROM host_layers WHERE host_id = ?1", [id])?;
+        self.0.execute("DELETE FROM pool_hosts WHERE host_id = ?1", [id])?;
         self.0.execute("DELETE FROM hosts WHERE id = ?1", [id])?;
         Ok(())
     }

@@ -221,4 +221,22 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (host_id, digest)
     );
     "#,
+    // 9: desktops placed on hosts. A desktop without a host runs on the one libvirt of
+    // `--connect` with its files in the home, as before; one with a host has its overlay in
+    // that host's desktop store. A pool's hosts are where its desktops may go. A host's
+    // liveness: probes answered (`seen`) and missed in a row; its fence command (run when it
+    // stops answering) and when it was fenced.
+    r#"
+    ALTER TABLE desktops ADD COLUMN host_id INTEGER REFERENCES hosts(id);
+    CREATE INDEX desktops_host ON desktops(host_id);
+    CREATE TABLE pool_hosts (
+        pool_id  INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        host_id  INTEGER NOT NULL REFERENCES hosts(id),
+        PRIMARY KEY (pool_id, host_id)
+    );
+    ALTER TABLE hosts ADD COLUMN fence_command TEXT;
+    ALTER TABLE hosts ADD COLUMN seen TEXT;
+    ALTER TABLE hosts ADD COLUMN missed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hosts ADD COLUMN fenced_at TEXT;
+    "#,
 ];

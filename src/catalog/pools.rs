@@ -47,6 +47,9 @@ pub struct Desktop {
     pub assigned_at: Option<String>,
     /// The domain UUID vdim gave it (desktops made before vdim chose them have none).
     pub uuid: Option<String>,
+    /// The host it runs on; none: the one libvirt of `--connect`, files in the home.
+    #[serde(skip)]
+    pub host_id: Option<i64>,
 }
 
 const POOL_COLS: &str = "p.id, p.name, p.image_id, i.name, p.channel, p.version, p.pinned, p.size, p.profile,
@@ -103,11 +106,12 @@ fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<Desktop> {
         assigned_to: r.get(8)?,
         assigned_at: r.get(9)?,
         uuid: r.get(10)?,
+        host_id: r.get(11)?,
     })
 }
 
 const DESKTOP_COLS: &str =
-    "id, pool_id, idx, name, overlay, version, target, needs_reset, assigned_to, assigned_at, uuid";
+    "id, pool_id, idx, name, overlay, version, target, needs_reset, assigned_to, assigned_at, uuid, host_id";
 
 /// A new pool's row, before its desktops are added.
 pub struct NewPool<'a> {
@@ -129,10 +133,11 @@ pub struct NewPool<'a> {
 pub struct NewDesktop<'a> {
     pub index: u32,
     pub name: &'a str,
-    /// Relative to the vdim home.
+    /// Relative to the vdim home; on a host, the path there.
     pub overlay: &'a str,
     pub version: u32,
     pub uuid: &'a str,
+    pub host_id: Option<i64>,
 }
 
 impl Tx<'_> {
@@ -227,6 +232,7 @@ impl Tx<'_> {
 
     pub fn delete_pool(&self, pool_id: i64) -> Result<()> {
         self.0.execute("DELETE FROM desktops WHERE pool_id = ?1", [pool_id])?;
+        self.0.execute("DELETE FROM pool_hosts WHERE pool_id = ?1", [pool_id])?;
         self.0.execute("DELETE FROM pool_history WHERE pool_id = ?1", [pool_id])?;
         self.0.execute("DELETE FROM pools WHERE id = ?1", [pool_id])?;
         Ok(())
@@ -234,9 +240,51 @@ impl Tx<'_> {
 
     pub fn insert_desktop(&self, pool_id: i64, d: &NewDesktop) -> Result<()> {
         self.0.execute(
-            "INSERT INTO desktops (pool_id, idx, name, overlay, version, uuid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![pool_id, d.index, d.name, d.overlay, d.version, d.uuid],
+            "INSERT INTO desktops (pool_id, idx, name, overlay, version, uuid, host_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![pool_id, d.index, d.name, d.overlay, d.version, d.uuid, d.host_id],
         )?;
+        Ok(())
+    }
+
+    /// Moves a desktop to another host (its overlay path there); its reset is due, so the
+    /// next heal makes it there afresh.
+    pub fn place_desktop(&self, desktop_id: i64, host_id: i64, overlay: &str) -> Result<()> {
+        self.0.execute(
+            "UPDATE desktops SET host_id = ?2, overlay = ?3, needs_reset = 1 WHERE id = ?1",
+            params![desktop_id, host_id, overlay],
+        )?;
+        Ok(())
+    }
+
+    /// The desktops on a host, of every pool.
+    pub fn desktops_on(&self, host_id: i64) -> Result<Vec<Desktop>> {
+        let mut st =
+            self.0.prepare(&format!("SELECT {DESKTOP_COLS} FROM desktops WHERE host_id = ?1 ORDER BY name"))?;
+        let rows = st.query_map([host_id], desktop_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// How many desktops each host holds.
+    pub fn desktops_per_host(&self) -> Result<std::collections::BTreeMap<i64, u32>> {
+        let mut st =
+            self.0.prepare("SELECT host_id, count(*) FROM desktops WHERE host_id IS NOT NULL GROUP BY host_id")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The hosts a pool's desktops may go to (none: the one libvirt of `--connect`).
+    pub fn pool_hosts(&self, pool_id: i64) -> Result<Vec<i64>> {
+        let mut st = self.0.prepare("SELECT host_id FROM pool_hosts WHERE pool_id = ?1 ORDER BY host_id")?;
+        let rows = st.query_map([pool_id], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn set_pool_hosts(&self, pool_id: i64, hosts: &[i64]) -> Result<()> {
+        self.0.execute("DELETE FROM pool_hosts WHERE pool_id = ?1", [pool_id])?;
+        for h in hosts {
+            self.0.execute("INSERT INTO pool_hosts (pool_id, host_id) VALUES (?1, ?2)", params![pool_id, h])?;
+        }
         Ok(())
     }
 
@@ -313,6 +361,8 @@ impl Tx<'_> {
             .query_row(
                 "UPDATE desktops SET assigned_to = ?2, assigned_at = ?3
                  WHERE id = (SELECT id FROM desktops WHERE pool_id = ?1 AND assigned_to IS NULL AND needs_reset = 0
+                               -- never on a host that is draining, fenced or not answering
+                               AND (host_id IS NULL OR host_id IN (SELECT id FROM hosts WHERE state = 'up' AND missed = 0))
                              ORDER BY idx LIMIT 1)
                    AND assigned_to IS NULL
                  RETURNING id",
@@ -395,7 +445,10 @@ mod tests {
         for i in 1..=2 {
             let (name, overlay) = (format!("vdim-p-00{i}"), format!("desktops/p/vdim-p-00{i}.qcow2"));
             let uuid = crate::identity::new_uuid();
-            tx.insert_desktop(id, &NewDesktop { index: i, name: &name, overlay: &overlay, version: 1, uuid: &uuid })?;
+            tx.insert_desktop(
+                id,
+                &NewDesktop { index: i, name: &name, overlay: &overlay, version: 1, uuid: &uuid, host_id: None },
+            )?;
         }
         Ok(id)
     }

@@ -24,9 +24,14 @@ pub enum HostCmd {
         /// The libvirt storage pool holding its layers
         #[arg(long, default_value = replica::DEFAULT_STORAGE_POOL)]
         storage_pool: String,
-        /// That pool's directory on the host
+        /// That pool's directory on the host (its desktops' disks go to <PATH>-desktops)
         #[arg(long, default_value = replica::DEFAULT_PATH)]
         store_path: PathBuf,
+        /// Run by `sh -c` when the host stops answering (e.g. an IPMI power-off; env
+        /// VDIM_HOST and VDIM_HOST_URI name it): exit 0 fences it and its desktops are made
+        /// again on other hosts. Without one, only `vdim host fence --confirm` does that.
+        #[arg(long, value_name = "COMMAND")]
+        fence_command: Option<String>,
     },
     /// Every host with the layers it holds verified
     List,
@@ -43,8 +48,24 @@ pub enum HostCmd {
     },
     /// Read back every layer recorded on the host; a copy that reads back wrong is removed there
     Verify { name: String },
-    /// Forget a host (its libvirt and layer store are left as they are)
+    /// Forget a host (its libvirt and layer store are left as they are); refused while desktops are there
     Remove { name: String },
+    /// No new desktops on the host; idle ones move to their pools' other hosts now, those in use at logoff
+    Drain { name: String },
+    /// The host is powered off: its sessions end, its non-persistent desktops are made again on
+    /// other hosts (persistent ones wait for it). Only when it is truly off: a desktop still
+    /// running there would run twice.
+    Fence {
+        name: String,
+        /// Confirms that the host is powered off
+        #[arg(long)]
+        confirm: bool,
+    },
+    /// The host takes desktops again (after a drain, or back from being fenced: what was made
+    /// elsewhere meanwhile is removed there first)
+    Unfence { name: String },
+    /// Probe every host once (as the broker does every 2 s); a dead host with a fence command is fenced
+    Check,
 }
 
 fn list_text(l: &Vec<HostView>) -> String {
@@ -92,14 +113,51 @@ fn show_text(d: &HostDetail) -> String {
     s
 }
 
+fn or_dash(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn left_text(l: &crate::failover::Left) -> String {
+    let d = &l.desktops;
+    let mut s = format!("host '{}': desktops made on other hosts: {}", l.host, or_dash(&d.moved));
+    if !d.at_logoff.is_empty() {
+        s += &format!("\n  in use, they move at logoff: {}", d.at_logoff.join(", "));
+    }
+    if !d.waiting.is_empty() {
+        s += &format!("\n  persistent, waiting for the host: {}", d.waiting.join(", "));
+    }
+    for f in &d.failed {
+        s += &format!("\n  FAILED {}: {}", f.desktop, f.error);
+    }
+    s
+}
+
+/// Exit non-zero after the report when a desktop could not be moved.
+fn fail_on_left(l: &crate::failover::Left) -> Result<()> {
+    match l.desktops.failed.first() {
+        Some(f) => anyhow::bail!(
+            "{} desktop(s) of host '{}' were not moved (e.g. {}: {})",
+            l.desktops.failed.len(),
+            l.host,
+            f.desktop,
+            f.error
+        ),
+        None => Ok(()),
+    }
+}
+
 pub fn run(g: &Global, cmd: HostCmd) -> Result<()> {
     let actor = Actor::resolve(None);
     let mut ctx = open(g)?;
     let mut hosts = ctx.hosts();
     match cmd {
-        HostCmd::Add { name, uri, zone, max_desktops, storage_pool, store_path } => {
+        HostCmd::Add { name, uri, zone, max_desktops, storage_pool, store_path, fence_command } => {
             let store = HostStore { storage_pool, path: store_path };
-            let h = hosts.add(&AddRequest { name, uri, zone, max_desktops, store }, &actor)?;
+            let h = hosts.add(&AddRequest { name, uri, zone, max_desktops, store, fence_command }, &actor)?;
             print(g.json, &h, |h| {
                 format!("host '{}' added: {} (layers in {} at {})", h.name, h.uri, h.storage_pool, h.store_path)
             })
@@ -142,6 +200,42 @@ pub fn run(g: &Global, cmd: HostCmd) -> Result<()> {
             let v = hosts.verify(&name, &actor)?;
             print(g.json, &v, |v| {
                 format!("host '{name}': {} of {} layers read back right", v.verified().len(), v.layers.len())
+            })
+        }
+        HostCmd::Drain { name } => {
+            let l = crate::failover::drain(&mut ctx, &name, &actor)?;
+            print(g.json, &l, left_text)?;
+            fail_on_left(&l)
+        }
+        HostCmd::Fence { name, confirm } => {
+            let l = crate::failover::fence(&mut ctx, &name, confirm, "confirmed by an admin", &actor)?;
+            print(g.json, &l, left_text)?;
+            fail_on_left(&l)
+        }
+        HostCmd::Unfence { name } => {
+            let removed = crate::failover::unfence(&mut ctx, &name, &actor)?;
+            print(g.json, &serde_json::json!({"host": name, "state": "up", "removed": removed}), |_| {
+                format!("host '{name}' is up; removed there (made elsewhere meanwhile): {}", or_dash(&removed))
+            })
+        }
+        HostCmd::Check => {
+            let (probes, left) = crate::failover::watch_round(&mut ctx, &actor)?;
+            print(g.json, &serde_json::json!({"probes": probes, "fenced": left}), |_| {
+                let mut s = String::new();
+                for p in &probes {
+                    s += &format!(
+                        "{:<16} {:<8} missed {}{}\n",
+                        p.host,
+                        p.liveness,
+                        p.missed,
+                        p.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                }
+                for l in &left {
+                    s += &left_text(l);
+                    s += "\n";
+                }
+                s.trim_end().to_string()
             })
         }
         HostCmd::Remove { name } => {

@@ -110,7 +110,7 @@ mod tests {
         };
         let api: crate::pool::CreateRequest =
             serde_json::from_value(json!({"name": "p", "image": "img", "size": 2})).unwrap();
-        assert_eq!(crate::pool::CreateRequest::from(args), api);
+        assert_eq!(crate::pool::CreateRequest::from(*args), api);
         assert_eq!((api.channel.as_str(), api.profile.as_str()), ("prod", "windows11"));
         assert_eq!(api.display_listen.to_string(), "127.0.0.1");
     }

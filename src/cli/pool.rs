@@ -13,7 +13,7 @@ use std::path::PathBuf;
 #[derive(Subcommand, Debug)]
 pub enum PoolCmd {
     /// Create a pool of desktops on the version an image's channel points at
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// All pools
     List,
     /// One pool: each desktop's state, version, next version and user
@@ -106,6 +106,12 @@ pub struct CreateArgs {
     /// File put on each config drive as OpenStack user data (for cloudbase-init)
     #[arg(long, value_name = "FILE", requires = "identity")]
     user_data: Option<PathBuf>,
+    /// Registered hosts its desktops spread over (comma-separated); default: the libvirt of --connect
+    #[arg(long, value_delimiter = ',', value_name = "HOST,...")]
+    hosts: Vec<String>,
+    /// Every registered host of this zone
+    #[arg(long)]
+    zone: Option<String>,
 }
 
 impl From<CreateArgs> for CreateRequest {
@@ -126,6 +132,8 @@ impl From<CreateArgs> for CreateRequest {
             join_ou,
             join_credentials,
             user_data,
+            hosts,
+            zone,
         } = a;
         // Files are read again later (at every reset) from wherever vdim runs: keep them absolute.
         let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
@@ -145,6 +153,8 @@ impl From<CreateArgs> for CreateRequest {
             join_ou,
             join_credentials: join_credentials.map(absolute),
             user_data: user_data.map(absolute),
+            hosts,
+            zone,
         }
     }
 }
@@ -261,7 +271,7 @@ pub fn run(g: &Global, cmd: PoolCmd) -> Result<()> {
     match cmd {
         PoolCmd::Create(args) => {
             let virt = pool::parse_virt_type(&g.virt_type)?;
-            let v = pools.create(&CreateRequest::from(args).options(virt)?, &actor)?;
+            let v = pools.create(&CreateRequest::from(*args).options(virt)?, &actor)?;
             print(g.json, &v, |v| {
                 format!(
                     "pool '{}': {} desktops of '{}' version {} ({} channel), profile {}, {}, displays on {}{}",

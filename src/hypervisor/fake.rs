@@ -564,7 +564,7 @@ impl Hypervisor for FakeHypervisor {
         let mut inner = self.call(Op::Subscribe, prefix)?;
         let (tx, events) = mpsc::channel();
         inner.subscribers.push((prefix.into(), tx));
-        Ok(Subscription { events, prefix: prefix.into(), _registration: None })
+        Ok(Subscription { events, prefix: prefix.into(), _registration: None, _forwarders: None })
     }
 
     fn ensure_storage_pool(&self, pool: &str, path: &Path) -> Result<(), HypervisorError> {
@@ -621,6 +621,10 @@ impl Hypervisor for FakeHypervisor {
         let p = Self::storage_pool(&mut inner, pool, "find")?;
         p.volumes.insert(volume.into(), StoredVolume { bytes, allocation: data });
         Ok(Upload { bytes_sent: data, length })
+    }
+
+    fn upload_disk(&self, pool: &str, volume: &str, source: &Path) -> Result<Upload, HypervisorError> {
+        self.upload_volume(pool, volume, source, &mut |_| {})
     }
 
     fn volume_sha256(

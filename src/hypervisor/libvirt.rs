@@ -423,7 +423,7 @@ impl Hypervisor for Libvirt {
         let sink = Arc::new(EventSink { prefix: prefix.to_string(), tx: Mutex::new(Some(tx)) });
         let mut registration = EventRegistration { sink, callback_ids: Vec::new(), close_registered: false, conn };
         registration.register().map_err(fail)?;
-        Ok(Subscription { events, prefix: prefix.to_string(), _registration: Some(registration) })
+        Ok(Subscription { events, prefix: prefix.to_string(), _registration: Some(registration), _forwarders: None })
     }
 
     fn ensure_storage_pool(&self, pool: &str, path: &Path) -> Result<(), HypervisorError> {
@@ -441,7 +441,11 @@ impl Hypervisor for Libvirt {
         source: &Path,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Upload, HypervisorError> {
-        Host { uri: &self.uri, pool }.upload(&*self.conn()?, volume, source, progress)
+        Host { uri: &self.uri, pool }.upload(&*self.conn()?, volume, source, storage::LAYER_MODE, progress)
+    }
+
+    fn upload_disk(&self, pool: &str, volume: &str, source: &Path) -> Result<Upload, HypervisorError> {
+        Host { uri: &self.uri, pool }.upload(&*self.conn()?, volume, source, storage::DISK_MODE, &mut |_| {})
     }
 
     fn volume_sha256(

@@ -8,6 +8,7 @@
 //! ```text
 //! hypervisor/
 //!   mod.rs         the trait, its types, VNC_PASSWORD_MAX
+//!   connections.rs many hosts: one hypervisor per URI, made on first use; probes
 //!   libvirt.rs     Libvirt: the `virt` implementation and lifecycle events
 //!   storage.rs     its storage half: a host's layer store (storage pool, volumes, sparse streams)
 //!   sparse.rs      a local file's data and holes (SEEK_DATA / SEEK_HOLE)
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::time::SystemTime;
 
+mod connections;
 pub mod domain_xml;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
@@ -29,6 +31,7 @@ pub(crate) mod sparse;
 mod storage;
 pub(crate) mod xml;
 
+pub use connections::{ConnectFn, Connections};
 pub use libvirt::Libvirt;
 
 /// VNC authentication (DES) keys on the first 8 bytes of a password, and libvirt refuses
@@ -298,6 +301,10 @@ pub trait Hypervisor: Send + Sync {
         source: &Path,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Upload, HypervisorError>;
+    /// Uploads a desktop's disk (a small overlay written here) as a new volume (mode 0600)
+    /// of `pool`, as [`Self::upload_volume`] does a layer: header last, deleted when the
+    /// upload fails, [`HypervisorError::VolumeExists`] when the name is taken.
+    fn upload_disk(&self, pool: &str, volume: &str, source: &Path) -> Result<Upload, HypervisorError>;
     /// Reads a volume back from the host (a sparse download: holes as zeros) and returns its
     /// SHA-256. `progress` gets the bytes hashed so far, holes included.
     fn volume_sha256(
@@ -317,6 +324,48 @@ pub struct Subscription {
     prefix: String,
     /// libvirt's callbacks, deregistered on drop; `None` for the fake's in-memory channel.
     _registration: Option<libvirt::EventRegistration>,
+    /// For a merged subscription: tells its forwarding threads to stop (and drop theirs).
+    _forwarders: Option<StopOnDrop>,
+}
+
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Subscription {
+    /// The events of several hosts' subscriptions on one channel (each forwarded by a thread
+    /// of its own). The channel closes when every one of them closed; dropping the merged
+    /// subscription deregisters them all (within half a second).
+    pub fn merge(mut subs: Vec<Subscription>) -> Subscription {
+        if subs.len() == 1 {
+            return subs.pop().expect("one");
+        }
+        let prefix = subs.first().map(|s| s.prefix.clone()).unwrap_or_default();
+        let (tx, events) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sub in subs {
+            let (tx, stop) = (tx.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::sync::mpsc::RecvTimeoutError;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match sub.events.recv_timeout(std::time::Duration::from_millis(500)) {
+                        Ok(ev) => {
+                            if tx.send(ev).is_err() {
+                                break;
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            });
+        }
+        Subscription { events, prefix, _registration: None, _forwarders: Some(StopOnDrop(stop)) }
+    }
 }
 
 impl fmt::Debug for Subscription {

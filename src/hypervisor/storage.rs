@@ -39,7 +39,9 @@ const HEADER: u64 = 4096;
 /// but not list the layers.
 const DIR_MODE: &str = "0711";
 /// As in the local store: a layer is never written again.
-const VOLUME_MODE: &str = "0440";
+pub(super) const LAYER_MODE: &str = "0440";
+/// A desktop's disk (its overlay): QEMU writes it, nobody else reads it.
+pub(super) const DISK_MODE: &str = "0600";
 
 /// Names the host and storage pool in every error.
 pub(super) struct Host<'a> {
@@ -167,6 +169,7 @@ impl Host<'_> {
         conn: &Connect,
         volume: &str,
         source: &Path,
+        mode: &str,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Upload, HypervisorError> {
         if let Some(reason) = xml::name_problem(volume) {
@@ -187,7 +190,7 @@ impl Host<'_> {
         if pool.lookup_storage_vol_by_name(volume).is_ok() {
             return Err(self.exists(volume));
         }
-        let vol = StorageVol::create_xml(&pool, &volume_xml(volume, length), 0).map_err(|e| {
+        let vol = StorageVol::create_xml(&pool, &volume_xml(volume, length, mode), 0).map_err(|e| {
             if e.code().to_raw() == sys::VIR_ERR_STORAGE_VOL_EXIST {
                 self.exists(volume)
             } else {
@@ -278,7 +281,7 @@ impl Host<'_> {
 /// A raw volume of the file's length: libvirt makes an empty sparse file of it without
 /// running qemu-img (a qcow2 volume would be formatted, then overwritten). The directory
 /// pool reads the format from the file itself afterwards.
-fn volume_xml(name: &str, length: u64) -> String {
+fn volume_xml(name: &str, length: u64, mode: &str) -> String {
     let mut w = Writer::default();
     w.open("volume", &[]);
     w.leaf("name", &[], name);
@@ -287,7 +290,7 @@ fn volume_xml(name: &str, length: u64) -> String {
     w.open("target", &[]);
     w.empty("format", &[("type", "raw")]);
     w.open("permissions", &[]);
-    w.leaf("mode", &[], VOLUME_MODE);
+    w.leaf("mode", &[], mode);
     w.close("permissions");
     w.close("target");
     w.close("volume");
@@ -404,7 +407,7 @@ mod tests {
 
     #[test]
     fn the_volume_is_raw_of_the_file_length_and_read_only() {
-        let x = volume_xml("ab12.qcow2", 1_074_135_040);
+        let x = volume_xml("ab12.qcow2", 1_074_135_040, LAYER_MODE);
         assert!(x.contains("<name>ab12.qcow2</name>"), "{x}");
         assert!(x.contains("<capacity unit='bytes'>1074135040</capacity>"), "{x}");
         assert!(x.contains("<allocation unit='bytes'>0</allocation>"), "{x}");

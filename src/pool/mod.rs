@@ -15,7 +15,7 @@ use crate::catalog::{Audit, Catalog, CatalogError, Channel, Desktop, Pool, Tx};
 use crate::fleet::{Failure, Progress, Quiet};
 use crate::home::Home;
 use crate::hypervisor::domain_xml::{self, DomainXmlError, VirtType};
-use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
+use crate::hypervisor::{Connections, DomainState, Hypervisor, HypervisorError};
 use crate::identity::{self, DomainJoin, Identity, IdentityError};
 use crate::lock::{self, Lock, LockError};
 use crate::names::{self, NameError};
@@ -25,6 +25,7 @@ use crate::rules::{self, Denied, DesktopFacts, MovePlan, PoolFacts, VersionFacts
 use crate::store::{Actor, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,19 @@ pub enum PoolError {
     Identity(#[from] IdentityError),
     #[error("no pool named '{0}' (see 'vdim pool list')")]
     NotFound(String),
+    #[error("no host named '{0}' (see 'vdim host list')")]
+    NoHost(String),
+    #[error("host {0} of a desktop is no longer registered")]
+    HostGone(i64),
+    #[error("host '{0}' is fenced: vdim calls nothing there until it is back ('vdim host unfence {0}')")]
+    HostFenced(String),
+    #[error("pool '{pool}': {why}")]
+    Placement { pool: String, why: String },
+    #[error(
+        "desktop '{desktop}' was not reset: version {version} is pending on host '{host}' (its chain is not \
+         verified there: 'vdim host sync {host}'); it is not handed out before its reset"
+    )]
+    Pending { desktop: String, version: u32, host: String },
     #[error("pool '{0}' already exists")]
     Exists(String),
     #[error("pool size {size} is not possible: a pool has 1 to {max} desktops")]
@@ -124,7 +138,9 @@ impl crate::error::Kind for PoolError {
             PoolError::Qcow2(e) => e.kind(),
             PoolError::Denied(e) => e.kind(),
             PoolError::Identity(e) => e.kind(),
-            PoolError::NotFound(_) | PoolError::DesktopNotFound(_) => K::NotFound,
+            PoolError::NotFound(_) | PoolError::DesktopNotFound(_) | PoolError::NoHost(_) => K::NotFound,
+            PoolError::HostGone(_) => K::Internal,
+            PoolError::HostFenced(_) | PoolError::Placement { .. } | PoolError::Pending { .. } => K::Conflict,
             PoolError::Size { .. }
             | PoolError::NameTooLong(_)
             | PoolError::VirtType(_)
@@ -239,7 +255,9 @@ fn nvram_rel(pool: &str, desktop: &str) -> String {
 }
 
 mod desktops;
+pub mod sites;
 use desktops::{Desktops, Reset};
+use sites::{Hv, Sites};
 
 pub use names::{desktop_domain as desktop_name, is_desktop_of};
 
@@ -315,6 +333,12 @@ pub struct CreateRequest {
     /// A file on this host put on each drive as OpenStack user data.
     #[serde(default)]
     pub user_data: Option<PathBuf>,
+    /// Registered hosts its desktops spread over (`--hosts`); with `zone`, every host of it.
+    /// Neither: the local libvirt of `--connect`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 fn default_channel() -> Channel {
@@ -382,6 +406,8 @@ impl CreateRequest {
             display_listen: self.display_listen,
             insecure_display: self.insecure_display,
             identity: self.identity()?,
+            hosts: &self.hosts,
+            zone: self.zone.as_deref(),
         })
     }
 }
@@ -402,6 +428,9 @@ pub struct CreateOptions<'a> {
     pub insecure_display: bool,
     /// Per-desktop identity (config drives); checked by [`Pools::create`] before anything is made.
     pub identity: Option<Identity>,
+    /// The hosts its desktops spread over, by name, and/or every host of a zone.
+    pub hosts: &'a [String],
+    pub zone: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -417,6 +446,25 @@ pub struct DesktopView {
     pub overlay: PathBuf,
     /// Its computer name, when the pool gives identities.
     pub hostname: Option<String>,
+    /// The host it runs on; none: the local libvirt.
+    pub host: Option<String>,
+}
+
+/// A desktop whose reset is due, with its version's layer (digest, virtual size).
+type DueReset = (Desktop, String, u64);
+
+/// What leaving a host did to its desktops.
+#[derive(Debug, Default, Serialize)]
+pub struct Evacuated {
+    /// Due to be made on another host (then `moved` or `failed`).
+    pub moving: Vec<String>,
+    /// Made again on another host (and booted where their pool runs).
+    pub moved: Vec<String>,
+    /// In use on a draining host: they move at logoff.
+    pub at_logoff: Vec<String>,
+    /// Persistent desktops of a fenced host: their disk is there, they wait for it.
+    pub waiting: Vec<String>,
+    pub failed: Vec<Failure>,
 }
 
 #[derive(Debug, Serialize)]
@@ -424,6 +472,8 @@ pub struct PoolView {
     #[serde(flatten)]
     pub pool: Pool,
     pub channel_version: u32,
+    /// The hosts its desktops may go to (none: the local libvirt).
+    pub hosts: Vec<String>,
     pub desktops: Vec<DesktopView>,
 }
 
@@ -472,7 +522,9 @@ pub struct MoveReport {
 pub struct Pools<'a> {
     home: &'a Home,
     pub(crate) catalog: &'a mut Catalog,
-    pub(crate) hv: &'a dyn Hypervisor,
+    /// The local libvirt and the registered hosts: where each desktop is.
+    pub(crate) sites: Sites<'a>,
+    links: &'a Connections,
     profiles: &'a Path,
     progress: &'a dyn Progress,
     /// Once set, resets stop booting desktops (a rollout wave whose desktop crashed).
@@ -480,8 +532,17 @@ pub struct Pools<'a> {
 }
 
 impl<'a> Pools<'a> {
-    pub fn new(home: &'a Home, catalog: &'a mut Catalog, hv: &'a dyn Hypervisor, profiles: &'a Path) -> Pools<'a> {
-        Pools { home, catalog, hv, profiles, progress: &Quiet, halt: None }
+    /// The pool service on the local libvirt `hv` and the hosts registered now.
+    pub fn new(
+        home: &'a Home,
+        catalog: &'a mut Catalog,
+        hv: &'a dyn Hypervisor,
+        links: &'a Connections,
+        profiles: &'a Path,
+    ) -> Result<Pools<'a>> {
+        let hosts = catalog.read(|tx| tx.hosts())?;
+        let sites = Sites::new(hv, links, hosts);
+        Ok(Pools { home, catalog, sites, links, profiles, progress: &Quiet, halt: None })
     }
 
     /// Desktops reset from here on are not booted once `halt` is set (they are still reset).
@@ -512,49 +573,158 @@ impl<'a> Pools<'a> {
     }
 
     /// Overlays, domains and config drives for new desktops of `pool` (on `pool.version`),
-    /// made before any catalog row names them; the caller commits the rows (with the domain
-    /// UUIDs returned, in `indexes` order) or undoes these on failure.
+    /// each on its host (`hosts`, in `indexes` order; none: the local libvirt), made before
+    /// any catalog row names them; the caller commits the rows (with the domain UUIDs and
+    /// overlay paths returned, in `indexes` order) or undoes these on failure.
     fn provision(
         &mut self,
         pool: &Pool,
         profile: &Profile,
         indexes: &[u32],
+        hosts: &[Option<i64>],
         digest: &str,
         vsize: u64,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<(String, String)>> {
         let names: Vec<String> = indexes.iter().map(|i| desktop_name(&pool.name, *i)).collect();
         if let Some((domain, image)) =
             self.legacy_dev_desktops(&pool.name)?.into_iter().find(|(d, _)| names.contains(d))
         {
             return Err(PoolError::LegacyDevDesktop { domain, image, pool: pool.name.clone() });
         }
+        // Overlays in the home in one batch (one sync); a host's are written there one by one.
         let overlays: Vec<(PathBuf, String, u64)> = names
             .iter()
-            .map(|n| (self.home().root().join(overlay_rel(&pool.name, n)), digest.to_string(), vsize))
+            .zip(hosts)
+            .filter(|(_, h)| h.is_none())
+            .map(|(n, _)| (self.home().root().join(overlay_rel(&pool.name, n)), digest.to_string(), vsize))
             .collect();
         let desktops = self.desktops();
         desktops.write_overlays(&overlays)?;
-        let jobs: Vec<(&String, &PathBuf, u32)> =
-            names.iter().zip(&overlays).zip(indexes).map(|((n, (o, ..)), i)| (n, o, *i)).collect();
+        let jobs: Vec<(&String, u32, Option<i64>)> =
+            names.iter().zip(indexes).zip(hosts).map(|((n, i), h)| (n, *i, *h)).collect();
         desktops
-            .each(&jobs, "defined", |(n, overlay, index)| {
+            .each(&jobs, "defined", |(n, index, host)| {
                 let uuid = identity::new_uuid();
+                let overlay = desktops.overlay_for(*host, &pool.name, n)?;
+                if let Some(h) = host {
+                    desktops.write_host_overlay(*h, &pool.name, n, digest, vsize)?;
+                }
                 desktops.write_config_drive(pool, *index, n, Some(&uuid))?;
-                desktops.define(pool, profile, n, &uuid, overlay, pool.version)?;
-                Ok(uuid)
+                if let (Some(h), Some(_)) = (host, &pool.identity) {
+                    desktops.upload_config_drive(*h, &pool.name, n)?;
+                }
+                desktops.define(pool, profile, *host, n, &uuid, &overlay, pool.version)?;
+                let recorded = match host {
+                    None => overlay_rel(&pool.name, n),
+                    Some(_) => overlay.display().to_string(),
+                };
+                Ok((uuid, recorded))
             })
             .into_iter()
             .collect()
     }
 
-    fn desktops(&self) -> Desktops<'_> {
-        Desktops { home: self.home, hv: self.hv, progress: self.progress, halt: self.halt }
+    /// Where `n` new desktops of a pool go: nowhere but the local libvirt when the pool has
+    /// no hosts; else each to the least loaded of its hosts that is up, answering and holds
+    /// the version's whole chain verified ([`sites::place`]).
+    fn place_new(
+        &mut self,
+        pool: &str,
+        hosts: &[i64],
+        image: &str,
+        version: u32,
+        n: usize,
+    ) -> Result<Vec<Option<i64>>> {
+        if hosts.is_empty() {
+            return Ok(vec![None; n]);
+        }
+        let candidates = self.catalog.read(|tx| -> Result<Vec<sites::Candidate>> {
+            let image = tx.image(image)?;
+            let chain = crate::hosts::chain(tx, &image, version)
+                .map_err(|e| PoolError::Placement { pool: pool.to_string(), why: crate::error::message(&e) })?;
+            let load = tx.desktops_per_host()?;
+            let mut out = vec![];
+            for id in hosts {
+                let Some(h) = tx.host_by_id(*id)? else { continue };
+                let held: Vec<String> = tx.host_layers(h.id)?.into_iter().map(|(d, _)| d).collect();
+                let refused = if h.state != "up" {
+                    Some(h.state.clone())
+                } else if h.missed > 0 {
+                    Some(format!("not answering ({} probes missed)", h.missed))
+                } else if !chain.iter().all(|d| held.contains(d)) {
+                    Some(format!(
+                        "version {version} pending (its chain is not verified there: vdim host sync {})",
+                        h.name
+                    ))
+                } else {
+                    None
+                };
+                out.push(sites::Candidate {
+                    id: h.id,
+                    desktops: load.get(&h.id).copied().unwrap_or(0),
+                    max_desktops: h.max_desktops,
+                    name: h.name,
+                    refused,
+                });
+            }
+            Ok(out)
+        })?;
+        let placed =
+            sites::place(&candidates, n).map_err(|why| PoolError::Placement { pool: pool.to_string(), why })?;
+        Ok(placed.into_iter().map(Some).collect())
     }
 
-    /// Boots every desktop of `names` that is not running, all at once.
-    fn start_all(&self, names: &[String]) -> Done {
-        let desktops = self.desktops();
-        Done::of(names, desktops.each(names, "started", |n| desktops.start(n)))
+    /// The hosts of a new pool: those named, or every host of `zone`; none for neither.
+    fn resolve_hosts(&mut self, names: &[String], zone: Option<&str>) -> Result<Vec<i64>> {
+        self.catalog.read(|tx| -> Result<Vec<i64>> {
+            let mut out = vec![];
+            for n in names {
+                out.push(tx.host(n)?.ok_or_else(|| PoolError::NoHost(n.clone()))?.id);
+            }
+            if let Some(z) = zone {
+                let in_zone: Vec<i64> =
+                    tx.hosts()?.into_iter().filter(|h| h.zone.as_deref() == Some(z)).map(|h| h.id).collect();
+                if in_zone.is_empty() {
+                    return Err(PoolError::NoHost(format!("in zone {z}")));
+                }
+                out.extend(in_zone);
+            }
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+    }
+
+    /// Copies a version's chain to each of `hosts` that lacks it verified (so its desktops
+    /// can be placed there); a host that cannot take it is left out of placement, which
+    /// says why.
+    pub(crate) fn replicate_to(
+        &mut self,
+        hosts: &[i64],
+        image: &str,
+        version: u32,
+        reread: bool,
+        actor: &Actor,
+    ) -> Result<()> {
+        let names: Vec<String> = hosts.iter().filter_map(|h| self.sites.host_name(Some(*h))).collect();
+        let mut service = crate::hosts::Hosts::new(self.home, self.catalog, self.links);
+        for n in names {
+            if let Err(e) = service.ensure_version(&n, image, version, reread, actor) {
+                tracing::warn!(host = %n, image, version, error = %crate::error::message(&e), "version not replicated");
+            }
+        }
+        Ok(())
+    }
+
+    fn desktops(&self) -> Desktops<'_> {
+        Desktops { home: self.home, sites: &self.sites, progress: self.progress, halt: self.halt }
+    }
+
+    /// Boots every desktop of `desktops` that is not running, all at once.
+    fn start_all(&self, desktops: &[Desktop]) -> Done {
+        let ds = self.desktops();
+        let names: Vec<String> = desktops.iter().map(|d| d.name.clone()).collect();
+        Done::of(&names, ds.each(desktops, "started", |d| ds.start(d)))
     }
 
     // ---- create ----------------------------------------------------------------------------
@@ -581,12 +751,12 @@ impl<'a> Pools<'a> {
         let insecure_display = o.insecure_display && !o.display_listen.is_loopback();
         if profile.graphics().contains(&profile::Graphics::Spice)
             && display_tls(&listen, insecure_display)
-            && !self.hv.spice_tls()?
+            && !self.sites.local().spice_tls()?
         {
             return Err(PoolError::DisplayTlsUnavailable {
                 pool: o.name.to_string(),
                 listen,
-                uri: self.hv.uri().to_string(),
+                uri: self.sites.local().uri().to_string(),
             });
         }
         Ok((profile, insecure_display))
@@ -604,8 +774,12 @@ impl<'a> Pools<'a> {
             Ok((image.clone(), tx.version(&image, n)?))
         })?;
         usable_version(&profile, &image.name, &version)?;
+        let hosts = self.resolve_hosts(o.hosts, o.zone)?;
+        // Layers reach a host before desktops do.
+        self.replicate_to(&hosts, &image.name, version.number, false, actor)?;
+        let placed = self.place_new(o.name, &hosts, &image.name, version.number, o.size as usize)?;
         // Leftovers of an interrupted create of the same name: never in the catalog, safe to drop.
-        self.remove_leftovers(o.name)?;
+        self.remove_leftovers(o.name, &hosts)?;
         let home = self.home();
         let pool_dir = home.pool_dir(o.name);
         let run_dir = home.pool_run(o.name);
@@ -632,9 +806,9 @@ impl<'a> Pools<'a> {
             identity: o.identity.clone(),
         };
         let indexes: Vec<u32> = (1..=o.size).collect();
-        let made = self.provision(&pool, &profile, &indexes, &version.digest, version.virtual_size);
+        let made = self.provision(&pool, &profile, &indexes, &placed, &version.digest, version.virtual_size);
         // Files and domains exist before the catalog names them; undo them on any failure.
-        let committed = made.and_then(|uuids| {
+        let committed = made.and_then(|made| {
             self.catalog.write(|tx| -> Result<()> {
                 // Again in the write: two creates at once must not both pass.
                 if let Some(identity) = &o.identity {
@@ -653,10 +827,11 @@ impl<'a> Pools<'a> {
                     insecure_display,
                     identity: o.identity.as_ref(),
                 })?;
-                for (i, uuid) in (1..=o.size).zip(&uuids) {
+                tx.set_pool_hosts(id, &hosts)?;
+                for ((i, (uuid, overlay)), host_id) in (1..=o.size).zip(&made).zip(&placed) {
                     let name = desktop_name(o.name, i);
-                    let overlay = overlay_rel(o.name, &name);
-                    let d = NewDesktop { index: i, name: &name, overlay: &overlay, version: version.number, uuid };
+                    let d =
+                        NewDesktop { index: i, name: &name, overlay, version: version.number, uuid, host_id: *host_id };
                     tx.insert_desktop(id, &d)?;
                 }
                 tx.audit(Audit {
@@ -671,13 +846,14 @@ impl<'a> Pools<'a> {
                         "insecure_display": insecure_display,
                         // Paths and names only: the join secret is never read into the catalog.
                         "identity": o.identity,
+                        "hosts": o.hosts, "zone": o.zone,
                     }),
                 })?;
                 Ok(())
             })
         });
         if let Err(e) = committed {
-            let _ = self.remove_leftovers(o.name);
+            let _ = self.remove_leftovers(o.name, &hosts);
             return Err(e);
         }
         if o.start {
@@ -697,18 +873,28 @@ impl<'a> Pools<'a> {
         let mut out = vec![];
         for image in images {
             let d = names::legacy_dev_domain(&image);
-            if is_desktop_of(pool, &d) && self.hv.exists(&d)? {
+            if is_desktop_of(pool, &d) && self.sites.local().exists(&d)? {
                 out.push((d, image));
             }
         }
         Ok(out)
     }
 
-    fn remove_leftovers(&mut self, pool: &str) -> Result<()> {
+    /// Domains and files named for `pool`, here and on `hosts`, that the catalog does not know.
+    fn remove_leftovers(&mut self, pool: &str, hosts: &[i64]) -> Result<()> {
         let keep: Vec<String> = self.legacy_dev_desktops(pool)?.into_iter().map(|(d, _)| d).collect();
-        for d in self.hv.list(&format!("vdim-{pool}-"))? {
+        for d in self.sites.local().list(&format!("vdim-{pool}-"))? {
             if is_desktop_of(pool, &d) && !keep.contains(&d) {
-                self.desktops().remove_domain(&d)?;
+                self.desktops().remove_domain(None, &d)?;
+            }
+        }
+        for h in hosts {
+            let ds = self.desktops();
+            for d in self.sites.hv(Some(*h))?.list(&format!("vdim-{pool}-"))? {
+                if is_desktop_of(pool, &d) {
+                    ds.remove_domain(Some(*h), &d)?;
+                    ds.remove_host_files(*h, &d)?;
+                }
             }
         }
         let home = self.home();
@@ -755,23 +941,24 @@ impl<'a> Pools<'a> {
 
     pub fn show(&mut self, name: &str) -> Result<PoolView> {
         names::validate("pool", name)?;
-        let (pool, desktops, channel_version) = self.catalog.read(|tx| -> Result<_> {
+        let (pool, desktops, channel_version, hosts) = self.catalog.read(|tx| -> Result<_> {
             let pool = Self::load_pool(tx, name)?;
             let image = tx.image(&pool.image)?;
             let cv = tx.channel(&image, pool.channel)?;
-            Ok((pool.clone(), tx.desktops(pool.id)?, cv))
+            Ok((pool.clone(), tx.desktops(pool.id)?, cv, tx.pool_hosts(pool.id)?))
         })?;
+        let hosts = hosts.into_iter().filter_map(|h| self.sites.host_name(Some(h))).collect();
         let desktops = desktops
             .into_iter()
             .map(|d| {
-                let state = match self.hv.state(&d.name) {
+                let state = match self.sites.hv(d.host_id).and_then(|hv| Ok(hv.state(&d.name)?)) {
                     Ok((s, reason)) => format!(
                         "{}{}",
                         state_word(s),
                         if reason.is_empty() { String::new() } else { format!(" ({reason})") }
                     ),
-                    Err(HypervisorError::NotFound { .. }) => "undefined".into(),
-                    Err(e) => format!("unknown: {e}"),
+                    Err(PoolError::Hypervisor(HypervisorError::NotFound { .. })) => "undefined".into(),
+                    Err(e) => format!("unknown: {}", crate::error::message(&e)),
                 };
                 DesktopView {
                     hostname: pool.identity.as_ref().map(|i| identity::hostname(&i.hostname_pattern, d.index)),
@@ -779,13 +966,14 @@ impl<'a> Pools<'a> {
                     version: d.version,
                     will_run: d.target.unwrap_or(d.version),
                     overlay: self.desktops().overlay_path(&d),
+                    host: self.sites.host_name(d.host_id),
                     assigned_to: d.assigned_to,
                     needs_reset: d.needs_reset,
                     name: d.name,
                 }
             })
             .collect();
-        Ok(PoolView { pool, channel_version, desktops })
+        Ok(PoolView { pool, channel_version, hosts, desktops })
     }
 
     // ---- start / stop ----------------------------------------------------------------------
@@ -814,12 +1002,11 @@ impl<'a> Pools<'a> {
         })?;
         // Pending resets first (they boot what they reset), then every other desktop.
         let mut done = self.heal_pools(std::slice::from_ref(&pool.name), &[])?;
-        let rest: Vec<String> = self
+        let rest: Vec<Desktop> = self
             .catalog
             .read(|tx| tx.desktops(pool.id))?
             .into_iter()
-            .map(|d| d.name)
-            .filter(|d| !done.failed.iter().any(|(f, _)| f == d))
+            .filter(|d| !done.failed.iter().any(|(f, _)| *f == d.name))
             .collect();
         done.add(self.start_all(&rest));
         Ok(done)
@@ -863,11 +1050,11 @@ impl<'a> Pools<'a> {
             })?;
             Ok(())
         })?;
-        let names: Vec<String> = desktops.into_iter().map(|d| d.name).collect();
+        let names: Vec<String> = desktops.iter().map(|d| d.name.clone()).collect();
         let ds = self.desktops();
         // Persistent desktops get an ACPI shutdown first: the user's disk should be clean.
         let clean = pool.persistent && !force;
-        let done = Done::of(&names, ds.each(&names, "stopped", |n| ds.stop(n, clean)));
+        let done = Done::of(&names, ds.each(&desktops, "stopped", |d| ds.stop(d, clean)));
         Ok(PoolOutcome { pool: name.to_string(), desktops: done.ok.clone(), failed: done.failures() })
     }
 
@@ -1094,6 +1281,7 @@ impl<'a> Pools<'a> {
             })?;
             pools.push(found);
         }
+        self.move_off_hosts(&mut pools)?;
         // Firmware state (UEFI variables, TPM) goes with the disk: a persistent desktop keeps
         // its definition, so its NVRAM file and its UUID (libvirt's key to the swtpm state)
         // stay; a non-persistent one is defined afresh, both removed first.
@@ -1115,8 +1303,29 @@ impl<'a> Pools<'a> {
                 });
             }
         }
-        let ds = self.desktops();
         let mut done = Done::default();
+        // A desktop on a host is made only from a chain read back right there: one whose
+        // version is pending on its host is left as it was, its reset due.
+        let pending = self.catalog.read(|tx| -> Result<Vec<(String, PoolError)>> {
+            let mut out = vec![];
+            for r in resets.iter().filter(|r| r.desktop.host_id.is_some()) {
+                let h = r.desktop.host_id.expect("on a host");
+                let held: Vec<String> = tx.host_layers(h)?.into_iter().map(|(d, _)| d).collect();
+                let chain = crate::hosts::chain(tx, &tx.image(&r.pool.image)?, r.desktop.version)
+                    .map_err(|e| PoolError::Placement { pool: r.pool.name.clone(), why: crate::error::message(&e) })?;
+                if !chain.iter().all(|d| held.contains(d)) {
+                    let host = self.sites.host_name(Some(h)).unwrap_or_default();
+                    out.push((
+                        r.desktop.name.clone(),
+                        PoolError::Pending { desktop: r.desktop.name.clone(), version: r.desktop.version, host },
+                    ));
+                }
+            }
+            Ok(out)
+        })?;
+        resets.retain(|r| !pending.iter().any(|(n, _)| *n == r.desktop.name));
+        done.failed.extend(pending);
+        let ds = self.desktops();
         let with_drive: Vec<&Reset> = resets.iter().filter(|r| r.pool.identity.is_some()).collect();
         let drives = ds.each(&with_drive, "drives built", |r| {
             let d = &r.desktop;
@@ -1127,8 +1336,12 @@ impl<'a> Pools<'a> {
         let names: Vec<String> = with_drive.iter().map(|r| r.desktop.name.clone()).collect();
         done.add(Done::of(&names, drives));
         resets.retain(|r| !done.failed.iter().any(|(n, _)| *n == r.desktop.name));
-        let overlays: Vec<(PathBuf, String, u64)> =
-            resets.iter().map(|r| (ds.overlay_path(&r.desktop), r.digest.clone(), r.virtual_size)).collect();
+        // The home's overlays in one batch; a host's desktop gets its own in its reset.
+        let overlays: Vec<(PathBuf, String, u64)> = resets
+            .iter()
+            .filter(|r| r.desktop.host_id.is_none())
+            .map(|r| (ds.overlay_path(&r.desktop), r.digest.clone(), r.virtual_size))
+            .collect();
         ds.write_overlays(&overlays)?;
         let names: Vec<String> = resets.iter().map(|r| r.desktop.name.clone()).collect();
         let outcomes = ds.each(&resets, "reset", |r| ds.reset(r));
@@ -1144,6 +1357,126 @@ impl<'a> Pools<'a> {
             })?;
         }
         Ok(done)
+    }
+
+    /// Due desktops of non-persistent pools on a host that is draining or fenced get another
+    /// host of their pool before their reset (which makes them there afresh): each to the
+    /// least loaded eligible one. What a draining host held is removed there first (a fenced
+    /// host is not called: it is off). A desktop no host can take stays where it is, due.
+    fn move_off_hosts(&mut self, pools: &mut [(Pool, Vec<DueReset>)]) -> Result<()> {
+        let leaving: BTreeMap<i64, String> = self
+            .catalog
+            .read(|tx| tx.hosts())?
+            .into_iter()
+            .filter(|h| h.state == "draining" || h.state == "fenced")
+            .map(|h| (h.id, h.state))
+            .collect();
+        if leaving.is_empty() {
+            return Ok(());
+        }
+        for (pool, todo) in pools.iter_mut().filter(|(p, _)| !p.persistent) {
+            let away: Vec<usize> =
+                (0..todo.len()).filter(|i| todo[*i].0.host_id.is_some_and(|h| leaving.contains_key(&h))).collect();
+            if away.is_empty() {
+                continue;
+            }
+            let hosts: Vec<i64> = self
+                .catalog
+                .read(|tx| tx.pool_hosts(pool.id))?
+                .into_iter()
+                .filter(|h| !leaving.contains_key(h))
+                .collect();
+            // Each version's chain is checked per host: place per version.
+            let mut by_version: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+            for i in away {
+                by_version.entry(todo[i].0.version).or_default().push(i);
+            }
+            for (version, idx) in by_version {
+                self.replicate_to(&hosts, &pool.image, version, false, &Actor("vdim".into()))?;
+                let placed = match self.place_new(&pool.name, &hosts, &pool.image, version, idx.len()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(pool = %pool.name, error = %crate::error::message(&e), "desktops stay on a leaving host");
+                        continue;
+                    }
+                };
+                for (i, new) in idx.into_iter().zip(placed) {
+                    let new = new.expect("a pool with hosts places on hosts");
+                    let d = &todo[i].0;
+                    let old = d.host_id.expect("on a leaving host");
+                    if leaving.get(&old).is_some_and(|s| s == "draining") {
+                        let ds = self.desktops();
+                        if let Err(e) =
+                            ds.remove_domain(Some(old), &d.name).and_then(|()| ds.remove_host_files(old, &d.name))
+                        {
+                            tracing::warn!(desktop = %d.name, error = %crate::error::message(&e), "not moved off its draining host");
+                            continue;
+                        }
+                    }
+                    let overlay = self.desktops().overlay_for(Some(new), &pool.name, &d.name)?.display().to_string();
+                    self.catalog.write(|tx| tx.place_desktop(d.id, new, &overlay))?;
+                    tracing::info!(desktop = %d.name, from = ?self.sites.host_name(Some(old)), to = ?self.sites.host_name(Some(new)), "desktop moved to another host");
+                    let d = &mut todo[i].0;
+                    (d.host_id, d.overlay) = (Some(new), overlay);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A host's desktops leave it: `fenced` (it is off) ends every session on them and makes
+    /// each non-persistent one again on another host of its pool, at once; a persistent one
+    /// waits for the host (its disk is there). Otherwise (draining) idle desktops move now and
+    /// those in use at their logoff. Returns the desktops made elsewhere, those waiting, and
+    /// those that failed (still due: the next heal tries again).
+    pub fn evacuate(&mut self, host: i64, fenced: bool, actor: &Actor) -> Result<Evacuated> {
+        let (desktops, pools) = self.catalog.read(|tx| -> Result<_> {
+            let ds = tx.desktops_on(host)?;
+            let pools: BTreeMap<i64, Pool> = tx.pools()?.into_iter().map(|p| (p.id, p)).collect();
+            Ok((ds, pools))
+        })?;
+        let mut names: Vec<String> =
+            desktops.iter().filter_map(|d| pools.get(&d.pool_id)).map(|p| p.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        let _locks = self.lock_pools(&names)?;
+        let mut out = Evacuated::default();
+        let host_name = self.sites.host_name(Some(host)).unwrap_or_default();
+        self.catalog.write(|tx| -> Result<()> {
+            for d in &desktops {
+                let Some(p) = pools.get(&d.pool_id) else { continue };
+                let version = d.target.unwrap_or(d.version);
+                if p.persistent {
+                    if fenced {
+                        tx.end_stale_sessions_on(&d.name)?;
+                        out.waiting.push(d.name.clone());
+                    }
+                    continue;
+                }
+                if fenced {
+                    // Its user's session died with the host: ended here, the desktop free again.
+                    tx.end_stale_sessions_on(&d.name)?;
+                    tx.unassign(d.id)?;
+                    tx.mark_reset(d.id, version)?;
+                    out.moving.push(d.name.clone());
+                } else if tx.claim_for_reset(d.id, version)? {
+                    out.moving.push(d.name.clone());
+                } else {
+                    out.at_logoff.push(d.name.clone());
+                }
+            }
+            tx.audit(Audit {
+                actor: &actor.0,
+                action: if fenced { "host.failover" } else { "host.drain" },
+                detail: json!({"host": host_name, "moving": out.moving, "at_logoff": out.at_logoff, "waiting": out.waiting}),
+                ..Default::default()
+            })?;
+            Ok(())
+        })?;
+        let done = self.heal_pools(&names, &[])?;
+        out.failed = done.failures();
+        out.moved = done.ok;
+        Ok(out)
     }
 
     /// Move desktops of pools, picked while idle, to the version each move names, now (fresh
@@ -1236,16 +1569,16 @@ impl<'a> Pools<'a> {
     pub fn stop_if_pool_stopped(&mut self, pool: &str, desktops: &[String]) -> Result<()> {
         let (p, idle) = self.catalog.read(|tx| -> Result<_> {
             let p = Self::load_pool(tx, pool)?;
-            let idle: Vec<String> =
-                tx.desktops(p.id)?.into_iter().filter(|d| d.assigned_to.is_none()).map(|d| d.name).collect();
+            let idle: Vec<Desktop> = tx.desktops(p.id)?.into_iter().filter(|d| d.assigned_to.is_none()).collect();
             Ok((p, idle))
         })?;
         if p.running {
             return Ok(());
         }
-        let names: Vec<String> = desktops.iter().filter(|d| idle.contains(d)).cloned().collect();
+        let stop: Vec<Desktop> = idle.into_iter().filter(|d| desktops.contains(&d.name)).collect();
+        let names: Vec<String> = stop.iter().map(|d| d.name.clone()).collect();
         let ds = self.desktops();
-        Done::of(&names, ds.each(&names, "stopped", |n| ds.stop(n, false))).into_result().map(drop)
+        Done::of(&names, ds.each(&stop, "stopped", |d| ds.stop(d, false))).into_result().map(drop)
     }
 
     /// After a rollout: the pool runs `to` (history recorded); in-use desktops still on
@@ -1279,9 +1612,16 @@ impl<'a> Pools<'a> {
 
     // ---- assignment (the broker's and an admin's) -----------------------------------------------
 
+    /// The hypervisor of the host a desktop is on.
+    pub(crate) fn hv_of(&mut self, desktop: &str) -> Result<Hv<'a>> {
+        let d =
+            self.catalog.read(|tx| tx.desktop(desktop))?.ok_or_else(|| PoolError::DesktopNotFound(desktop.into()))?;
+        self.sites.hv(d.host_id)
+    }
+
     /// What hands desktops to users (this service's `assign` and the broker's sessions).
     pub(crate) fn hand_out(&self) -> HandOut<'a> {
-        HandOut { hv: self.hv, profiles: self.profiles }
+        HandOut { sites: self.sites.clone(), profiles: self.profiles }
     }
 
     /// Give an idle desktop of the pool to `user`.
@@ -1397,12 +1737,14 @@ impl<'a> Pools<'a> {
             return Err(PoolError::Size { size: *i, max: MAX_POOL_SIZE });
         }
         let indexes: Vec<u32> = new.iter().map(|(i, _)| *i).collect();
-        let made = self.provision(pool, &profile, &indexes, digest, vsize);
-        let committed = made.and_then(|uuids| {
+        let pool_hosts = self.catalog.read(|tx| tx.pool_hosts(pool.id))?;
+        self.replicate_to(&pool_hosts, &pool.image, pool.version, false, actor)?;
+        let placed = self.place_new(name, &pool_hosts, &pool.image, pool.version, indexes.len())?;
+        let made = self.provision(pool, &profile, &indexes, &placed, digest, vsize);
+        let committed = made.and_then(|made| {
             self.catalog.write(|tx| -> Result<()> {
-                for ((i, dn), uuid) in new.iter().zip(&uuids) {
-                    let overlay = overlay_rel(name, dn);
-                    let d = NewDesktop { index: *i, name: dn, overlay: &overlay, version: pool.version, uuid };
+                for (((i, dn), (uuid, overlay)), host_id) in new.iter().zip(&made).zip(&placed) {
+                    let d = NewDesktop { index: *i, name: dn, overlay, version: pool.version, uuid, host_id: *host_id };
                     tx.insert_desktop(pool.id, &d)?;
                 }
                 record_resize(tx, pool, actor, current, size)?;
@@ -1411,16 +1753,21 @@ impl<'a> Pools<'a> {
         });
         let ds = self.desktops();
         if let Err(e) = committed {
-            for (_, dn) in &new {
-                let _ = ds.remove_domain(dn);
-                let _ = fs::remove_file(self.home().root().join(overlay_rel(name, dn)));
+            for ((_, dn), host) in new.iter().zip(&placed) {
+                let _ = ds.remove_domain(*host, dn);
+                match host {
+                    None => drop(fs::remove_file(self.home().root().join(overlay_rel(name, dn)))),
+                    Some(h) => drop(ds.remove_host_files(*h, dn)),
+                }
                 let _ = fs::remove_file(ds.config_drive(name, dn));
             }
             return Err(e);
         }
         if pool.running {
             let names: Vec<String> = new.into_iter().map(|(_, n)| n).collect();
-            self.start_all(&names).into_result()?;
+            let fresh: Vec<Desktop> =
+                self.catalog.read(|tx| tx.desktops(pool.id))?.into_iter().filter(|d| names.contains(&d.name)).collect();
+            self.start_all(&fresh).into_result()?;
         }
         Ok(())
     }
@@ -1453,11 +1800,8 @@ impl<'a> Pools<'a> {
         })?;
         let ds = self.desktops();
         let outcomes = ds.each(doomed, "removed", |d| {
-            ds.remove_domain(&d.name)?;
-            let _ = fs::remove_file(ds.overlay_path(d));
-            let _ = fs::remove_file(ds.nvram_path(name, &d.name));
-            let _ = fs::remove_file(ds.serial_log(name, &d.name));
-            let _ = fs::remove_file(ds.config_drive(name, &d.name));
+            ds.remove_domain(d.host_id, &d.name)?;
+            ds.remove_files(d, name)?;
             Ok(true)
         });
         let names: Vec<String> = doomed.iter().map(|d| d.name.clone()).collect();
@@ -1486,10 +1830,20 @@ impl<'a> Pools<'a> {
         // fails the pool stays (stopped) and the command can be run again.
         let names: Vec<String> = desktops.iter().map(|d| d.name.clone()).collect();
         let ds = self.desktops();
-        let removed = Done::of(&names, ds.each(&names, "removed", |n| ds.remove_domain(n).map(|()| true)));
+        let removed = Done::of(
+            &names,
+            ds.each(&desktops, "removed", |d| {
+                ds.remove_domain(d.host_id, &d.name)?;
+                if d.host_id.is_some() {
+                    ds.remove_files(d, name)?;
+                }
+                Ok(true)
+            }),
+        );
         if !removed.failed.is_empty() {
             return Err(PoolError::Desktops { failed: removed.failures() });
         }
+        let pool_hosts = self.catalog.read(|tx| tx.pool_hosts(pool.id))?;
         self.catalog.write(|tx| -> Result<()> {
             tx.delete_pool(pool.id)?;
             tx.audit(Audit {
@@ -1502,7 +1856,10 @@ impl<'a> Pools<'a> {
             })?;
             Ok(())
         })?;
-        self.remove_leftovers(name)
+        // Hosts that are fenced are not called (what they hold is removed at their return).
+        let reachable: Vec<i64> =
+            pool_hosts.into_iter().filter(|h| self.sites.host(*h).is_ok_and(|h| h.state != "fenced")).collect();
+        self.remove_leftovers(name, &reachable)
     }
 }
 
@@ -1511,7 +1868,7 @@ impl<'a> Pools<'a> {
 /// before a user gets the desktop. Both calls run inside the catalog transaction that records
 /// the hand-out, so a failed eject rolls it back and nothing is handed out.
 pub(crate) struct HandOut<'a> {
-    hv: &'a dyn Hypervisor,
+    sites: Sites<'a>,
     profiles: &'a Path,
 }
 
@@ -1520,20 +1877,20 @@ impl HandOut<'_> {
     pub(crate) fn idle(&self, tx: &Tx, pool: &Pool, user: &str) -> Result<Desktop> {
         let d =
             tx.assign_idle(pool.id, user)?.ok_or(PoolError::Exhausted { pool: pool.name.clone(), size: pool.size })?;
-        self.eject(pool, &d.name)?;
+        self.eject(pool, &d)?;
         Ok(d)
     }
 
     /// Eject the media of `desktop`'s identity drive (nothing to do in a pool without one).
     /// A reset defines a non-persistent desktop with a fresh drive again; a persistent one
     /// keeps no media in its definition from here on.
-    pub(crate) fn eject(&self, pool: &Pool, desktop: &str) -> Result<()> {
+    pub(crate) fn eject(&self, pool: &Pool, desktop: &Desktop) -> Result<()> {
         if pool.identity.is_none() {
             return Ok(());
         }
         let dev = domain_xml::config_drive_dev(&Profile::load(self.profiles, &pool.profile)?);
-        self.hv.eject_media(desktop, dev).map_err(|source| PoolError::Eject {
-            desktop: desktop.to_string(),
+        self.sites.hv(desktop.host_id)?.eject_media(&desktop.name, dev).map_err(|source| PoolError::Eject {
+            desktop: desktop.name.clone(),
             pool: pool.name.clone(),
             source: Box::new(source),
         })

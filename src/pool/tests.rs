@@ -91,6 +91,8 @@ impl Fixture {
             display_listen: "127.0.0.1".parse().expect("ip"),
             insecure_display: false,
             identity: None,
+            hosts: &[],
+            zone: None,
         };
         self.pools().create(&create, &actor()).expect("pool create")
     }
@@ -323,6 +325,8 @@ fn an_identity_pool_boots_each_desktop_with_its_drive_and_builds_it_again_at_log
         display_listen: "127.0.0.1".parse().expect("ip"),
         insecure_display: false,
         identity: Some(identity),
+        hosts: &[],
+        zone: None,
     };
     let view = f.pools().create(&create, &actor()).expect("pool create");
     let hosts: Vec<_> = view.desktops.iter().map(|d| d.hostname.clone().unwrap_or_default()).collect();
@@ -355,6 +359,8 @@ fn a_pool_whose_computer_names_could_be_another_pools_is_refused_and_nothing_is_
         display_listen: "127.0.0.1".parse().expect("ip"),
         insecure_display: false,
         identity: Some(Identity { hostname_pattern: pattern.into(), join: None, user_data: None }),
+        hosts: &[],
+        zone: None,
     };
     f.pools().create(&options("fin", "FIN-{n}"), &actor()).expect("first pool");
     let before = f.hv.calls().len();
@@ -403,6 +409,8 @@ fn windows_pool(persistent: bool) -> (tempfile::TempDir, Context, Arc<FakeHyperv
         display_listen: "127.0.0.1".parse().expect("ip"),
         insecure_display: false,
         identity: None,
+        hosts: &[],
+        zone: None,
     };
     ctx.pools().expect("pools").create(&create, &Actor("tester".into())).expect("create");
     ctx.catalog()
@@ -485,6 +493,8 @@ fn identity_pool(f: &mut Fixture, size: u32, cred: &Path) {
         display_listen: "127.0.0.1".parse().expect("ip"),
         insecure_display: false,
         identity: Some(identity),
+        hosts: &[],
+        zone: None,
     };
     f.pools().create(&create, &actor()).expect("pool create");
 }

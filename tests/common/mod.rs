@@ -205,10 +205,18 @@ impl LibvirtEnv {
     /// The latest `GUEST-MARKER:` line of a desktop's serial console, waiting up to `secs`.
     pub fn wait_marker(&self, pool: &str, desktop: &str, want: &str, secs: u64) -> String {
         let log = self.env.home().join("run").join(pool).join(format!("{desktop}.serial.log"));
+        wait_serial(&log, desktop, want, secs)
+    }
+}
+
+/// The latest `GUEST-MARKER:` line of the serial console logged at `log`, once it contains
+/// `want` and the guest said it is healthy, waiting up to `secs`.
+pub fn wait_serial(log: &Path, desktop: &str, want: &str, secs: u64) -> String {
+    {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         let mut last = String::new();
         while std::time::Instant::now() < deadline {
-            let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            let text = std::fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
             if let Some(l) = text.lines().rev().find(|l| l.starts_with("GUEST-MARKER:")) {
                 last = l.trim_end_matches('\r').to_string();
                 if last.contains(want) && text.contains("GUEST: healthy") {
