@@ -555,10 +555,12 @@ impl<'a> Sessions<'a> {
     }
 
     fn set_ticket(&mut self, s: &Session, kind: GraphicsKind, password: &str) -> Result<GraphicsEndpoint> {
-        self.pools
+        let endpoint = self
+            .pools
             .hv_of(&s.desktop)?
             .set_graphics_password(&s.desktop, kind, password, SystemTime::now() + TICKET_TTL)
-            .map_err(|source| UserError::NoConsole { desktop: s.desktop.clone(), session: s.id.clone(), source })
+            .map_err(|source| UserError::NoConsole { desktop: s.desktop.clone(), session: s.id.clone(), source })?;
+        Ok(self.pools.reachable_display(&s.desktop, endpoint)?)
     }
 
     /// Where the session's SPICE display listens now, its ticket untouched: checked before a
@@ -567,7 +569,10 @@ impl<'a> Sessions<'a> {
         let session = self.get(Some(caller), id)?;
         self.check_holds(&session)?;
         match self.pools.hv_of(&session.desktop)?.graphics(&session.desktop, GraphicsKind::Spice) {
-            Ok(endpoint) => Ok((session, endpoint)),
+            Ok(endpoint) => {
+                let endpoint = self.pools.reachable_display(&session.desktop, endpoint)?;
+                Ok((session, endpoint))
+            }
             Err(source) => Err(UserError::NoConsole { desktop: session.desktop, session: session.id, source }),
         }
     }

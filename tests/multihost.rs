@@ -226,7 +226,15 @@ fn a_killed_host_with_a_fence_command_has_its_desktops_back_elsewhere_and_users_
     let hosts = add_hosts(&t, &fake, &fence);
     let pool = t.pool_name("p");
     marker_image(&t.env, "img", "fo-v1");
-    t.create_pool(&pool, "img", "test", 6, "test-linux", &["--start", "--hosts", &hosts.join(",")]);
+    let listen = ["--display-listen", "0.0.0.0", "--insecure-display"];
+    t.create_pool(
+        &pool,
+        "img",
+        "test",
+        6,
+        "test-linux",
+        &[&["--start", "--hosts", &hosts.join(",")][..], &listen].concat(),
+    );
     wait_markers(&t, &pool, "fo-v1");
     let alice = t.vdim_json(&["user", "add", "alice"]);
     let token = alice["token"].as_str().unwrap().to_string();
@@ -252,8 +260,24 @@ fn a_killed_host_with_a_fence_command_has_its_desktops_back_elsewhere_and_users_
         .output()
         .unwrap();
     let sess: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert!(sess["desktop"].as_str().is_some_and(|d| placed.contains_key(d)), "{sess}\n{}", srv.log());
+    let desktop = sess["desktop"].as_str().unwrap_or_else(|| panic!("{sess}\n{}", srv.log()));
+    assert!(placed.contains_key(desktop), "{sess}");
     assert!(srv.log().contains("host fenced"), "{}", srv.log());
+
+    // Its console is on its host: the .vv names that host's address, and the display answers there.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{}/api/v1/sessions/{}/console.vv", srv.base, sess["id"].as_str().unwrap()))
+        .output()
+        .unwrap();
+    let vv = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |k: &str| vv.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or_else(|| panic!("{vv}"));
+    let host_index: usize = placed[desktop].trim_start_matches("hv").parse().unwrap();
+    let want = fake.uris()[host_index].split("//").nth(1).unwrap().split('/').next().unwrap().to_string();
+    assert_eq!(field("host"), want, "{vv}");
+    let port: u16 = field("port").parse().unwrap();
+    std::net::TcpStream::connect_timeout(&format!("{want}:{port}").parse().unwrap(), Duration::from_secs(5))
+        .expect("the display answers on its host");
 }
 
 #[test]

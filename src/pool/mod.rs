@@ -15,7 +15,7 @@ use crate::catalog::{Audit, Catalog, CatalogError, Channel, Desktop, Pool, Tx};
 use crate::fleet::{Failure, Progress, Quiet};
 use crate::home::Home;
 use crate::hypervisor::domain_xml::{self, DomainXmlError, VirtType};
-use crate::hypervisor::{Connections, DomainState, Hypervisor, HypervisorError};
+use crate::hypervisor::{Connections, DomainState, GraphicsEndpoint, Hypervisor, HypervisorError};
 use crate::identity::{self, DomainJoin, Identity, IdentityError};
 use crate::lock::{self, Lock, LockError};
 use crate::names::{self, NameError};
@@ -71,6 +71,11 @@ pub enum PoolError {
     HostFenced(String),
     #[error("pool '{pool}': {why}")]
     Placement { pool: String, why: String },
+    #[error(
+        "the display of desktop '{desktop}' listens on loopback on host '{host}', which nothing but that host \
+         reaches: create pools on hosts with --display-listen 0.0.0.0 (or the hosts' address)"
+    )]
+    DisplayOnLoopback { desktop: String, host: String },
     #[error(
         "desktop '{desktop}' was not reset: version {version} is pending on host '{host}' (its chain is not \
          verified there: 'vdim host sync {host}'); it is not handed out before its reset"
@@ -140,7 +145,10 @@ impl crate::error::Kind for PoolError {
             PoolError::Identity(e) => e.kind(),
             PoolError::NotFound(_) | PoolError::DesktopNotFound(_) | PoolError::NoHost(_) => K::NotFound,
             PoolError::HostGone(_) => K::Internal,
-            PoolError::HostFenced(_) | PoolError::Placement { .. } | PoolError::Pending { .. } => K::Conflict,
+            PoolError::HostFenced(_)
+            | PoolError::Placement { .. }
+            | PoolError::Pending { .. }
+            | PoolError::DisplayOnLoopback { .. } => K::Conflict,
             PoolError::Size { .. }
             | PoolError::NameTooLong(_)
             | PoolError::VirtType(_)
@@ -746,20 +754,31 @@ impl<'a> Pools<'a> {
             self.catalog.read(|tx| no_hostname_clash(tx, o.name, id))?;
         }
         let profile = Profile::load(self.profiles, o.profile)?;
-        let listen = o.display_listen.to_string();
         // Loopback needs no TLS, and plaintext elsewhere only when asked for.
         let insecure_display = o.insecure_display && !o.display_listen.is_loopback();
-        if profile.graphics().contains(&profile::Graphics::Spice)
-            && display_tls(&listen, insecure_display)
-            && !self.sites.local().spice_tls()?
-        {
-            return Err(PoolError::DisplayTlsUnavailable {
-                pool: o.name.to_string(),
-                listen,
-                uri: self.sites.local().uri().to_string(),
-            });
-        }
         Ok((profile, insecure_display))
+    }
+
+    /// SPICE off loopback is TLS unless asked otherwise: every libvirt the pool's desktops
+    /// go to (its hosts, or the local one) must serve it.
+    fn check_display_tls(&self, o: &CreateOptions, profile: &Profile, insecure: bool, hosts: &[i64]) -> Result<()> {
+        let listen = o.display_listen.to_string();
+        if !profile.graphics().contains(&profile::Graphics::Spice) || !display_tls(&listen, insecure) {
+            return Ok(());
+        }
+        let sites: Vec<Option<i64>> =
+            if hosts.is_empty() { vec![None] } else { hosts.iter().map(|h| Some(*h)).collect() };
+        for site in sites {
+            let hv = self.sites.hv(site)?;
+            if !hv.spice_tls()? {
+                return Err(PoolError::DisplayTlsUnavailable {
+                    pool: o.name.to_string(),
+                    listen,
+                    uri: hv.uri().to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn create(&mut self, o: &CreateOptions, actor: &Actor) -> Result<PoolView> {
@@ -775,6 +794,7 @@ impl<'a> Pools<'a> {
         })?;
         usable_version(&profile, &image.name, &version)?;
         let hosts = self.resolve_hosts(o.hosts, o.zone)?;
+        self.check_display_tls(o, &profile, insecure_display, &hosts)?;
         // Layers reach a host before desktops do.
         self.replicate_to(&hosts, &image.name, version.number, false, actor)?;
         let placed = self.place_new(o.name, &hosts, &image.name, version.number, o.size as usize)?;
@@ -1617,6 +1637,25 @@ impl<'a> Pools<'a> {
         let d =
             self.catalog.read(|tx| tx.desktop(desktop))?.ok_or_else(|| PoolError::DesktopNotFound(desktop.into()))?;
         self.sites.hv(d.host_id)
+    }
+
+    /// Where the broker and thin clients reach a desktop's display: on its host, a display on
+    /// every address is reached at the host's own address (its URI's); one on loopback
+    /// there is reachable from nowhere else, and says so.
+    pub(crate) fn reachable_display(&mut self, desktop: &str, mut e: GraphicsEndpoint) -> Result<GraphicsEndpoint> {
+        let d =
+            self.catalog.read(|tx| tx.desktop(desktop))?.ok_or_else(|| PoolError::DesktopNotFound(desktop.into()))?;
+        let Some(h) = d.host_id else { return Ok(e) };
+        let host = self.sites.host(h)?;
+        let ip = e.listen.parse::<IpAddr>().ok();
+        if ip.is_some_and(|ip| ip.is_loopback()) {
+            return Err(PoolError::DisplayOnLoopback { desktop: desktop.into(), host: host.name.clone() });
+        }
+        if ip.is_some_and(|ip| ip.is_unspecified()) {
+            e.listen = sites::uri_host(&host.uri)
+                .ok_or_else(|| PoolError::DisplayOnLoopback { desktop: desktop.into(), host: host.name.clone() })?;
+        }
+        Ok(e)
     }
 
     /// What hands desktops to users (this service's `assign` and the broker's sessions).

@@ -29,6 +29,17 @@ pub fn layer_on(h: &Host, digest: &str) -> PathBuf {
     PathBuf::from(&h.store_path).join(format!("{digest}.qcow2"))
 }
 
+/// The host part of a libvirt URI (`qemu+tls://hv2.example.com:16514/system` -> `hv2.example.com`,
+/// `qemu+ssh://root@[fd00::2]/system` -> `fd00::2`): where the host's displays are reached.
+pub fn uri_host(uri: &str) -> Option<String> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host =
+        if let Some(v6) = host_port.strip_prefix('[') { v6.split(']').next()? } else { host_port.split(':').next()? };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
 /// The hypervisor a desktop is on.
 pub enum Hv<'a> {
     Local(&'a dyn Hypervisor),
@@ -168,6 +179,14 @@ mod tests {
         // hv2 and hv3 tie at 0 (name decides), then spread until hv2 is full at 3.
         assert_eq!(place(&hosts, 6).unwrap(), vec![2, 3, 2, 3, 1, 2]);
         assert_eq!(place(&hosts, 9).unwrap().iter().filter(|h| **h == 2).count(), 3, "hv2 never past its maximum");
+    }
+
+    #[test]
+    fn a_hosts_display_address_is_its_uris_host() {
+        assert_eq!(uri_host("qemu+tls://hv2.example.com:16514/system").as_deref(), Some("hv2.example.com"));
+        assert_eq!(uri_host("qemu+ssh://root@[fd00::2]/system").as_deref(), Some("fd00::2"));
+        assert_eq!(uri_host("qemu+tcp://10.77.3.2/system").as_deref(), Some("10.77.3.2"));
+        assert_eq!(uri_host("qemu:///system"), None);
     }
 
     #[test]
