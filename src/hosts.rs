@@ -109,6 +109,10 @@ pub struct AddRequest {
 pub struct HostView {
     #[serde(flatten)]
     pub host: Host,
+    /// up, suspect, dead (by its probes) or fenced.
+    pub liveness: &'static str,
+    /// Desktops placed there.
+    pub desktops: usize,
     /// Layers recorded verified there.
     pub layers_verified: usize,
 }
@@ -118,8 +122,12 @@ pub struct HostView {
 pub struct HostDetail {
     #[serde(flatten)]
     pub host: Host,
+    /// up, suspect, dead (by the probes recorded) or fenced.
+    pub liveness: &'static str,
     /// Whether its libvirt answered now, and its error when not.
     pub reachable: bool,
+    /// The desktops placed there.
+    pub desktops: Vec<String>,
     pub error: Option<String>,
     /// Every layer recorded verified there (digest, when).
     pub layers: Vec<(String, String)>,
@@ -217,7 +225,8 @@ impl<'a> Hosts<'a> {
             let mut out = vec![];
             for host in tx.hosts()? {
                 let layers_verified = tx.host_layers(host.id)?.len();
-                out.push(HostView { host, layers_verified });
+                let desktops = tx.desktops_on(host.id)?.len();
+                out.push(HostView { liveness: liveness(&host), host, desktops, layers_verified });
             }
             Ok(out)
         })
@@ -227,8 +236,9 @@ impl<'a> Hosts<'a> {
     pub fn show(&mut self, name: &str) -> Result<HostDetail> {
         let host = self.load(name)?;
         let error = self.links.probe(&host.uri, PROBE_TIMEOUT).err();
-        let (layers, channels) = self.catalog.read(|tx| -> Result<_> {
+        let (layers, channels, desktops) = self.catalog.read(|tx| -> Result<_> {
             let layers = tx.host_layers(host.id)?;
+            let desktops = tx.desktops_on(host.id)?.into_iter().map(|d| d.name).collect();
             let held: BTreeSet<&str> = layers.iter().map(|(d, _)| d.as_str()).collect();
             let mut channels = vec![];
             for image in tx.images()? {
@@ -243,9 +253,17 @@ impl<'a> Hosts<'a> {
                     });
                 }
             }
-            Ok((layers, channels))
+            Ok((layers, channels, desktops))
         })?;
-        Ok(HostDetail { reachable: error.is_none(), error, host, layers, channels })
+        Ok(HostDetail {
+            liveness: liveness(&host),
+            reachable: error.is_none(),
+            error,
+            host,
+            desktops,
+            layers,
+            channels,
+        })
     }
 
     /// Forgets a host (its libvirt and its layer store are left as they are). Refused while

@@ -167,13 +167,38 @@ fn a_pool_over_three_hosts_boots_rolls_out_rolls_back_and_drains() {
     }
     wait_markers(&t, &pool, "mh-v2");
 
-    // Rollback over three hosts copies nothing: every layer is there already.
+    // hv2's copy of v1 changes on its disk: `host verify` finds it and forgets it there, the
+    // pool shows v1 pending on hv2, and no desktop there is made from it.
+    let v1_on_hv2 = fake.hosts()[2].dir.join("vdim-layers").join(format!("{v1}.qcow2"));
+    let mut bytes = std::fs::read(&v1_on_hv2).unwrap();
+    bytes[4096] ^= 1;
+    std::fs::write(&v1_on_hv2, &bytes).unwrap();
+    t.vdim_json(&["host", "verify", "hv2"]);
+    assert!(!host_layers(&t, "hv2").contains(&v1), "the changed copy no longer counts");
+    let shown = t.vdim_json(&["pool", "show", &pool]);
+    assert_eq!(shown["pending"], serde_json::json!([["hv2", 2]]), "v2 stands on v1: {shown}");
+
+    // Rollback over three hosts copies nothing; hv2's desktops wait for a good copy of v1.
     let syncs_before = audit_count(&t, "host.sync");
-    let r = t.vdim_json(&["rollback", &pool]);
-    assert_eq!(r["failed"].as_array().map(Vec::len), Some(0), "{r}");
+    let on_hv2: Vec<String> = placement(&t, &pool).into_iter().filter(|(_, h)| h == "hv2").map(|(d, _)| d).collect();
+    let r = t.vdim(&["--json", "rollback", &pool]);
+    r.assert_exit_code(5);
+    let report = r.json();
+    let mut failed: Vec<String> =
+        report["failed"].as_array().unwrap().iter().map(|f| f["desktop"].as_str().unwrap().to_string()).collect();
+    failed.sort();
+    assert_eq!(failed, on_hv2, "{report}");
+    assert!(report["failed"][0]["error"].as_str().unwrap().contains("pending on host 'hv2'"), "{report}");
     assert_eq!(audit_count(&t, "host.sync"), syncs_before, "no copy at rollback");
+    for d in desktops(&t, &pool).iter().filter(|d| d["host"] == "hv2") {
+        assert_eq!(d["needs_reset"], true, "left as it was, its reset due: {d}");
+    }
+    // A good copy again, and the next command finishes the move.
+    t.vdim_json(&["host", "sync", "hv2"]);
+    assert_eq!(sha256(&v1_on_hv2), v1);
+    t.vdim_json(&["pool", "start", &pool]);
     for d in desktops(&t, &pool) {
-        assert_eq!(d["version"], 1, "{d}");
+        assert_eq!((d["version"].as_u64(), d["needs_reset"].as_bool()), (Some(1), Some(false)), "{d}");
     }
     wait_markers(&t, &pool, "mh-v1");
 

@@ -72,14 +72,19 @@ fn list_text(l: &Vec<HostView>) -> String {
     if l.is_empty() {
         return "no hosts: desktops run on the libvirt of --connect ('vdim host add NAME URI' adds one)".into();
     }
-    let mut s = format!("{:<16} {:<44} {:<10} {:<10} {:>7}\n", "host", "uri", "zone", "state", "layers");
+    let mut s = format!(
+        "{:<16} {:<40} {:<10} {:<9} {:<8} {:>8} {:>7}\n",
+        "host", "uri", "zone", "state", "liveness", "desktops", "layers"
+    );
     for h in l {
         s += &format!(
-            "{:<16} {:<44} {:<10} {:<10} {:>7}\n",
+            "{:<16} {:<40} {:<10} {:<9} {:<8} {:>8} {:>7}\n",
             h.host.name,
             h.host.uri,
             h.host.zone.as_deref().unwrap_or("-"),
             h.host.state,
+            h.liveness,
+            h.desktops,
             h.layers_verified
         );
     }
@@ -101,6 +106,11 @@ fn show_text(d: &HostDetail) -> String {
     if let Some(e) = &d.error {
         s += &format!("\n  {e}");
     }
+    s += &format!("\n  liveness {} (probes missed in a row: {})", d.liveness, h.missed);
+    if let Some(f) = &h.fence_command {
+        s += &format!("\n  fence command: {f}");
+    }
+    s += &format!("\n  {} desktops: {}", d.desktops.len(), or_dash(&d.desktops));
     s += &format!("\n  {} layers verified", d.layers.len());
     for c in &d.channels {
         let state = if c.missing.is_empty() {

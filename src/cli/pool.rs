@@ -229,11 +229,21 @@ fn show_text(v: &PoolView) -> String {
     if let Some(id) = &p.identity {
         s += &identity_text(id);
     }
-    s += &format!("{:<24} {:<16} {:<22} {:>7} {:>8}  user\n", "desktop", "hostname", "state", "version", "will run");
+    if !v.hosts.is_empty() {
+        s += &format!("hosts: {}\n", v.hosts.join(", "));
+    }
+    for (host, version) in &v.pending {
+        s += &format!("version {version} pending on host {host} (not verified there: 'vdim host sync {host}')\n");
+    }
+    s += &format!(
+        "{:<24} {:<12} {:<16} {:<22} {:>7} {:>8}  user\n",
+        "desktop", "host", "hostname", "state", "version", "will run"
+    );
     for d in &v.desktops {
         s += &format!(
-            "{:<24} {:<16} {:<22} {:>7} {:>8}  {}\n",
+            "{:<24} {:<12} {:<16} {:<22} {:>7} {:>8}  {}\n",
             d.name,
+            d.host.as_deref().unwrap_or("-"),
             d.hostname.as_deref().unwrap_or("-"),
             d.state,
             d.version,

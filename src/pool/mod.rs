@@ -482,6 +482,9 @@ pub struct PoolView {
     pub channel_version: u32,
     /// The hosts its desktops may go to (none: the local libvirt).
     pub hosts: Vec<String>,
+    /// (host, version): versions the pool runs or its channel points at whose chain is not
+    /// verified on one of its hosts; desktops of them wait there.
+    pub pending: Vec<(String, u32)>,
     pub desktops: Vec<DesktopView>,
 }
 
@@ -961,11 +964,27 @@ impl<'a> Pools<'a> {
 
     pub fn show(&mut self, name: &str) -> Result<PoolView> {
         names::validate("pool", name)?;
-        let (pool, desktops, channel_version, hosts) = self.catalog.read(|tx| -> Result<_> {
+        let (pool, desktops, channel_version, hosts, pending) = self.catalog.read(|tx| -> Result<_> {
             let pool = Self::load_pool(tx, name)?;
             let image = tx.image(&pool.image)?;
             let cv = tx.channel(&image, pool.channel)?;
-            Ok((pool.clone(), tx.desktops(pool.id)?, cv, tx.pool_hosts(pool.id)?))
+            let hosts = tx.pool_hosts(pool.id)?;
+            let mut pending = vec![];
+            for h in &hosts {
+                let held: Vec<String> = tx.host_layers(*h)?.into_iter().map(|(d, _)| d).collect();
+                let mut versions = vec![pool.version, cv];
+                versions.dedup();
+                for v in versions {
+                    let chain = crate::hosts::chain(tx, &image, v).map_err(|e| PoolError::Placement {
+                        pool: pool.name.clone(),
+                        why: crate::error::message(&e),
+                    })?;
+                    if !chain.iter().all(|d| held.contains(d)) {
+                        pending.push((self.sites.host_name(Some(*h)).unwrap_or_default(), v));
+                    }
+                }
+            }
+            Ok((pool.clone(), tx.desktops(pool.id)?, cv, hosts, pending))
         })?;
         let hosts = hosts.into_iter().filter_map(|h| self.sites.host_name(Some(h))).collect();
         let desktops = desktops
@@ -993,7 +1012,7 @@ impl<'a> Pools<'a> {
                 }
             })
             .collect();
-        Ok(PoolView { pool, channel_version, hosts, desktops })
+        Ok(PoolView { pool, channel_version, hosts, pending, desktops })
     }
 
     // ---- start / stop ----------------------------------------------------------------------
