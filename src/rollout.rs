@@ -275,8 +275,9 @@ pub fn recover_interrupted(catalog: &mut Catalog) -> std::result::Result<Vec<Str
     Ok(said)
 }
 
-/// A pool a rollout reaches: (name, size, desktops already on the new version, idle ones not yet moved).
-type Candidate = (String, u32, u32, Vec<String>);
+/// A pool a rollout reaches: (name, size, desktops already on the new version, idle ones not
+/// yet moved with their host).
+type Candidate = (String, u32, u32, Vec<(String, Option<i64>)>);
 
 /// The rollout engine, borrowing what it needs from a [`crate::context::Context`]; it drives
 /// pools through [`Engine::pools`] and watches desktops through the hypervisor.
@@ -516,10 +517,10 @@ impl<'a> Engine<'a> {
                 }
                 let ds = tx.desktops(p.id)?;
                 let moved = ds.iter().filter(|d| done.contains(&d.name)).count() as u32;
-                let idle: Vec<String> = ds
+                let idle: Vec<(String, Option<i64>)> = ds
                     .iter()
                     .filter(|d| d.assigned_to.is_none() && !done.contains(&d.name) && d.version != r.version)
-                    .map(|d| d.name.clone())
+                    .map(|d| (d.name.clone(), d.host_id))
                     .collect();
                 let already = ds.iter().filter(|d| !done.contains(&d.name) && d.version == r.version).count() as u32;
                 out.push((p.name.clone(), p.size, moved + already, idle));
@@ -550,8 +551,12 @@ impl<'a> Engine<'a> {
             for d in unfinished.iter().filter(|d| d.wave as usize == k) {
                 picks.entry(d.pool.clone()).or_default().push(d.desktop.clone());
             }
-            for (pool, size, moved, idle) in self.candidates(&r)? {
+            let candidates = self.candidates(&r)?;
+            let all_idle: Vec<(String, Option<i64>)> = candidates.iter().flat_map(|c| c.3.clone()).collect();
+            let canary = rules::canary_host(&all_idle);
+            for (pool, size, moved, idle) in candidates {
                 let taken = picks.get(&pool).map(|v| v.len() as u32).unwrap_or(0);
+                let idle = rules::wave_order(k == 0, canary, &idle);
                 let more = rules::wave_pick(*wave, size, moved + taken, &idle);
                 picks.entry(pool).or_default().extend(more);
             }

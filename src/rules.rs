@@ -11,6 +11,7 @@
 //! ```
 
 use serde::Serialize;
+use std::collections::BTreeMap;
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,9 +403,58 @@ pub fn wave_pick(wave: WaveSize, size: u32, moved: u32, idle_unmoved: &[String])
     idle_unmoved.iter().take(want).cloned().collect()
 }
 
+/// The host a rollout's first wave stays on (the canary host): the one with the most idle
+/// desktops to move, the lowest id on a tie; none when no desktop is on a registered host.
+pub fn canary_host(idle: &[(String, Option<i64>)]) -> Option<i64> {
+    let mut count: BTreeMap<i64, usize> = BTreeMap::new();
+    for h in idle.iter().filter_map(|(_, h)| *h) {
+        *count.entry(h).or_default() += 1;
+    }
+    count.into_iter().max_by(|(ha, a), (hb, b)| a.cmp(b).then(hb.cmp(ha))).map(|(h, _)| h)
+}
+
+/// The order a wave takes a pool's idle desktops in: the first wave those of the canary host
+/// first (a bad version meets one host before it meets many); later waves one host after
+/// another in turn, so each wave spreads over every host.
+pub fn wave_order(first: bool, canary: Option<i64>, idle: &[(String, Option<i64>)]) -> Vec<String> {
+    if first {
+        let mut out: Vec<&(String, Option<i64>)> = idle.iter().collect();
+        out.sort_by_key(|(_, h)| *h != canary || canary.is_none());
+        return out.into_iter().map(|(d, _)| d.clone()).collect();
+    }
+    let mut by_host: BTreeMap<Option<i64>, std::collections::VecDeque<&String>> = BTreeMap::new();
+    for (d, h) in idle {
+        by_host.entry(*h).or_default().push_back(d);
+    }
+    let mut out = Vec::with_capacity(idle.len());
+    while out.len() < idle.len() {
+        for q in by_host.values_mut() {
+            if let Some(d) = q.pop_front() {
+                out.push(d.clone());
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_wave_stays_on_the_canary_host_and_later_waves_spread() {
+        let idle: Vec<(String, Option<i64>)> = [("a", 1), ("b", 2), ("c", 2), ("d", 3), ("e", 2), ("f", 1)]
+            .iter()
+            .map(|(d, h)| (d.to_string(), Some(*h)))
+            .collect();
+        assert_eq!(canary_host(&idle), Some(2), "most idle desktops");
+        assert_eq!(wave_order(true, Some(2), &idle)[..3], ["b", "c", "e"]);
+        assert_eq!(wave_order(false, Some(2), &idle), ["a", "b", "d", "f", "c", "e"], "one per host in turn");
+        let tie: Vec<(String, Option<i64>)> = vec![("x".into(), Some(5)), ("y".into(), Some(4))];
+        assert_eq!(canary_host(&tie), Some(4), "lowest id on a tie");
+        let local: Vec<(String, Option<i64>)> = vec![("p".into(), None), ("q".into(), None)];
+        assert_eq!((canary_host(&local), wave_order(true, None, &local)), (None, vec!["p".into(), "q".into()]));
+    }
 
     #[test]
     fn a_desktop_given_to_a_user_meanwhile_is_never_taken_without_force() {

@@ -143,8 +143,22 @@ fn a_pool_over_three_hosts_boots_rolls_out_rolls_back_and_drains() {
     std::fs::write(&copy, &bytes).unwrap();
     assert_ne!(sha256(&copy), v2);
 
-    let r = t.vdim_json(&["promote", "img", "2", "--to", "test", "--soak", "5s", "--waves", "1,100%"]);
+    let r = t.vdim_json(&["promote", "img", "2", "--to", "test", "--soak", "5s", "--waves", "2,4,100%"]);
     assert_eq!(r["state"], "succeeded", "{r}");
+    // The first wave stays on one host; the next takes one desktop from each of the others.
+    let hosts_of = |w: usize| -> BTreeSet<String> {
+        r["waves"][w]["desktops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| placed[d["desktop"].as_str().unwrap()].clone())
+            .collect()
+    };
+    assert_eq!(r["waves"][0]["moved"], 2, "{r}");
+    assert_eq!(hosts_of(0).len(), 1, "canary wave on one host: {r}");
+    assert_eq!(r["waves"][1]["moved"], 2, "{r}");
+    assert_eq!(hosts_of(1).len(), 2, "spread over the other hosts: {r}");
+    assert!(hosts_of(1).is_disjoint(&hosts_of(0)), "{r}");
     assert_eq!(sha256(&copy), v2, "the changed copy was replaced before any desktop moved onto it");
     for h in &hosts {
         assert_eq!(host_layers(&t, h), BTreeSet::from([v1.clone(), v2.clone()]), "{h}");
