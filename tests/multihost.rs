@@ -181,6 +181,13 @@ fn a_pool_over_three_hosts_boots_rolls_out_rolls_back_and_drains() {
     }
     wait_markers(&t, &pool, "mh-v2");
 
+    rollback_waits_for_a_good_copy(&t, &fake, &pool, &v1);
+    drain_hv2(&t, &fake, &pool);
+}
+
+/// A copy of v1 changed on hv2's disk: verify forgets it, rollback copies nothing and leaves
+/// hv2's desktops due (pending there), a good copy again and the next command finishes them.
+fn rollback_waits_for_a_good_copy(t: &LibvirtEnv, fake: &FakeHosts, pool: &str, v1: &str) {
     // hv2's copy of v1 changes on its disk: `host verify` finds it and forgets it there, the
     // pool shows v1 pending on hv2, and no desktop there is made from it.
     let v1_on_hv2 = fake.hosts()[2].dir.join("vdim-layers").join(format!("{v1}.qcow2"));
@@ -188,14 +195,14 @@ fn a_pool_over_three_hosts_boots_rolls_out_rolls_back_and_drains() {
     bytes[4096] ^= 1;
     std::fs::write(&v1_on_hv2, &bytes).unwrap();
     t.vdim_json(&["host", "verify", "hv2"]);
-    assert!(!host_layers(&t, "hv2").contains(&v1), "the changed copy no longer counts");
-    let shown = t.vdim_json(&["pool", "show", &pool]);
+    assert!(!host_layers(t, "hv2").contains(v1), "the changed copy no longer counts");
+    let shown = t.vdim_json(&["pool", "show", pool]);
     assert_eq!(shown["pending"], serde_json::json!([["hv2", 2]]), "v2 stands on v1: {shown}");
 
     // Rollback over three hosts copies nothing; hv2's desktops wait for a good copy of v1.
-    let syncs_before = audit_count(&t, "host.sync");
-    let on_hv2: Vec<String> = placement(&t, &pool).into_iter().filter(|(_, h)| h == "hv2").map(|(d, _)| d).collect();
-    let r = t.vdim(&["--json", "rollback", &pool]);
+    let syncs_before = audit_count(t, "host.sync");
+    let on_hv2: Vec<String> = placement(t, pool).into_iter().filter(|(_, h)| h == "hv2").map(|(d, _)| d).collect();
+    let r = t.vdim(&["--json", "rollback", pool]);
     r.assert_exit_code(5);
     let report = r.json();
     let mut failed: Vec<String> =
@@ -203,32 +210,35 @@ fn a_pool_over_three_hosts_boots_rolls_out_rolls_back_and_drains() {
     failed.sort();
     assert_eq!(failed, on_hv2, "{report}");
     assert!(report["failed"][0]["error"].as_str().unwrap().contains("pending on host 'hv2'"), "{report}");
-    assert_eq!(audit_count(&t, "host.sync"), syncs_before, "no copy at rollback");
-    for d in desktops(&t, &pool).iter().filter(|d| d["host"] == "hv2") {
+    assert_eq!(audit_count(t, "host.sync"), syncs_before, "no copy at rollback");
+    for d in desktops(t, pool).iter().filter(|d| d["host"] == "hv2") {
         assert_eq!(d["needs_reset"], true, "left as it was, its reset due: {d}");
     }
     // A good copy again, and the next command finishes the move.
     t.vdim_json(&["host", "sync", "hv2"]);
     assert_eq!(sha256(&v1_on_hv2), v1);
-    t.vdim_json(&["pool", "start", &pool]);
-    for d in desktops(&t, &pool) {
+    t.vdim_json(&["pool", "start", pool]);
+    for d in desktops(t, pool) {
         assert_eq!((d["version"].as_u64(), d["needs_reset"].as_bool()), (Some(1), Some(false)), "{d}");
     }
-    wait_markers(&t, &pool, "mh-v1");
+    wait_markers(t, pool, "mh-v1");
+}
 
+/// Drain hv2: its desktops go to the other hosts, nothing of them stays there.
+fn drain_hv2(t: &LibvirtEnv, fake: &FakeHosts, pool: &str) {
     // Drain hv2: its two desktops go to hv0 and hv1, booted there, gone from hv2.
-    let on_hv2: Vec<String> = placement(&t, &pool).into_iter().filter(|(_, h)| h == "hv2").map(|(d, _)| d).collect();
+    let on_hv2: Vec<String> = placement(t, pool).into_iter().filter(|(_, h)| h == "hv2").map(|(d, _)| d).collect();
     let r = t.vdim_json(&["host", "drain", "hv2"]);
     let mut moved: Vec<String> =
         r["moved"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string()).collect();
     moved.sort();
     assert_eq!(moved, on_hv2, "{r}");
-    let placed = placement(&t, &pool);
+    let placed = placement(t, pool);
     assert!(placed.values().all(|h| h != "hv2"), "{placed:?}");
     assert!(defined_on(fake.uris()[2], &format!("vdim-{pool}-")).is_empty(), "nothing left on hv2");
     let s = t.vdim_json(&["host", "show", "hv2"]);
     assert_eq!(s["state"], "draining", "{s}");
-    wait_markers(&t, &pool, "mh-v1");
+    wait_markers(t, pool, "mh-v1");
     // Nothing runs twice: each desktop runs on exactly one host.
     let mut all: Vec<String> = (0..3).flat_map(|i| running_on(fake.uris()[i], &format!("vdim-{pool}-"))).collect();
     all.sort();
