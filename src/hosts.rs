@@ -144,6 +144,17 @@ pub struct ChannelChain {
     pub missing: Vec<String>,
 }
 
+/// What `host gc` removed from a host's layer store, and what it kept.
+#[derive(Debug, Serialize)]
+pub struct HostGc {
+    pub host: String,
+    pub dry_run: bool,
+    /// Layers removed there (or that would be, with `dry_run`).
+    pub removed: Vec<String>,
+    /// Layers kept: some desktop, pool window or channel there needs them.
+    pub kept: Vec<String>,
+}
+
 /// What `host sync` did: per version, the replication report.
 #[derive(Debug, Serialize)]
 pub struct Synced {
@@ -477,6 +488,78 @@ impl<'a> Hosts<'a> {
             removed.push(domain);
         }
         Ok(removed)
+    }
+
+    /// The layers a host must keep: the chains of every version its pools' desktops run or
+    /// move to, its pools' versions, pins and rollback windows, and the versions their
+    /// channels point at, so neither a rollback nor a promotion there waits for a copy.
+    fn needed_on(tx: &crate::catalog::Tx, host: &Host) -> Result<BTreeSet<String>> {
+        let mut keep = BTreeSet::new();
+        let mut pools: Vec<crate::catalog::Pool> = vec![];
+        for p in tx.pools()? {
+            if tx.pool_hosts(p.id)?.contains(&host.id) {
+                pools.push(p);
+            }
+        }
+        for p in &pools {
+            let image = tx.image(&p.image)?;
+            let mut versions = vec![p.version, tx.channel(&image, p.channel)?];
+            versions.extend(p.pinned);
+            for d in tx.desktops(p.id)? {
+                versions.push(d.version);
+                versions.extend(d.target);
+            }
+            let mut window: Vec<u32> = vec![];
+            for v in tx.pool_history(p.id)?.into_iter().rev() {
+                if !window.contains(&v) && window.len() < crate::store::ROLLBACK_WINDOW {
+                    window.push(v);
+                }
+            }
+            versions.extend(window);
+            for v in versions {
+                keep.extend(chain(tx, &image, v)?);
+            }
+        }
+        // Desktops placed there whatever their pool says now.
+        for d in tx.desktops_on(host.id)? {
+            if let Some(p) = tx.pools()?.into_iter().find(|p| p.id == d.pool_id) {
+                keep.extend(chain(tx, &tx.image(&p.image)?, d.version)?);
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Removes from the host's layer store every layer no desktop, pool window or channel
+    /// there needs (rows first: a layer is forgotten before its copy goes).
+    pub fn gc(&mut self, name: &str, dry_run: bool, actor: &Actor) -> Result<HostGc> {
+        let host = self.load(name)?;
+        let keep = self.catalog.read(|tx| Self::needed_on(tx, &host))?;
+        let hv = self.links.get(&host.uri)?;
+        let store = store_of(&host);
+        let held: Vec<String> = hv
+            .storage_volumes(&store.storage_pool)?
+            .into_iter()
+            .filter_map(|v| v.name.strip_suffix(".qcow2").map(str::to_string))
+            .filter(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect();
+        let (kept, removed): (Vec<String>, Vec<String>) = held.into_iter().partition(|d| keep.contains(d));
+        if !dry_run && !removed.is_empty() {
+            let gone: Vec<&str> = removed.iter().map(String::as_str).collect();
+            self.catalog.write(|tx| -> Result<()> {
+                tx.forget_host_layers(host.id, &gone)?;
+                tx.audit(Audit {
+                    actor: &actor.0,
+                    action: "host.gc",
+                    detail: json!({"host": host.name, "removed": gone}),
+                    ..Default::default()
+                })?;
+                Ok(())
+            })?;
+            for d in &removed {
+                hv.delete_volume(&store.storage_pool, &format!("{d}.qcow2"))?;
+            }
+        }
+        Ok(HostGc { host: host.name, dry_run, removed, kept })
     }
 
     /// Copies a version's chain to the host unless all of it is recorded verified there; with

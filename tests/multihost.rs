@@ -183,6 +183,16 @@ fn a_pool_over_three_hosts_boots_rolls_out_rolls_back_and_drains() {
 
     rollback_waits_for_a_good_copy(&t, &fake, &pool, &v1);
     drain_hv2(&t, &fake, &pool);
+
+    // Host gc: a version no pool there needs goes; the channel's and the rollback window's stay.
+    seal_marker(&t.env, "img", "mh-v3", "ok");
+    let v3 = layer_digests(&t, "img")[&3].clone();
+    t.vdim_json(&["host", "sync", "hv0", "--image", "img", "--version", "3"]);
+    assert!(host_layers(&t, "hv0").contains(&v3));
+    let r = t.vdim_json(&["host", "gc", "hv0"]);
+    assert_eq!(r["removed"], serde_json::json!([v3]), "{r}");
+    assert_eq!(host_layers(&t, "hv0"), BTreeSet::from([v1.clone(), v2.clone()]));
+    assert!(!fake.hosts()[0].dir.join("vdim-layers").join(format!("{v3}.qcow2")).exists());
 }
 
 /// A copy of v1 changed on hv2's disk: verify forgets it, rollback copies nothing and leaves

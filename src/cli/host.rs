@@ -66,6 +66,12 @@ pub enum HostCmd {
     Unfence { name: String },
     /// Probe every host once (as the broker does every 2 s); a dead host with a fence command is fenced
     Check,
+    /// Remove layers from the host's store that no desktop, pool rollback window or channel there needs
+    Gc {
+        name: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn list_text(l: &Vec<HostView>) -> String {
@@ -129,6 +135,19 @@ fn or_dash(v: &[String]) -> String {
     } else {
         v.join(", ")
     }
+}
+
+fn check_text(probes: &[crate::hosts::Probe], left: &[crate::failover::Left]) -> String {
+    let mut s = String::new();
+    for p in probes {
+        let error = p.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default();
+        s += &format!("{:<16} {:<8} missed {}{error}\n", p.host, p.liveness, p.missed);
+    }
+    for l in left {
+        s += &left_text(l);
+        s += "\n";
+    }
+    s.trim_end().to_string()
 }
 
 fn left_text(l: &crate::failover::Left) -> String {
@@ -230,22 +249,19 @@ pub fn run(g: &Global, cmd: HostCmd) -> Result<()> {
         }
         HostCmd::Check => {
             let (probes, left) = crate::failover::watch_round(&mut ctx, &actor)?;
-            print(g.json, &serde_json::json!({"probes": probes, "fenced": left}), |_| {
-                let mut s = String::new();
-                for p in &probes {
-                    s += &format!(
-                        "{:<16} {:<8} missed {}{}\n",
-                        p.host,
-                        p.liveness,
-                        p.missed,
-                        p.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
-                    );
-                }
-                for l in &left {
-                    s += &left_text(l);
-                    s += "\n";
-                }
-                s.trim_end().to_string()
+            print(g.json, &serde_json::json!({"probes": probes, "fenced": left}), |_| check_text(&probes, &left))
+        }
+        HostCmd::Gc { name, dry_run } => {
+            let r = hosts.gc(&name, dry_run, &actor)?;
+            print(g.json, &r, |r| {
+                format!(
+                    "host '{}': {} {} layer(s) ({}), kept {}",
+                    r.host,
+                    if r.dry_run { "would remove" } else { "removed" },
+                    r.removed.len(),
+                    or_dash(&r.removed),
+                    r.kept.len()
+                )
             })
         }
         HostCmd::Remove { name } => {
