@@ -99,3 +99,6 @@ pub fn watch_round(ctx: &mut Context, actor: &Actor) -> Result<(Vec<Probe>, Vec<
     }
     Ok((probes, left))
 }
+
+#[cfg(test)]
+mod tests;
