@@ -185,7 +185,7 @@ fn a_drained_host_gets_no_new_desktops_and_its_idle_ones_leave() {
     let taken = h.ctx.pools().expect("pools").assign("np", "bob", &actor()).expect("assign");
     assert_eq!(h.placement("np")[&taken.name], "hv2");
     let left = drain(&mut h.ctx, "hv2", &actor()).expect("drain");
-    assert_eq!(left.desktops.at_logoff, [taken.name.clone()], "{left:?}");
+    assert_eq!(left.desktops.at_logoff, std::slice::from_ref(&taken.name), "{left:?}");
     let placed = h.placement("np");
     let on_hv2: Vec<&String> = placed.iter().filter(|(_, host)| *host == "hv2").map(|(d, _)| d).collect();
     // bob's desktop, when it is on hv2, stays there until his logoff; nothing else does.
