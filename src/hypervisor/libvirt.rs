@@ -13,6 +13,8 @@
 //!   polling, so a rollout sees a panicked guest as soon as QEMU reports it. When an event
 //!   connection is lost (libvirtd restarted, keepalive timeout) the subscription's channel is
 //!   closed: `recv` returns `Err`, and the caller must subscribe again and re-read states.
+//!   On `test:///default`, whose connections all share one event queue, one callback stays
+//!   registered for the life of the process (see [`hold_shared_test_events`]).
 
 use std::ffi::{c_int, c_void, CStr};
 use std::ops::Deref;
@@ -417,6 +419,9 @@ impl Hypervisor for Libvirt {
         let fail =
             |message: String| HypervisorError::Subscribe { uri: self.uri.clone(), prefix: prefix.to_string(), message };
         ensure_event_loop().map_err(fail)?;
+        if self.uri == SHARED_TEST_URI {
+            hold_shared_test_events().map_err(fail)?;
+        }
         let conn = Connect::open(Some(&self.uri)).map_err(|e| fail(e.message().to_string()))?;
         set_keepalive(&conn, &self.uri);
         let (tx, events) = mpsc::channel();
@@ -545,6 +550,39 @@ fn ensure_event_loop() -> Result<(), String> {
                 .map_err(|e| format!("cannot start the libvirt event thread: {e}"))
         })
         .clone()
+}
+
+/// libvirt's in-process test driver: every connection of the process to this URI shares one
+/// driver state, and with it one event queue and one dispatch timer for all subscriptions.
+const SHARED_TEST_URI: &str = "test:///default";
+
+/// Keeps one callback registered on the shared `test:///default` event state for the life of
+/// the process, so that the state never loses its last callback.
+///
+/// libvirt (9.0 here, and its current sources) checks the state's timer before it takes the
+/// state's lock to queue an event (`virObjectEventStateQueueRemote`). If the last callback is
+/// deregistered in between, the timer is removed and the queue cleared, then the event is queued
+/// anyway: it stays there with no timer to dispatch it. The next registration creates a disarmed
+/// timer, and since a timer is armed only when the queue goes from empty to one event, no event
+/// is dispatched again until every callback of the state is gone. Through the shared state, one
+/// subscription's drop racing another connection's start or define silently stops the events of
+/// every later subscription in the process. With this callback the state always keeps one, so
+/// its timer is never removed (and the state itself stays alive).
+///
+/// Other URIs are not affected: each subscription has a connection, and so an event state, of its
+/// own, and the race only happens when that subscription is dropped.
+fn hold_shared_test_events() -> Result<(), String> {
+    static HOLD: OnceLock<Result<EventRegistration, String>> = OnceLock::new();
+    HOLD.get_or_init(|| {
+        let conn = Connect::open(Some(SHARED_TEST_URI)).map_err(|e| e.message().to_string())?;
+        let sink = Arc::new(EventSink { prefix: String::new(), tx: Mutex::new(None) });
+        let mut registration = EventRegistration { sink, callback_ids: Vec::new(), close_registered: false, conn };
+        registration.register()?;
+        Ok(registration)
+    })
+    .as_ref()
+    .map(|_| ())
+    .map_err(Clone::clone)
 }
 
 /// Shared by the callbacks of one subscription. Taking `tx` closes the channel.
@@ -799,7 +837,7 @@ fn lifecycle(event: c_int, detail: c_int) -> (LifecycleKind, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Instant;
 
     const TEST_URI: &str = "test:///default";
@@ -1064,5 +1102,58 @@ mod tests {
         hv.start(&name).expect("start");
         wait_for(&sub, &name, |k| *k == LifecycleKind::Started, Duration::from_secs(10))
             .expect("Started event after resubscribing");
+    }
+
+    /// Sets its flag when dropped, so helper threads stop however the test ends.
+    struct StopOnDrop(Arc<AtomicBool>);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// All `test:///default` connections share one event queue: a subscription dropped while
+    /// other connections start and stop domains must not stop the events of the next one.
+    /// (Without [`hold_shared_test_events`] this lost every event of a round within about a
+    /// second, and with it the events of the other tests subscribed at that time.)
+    #[test]
+    fn test_driver_events_survive_subscriptions_dropped_while_domains_change() {
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let busy: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = Arc::clone(&stop.0);
+                std::thread::spawn(move || {
+                    let hv = Libvirt::connect(TEST_URI).expect("test driver");
+                    let name = unique_name();
+                    let _guard = cleanup(&hv, &name);
+                    hv.define(&test_domain_xml(&name)).expect("define");
+                    while !stop.load(Ordering::SeqCst) {
+                        hv.start(&name).expect("start");
+                        hv.destroy(&name).expect("destroy");
+                    }
+                })
+            })
+            .collect();
+        let hv = Libvirt::connect(TEST_URI).expect("test driver");
+        let name = unique_name();
+        let _guard = cleanup(&hv, &name);
+        hv.define(&test_domain_xml(&name)).expect("define");
+        let started = Instant::now();
+        let mut rounds = 0;
+        while started.elapsed() < Duration::from_millis(1500) {
+            let sub = hv.subscribe(&name).expect("subscribe");
+            hv.start(&name).expect("start");
+            wait_for(&sub, &name, |k| *k == LifecycleKind::Started, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("no Started event in round {rounds}"));
+            hv.destroy(&name).expect("destroy");
+            drop(sub);
+            rounds += 1;
+        }
+        drop(stop);
+        for t in busy {
+            t.join().expect("a busy thread");
+        }
+        eprintln!("{rounds} rounds of subscribe, start, event, drop");
     }
 }
