@@ -108,7 +108,10 @@ mod tests {
         assert!(msg.contains("image 'a' is busy"), "{msg}");
         assert!(msg.contains(&std::process::id().to_string()), "{msg}");
         drop(held);
-        acquire(dir.path(), "image-a", "image 'a'", Mode::Exclusive, Duration::ZERO).unwrap();
+        // Not zero: a process another test thread forks holds a copy of every descriptor (the
+        // lock's too) from fork until its exec closes them (O_CLOEXEC), so the lock may outlive
+        // the drop by that moment.
+        acquire(dir.path(), "image-a", "image 'a'", Mode::Exclusive, Duration::from_secs(2)).unwrap();
     }
 
     #[test]

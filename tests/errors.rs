@@ -19,6 +19,7 @@ const NO_OBJECT: &[&str] = &[
     "user list",
     "host add",
     "host list",
+    "host check",
     "serve",
     "audit",
 ];
@@ -117,6 +118,11 @@ fn not_found_cases(env: &Env) -> Vec<(&'static str, Vec<String>, &'static str)> 
         c("host sync", &["host", "sync", "ghost"], "'ghost'"),
         c("host verify", &["host", "verify", "ghost"], "'ghost'"),
         c("host remove", &["host", "remove", "ghost"], "'ghost'"),
+        c("host drain", &["host", "drain", "ghost"], "'ghost'"),
+        c("host fence", &["host", "fence", "ghost", "--confirm"], "'ghost'"),
+        c("host unfence", &["host", "unfence", "ghost"], "'ghost'"),
+        c("host gc", &["host", "gc", "ghost"], "'ghost'"),
+        c("pool create", &["pool", "create", "q", "--image", "img", "--size", "1", "--hosts", "ghost"], "'ghost'"),
     ]
 }
 

@@ -104,7 +104,8 @@ impl Libvirt {
     pub fn connect_with(uri: &str, parallel: usize) -> Result<Libvirt, HypervisorError> {
         ensure_event_loop().map_err(|message| HypervisorError::Connect { uri: uri.to_string(), message })?;
         let conn = open(uri)?;
-        // Each connection to the test driver is a host of its own: one is all there is.
+        // A test:///<file> connection is a host of its own (a second would hold other domains),
+        // so a test-driver host keeps one connection.
         let max = if uri.starts_with("test:") { 1 } else { parallel.max(1) };
         let lanes = Lanes { state: Mutex::new(LaneState { idle: vec![conn], open: 1 }), freed: Condvar::new(), max };
         Ok(Libvirt { uri: uri.to_string(), lanes })

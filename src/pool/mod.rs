@@ -679,6 +679,7 @@ impl<'a> Pools<'a> {
 
     pub fn create(&mut self, o: &CreateOptions, actor: &Actor) -> Result<PoolView> {
         let (profile, insecure_display) = self.check_create_options(o)?;
+        let hosts = self.resolve_hosts(o.hosts, o.zone)?;
         let _locks = self.lock_pool(o.name)?;
         let (image, version) = self.catalog.read(|tx| -> Result<_> {
             if tx.pool(o.name)?.is_some() {
@@ -689,7 +690,6 @@ impl<'a> Pools<'a> {
             Ok((image.clone(), tx.version(&image, n)?))
         })?;
         usable_version(&profile, &image.name, &version)?;
-        let hosts = self.resolve_hosts(o.hosts, o.zone)?;
         self.check_display_tls(o, &profile, insecure_display, &hosts)?;
         // Layers reach a host before desktops do.
         self.replicate_to(&hosts, &image.name, version.number, false, actor)?;
