@@ -79,6 +79,10 @@ impl Hosts2 {
     }
 
     fn create(&mut self, name: &str, size: u32, persistent: bool) {
+        self.create_with(name, size, persistent, None);
+    }
+
+    fn create_with(&mut self, name: &str, size: u32, persistent: bool, identity: Option<crate::identity::Identity>) {
         let hosts = ["hv1".to_string(), "hv2".to_string()];
         let o = CreateOptions {
             name,
@@ -91,7 +95,7 @@ impl Hosts2 {
             start: true,
             display_listen: "127.0.0.1".parse().expect("ip"),
             insecure_display: false,
-            identity: None,
+            identity,
             hosts: &hosts,
             zone: None,
         };
@@ -198,4 +202,24 @@ fn a_drained_host_gets_no_new_desktops_and_its_idle_ones_leave() {
     // At bob's logoff his desktop leaves too.
     h.ctx.pools().expect("pools").release(&taken.name, &actor()).expect("release");
     assert!(h.placement("np").values().all(|host| host == "hv1"));
+}
+
+#[test]
+fn a_desktop_made_again_on_another_host_has_its_disk_and_identity_drive_there() {
+    let mut h = Hosts2::new(None);
+    let identity = crate::identity::Identity { hostname_pattern: "LAB-{n}".into(), join: None, user_data: None };
+    h.create_with("idp", 2, false, Some(identity));
+    let moving = h.placement("idp").into_iter().find(|(_, host)| host == "hv2").map(|(d, _)| d).expect("one on hv2");
+    let drive = format!("{moving}.config.iso");
+    assert!(h.hosts["hv2"].volume_bytes("vdim-layers-desktops", &drive).is_some(), "its drive is on its host");
+    h.hv2_down.store(true, Ordering::SeqCst);
+    fence(&mut h.ctx, "hv2", true, "test", &actor()).expect("fence");
+    let hv1 = &h.hosts["hv1"];
+    assert!(hv1.volume_bytes("vdim-layers-desktops", &format!("{moving}.qcow2")).is_some(), "overlay on hv1");
+    let iso = hv1.volume_bytes("vdim-layers-desktops", &drive).expect("drive uploaded to hv1");
+    let hostname = format!("LAB-{}", &moving[moving.len() - 3..]);
+    assert!(String::from_utf8_lossy(&iso).contains(&hostname), "{hostname}: the same identity on its new host");
+    let xml = hv1.xml(&moving).expect("defined on hv1");
+    assert!(xml.contains("/store/hv1-desktops/"), "its disk and drive are hv1's paths: {xml}");
+    assert!(!xml.contains("/store/hv2"), "{xml}");
 }
