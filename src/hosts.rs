@@ -460,17 +460,17 @@ impl<'a> Hosts<'a> {
         }
     }
 
-    /// A fenced host is back: domains there that the catalog has placed on another host
-    /// since (made again elsewhere while it was off) are removed with their files, so none
-    /// of them ever runs twice. Returns the domains removed.
+    /// A fenced host is back: desktop domains there that the catalog no longer places there
+    /// (made again elsewhere while it was off, or removed with their pool) are removed with
+    /// their files, so none of them ever runs twice. Returns the domains removed.
     pub fn reconcile(&mut self, name: &str) -> Result<Vec<String>> {
         let host = self.load(name)?;
         let hv = self.links.get(&host.uri)?;
         let (spool, _) = crate::pool::sites::desktop_store(&host);
         let mut removed = vec![];
         for domain in hv.list("vdim-")? {
-            let elsewhere = self.catalog.read(|tx| tx.desktop(&domain))?.is_some_and(|d| d.host_id != Some(host.id));
-            if !elsewhere {
+            let placed_here = self.catalog.read(|tx| tx.desktop(&domain))?.is_some_and(|d| d.host_id == Some(host.id));
+            if placed_here || !crate::names::is_desktop_domain(&domain) {
                 continue;
             }
             match hv.destroy(&domain).and_then(|_| hv.undefine(&domain)) {

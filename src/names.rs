@@ -71,6 +71,14 @@ pub fn is_desktop_of(pool: &str, domain: &str) -> bool {
         .is_some_and(|n| n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Whether `domain` is named like some pool's desktop (`vdim-<pool>-<nnn>`).
+pub fn is_desktop_domain(domain: &str) -> bool {
+    domain
+        .strip_prefix("vdim-")
+        .and_then(|r| r.rsplit_once('-'))
+        .is_some_and(|(pool, n)| !pool.is_empty() && n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The libvirt domain of `image`'s dev desktop; never ends like a pool desktop's.
 pub fn dev_domain(image: &str) -> String {
     format!("vdim-dev-{image}-draft")
@@ -105,6 +113,16 @@ pub const STORE_LOCK: &str = "store";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn desktop_domains_are_told_from_other_domains() {
+        for d in ["vdim-finance-001", "vdim-a-b-120"] {
+            assert!(is_desktop_domain(d), "{d}");
+        }
+        for d in ["vdim-dev-img-draft", "vdim--001", "vdim-x-01", "other-x-001", "vdim-x-0a1"] {
+            assert!(!is_desktop_domain(d), "{d}");
+        }
+    }
 
     #[test]
     fn accepts_the_documented_alphabet() {

@@ -157,6 +157,21 @@ fn a_fenced_hosts_desktops_are_made_on_the_others_persistent_ones_wait_and_it_is
     assert_eq!((d.assigned_to, d.needs_reset), (None, false));
     let carol = h.ctx.catalog().read(|tx| tx.desktop("vdim-np-001")).expect("catalog").expect("desktop");
     assert_eq!(carol.assigned_to.as_deref(), Some("carol"), "a desktop on hv1 stays its user's");
+
+    // The persistent pool can still be deleted while hv2 is off; what hv2 still defines (the
+    // desktops made elsewhere, the deleted pool's) goes when it is back.
+    let waiting = left.desktops.waiting[0].clone();
+    h.ctx.pools().expect("pools").delete("per", true, &actor()).expect("delete with a desktop on a fenced host");
+    assert!(h.hosts["hv2"].calls().is_empty(), "still not called");
+    h.hv2_down.store(false, Ordering::SeqCst);
+    let mut removed = unfence(&mut h.ctx, "hv2", &actor()).expect("unfence");
+    removed.sort();
+    let mut want = on_hv2.clone();
+    want.push(waiting);
+    want.sort();
+    assert_eq!(removed, want);
+    assert!(h.hosts["hv2"].list("vdim-").expect("list").is_empty());
+    assert_eq!(h.ctx.hosts().get("hv2").expect("hv2").state, "up");
 }
 
 #[test]

@@ -132,8 +132,12 @@ impl Desktops<'_> {
         Ok(())
     }
 
-    /// Removes what a desktop on a host keeps in its desktop store.
+    /// Removes what a desktop on a host keeps in its desktop store (on a fenced host: nothing
+    /// now, `host unfence` does).
     pub fn remove_host_files(&self, host: i64, desktop: &str) -> Result<()> {
+        if matches!(self.sites.hv(Some(host)), Err(PoolError::HostFenced(_))) {
+            return Ok(());
+        }
         let (spool, _) = self.sites.desktop_store(host)?;
         let hv = self.sites.hv(Some(host))?;
         for f in [
@@ -212,17 +216,26 @@ impl Desktops<'_> {
         Ok(())
     }
 
-    /// Stop and undefine a domain, ignoring one that is already gone.
+    /// Stop and undefine a domain, ignoring one that is already gone. On a fenced host (it is
+    /// off) nothing is called: `host unfence` removes what the catalog no longer places there.
     pub fn remove_domain(&self, host: Option<i64>, name: &str) -> Result<()> {
-        let hv = self.sites.hv(host)?;
+        let hv = match self.sites.hv(host) {
+            Err(PoolError::HostFenced(_)) => return Ok(()),
+            other => other?,
+        };
         match hv.destroy(name).and_then(|_| hv.undefine(name)) {
             Ok(()) | Err(HypervisorError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
+    /// Whether the domain runs; never on a fenced host (it is off).
     pub fn is_active(&self, host: Option<i64>, name: &str) -> Result<bool> {
-        match self.sites.hv(host)?.state(name) {
+        let hv = match self.sites.hv(host) {
+            Err(PoolError::HostFenced(_)) => return Ok(false),
+            other => other?,
+        };
+        match hv.state(name) {
             Ok((s, _)) => Ok(!matches!(s, DomainState::ShutOff)),
             Err(HypervisorError::NotFound { .. }) => Ok(false),
             Err(e) => Err(e.into()),
