@@ -175,11 +175,18 @@ pub struct Hosts<'a> {
     home: &'a Home,
     catalog: &'a mut Catalog,
     links: &'a Connections,
+    /// Told how far each layer's upload and read-back have come (a terminal's progress line).
+    progress: Option<&'a (dyn Fn(&str, replica::Progress<'_>) + Sync)>,
 }
 
 impl<'a> Hosts<'a> {
     pub fn new(home: &'a Home, catalog: &'a mut Catalog, links: &'a Connections) -> Hosts<'a> {
-        Hosts { home, catalog, links }
+        Hosts { home, catalog, links, progress: None }
+    }
+
+    /// Reports each layer's copy as it goes to `progress` (host name, how far).
+    pub fn with_progress(self, progress: &'a (dyn Fn(&str, replica::Progress<'_>) + Sync)) -> Hosts<'a> {
+        Hosts { progress: Some(progress), ..self }
     }
 
     fn load(&mut self, name: &str) -> Result<Host> {
@@ -350,7 +357,12 @@ impl<'a> Hosts<'a> {
             };
             let layers: Vec<ChainLayer> =
                 digests.iter().map(|d| ChainLayer { digest: d.clone(), path: self.home.layer(d) }).collect();
-            let report = replica::replicate(&*hv, &store, &layers, &recorded, &mut |_| {})?;
+            let (progress, host_name) = (self.progress, host.name.as_str());
+            let report = replica::replicate(&*hv, &store, &layers, &recorded, &mut |p| {
+                if let Some(f) = progress {
+                    f(host_name, p);
+                }
+            })?;
             let verified: Vec<&str> = report.verified();
             let lost: Vec<&str> = digests.iter().map(String::as_str).filter(|d| !verified.contains(d)).collect();
             self.catalog.write(|tx| -> Result<()> {

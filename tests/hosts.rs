@@ -110,6 +110,20 @@ fn hosts_get_image_chains_verified_and_a_corrupted_copy_is_replaced() {
     for a in ["host.add", "host.sync", "host.verify"] {
         assert!(audit.contains(&a.to_string()), "{a} in {audit:?}");
     }
+    // On a terminal, a copy shows how far each layer's upload and read-back have come.
+    let line = format!("{} host sync hv2 --image img --version 1", env!("CARGO_BIN_EXE_vdim"));
+    let out = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("VDIM_HOME", env.home())
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let short = &v1[..12];
+    assert!(text.contains(&format!("hv2: {short} upload")), "{text}");
+    assert!(text.contains(&format!("hv2: {short} read back")), "{text}");
+    assert!(text.contains("1 of 1 layers verified there"), "{text}");
+
     env.vdim_json(&["host", "remove", "hv2"]);
     assert_eq!(env.vdim_json(&["host", "list"]).as_array().unwrap().len(), 1);
 }

@@ -179,10 +179,28 @@ fn fail_on_left(l: &crate::failover::Left) -> Result<()> {
     }
 }
 
+/// A layer's copy on a terminal: `hv2: 4f8bf44872a4 upload 120.0 MiB of 200.0 MiB`.
+fn tty_progress(host: &str, p: replica::Progress<'_>) {
+    use std::io::Write;
+    let step = match p.step {
+        replica::Step::Upload => "upload",
+        replica::Step::ReadBack => "read back",
+    };
+    let short = &p.layer[..p.layer.len().min(12)];
+    let mut e = std::io::stderr().lock();
+    let _ = write!(e, "\r\x1b[2K  {host}: {short} {step} {} of {}", human_bytes(p.done), human_bytes(p.total));
+    if p.done >= p.total && p.step == replica::Step::ReadBack {
+        let _ = writeln!(e);
+    }
+    let _ = e.flush();
+}
+
 pub fn run(g: &Global, cmd: HostCmd) -> Result<()> {
+    use std::io::IsTerminal;
     let actor = Actor::resolve(None);
     let mut ctx = open(g)?;
-    let mut hosts = ctx.hosts();
+    let on_terminal = !g.json && std::io::stderr().is_terminal();
+    let mut hosts = if on_terminal { ctx.hosts().with_progress(&tty_progress) } else { ctx.hosts() };
     match cmd {
         HostCmd::Add { name, uri, zone, max_desktops, storage_pool, store_path, fence_command } => {
             let store = HostStore { storage_pool, path: store_path };
