@@ -176,8 +176,11 @@ pub struct Hosts<'a> {
     catalog: &'a mut Catalog,
     links: &'a Connections,
     /// Told how far each layer's upload and read-back have come (a terminal's progress line).
-    progress: Option<&'a (dyn Fn(&str, replica::Progress<'_>) + Sync)>,
+    progress: Option<&'a CopyProgress>,
 }
+
+/// Told, with the host's name, how far a layer's copy has come.
+pub type CopyProgress = dyn Fn(&str, replica::Progress<'_>) + Sync;
 
 impl<'a> Hosts<'a> {
     pub fn new(home: &'a Home, catalog: &'a mut Catalog, links: &'a Connections) -> Hosts<'a> {
@@ -185,7 +188,7 @@ impl<'a> Hosts<'a> {
     }
 
     /// Reports each layer's copy as it goes to `progress` (host name, how far).
-    pub fn with_progress(self, progress: &'a (dyn Fn(&str, replica::Progress<'_>) + Sync)) -> Hosts<'a> {
+    pub fn with_progress(self, progress: &'a CopyProgress) -> Hosts<'a> {
         Hosts { progress: Some(progress), ..self }
     }
 
