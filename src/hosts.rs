@@ -265,7 +265,7 @@ impl<'a> Hosts<'a> {
             for image in tx.images()? {
                 for (channel, version) in channels_of(tx, &image)? {
                     let missing =
-                        chain(tx, &image, version)?.into_iter().filter(|d| !held.contains(d.as_str())).collect();
+                        tx.chain(&image, version)?.into_iter().filter(|d| !held.contains(d.as_str())).collect();
                     channels.push(ChannelChain {
                         image: image.name.clone(),
                         channel: channel.to_string(),
@@ -347,7 +347,7 @@ impl<'a> Hosts<'a> {
             }
             wanted.sort();
             wanted.dedup();
-            wanted.into_iter().map(|(i, v)| Ok((i.clone(), v, chain(tx, &tx.image(&i)?, v)?))).collect()
+            wanted.into_iter().map(|(i, v)| Ok((i.clone(), v, tx.chain(&tx.image(&i)?, v)?))).collect()
         })?;
         let hv = self.links.get(&host.uri)?;
         let store = store_of(&host);
@@ -532,13 +532,13 @@ impl<'a> Hosts<'a> {
             }
             versions.extend(window);
             for v in versions {
-                keep.extend(chain(tx, &image, v)?);
+                keep.extend(tx.chain(&image, v)?);
             }
         }
         // Desktops placed there whatever their pool says now.
         for d in tx.desktops_on(host.id)? {
             if let Some(p) = tx.pools()?.into_iter().find(|p| p.id == d.pool_id) {
-                keep.extend(chain(tx, &tx.image(&p.image)?, d.version)?);
+                keep.extend(tx.chain(&tx.image(&p.image)?, d.version)?);
             }
         }
         Ok(keep)
@@ -584,7 +584,7 @@ impl<'a> Hosts<'a> {
         let host = self.load(name)?;
         let missing = self.catalog.read(|tx| -> Result<bool> {
             let held: BTreeSet<String> = tx.host_layers(host.id)?.into_iter().map(|(d, _)| d).collect();
-            Ok(!chain(tx, &tx.image(image)?, version)?.iter().all(|d| held.contains(d)))
+            Ok(!tx.chain(&tx.image(image)?, version)?.iter().all(|d| held.contains(d)))
         })?;
         if missing || reread {
             let r = self.sync_with(name, Some(image), Some(version), !reread, actor)?;
@@ -622,19 +622,6 @@ impl<'a> Hosts<'a> {
 
 fn store_of(h: &Host) -> HostStore {
     HostStore { storage_pool: h.storage_pool.clone(), path: PathBuf::from(&h.store_path) }
-}
-
-/// The digests of a version's chain, base first (a layer's backing is the one before).
-pub(crate) fn chain(tx: &crate::catalog::Tx, image: &crate::catalog::Image, version: u32) -> Result<Vec<String>> {
-    let mut out = vec![];
-    let mut next = Some(version);
-    while let Some(n) = next {
-        let v = tx.version(image, n)?;
-        out.push(v.digest);
-        next = v.parent;
-    }
-    out.reverse();
-    Ok(out)
 }
 
 /// Where each channel of an image points.

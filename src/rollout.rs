@@ -97,6 +97,9 @@ pub struct RolloutReport {
     #[serde(flatten)]
     pub rollout: Rollout,
     pub waves: Vec<WaveReport>,
+    /// (host, pool): hosts of the channel's pools where the version's chain is not verified;
+    /// their desktops there do not move until it is (`vdim host sync`).
+    pub pending: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,7 +234,19 @@ pub fn report(tx: &Tx, id: i64) -> std::result::Result<RolloutReport, CatalogErr
             }
         })
         .collect();
-    Ok(RolloutReport { rollout, waves })
+    let image = tx.image(&rollout.image)?;
+    let chain = tx.chain(&image, rollout.version)?;
+    let mut pending = vec![];
+    for p in tx.pools_of_image(image.id)?.into_iter().filter(|p| p.channel == rollout.channel && p.pinned.is_none()) {
+        for h in tx.pool_hosts(p.id)? {
+            let held: Vec<String> = tx.host_layers(h)?.into_iter().map(|(d, _)| d).collect();
+            if !chain.iter().all(|d| held.contains(d)) {
+                let host = tx.host_by_id(h)?.map(|h| h.name).unwrap_or_default();
+                pending.push((host, p.name.clone()));
+            }
+        }
+    }
+    Ok(RolloutReport { rollout, waves, pending })
 }
 
 /// Rollouts whose vdim died: marked halted, with what was in flight, so nothing is left

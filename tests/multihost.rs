@@ -208,6 +208,8 @@ fn rollback_waits_for_a_good_copy(t: &LibvirtEnv, fake: &FakeHosts, pool: &str, 
     assert!(!host_layers(t, "hv2").contains(v1), "the changed copy no longer counts");
     let shown = t.vdim_json(&["pool", "show", pool]);
     assert_eq!(shown["pending"], serde_json::json!([["hv2", 2]]), "v2 stands on v1: {shown}");
+    let status = t.vdim_json(&["rollout", "status", "img", "--limit", "1"]);
+    assert_eq!(status[0]["pending"], serde_json::json!([["hv2", pool]]), "{status}");
 
     // Rollback over three hosts copies nothing; hv2's desktops wait for a good copy of v1.
     let syncs_before = audit_count(t, "host.sync");

@@ -329,6 +329,19 @@ impl Tx<'_> {
             .ok_or_else(|| CatalogError::VersionNotFound { image: image.name.clone(), version: number })
     }
 
+    /// The digests of a version's chain, base first (a layer's backing is the one before).
+    pub fn chain(&self, image: &Image, version: u32) -> Result<Vec<String>> {
+        let mut out = vec![];
+        let mut next = Some(version);
+        while let Some(n) = next {
+            let v = self.version(image, n)?;
+            out.push(v.digest);
+            next = v.parent;
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     pub fn newest_version(&self, image: &Image) -> Result<Version> {
         self.0
             .query_row(

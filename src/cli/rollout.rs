@@ -40,6 +40,11 @@ pub fn rollout_text(r: &RolloutReport) -> String {
             s += &format!("\n    {:<24} {:<9} from v{}  {}", d.desktop, d.state, d.from_version, d.detail);
         }
     }
+    for (host, pool) in &r.pending {
+        s += &format!(
+            "\n  pending on host {host} (pool {pool}): the version is not verified there ('vdim host sync {host}')"
+        );
+    }
     let rep = &o.report;
     for f in &rep.failures {
         s += &format!("\n  FAILED {} {} (at {})", f.desktop, f.how, f.at);

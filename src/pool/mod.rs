@@ -868,10 +868,7 @@ impl<'a> Pools<'a> {
                 let mut versions = vec![pool.version, cv];
                 versions.dedup();
                 for v in versions {
-                    let chain = crate::hosts::chain(tx, &image, v).map_err(|e| PoolError::Placement {
-                        pool: pool.name.clone(),
-                        why: crate::error::message(&e),
-                    })?;
+                    let chain = tx.chain(&image, v)?;
                     if !chain.iter().all(|d| held.contains(d)) {
                         pending.push((self.sites.host_name(Some(*h)).unwrap_or_default(), v));
                     }
@@ -1243,8 +1240,7 @@ impl<'a> Pools<'a> {
             for r in resets.iter().filter(|r| r.desktop.host_id.is_some()) {
                 let h = r.desktop.host_id.expect("on a host");
                 let held: Vec<String> = tx.host_layers(h)?.into_iter().map(|(d, _)| d).collect();
-                let chain = crate::hosts::chain(tx, &tx.image(&r.pool.image)?, r.desktop.version)
-                    .map_err(|e| PoolError::Placement { pool: r.pool.name.clone(), why: crate::error::message(&e) })?;
+                let chain = tx.chain(&tx.image(&r.pool.image)?, r.desktop.version)?;
                 if !chain.iter().all(|d| held.contains(d)) {
                     let host = self.sites.host_name(Some(h)).unwrap_or_default();
                     out.push((

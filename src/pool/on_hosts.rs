@@ -38,8 +38,7 @@ impl<'a> Pools<'a> {
         }
         let candidates = self.catalog.read(|tx| -> Result<Vec<sites::Candidate>> {
             let image = tx.image(image)?;
-            let chain = crate::hosts::chain(tx, &image, version)
-                .map_err(|e| PoolError::Placement { pool: pool.to_string(), why: crate::error::message(&e) })?;
+            let chain = tx.chain(&image, version)?;
             let load = tx.desktops_per_host()?;
             let mut out = vec![];
             for id in hosts {
