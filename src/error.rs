@@ -114,6 +114,7 @@ fn kind_of_one(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         crate::hosts::HostError,
         crate::replica::ReplicaError,
         crate::store::StoreError,
+        crate::backup::BackupError,
         crate::failover::FailoverError,
         crate::catalog::CatalogError,
         crate::lock::LockError,

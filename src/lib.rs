@@ -21,6 +21,9 @@ pub mod digest;
 pub mod store;
 /// The embedded SQLite catalog: images, versions, channels, drafts, pools, rollouts, users, audit log.
 pub mod catalog;
+/// Backup and restore: a consistent copy of the live catalog with its layers; a restore onto an
+/// empty home, every layer verified before the catalog is put in place.
+pub mod backup;
 /// The dev desktop: an image's draft booted for patching, shut down before sealing.
 pub mod dev;
 /// libvirt hosts: registered by URI, the layers each holds verified.

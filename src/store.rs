@@ -234,11 +234,11 @@ pub struct ImportOptions<'a> {
 
 // ---- helpers -------------------------------------------------------------------------------
 
-fn fsync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io("sync", dir))
 }
 
-fn fsync_file(path: &Path) -> Result<()> {
+pub(crate) fn fsync_file(path: &Path) -> Result<()> {
     fs::File::open(path).and_then(|f| f.sync_all()).map_err(io("sync", path))
 }
 
@@ -273,12 +273,12 @@ fn allocated_bytes(meta: &fs::Metadata) -> u64 {
 }
 
 /// Removes a temporary file unless disarmed: no half-written layer survives an error.
-struct TmpFile(Option<PathBuf>);
+pub(crate) struct TmpFile(pub(crate) Option<PathBuf>);
 impl TmpFile {
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.0.as_deref().expect("armed")
     }
-    fn disarm(&mut self) {
+    pub(crate) fn disarm(&mut self) {
         self.0 = None;
     }
 }
@@ -291,14 +291,14 @@ impl Drop for TmpFile {
 }
 
 /// A private (0700) work directory in the store, removed with everything in it on drop.
-struct PrivateDir(PathBuf);
+pub(crate) struct PrivateDir(PathBuf);
 impl PrivateDir {
-    fn create(path: PathBuf) -> Result<PrivateDir> {
+    pub(crate) fn create(path: PathBuf) -> Result<PrivateDir> {
         use std::os::unix::fs::DirBuilderExt;
         fs::DirBuilder::new().mode(0o700).create(&path).map_err(io("create directory", &path))?;
         Ok(PrivateDir(path))
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -310,7 +310,7 @@ impl Drop for PrivateDir {
 
 /// Copy the first `len` bytes of `src` to a new 0600 file at `dst`, leaving holes where the
 /// source has holes (SEEK_DATA/SEEK_HOLE) or all-zero blocks.
-fn copy_sparse(src: &fs::File, len: u64, dst: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_sparse(src: &fs::File, len: u64, dst: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     const BLOCK: usize = 64 << 10;

@@ -22,6 +22,7 @@ const NO_OBJECT: &[&str] = &[
     "host check",
     "serve",
     "audit",
+    "backup",
 ];
 
 fn run(env: &Env, json: bool, args: &[&str]) -> Run {
@@ -123,6 +124,7 @@ fn not_found_cases(env: &Env) -> Vec<(&'static str, Vec<String>, &'static str)> 
         c("host unfence", &["host", "unfence", "ghost"], "'ghost'"),
         c("host gc", &["host", "gc", "ghost"], "'ghost'"),
         c("pool create", &["pool", "create", "q", "--image", "img", "--size", "1", "--hosts", "ghost"], "'ghost'"),
+        c("restore", &["restore", "/nonexistent/backup"], "/nonexistent/backup"),
     ]
 }
 

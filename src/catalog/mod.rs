@@ -37,6 +37,8 @@ pub enum CatalogError {
     Open { path: String, source: rusqlite::Error },
     #[error("cannot create the catalog {path} or make it private (0600)")]
     Create { path: String, source: std::io::Error },
+    #[error("the catalog stayed busy for 30 s while it was being copied to {path}; try again")]
+    CopyBusy { path: String },
     #[error("catalog query failed")]
     Sql(#[from] rusqlite::Error),
 }
@@ -47,6 +49,7 @@ impl crate::error::Kind for CatalogError {
         match self {
             CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. } => K::NotFound,
             CatalogError::ImageExists(_) => K::Conflict,
+            CatalogError::CopyBusy { .. } => K::Busy,
             // A home without a catalog is a setup problem, not a missing object.
             CatalogError::NotInitialized { .. }
             | CatalogError::TooNew { .. }
@@ -173,6 +176,44 @@ pub struct Catalog {
 /// Audit entries `vdim audit` and the admin API return unless asked for another number.
 pub const DEFAULT_AUDIT_LIMIT: usize = 200;
 
+/// How many of each object a catalog holds: what a backup's manifest records, and what
+/// decides whether a home is empty enough to restore onto.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counts {
+    pub images: u64,
+    pub versions: u64,
+    pub pools: u64,
+    pub desktops: u64,
+    pub users: u64,
+    pub entitlements: u64,
+    pub hosts: u64,
+}
+
+/// The rows of each table (a table an older schema lacks counts none).
+fn count_rows(conn: &Connection) -> rusqlite::Result<Counts> {
+    let count = |table: &str| -> rusqlite::Result<u64> {
+        let exists: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [table],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Ok(0);
+        }
+        Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))? as u64)
+    };
+    Ok(Counts {
+        images: count("images")?,
+        versions: count("versions")?,
+        pools: count("pools")?,
+        desktops: count("desktops")?,
+        users: count("users")?,
+        entitlements: count("entitlements")?,
+        hosts: count("hosts")?,
+    })
+}
+
 pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
@@ -224,6 +265,87 @@ impl Catalog {
         Ok(())
     }
 
+    /// A consistent copy of the whole catalog in the new file `dest` (0600), taken with
+    /// SQLite's online backup API while other connections may write: every page in one step,
+    /// so one read transaction and one committed state. The copy is one self-contained file
+    /// (rollback journal, no WAL beside it) that [`Catalog::read_copy`] and `open` read.
+    pub fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        let p = dest.display().to_string();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(crate::home::PRIVATE_FILE)
+            .open(dest)
+            .map_err(|source| CatalogError::Create { path: p.clone(), source })?;
+        let mut copy = Connection::open(dest).map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        {
+            use rusqlite::backup::{Backup, StepResult};
+            let backup = Backup::new(&self.conn, &mut copy)?;
+            // -1: every page in one step. A source busy or locked is tried again, as long as
+            // a busy catalog makes other commands wait.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match backup.step(-1)? {
+                    StepResult::Done => break,
+                    StepResult::More | StepResult::Busy | StepResult::Locked
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => return Err(CatalogError::CopyBusy { path: p }),
+                }
+            }
+        }
+        copy.pragma_update(None, "journal_mode", "DELETE")?;
+        copy.close().map_err(|(_, e)| CatalogError::Sql(e))?;
+        Ok(())
+    }
+
+    /// Runs `f` on a catalog copy (a backup's) read-only, as it is: not migrated, not
+    /// switched to WAL, so its bytes (and SHA-256) stay what they were.
+    pub fn read_copy<T, E: From<CatalogError>>(
+        path: &Path,
+        f: impl FnOnce(&Tx) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let p = path.display().to_string();
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags)
+            .map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        let tx = conn.transaction().map_err(|source| CatalogError::Open { path: p, source })?;
+        let out = f(&Tx(tx));
+        out
+    }
+
+    /// What an existing catalog file holds, read without migrating or changing it.
+    pub fn peek_counts(path: &Path) -> Result<Counts> {
+        let p = path.display().to_string();
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        count_rows(&conn).map_err(|source| CatalogError::Open { path: p, source })
+    }
+
+    /// `PRAGMA integrity_check`'s findings; empty when the database is sound.
+    pub fn integrity_problems(&self) -> Result<Vec<String>> {
+        let mut st = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// Closes the catalog as one self-contained file: its WAL checkpointed into it and
+    /// removed (what a restore renames into a home).
+    pub fn close_as_one_file(self) -> Result<()> {
+        self.conn.pragma_update(None, "journal_mode", "DELETE")?;
+        self.conn.close().map_err(|(_, e)| CatalogError::Sql(e))?;
+        Ok(())
+    }
+
+    /// The newest schema version this vdim knows (its number of migrations).
+    pub fn known_schema_version() -> i64 {
+        migrations::MIGRATIONS.len() as i64
+    }
+
     pub fn schema_version(&self) -> Result<i64> {
         Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
@@ -272,6 +394,11 @@ fn version_from_row(r: &rusqlite::Row) -> rusqlite::Result<Version> {
 impl Tx<'_> {
     pub fn conn(&self) -> &Connection {
         &self.0
+    }
+
+    /// How many images, versions, pools, desktops, users, entitlements and hosts there are.
+    pub fn counts(&self) -> Result<Counts> {
+        Ok(count_rows(&self.0)?)
     }
 
     // ---- images ------------------------------------------------------------------------

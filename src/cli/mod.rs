@@ -4,6 +4,7 @@
 //! on another group, except `pool` using `user`'s entitle and `rollout` using `pool`'s move text.
 
 mod audit;
+mod backup;
 mod global;
 mod host;
 mod image;
@@ -62,6 +63,12 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// The append-only audit log
     Audit(audit::AuditArgs),
+    /// Back up the catalog (a consistent copy, while vdim runs), a manifest of its layers, and
+    /// with --layers the layers themselves
+    Backup(backup::BackupArgs),
+    /// Restore a backup onto an empty home: layers verified first, the catalog put in place
+    /// last, every desktop made afresh on its version, running pools started again
+    Restore(backup::RestoreArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -84,6 +91,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Host(cmd) => host::run(g, cmd),
         Command::Serve(args) => serve::run(g, args),
         Command::Audit(args) => audit::run(g, args),
+        Command::Backup(args) => backup::backup(g, args),
+        Command::Restore(args) => backup::restore(g, args),
     }
 }
 

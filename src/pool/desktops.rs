@@ -23,7 +23,8 @@ const CLEAN_SHUTDOWN: Duration = Duration::from_secs(60);
 /// pool is persistent, booted when `boot`.
 pub(super) struct Reset<'p> {
     pub pool: &'p Pool,
-    /// The pool's profile, for desktops defined afresh.
+    /// The pool's profile: a non-persistent desktop is defined afresh from it, a persistent
+    /// one only when its domain is gone.
     pub profile: Option<&'p Profile>,
     pub desktop: Desktop,
     pub digest: String,
@@ -309,7 +310,8 @@ impl Desktops<'_> {
 
     /// One desktop's reset after its new overlay is in place (a running QEMU keeps the old
     /// one open until it exits): stopped, defined afresh with its UUID when not persistent
-    /// (its NVRAM and TPM state go with the old definition), booted when due. Whether it booted.
+    /// (its NVRAM and TPM state go with the old definition) or when its domain is gone,
+    /// booted when due. Whether it booted.
     pub fn reset(&self, r: &Reset) -> Result<bool> {
         let d = &r.desktop;
         if let Some(host) = d.host_id {
@@ -324,10 +326,13 @@ impl Desktops<'_> {
         if self.is_active(d.host_id, &d.name)? {
             hv.destroy(&d.name)?;
         }
-        if let Some(profile) = r.profile {
-            match hv.undefine(&d.name) {
-                Ok(()) | Err(HypervisorError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
+        let kept = r.pool.persistent && hv.exists(&d.name)?;
+        if let Some(profile) = r.profile.filter(|_| !kept) {
+            if !r.pool.persistent {
+                match hv.undefine(&d.name) {
+                    Ok(()) | Err(HypervisorError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             // The desktop keeps its UUID (its identity); the TPM state went with the definition.
             let uuid = d.uuid.clone().unwrap_or_else(identity::new_uuid);

@@ -1213,11 +1213,11 @@ impl<'a> Pools<'a> {
         self.move_off_hosts(&mut pools)?;
         // Firmware state (UEFI variables, TPM) goes with the disk: a persistent desktop keeps
         // its definition, so its NVRAM file and its UUID (libvirt's key to the swtpm state)
-        // stay; a non-persistent one is defined afresh, both removed first.
+        // stay; a non-persistent one is defined afresh, both removed first. A persistent one
+        // whose domain is gone (a home restored on a new machine) is defined again.
         let mut profiles = vec![];
         for (pool, todo) in &pools {
-            let fresh = !pool.persistent && !todo.is_empty();
-            profiles.push(if fresh { Some(Profile::load(self.profiles, &pool.profile)?) } else { None });
+            profiles.push(if todo.is_empty() { None } else { Some(Profile::load(self.profiles, &pool.profile)?) });
         }
         let mut resets: Vec<Reset> = vec![];
         for ((pool, todo), profile) in pools.iter().zip(&profiles) {

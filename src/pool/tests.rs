@@ -445,6 +445,27 @@ fn a_persistent_desktop_keeps_its_definition_and_firmware_state_through_moves_an
 }
 
 #[test]
+fn a_persistent_desktop_whose_domain_is_gone_is_defined_again_at_its_reset() {
+    let (_dir, mut ctx, hv) = windows_pool(true);
+    // A home restored on a new machine: the catalog has the desktops, libvirt has no domain.
+    hv.undefine("vdim-win-001").expect("undefine");
+    ctx.catalog()
+        .write(|tx| -> std::result::Result<(), CatalogError> {
+            let pool = tx.pool("win")?.expect("pool");
+            for d in tx.desktops(pool.id)? {
+                tx.mark_reset(d.id, d.version)?;
+            }
+            Ok(())
+        })
+        .expect("due");
+    hv.take_calls();
+    ctx.pools().expect("pools").start("win", &Actor("tester".into())).expect("start");
+    assert_eq!(definitions(&hv), [(Op::Define, "vdim-win-001".to_string())], "the other keeps its definition");
+    let xml = hv.xml("vdim-win-001").expect("defined again");
+    assert!(xml.contains("desktops/win/vdim-win-001.nvram</nvram>"), "{xml}");
+}
+
+#[test]
 fn a_non_persistent_desktop_is_defined_afresh_at_every_reset() {
     let (_dir, mut ctx, hv) = windows_pool(false);
     hv.take_calls();
