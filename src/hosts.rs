@@ -492,12 +492,7 @@ impl<'a> Hosts<'a> {
                 Ok(()) | Err(HypervisorError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
-            for f in [
-                format!("{domain}.qcow2"),
-                format!("{domain}.nvram"),
-                format!("{domain}.serial.log"),
-                format!("{domain}.config.iso"),
-            ] {
+            for f in crate::pool::sites::desktop_files(&domain) {
                 hv.delete_volume(&spool, &f)?;
             }
             removed.push(domain);
@@ -510,13 +505,11 @@ impl<'a> Hosts<'a> {
     /// channels point at, so neither a rollback nor a promotion there waits for a copy.
     fn needed_on(tx: &crate::catalog::Tx, host: &Host) -> Result<BTreeSet<String>> {
         let mut keep = BTreeSet::new();
-        let mut pools: Vec<crate::catalog::Pool> = vec![];
-        for p in tx.pools()? {
-            if tx.pool_hosts(p.id)?.contains(&host.id) {
-                pools.push(p);
+        let all = tx.pools()?;
+        for p in &all {
+            if !tx.pool_hosts(p.id)?.contains(&host.id) {
+                continue;
             }
-        }
-        for p in &pools {
             let image = tx.image(&p.image)?;
             let mut versions = vec![p.version, tx.channel(&image, p.channel)?];
             versions.extend(p.pinned);
@@ -537,7 +530,7 @@ impl<'a> Hosts<'a> {
         }
         // Desktops placed there whatever their pool says now.
         for d in tx.desktops_on(host.id)? {
-            if let Some(p) = tx.pools()?.into_iter().find(|p| p.id == d.pool_id) {
+            if let Some(p) = all.iter().find(|p| p.id == d.pool_id) {
                 keep.extend(tx.chain(&tx.image(&p.image)?, d.version)?);
             }
         }
@@ -582,10 +575,8 @@ impl<'a> Hosts<'a> {
     /// desktops onto it).
     pub fn ensure_version(&mut self, name: &str, image: &str, version: u32, reread: bool, actor: &Actor) -> Result<()> {
         let host = self.load(name)?;
-        let missing = self.catalog.read(|tx| -> Result<bool> {
-            let held: BTreeSet<String> = tx.host_layers(host.id)?.into_iter().map(|(d, _)| d).collect();
-            Ok(!tx.chain(&tx.image(image)?, version)?.iter().all(|d| held.contains(d)))
-        })?;
+        let missing =
+            self.catalog.read(|tx| -> Result<bool> { Ok(!tx.holds_chain(host.id, &tx.image(image)?, version)?) })?;
         if missing || reread {
             let r = self.sync_with(name, Some(image), Some(version), !reread, actor)?;
             if let Some(v) = r.versions.iter().find(|v| !v.report.complete()) {

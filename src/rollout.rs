@@ -235,12 +235,10 @@ pub fn report(tx: &Tx, id: i64) -> std::result::Result<RolloutReport, CatalogErr
         })
         .collect();
     let image = tx.image(&rollout.image)?;
-    let chain = tx.chain(&image, rollout.version)?;
     let mut pending = vec![];
     for p in tx.pools_of_image(image.id)?.into_iter().filter(|p| p.channel == rollout.channel && p.pinned.is_none()) {
         for h in tx.pool_hosts(p.id)? {
-            let held: Vec<String> = tx.host_layers(h)?.into_iter().map(|(d, _)| d).collect();
-            if !chain.iter().all(|d| held.contains(d)) {
+            if !tx.holds_chain(h, &image, rollout.version)? {
                 let host = tx.host_by_id(h)?.map(|h| h.name).unwrap_or_default();
                 pending.push((host, p.name.clone()));
             }
@@ -345,7 +343,9 @@ impl<'a> Engine<'a> {
             Ok(out)
         })?;
         let mut hosts: Vec<Option<i64>> = self.placed.values().copied().collect();
-        hosts.push(None);
+        if hosts.is_empty() {
+            hosts.push(None);
+        }
         hosts.sort();
         hosts.dedup();
         let mut subs = vec![];
@@ -377,7 +377,7 @@ impl<'a> Engine<'a> {
         if !hosts.is_empty() {
             let actor = self.actor.clone();
             // Read back even where recorded: no desktop boots from a copy changed since.
-            self.pools()?.replicate_to(&hosts, image, version, true, &actor)?;
+            self.pools()?.replicate_to(&hosts, image, version, true, &actor);
         }
         Ok(())
     }

@@ -52,21 +52,18 @@ fn wait_markers(t: &LibvirtEnv, pool: &str, want: &str) {
 
 /// Running domains of a fake host whose names start with `prefix`.
 fn running_on(uri: &str, prefix: &str) -> Vec<String> {
-    let out = std::process::Command::new("timeout")
-        .args(["10", "virsh", "-c", uri, "list", "--name"])
-        .output()
-        .expect("virsh");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with(prefix))
-        .map(String::from)
-        .collect()
+    domains_on(uri, prefix, &[])
 }
 
+/// Defined domains (running or not) of a fake host whose names start with `prefix`.
 fn defined_on(uri: &str, prefix: &str) -> Vec<String> {
+    domains_on(uri, prefix, &["--all"])
+}
+
+fn domains_on(uri: &str, prefix: &str, flags: &[&str]) -> Vec<String> {
     let out = std::process::Command::new("timeout")
-        .args(["10", "virsh", "-c", uri, "list", "--all", "--name"])
+        .args(["10", "virsh", "-c", uri, "list", "--name"])
+        .args(flags)
         .output()
         .expect("virsh");
     String::from_utf8_lossy(&out.stdout)

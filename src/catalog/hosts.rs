@@ -128,6 +128,13 @@ impl Tx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Whether the host holds a version's whole chain recorded verified: desktops of that
+    /// version may be made there (otherwise it is "pending" there).
+    pub fn holds_chain(&self, host_id: i64, image: &super::Image, version: u32) -> Result<bool> {
+        let held: Vec<String> = self.host_layers(host_id)?.into_iter().map(|(d, _)| d).collect();
+        Ok(self.chain(image, version)?.iter().all(|d| held.contains(d)))
+    }
+
     /// Records these layers as read back right from the host now.
     pub fn record_host_layers(&self, host_id: i64, digests: &[&str]) -> Result<()> {
         let at = now();

@@ -4,8 +4,6 @@
 use super::*;
 use crate::catalog::hosts::NewHost;
 use crate::catalog::{CatalogError, Channel};
-use crate::context::Settings;
-use crate::home::Home;
 use crate::hypervisor::domain_xml::VirtType;
 use crate::hypervisor::fake::FakeHypervisor;
 use crate::hypervisor::{Connections, Hypervisor, HypervisorError};
@@ -14,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-const V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+use crate::pool::tests::V1;
 
 struct Hosts2 {
     _dir: tempfile::TempDir,
@@ -29,16 +27,10 @@ fn actor() -> Actor {
 }
 
 impl Hosts2 {
-    /// A home with image `img` (v1 on every channel) and hosts hv1 and hv2, each holding v1
-    /// verified; `fence` is hv2's fence command.
+    /// The pool tests' home (image `img`, v1 on every channel) with hosts hv1 and hv2, each
+    /// holding v1 verified; `fence` is hv2's fence command.
     fn new(fence: Option<&str>) -> Hosts2 {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let settings = Settings {
-            profiles: dir.path().join("profiles"),
-            virt_type: "qemu".into(),
-            ..Settings::new(Home::new(dir.path().join("home")))
-        };
-        crate::profile::install_shipped(&settings.profiles).expect("profiles");
+        let crate::pool::tests::Fixture { _dir: dir, ctx, .. } = crate::pool::tests::Fixture::new();
         let hosts: BTreeMap<&'static str, Arc<FakeHypervisor>> =
             [("hv1", Arc::new(FakeHypervisor::new())), ("hv2", Arc::new(FakeHypervisor::new()))].into();
         let hv2_down = Arc::new(AtomicBool::new(false));
@@ -49,17 +41,9 @@ impl Hosts2 {
             }
             Ok(by_uri[uri.trim_start_matches("fake://")].clone() as Arc<dyn Hypervisor>)
         });
-        let mut ctx = Context::init(settings)
-            .expect("context")
-            .with_hypervisor(Arc::new(FakeHypervisor::new()))
-            .with_connections(links);
+        let mut ctx = ctx.with_connections(links);
         ctx.catalog()
             .write(|tx| -> std::result::Result<(), CatalogError> {
-                let image = tx.insert_image("img", 1 << 30)?;
-                tx.insert_version(&image, None, V1, 4096, 1 << 30, "tester", "v1")?;
-                for ch in Channel::ALL {
-                    tx.set_channel(&image, ch, 1)?;
-                }
                 for (name, fence) in [("hv1", None), ("hv2", fence)] {
                     let h = tx.insert_host(&NewHost {
                         name,

@@ -141,12 +141,7 @@ impl Desktops<'_> {
         }
         let (spool, _) = self.sites.desktop_store(host)?;
         let hv = self.sites.hv(Some(host))?;
-        for f in [
-            format!("{desktop}.qcow2"),
-            format!("{desktop}.nvram"),
-            format!("{desktop}.serial.log"),
-            super::config_drive_name(desktop),
-        ] {
+        for f in super::sites::desktop_files(desktop) {
             hv.delete_volume(&spool, &f)?;
         }
         Ok(())

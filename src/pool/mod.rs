@@ -692,7 +692,7 @@ impl<'a> Pools<'a> {
         usable_version(&profile, &image.name, &version)?;
         self.check_display_tls(o, &profile, insecure_display, &hosts)?;
         // Layers reach a host before desktops do.
-        self.replicate_to(&hosts, &image.name, version.number, false, actor)?;
+        self.replicate_to(&hosts, &image.name, version.number, false, actor);
         let placed = self.place_new(o.name, &hosts, &image.name, version.number, o.size as usize)?;
         // Leftovers of an interrupted create of the same name: never in the catalog, safe to drop.
         self.remove_leftovers(o.name, &hosts)?;
@@ -864,12 +864,10 @@ impl<'a> Pools<'a> {
             let hosts = tx.pool_hosts(pool.id)?;
             let mut pending = vec![];
             for h in &hosts {
-                let held: Vec<String> = tx.host_layers(*h)?.into_iter().map(|(d, _)| d).collect();
                 let mut versions = vec![pool.version, cv];
                 versions.dedup();
                 for v in versions {
-                    let chain = tx.chain(&image, v)?;
-                    if !chain.iter().all(|d| held.contains(d)) {
+                    if !tx.holds_chain(*h, &image, v)? {
                         pending.push((self.sites.host_name(Some(*h)).unwrap_or_default(), v));
                     }
                 }
@@ -1237,11 +1235,16 @@ impl<'a> Pools<'a> {
         // version is pending on its host is left as it was, its reset due.
         let pending = self.catalog.read(|tx| -> Result<Vec<(String, PoolError)>> {
             let mut out = vec![];
+            // Asked once per host and version, however many desktops share them.
+            let mut holds: BTreeMap<(i64, i64, u32), bool> = BTreeMap::new();
             for r in resets.iter().filter(|r| r.desktop.host_id.is_some()) {
                 let h = r.desktop.host_id.expect("on a host");
-                let held: Vec<String> = tx.host_layers(h)?.into_iter().map(|(d, _)| d).collect();
-                let chain = tx.chain(&tx.image(&r.pool.image)?, r.desktop.version)?;
-                if !chain.iter().all(|d| held.contains(d)) {
+                let key = (h, r.pool.image_id, r.desktop.version);
+                let held = match holds.get(&key) {
+                    Some(held) => *held,
+                    None => *holds.entry(key).or_insert(tx.holds_chain(h, &tx.image(&r.pool.image)?, key.2)?),
+                };
+                if !held {
                     let host = self.sites.host_name(Some(h)).unwrap_or_default();
                     out.push((
                         r.desktop.name.clone(),
@@ -1546,7 +1549,7 @@ impl<'a> Pools<'a> {
         }
         let indexes: Vec<u32> = new.iter().map(|(i, _)| *i).collect();
         let pool_hosts = self.catalog.read(|tx| tx.pool_hosts(pool.id))?;
-        self.replicate_to(&pool_hosts, &pool.image, pool.version, false, actor)?;
+        self.replicate_to(&pool_hosts, &pool.image, pool.version, false, actor);
         let placed = self.place_new(name, &pool_hosts, &pool.image, pool.version, indexes.len())?;
         let made = self.provision(pool, &profile, &indexes, &placed, digest, vsize);
         let committed = made.and_then(|made| {

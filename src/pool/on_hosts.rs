@@ -38,17 +38,15 @@ impl<'a> Pools<'a> {
         }
         let candidates = self.catalog.read(|tx| -> Result<Vec<sites::Candidate>> {
             let image = tx.image(image)?;
-            let chain = tx.chain(&image, version)?;
             let load = tx.desktops_per_host()?;
             let mut out = vec![];
             for id in hosts {
                 let Some(h) = tx.host_by_id(*id)? else { continue };
-                let held: Vec<String> = tx.host_layers(h.id)?.into_iter().map(|(d, _)| d).collect();
                 let refused = if h.state != "up" {
                     Some(h.state.clone())
                 } else if h.missed > 0 {
                     Some(format!("not answering ({} probes missed)", h.missed))
-                } else if !chain.iter().all(|d| held.contains(d)) {
+                } else if !tx.holds_chain(h.id, &image, version)? {
                     Some(format!(
                         "version {version} pending (its chain is not verified there: vdim host sync {})",
                         h.name
@@ -95,14 +93,7 @@ impl<'a> Pools<'a> {
     /// Copies a version's chain to each of `hosts` that lacks it verified (so its desktops
     /// can be placed there); a host that cannot take it is left out of placement, which
     /// says why.
-    pub(crate) fn replicate_to(
-        &mut self,
-        hosts: &[i64],
-        image: &str,
-        version: u32,
-        reread: bool,
-        actor: &Actor,
-    ) -> Result<()> {
+    pub(crate) fn replicate_to(&mut self, hosts: &[i64], image: &str, version: u32, reread: bool, actor: &Actor) {
         let names: Vec<String> = hosts.iter().filter_map(|h| self.sites.host_name(Some(*h))).collect();
         let mut service = crate::hosts::Hosts::new(self.home, self.catalog, self.links);
         for n in names {
@@ -110,7 +101,6 @@ impl<'a> Pools<'a> {
                 tracing::warn!(host = %n, image, version, error = %crate::error::message(&e), "version not replicated");
             }
         }
-        Ok(())
     }
 
     /// Due desktops of non-persistent pools on a host that is draining or fenced get another
@@ -146,7 +136,7 @@ impl<'a> Pools<'a> {
                 by_version.entry(todo[i].0.version).or_default().push(i);
             }
             for (version, idx) in by_version {
-                self.replicate_to(&hosts, &pool.image, version, false, &Actor("vdim".into()))?;
+                self.replicate_to(&hosts, &pool.image, version, false, &Actor("vdim".into()));
                 let placed = match self.place_new(&pool.name, &hosts, &pool.image, version, idx.len()) {
                     Ok(p) => p,
                     Err(e) => {

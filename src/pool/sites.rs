@@ -24,6 +24,17 @@ pub fn desktop_store(h: &Host) -> (String, PathBuf) {
     (format!("{}-desktops", h.storage_pool), PathBuf::from(format!("{}-desktops", h.store_path)))
 }
 
+/// The files a desktop on a host keeps in its desktop store: overlay, UEFI variables, serial
+/// log, config drive.
+pub fn desktop_files(desktop: &str) -> [String; 4] {
+    [
+        format!("{desktop}.qcow2"),
+        format!("{desktop}.nvram"),
+        format!("{desktop}.serial.log"),
+        super::config_drive_name(desktop),
+    ]
+}
+
 /// A layer's path in a host's layer store.
 pub fn layer_on(h: &Host, digest: &str) -> PathBuf {
     PathBuf::from(&h.store_path).join(format!("{digest}.qcow2"))
