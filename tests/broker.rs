@@ -1273,10 +1273,10 @@ fn open_session(http: &Http, pool: &str, token: &str) -> (String, String) {
 
 /// Sets a session's expiry to now in the catalog, as the clock would.
 fn expire_now(env: &Env, id: &str) {
-    let mut cat = vdim::catalog::Catalog::open(&env.home().join("catalog.db"), false).unwrap();
+    let mut cat = env.catalog();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     cat.write(|tx| {
-        tx.conn()
+        tx.sql()
             .execute("UPDATE sessions SET expires_at = ?2 WHERE id = ?1", [id, now.as_str()])
             .map_err(vdim::catalog::CatalogError::from)
     })
@@ -1581,13 +1581,13 @@ fn leave_interrupted_rollout(env: &Env, image: &str) {
     let pid = gone.id() as i64;
     gone.wait().unwrap();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let mut cat = vdim::catalog::Catalog::open(&env.home().join("catalog.db"), false).unwrap();
+    let mut cat = env.catalog();
     cat.write(|tx| {
-        tx.conn()
+        tx.sql()
             .execute(
                 "INSERT INTO rollouts (image_id, version, channel, from_version, state, waves, soak_ms, actor, owner_pid, created, updated)
                  SELECT id, 1, 'prod', 1, 'running', '1,100%', 30000, 'test', ?2, ?3, ?3 FROM images WHERE name = ?1",
-                rusqlite::params![image, pid, now],
+                vdim::params![image, pid, now],
             )
             .map_err(vdim::catalog::CatalogError::from)
     })

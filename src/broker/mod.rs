@@ -32,7 +32,6 @@ mod tls;
 pub mod vnc;
 pub mod vv;
 
-use crate::catalog::CatalogError;
 use crate::context::{Connector, Context, ContextError, Settings};
 use crate::store::Actor;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -188,14 +187,6 @@ struct Contexts {
     check_permits: Semaphore,
 }
 
-/// SQLite's own busy handler sleeps in steps of up to 100 ms, which a session request would
-/// wait behind any concurrent writer; the broker's connections retry every millisecond
-/// instead, for as long as the CLI's do (30 s).
-fn retry_soon(count: i32) -> bool {
-    std::thread::sleep(Duration::from_millis(1));
-    count < 30_000
-}
-
 impl Contexts {
     fn take(&self) -> Result<Context, ApiError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -203,12 +194,16 @@ impl Contexts {
             Some(s) => Ok(s),
             None => {
                 let mut s = self.connector.open()?;
-                s.catalog().read(|tx| tx.conn().busy_handler(Some(retry_soon)).map_err(CatalogError::from))?;
+                s.catalog().retry_busy_soon()?;
                 Ok(s)
             }
         }
     }
-    fn put(&self, s: Context) {
+    fn put(&self, mut s: Context) {
+        // A PostgreSQL connection the server closed is dropped; the next call opens another.
+        if s.catalog().is_broken() {
+            return;
+        }
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(s);
     }
 }
