@@ -5,6 +5,7 @@
 pub mod efi;
 pub mod host;
 pub mod hosts;
+pub mod prometheus;
 pub mod serve;
 pub mod viewer;
 
