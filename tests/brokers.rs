@@ -205,17 +205,17 @@ fn the_other_broker_leads_within_10_s_of_a_kill_and_reaps_and_resets_an_expired_
     }
     let expired = audit(&t.env, "session.expire");
     assert!(expired.iter().any(|e| e["detail"]["session"] == id.as_str()), "{expired:?}");
-    t.wait_marker(&pool, &desktop, "brk-fo-v1", 60);
+    t.wait_marker(&pool, &desktop, "brk-fo health=ok", 60);
 }
 
 /// `vdim promote` as a driver on another machine: its own host name (UTS namespace), so
 /// only its heartbeat can tell the leader it is alive. It pauses once its first wave is
 /// recorded, desktops about to move.
-fn promote_elsewhere(t: &LibvirtEnv, pause: &std::path::Path) -> Child {
+fn promote_elsewhere(t: &LibvirtEnv, pause: &std::path::Path, soak: &str) -> Child {
     let mut cmd = Command::new("unshare");
     cmd.args(["--uts", "sh", "-c", "hostname elsewhere && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_vdim")])
         .args([
-            "promote", "img", "2", "--to", "prod", "--soak", "4s", "--waves", "1,100%", "--force", "--reason", "adopt",
+            "promote", "img", "2", "--to", "prod", "--soak", soak, "--waves", "1,100%", "--force", "--reason", "adopt",
         ])
         .env("VDIM_HOME", t.env.home())
         .env("VDIM_VIRT_TYPE", "qemu")
@@ -228,7 +228,7 @@ fn promote_elsewhere(t: &LibvirtEnv, pause: &std::path::Path) -> Child {
 
 /// Kills a `vdim promote` mid-wave while a broker leads; returns the rollout as it ended
 /// without any command, and its adoption's audit entry.
-fn kill_the_driver_mid_wave(t: &LibvirtEnv, pool: &str, v2: &str) -> (Value, Value) {
+fn kill_the_driver_mid_wave(t: &LibvirtEnv, pool: &str, v2: &str, soak: &str) -> (Value, Value) {
     marker_image(&t.env, "img", "brk-ad-v1");
     t.create_pool(pool, "img", "prod", 2, "test-linux", &[]);
     seal_marker(&t.env, "img", "brk-ad-v2", v2);
@@ -236,7 +236,7 @@ fn kill_the_driver_mid_wave(t: &LibvirtEnv, pool: &str, v2: &str) -> (Value, Val
     let srv = Server::start(&t.env, "qemu:///system", &[]);
     until_leader(&http, &srv.base, 10);
     let pause = t.env.path("promote.pause");
-    let mut driver = promote_elsewhere(t, &pause);
+    let mut driver = promote_elsewhere(t, &pause, soak);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pause.exists() {
         assert!(Instant::now() < deadline, "the promotion never reached its first wave");
@@ -277,7 +277,7 @@ fn kill_the_driver_mid_wave(t: &LibvirtEnv, pool: &str, v2: &str) -> (Value, Val
 fn a_promote_killed_mid_wave_is_adopted_by_the_leader_and_completes_without_a_command() {
     let t = LibvirtEnv::new("brkad");
     let pool = t.pool_name("p");
-    let (end, adopted) = kill_the_driver_mid_wave(&t, &pool, "ok");
+    let (end, adopted) = kill_the_driver_mid_wave(&t, &pool, "ok", "4s");
     assert_eq!(end["state"], "succeeded", "{end}");
     let d = &adopted["detail"];
     assert!(d["from"].as_str().is_some_and(|f| f.starts_with("elsewhere:")), "{adopted}");
@@ -293,7 +293,8 @@ fn a_promote_killed_mid_wave_is_adopted_by_the_leader_and_completes_without_a_co
 fn a_promote_of_a_crashing_version_killed_mid_wave_is_adopted_and_reverted_without_a_command() {
     let t = LibvirtEnv::new("brkrv");
     let pool = t.pool_name("p");
-    let (end, adopted) = kill_the_driver_mid_wave(&t, &pool, "panic");
+    // A long soak: the crash, not its end, decides.
+    let (end, adopted) = kill_the_driver_mid_wave(&t, &pool, "panic", "60s");
     assert_eq!(end["state"], "failed", "{end}");
     assert!(adopted["detail"]["from"].as_str().is_some_and(|f| f.starts_with("elsewhere:")), "{adopted}");
     for desk in t.vdim_json(&["pool", "show", &pool])["desktops"].as_array().unwrap() {
