@@ -592,7 +592,7 @@ pub fn after_restore(tx: &Tx) -> std::result::Result<AfterRestore, CatalogError>
         }
     }
     for r in tx.running_rollouts()? {
-        tx.set_rollout_owner(r.id, None)?;
+        tx.forget_rollout_driver(r.id)?;
         a.rollouts_interrupted += 1;
     }
     Ok(a)

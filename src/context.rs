@@ -13,8 +13,9 @@
 //!                    └─► dev()      the dev desktop        (store + hypervisor + profiles)
 //! ```
 //! Invariants that hold whatever the entry point live here, not in a command's glue:
-//! recovery of interrupted rollouts runs in [`Context::open`], and [`Context::heal`] (the
-//! broker at start) finishes interrupted logoffs and pool moves.
+//! recovery of interrupted rollouts runs in [`Context::open`] (while no broker leads: the
+//! leader adopts them instead), and [`Context::heal`] (the leading broker, when elected)
+//! finishes interrupted logoffs and pool moves.
 //!
 //! The hypervisor is connected on first use, so commands that need no libvirt (image
 //! import, list, history, gc, users, audit, ...) work without a daemon.
@@ -157,12 +158,24 @@ impl Context {
         Context::start(settings, catalog)
     }
 
+    /// Opens an initialised home for `vdim serve`: no recovery of rollouts here, since the
+    /// leading broker adopts those whose driver is gone instead of halting them.
+    pub fn open_serving(settings: Settings) -> Result<Context> {
+        let catalog = Catalog::open(&settings.home.catalog(), false)?;
+        make_dirs(&settings.home)?;
+        Ok(Context::with_catalog(settings, catalog))
+    }
+
     fn start(settings: Settings, catalog: Catalog) -> Result<Context> {
-        let shared = Arc::new(Shared { settings, hv: OnceLock::new(), links: OnceLock::new() });
-        let mut ctx = Context { shared, catalog, recovered: vec![], progress: Arc::new(Quiet) };
+        let mut ctx = Context::with_catalog(settings, catalog);
         // A rollout whose vdim was killed is found by the next vdim, whatever it runs.
         ctx.recovered = crate::rollout::recover_interrupted(&mut ctx.catalog)?;
         Ok(ctx)
+    }
+
+    fn with_catalog(settings: Settings, catalog: Catalog) -> Context {
+        let shared = Arc::new(Shared { settings, hv: OnceLock::new(), links: OnceLock::new() });
+        Context { shared, catalog, recovered: vec![], progress: Arc::new(Quiet) }
     }
 
     /// What opens more connections of this context, from any thread.

@@ -1595,27 +1595,41 @@ fn leave_interrupted_rollout(env: &Env, image: &str) {
 }
 
 #[test]
-fn an_interrupted_rollout_is_found_by_whichever_entry_point_opens_the_context() {
+fn an_interrupted_rollout_is_adopted_by_a_leading_broker_and_halted_by_a_command_without_one() {
     let env = Env::new();
     marker_image(&env, "img", "bk-int1");
     marker_image(&env, "img2", "bk-int2");
     let admin = add_user_cli(&env, "admin", true);
-    let halted = |v: &Value, image: &str| {
-        let r = v.as_array().unwrap().iter().find(|r| r["image"] == image).unwrap_or_else(|| panic!("{v}"));
-        assert_eq!(r["state"], "halted", "{image}: {r}");
-        assert!(r["report"]["interrupted"]["pid"].is_i64(), "{image}: {r}");
+    let adopted = |http: &Http, image: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = http.ok("GET", "/api/v1/admin/rollouts", &admin, None);
+            let r = v.as_array().unwrap().iter().find(|r| r["image"] == image).unwrap_or_else(|| panic!("{v}")).clone();
+            assert_ne!(r["state"], "halted", "{image}: a leading broker adopts, it does not halt: {r}");
+            if r["state"] == "succeeded" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{image}: not adopted: {r}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let audit = http.ok("GET", &format!("/api/v1/admin/audit?image={image}"), &admin, None);
+        let e = audit.as_array().unwrap().iter().find(|e| e["action"] == "rollout.adopted").cloned();
+        let e = e.unwrap_or_else(|| panic!("{image}: no rollout.adopted in {audit}"));
+        assert!(e["detail"]["from_pid"].is_i64() && e["detail"]["by"].is_string(), "{e}");
     };
-    // Died before the broker started: the broker's start finds it.
+    // Died before the broker started: the broker, leading, carries it on.
     leave_interrupted_rollout(&env, "img");
     let srv = Server::start(&env, "test:///default", &[]);
     let http = Http::new(&srv.base);
-    halted(&http.ok("GET", "/api/v1/admin/rollouts", &admin, None), "img");
-    // Died while the broker runs: the admin API finds it too, not "running".
+    adopted(&http, "img");
+    // Died while the broker runs: the same, and the admin API's status halts nothing.
     leave_interrupted_rollout(&env, "img2");
-    halted(&http.ok("GET", "/api/v1/admin/rollouts", &admin, None), "img2");
-    drop((srv, http));
-    // And the CLI, from any command.
+    adopted(&http, "img2");
+    srv.stop();
+    // Without a broker, any command finds it and halts it, as on a single machine.
     leave_interrupted_rollout(&env, "img");
     env.vdim(&["image", "list"]).assert_success().assert_stderr_contains("was interrupted in wave 1");
-    halted(&env.vdim_json(&["rollout", "status", "img", "--limit", "1"]), "img");
+    let v = env.vdim_json(&["rollout", "status", "img", "--limit", "1"]);
+    assert_eq!(v[0]["state"], "halted", "{v}");
+    assert!(v[0]["report"]["interrupted"]["pid"].is_i64(), "{v}");
 }

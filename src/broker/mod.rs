@@ -8,7 +8,11 @@
 //!  thin client ─HTTP(S)─► router ─► token → user ─► service call (blocking pool) ─► JSON / .vv
 //!  browser ─WS(S)─► /console/{id}/ws ─► Origin + console token ─► VNC login ─► byte pipe
 //!  reaper (every second) ─► expire sessions, cut their displays off, finish logoffs, close consoles
+//!  lease (every 2 s) ─► leader? reaper, heal on election, host watch, rollouts adopted
 //! ```
+//! Several brokers may serve one catalog: every one serves every request (assignment is one
+//! catalog transaction), and only the holder of the leader lease runs the background duties
+//! ([`leadership`]); `/healthz` and the `vdim_broker_leader` metric say whether this one does.
 //! Plain HTTP is only served on loopback; anything else needs `--tls-cert` and `--tls-key`.
 //!
 //! Under abuse: connections are accepted by [`listener`] (header timeout, a connection cap
@@ -26,6 +30,7 @@
 pub mod api;
 mod console;
 pub mod error;
+mod leadership;
 pub mod listener;
 mod metrics;
 mod tls;
@@ -225,6 +230,9 @@ pub struct Broker {
     pub(crate) request_timeout: Duration,
     /// The main listener's connections.
     pub(crate) connections: Arc<listener::Connections>,
+    /// Whether this broker holds the leader lease now.
+    pub(crate) leadership: crate::leader::Leadership,
+    adopted: leadership::Adopted,
     contexts: Contexts,
 }
 
@@ -327,17 +335,13 @@ async fn run(
     let metrics_listener = opts.metrics_listen.map(|a| listen(a).map_err(bind(a))).transpose()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public = Public::parse(&opts.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}")))?;
-    // Opened as every command opens it: recovery of interrupted rollouts runs here, and a
-    // home without a catalog or an unreachable libvirt fails the start.
-    let mut ctx = Context::open(opts.settings.clone())?;
-    for line in ctx.recovered() {
-        tracing::warn!("{line}");
-    }
+    // A home without a catalog or an unreachable libvirt fails the start. Rollouts whose
+    // driver is gone are not halted here: the leader adopts them.
+    let mut ctx = Context::open_serving(opts.settings.clone())?;
     ctx.hypervisor()?;
-    let healed = ctx.heal(&Actor("broker".into())).map_err(|e| BrokerError::Heal(e.to_string()))?;
-    if !healed.finished.is_empty() || !healed.ended.is_empty() || !healed.failed.is_empty() {
-        tracing::warn!(ended = ?healed.ended, finished = ?healed.finished, failed = ?healed.failed, "healed sessions at start");
-    }
+    let started = Instant::now();
+    let standing = leadership::first(&mut ctx)?;
+    let lease_ctx = ctx.connector().open()?;
     let broker = Arc::new(Broker {
         public,
         session_ttl: opts.session_ttl,
@@ -348,6 +352,8 @@ async fn run(
         open_gate: tokio::sync::Mutex::new(()),
         request_timeout: opts.request_timeout,
         connections: listener::Connections::new(max_connections),
+        leadership: Default::default(),
+        adopted: Default::default(),
         contexts: Contexts {
             connector: ctx.connector(),
             idle: Mutex::new(vec![ctx]),
@@ -392,6 +398,11 @@ async fn run(
     if !opts.novnc.join("core/rfb.js").is_file() {
         tracing::warn!(dir = %opts.novnc.display(), "noVNC not found: the HTML5 console will not load (run scripts/setup-console, or pass --novnc)");
     }
+    if let crate::leader::Standing::Leader { term, .. } = standing {
+        broker.leadership.led(started, term);
+        tracing::warn!(term, broker = crate::leader::me(), "this broker leads now");
+    }
+    tokio::spawn(leadership::lead(broker.clone(), lease_ctx));
     tokio::spawn(reaper(broker.clone()));
     tokio::spawn(host_watch(broker.clone()));
     let app = router(broker.clone(), &opts);
@@ -410,9 +421,13 @@ async fn run(
     }
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::select! {
-        _ = listener::serve(listener, acceptor, app, limits, broker.connections.clone()) => Ok(()),
-        _ = shutdown_signal() => Ok(()),
+        _ = listener::serve(listener, acceptor, app, limits, broker.connections.clone()) => {}
+        _ = shutdown_signal() => {}
     }
+    // Another broker takes over at its next tick instead of waiting out the lease.
+    broker.leadership.lost();
+    let _ = broker.blocking(|_, ctx| Ok(crate::leader::step_down(ctx.catalog(), crate::leader::me())?)).await;
+    Ok(())
 }
 
 /// A listening socket with a deep accept queue (the kernel's default 128 overflows under a
@@ -450,6 +465,9 @@ async fn reaper(b: Arc<Broker>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !b.leadership.leads() {
+            continue;
+        }
         // Counted as each session ends, before its desktop is reset: whoever sees the desktop
         // free sees the count too.
         let ended = |b: &Broker, s: &str| {
@@ -471,6 +489,9 @@ async fn host_watch(b: Arc<Broker>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !b.leadership.leads() {
+            continue;
+        }
         let round = b
             .blocking(move |_, ctx| {
                 if ctx.catalog().read(|tx| tx.hosts())?.is_empty() {
@@ -593,7 +614,9 @@ async fn no_route(req: Request) -> ApiError {
 
 async fn healthz(State(b): State<Arc<Broker>>) -> Result<Response, ApiError> {
     let open = b.checking(|_, ctx| Ok(ctx.catalog().read(|tx| tx.open_session_count())?)).await?;
-    Ok(axum::Json(serde_json::json!({"status": "ok", "sessions_open": open})).into_response())
+    let term = b.leadership.term();
+    Ok(axum::Json(serde_json::json!({"status": "ok", "sessions_open": open, "leader": term.is_some(), "term": term}))
+        .into_response())
 }
 
 /// `/metrics` on the main listener: administrators only.
@@ -625,10 +648,12 @@ async fn scrape(b: &Arc<Broker>) -> Result<Response, ApiError> {
                     connections_open: open,
                     connections_evicted: evicted,
                     connections_refused: refused,
+                    leader: false,
                 })
             })?)
         })
         .await?;
+    let facts = metrics::Facts { leader: b.leadership.leads(), ..facts };
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], b.metrics.render(&facts)).into_response())
 }
 

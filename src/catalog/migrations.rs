@@ -272,4 +272,19 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN missed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE hosts ADD COLUMN fenced_at TEXT;
     "#,
+    // 10: several brokers on one catalog. `leases`: the leader lease (one row, `leader`) that
+    // decides which broker runs the background duties; `term` grows at every takeover. A
+    // rollout's driver renews `owner` (host:pid:suffix) and `owner_seen_ms` while it runs,
+    // so the leader can tell a driver that died on another machine. Milliseconds since the
+    // epoch, from the writer's clock.
+    r#"
+    CREATE TABLE leases (
+        name       TEXT PRIMARY KEY,
+        holder     TEXT NOT NULL,
+        term       BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );
+    ALTER TABLE rollouts ADD COLUMN owner TEXT;
+    ALTER TABLE rollouts ADD COLUMN owner_seen_ms BIGINT;
+    "#,
 ];

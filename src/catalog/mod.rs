@@ -14,6 +14,7 @@ mod copy;
 pub mod location;
 mod migrations;
 pub mod hosts;
+pub mod leases;
 pub mod pools;
 pub mod rollouts;
 #[doc(hidden)]
