@@ -160,8 +160,10 @@ impl Context {
 
     /// Opens an initialised home for `vdim serve`: no recovery of rollouts here, since the
     /// leading broker adopts those whose driver is gone instead of halting them.
-    pub fn open_serving(settings: Settings) -> Result<Context> {
-        let catalog = Catalog::open(&settings.home.catalog(), false)?;
+    pub fn open_serving(mut settings: Settings) -> Result<Context> {
+        let location = settings.catalog()?;
+        let catalog = Catalog::connect(&location, false)?;
+        settings.catalog = Some(location);
         make_dirs(&settings.home)?;
         Ok(Context::with_catalog(settings, catalog))
     }

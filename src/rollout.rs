@@ -314,7 +314,7 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn start(catalog: std::path::PathBuf, id: i64) -> Heartbeat {
+    fn start(catalog: crate::catalog::Location, id: i64) -> Heartbeat {
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let lost = std::sync::Arc::new(AtomicBool::new(false));
         let (s, l) = (stop.clone(), lost.clone());
@@ -323,7 +323,7 @@ impl Heartbeat {
             while !s.load(Ordering::SeqCst) {
                 let waited = std::time::Instant::now();
                 if cat.is_none() {
-                    cat = Catalog::open(&catalog, false)
+                    cat = Catalog::connect(&catalog, false)
                         .inspect_err(|e| tracing::warn!(rollout = id, error = %e, "rollout heartbeat: no catalog"))
                         .ok();
                 }
@@ -667,7 +667,7 @@ impl<'a> Engine<'a> {
     /// Drives a rollout this process has claimed ([`claim`]), beating while it does.
     fn run(&mut self, id: i64) -> Result<RolloutReport> {
         let r = self.catalog.read(|tx| tx.rollout(id))?;
-        let beat = Heartbeat::start(self.home.catalog(), id);
+        let beat = Heartbeat::start(self.catalog.location().clone(), id);
         let waves = rules::parse_waves(&r.waves).map_err(RolloutError::Waves)?;
         let soak = Duration::from_millis(r.soak_ms);
         // Desktops of a wave cut short by a killed vdim are soaked again.

@@ -84,10 +84,10 @@ fn add_user(env: &Env, name: &str, admin: bool) -> String {
 
 /// Sets a session's expiry to now in the catalog, as the clock would.
 fn expire_now(env: &Env, id: &str) {
-    let mut cat = vdim::catalog::Catalog::open(&env.home().join("catalog.db"), false).unwrap();
+    let mut cat = env.catalog();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     cat.write(|tx| {
-        tx.conn()
+        tx.sql()
             .execute("UPDATE sessions SET expires_at = ?2 WHERE id = ?1", [id, now.as_str()])
             .map_err(vdim::catalog::CatalogError::from)
     })
@@ -99,8 +99,17 @@ fn inode(p: &std::path::Path) -> u64 {
 }
 
 #[test]
-fn five_hundred_session_opens_over_two_brokers_give_twenty_sessions_on_twenty_desktops() {
-    let env = Env::new();
+fn five_hundred_session_opens_over_two_brokers_on_postgresql_give_twenty_sessions_on_twenty_desktops() {
+    rush(Engine::Postgres);
+}
+
+#[test]
+fn five_hundred_session_opens_over_two_brokers_on_one_sqlite_file_give_twenty_sessions_on_twenty_desktops() {
+    rush(Engine::Sqlite);
+}
+
+fn rush(engine: Engine) {
+    let env = Env::on(engine);
     marker_image(&env, "img", "brk-rush");
     let admin = add_user(&env, "admin", true);
     let (a, b) = (Server::start(&env, "test:///default", &[]), Server::start(&env, "test:///default", &[]));
@@ -163,7 +172,7 @@ fn five_hundred_session_opens_over_two_brokers_give_twenty_sessions_on_twenty_de
 
 #[test]
 fn the_other_broker_leads_within_10_s_of_a_kill_and_reaps_and_resets_an_expired_session() {
-    let t = LibvirtEnv::new("brkfo");
+    let t = LibvirtEnv::on("brkfo", Engine::Postgres);
     let pool = t.pool_name("p");
     marker_image(&t.env, "img", "brk-fo");
     t.create_pool(&pool, "img", "prod", 1, "test-linux", &["--start"]);
@@ -275,7 +284,7 @@ fn kill_the_driver_mid_wave(t: &LibvirtEnv, pool: &str, v2: &str, soak: &str) ->
 
 #[test]
 fn a_promote_killed_mid_wave_is_adopted_by_the_leader_and_completes_without_a_command() {
-    let t = LibvirtEnv::new("brkad");
+    let t = LibvirtEnv::on("brkad", Engine::Postgres);
     let pool = t.pool_name("p");
     let (end, adopted) = kill_the_driver_mid_wave(&t, &pool, "ok", "4s");
     assert_eq!(end["state"], "succeeded", "{end}");

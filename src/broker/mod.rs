@@ -337,11 +337,11 @@ async fn run(
     let public = Public::parse(&opts.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}")))?;
     // A home without a catalog or an unreachable libvirt fails the start. Rollouts whose
     // driver is gone are not halted here: the leader adopts them.
-    let mut ctx = Context::open_serving(opts.settings.clone())?;
-    ctx.hypervisor()?;
-    let started = Instant::now();
-    let standing = leadership::first(&mut ctx)?;
-    let lease_ctx = ctx.connector().open()?;
+    // Catalog connections block (PostgreSQL's too): opened off the async threads.
+    let settings = opts.settings.clone();
+    let (ctx, standing, lease_ctx, started) = tokio::task::spawn_blocking(move || open_serving(settings))
+        .await
+        .map_err(|e| BrokerError::Heal(format!("opening the catalog panicked: {e}")))??;
     let broker = Arc::new(Broker {
         public,
         session_ttl: opts.session_ttl,
@@ -428,6 +428,19 @@ async fn run(
     broker.leadership.lost();
     let _ = broker.blocking(|_, ctx| Ok(crate::leader::step_down(ctx.catalog(), crate::leader::me())?)).await;
     Ok(())
+}
+
+/// The broker's first context (the catalog, libvirt), its first try for the lead, and the
+/// context the lease is kept on.
+fn open_serving(
+    settings: crate::context::Settings,
+) -> Result<(Context, crate::leader::Standing, Context, Instant), BrokerError> {
+    let mut ctx = Context::open_serving(settings)?;
+    ctx.hypervisor()?;
+    let started = Instant::now();
+    let standing = leadership::first(&mut ctx)?;
+    let lease_ctx = ctx.connector().open()?;
+    Ok((ctx, standing, lease_ctx, started))
 }
 
 /// A listening socket with a deep accept queue (the kernel's default 128 overflows under a

@@ -23,6 +23,7 @@ pub(super) const TABLES: &[&str] = &[
     "users",
     "entitlements",
     "sessions",
+    "leases",
 ];
 
 /// Each table's rows, in key order (a version after its parent), inserted with their ids.

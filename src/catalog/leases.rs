@@ -2,8 +2,8 @@
 //! of a rollout's driver. Every change is a compare-and-set on what was read, so exactly one
 //! of several brokers wins, whatever the engine's isolation level.
 
+use super::sql::{self, params, OptionalExtension};
 use super::{Result, Tx};
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 /// One lease: who holds it, in which term, until when (milliseconds since the epoch).
@@ -62,10 +62,10 @@ impl Tx<'_> {
     pub fn rollout_drivers(&self) -> Result<Vec<Driver>> {
         let mut st =
             self.0.prepare("SELECT id, owner, owner_pid, owner_seen_ms FROM rollouts WHERE state = 'running'")?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map((), |r| {
             Ok(Driver { rollout: r.get(0)?, owner: r.get(1)?, pid: r.get(2)?, seen_ms: r.get(3)? })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// The driver of one rollout, whatever its state.

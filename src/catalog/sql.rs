@@ -326,13 +326,28 @@ impl Engine {
 /// A PostgreSQL connection with its prepared statements (a statement outlives the
 /// transaction it was prepared in; preparing each query once saves a round trip per query).
 pub struct Pg {
-    client: postgres::Client,
+    client: std::mem::ManuallyDrop<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
 }
 
 impl Pg {
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+}
+
+/// Closing a connection blocks on the driver's own runtime, which may not happen on a thread
+/// that drives async tasks (a broker's catalog connections dropped at its shutdown): there,
+/// the connection is closed on a thread of its own.
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // SAFETY: the client is taken once, here, and never used again.
+        let client = unsafe { std::mem::ManuallyDrop::take(&mut self.client) };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::spawn(move || drop(client));
+        } else {
+            drop(client);
+        }
     }
 }
 
@@ -351,7 +366,7 @@ impl Conn {
             config.application_name("vdim");
         }
         let client = config.connect(postgres::NoTls)?;
-        Ok(Conn::Postgres(Box::new(Pg { client, statements: HashMap::new() })))
+        Ok(Conn::Postgres(Box::new(Pg { client: std::mem::ManuallyDrop::new(client), statements: HashMap::new() })))
     }
 
     pub fn engine(&self) -> Engine {
@@ -367,7 +382,7 @@ impl Conn {
             Conn::Sqlite(c) => Tx::Sqlite(c.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?),
             Conn::Postgres(pg) => {
                 let Pg { client, statements } = &mut **pg;
-                let tx = client
+                let tx = (**client)
                     .build_transaction()
                     .isolation_level(postgres::IsolationLevel::RepeatableRead)
                     .read_only(true)
@@ -383,7 +398,7 @@ impl Conn {
             Conn::Sqlite(c) => Tx::Sqlite(c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?),
             Conn::Postgres(pg) => {
                 let Pg { client, statements } = &mut **pg;
-                let mut tx = client.transaction()?;
+                let mut tx = (**client).transaction()?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
                 Tx::Postgres(RefCell::new(PgTx { tx, statements }))
             }
