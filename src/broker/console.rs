@@ -15,6 +15,10 @@
 //! ```
 //! Sessions end in the catalog, by this broker or another process; one watcher checks the
 //! sessions of open consoles every second and closes the consoles of those that ended.
+//!
+//! Nothing a console needs is this broker's: the token is checked against the catalog and the
+//! VNC ticket is made per connection, so a page whose broker died reconnects (`console.js`,
+//! backing off) through any broker behind the same `--public-url`, until its session ends.
 
 use super::error::ApiError;
 use super::vnc::{self, NoAuthServer, Step, VncError};
