@@ -383,3 +383,100 @@ fn an_html5_console_reconnects_through_another_broker_behind_the_same_name_and_a
     let log = b.log();
     assert!(!log.contains(console_token) && !log.contains(&alice), "no secret in B's log");
 }
+
+/// A console WebSocket opened by hand, up to the proxy's RFB greeting (sent once it is logged
+/// in to the display).
+struct RawConsole(TcpStream);
+
+impl RawConsole {
+    fn open(addr: &str, origin: &str, session: &str, console_token: &str) -> RawConsole {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "GET /console/{session}/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {origin}\r\n\
+             Sec-WebSocket-Protocol: binary, vdim-console-token.{console_token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).unwrap(), 1, "the upgrade was closed: {}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let mut c = RawConsole(s);
+        assert_eq!(c.frame(), Some((2, b"RFB 003.008\n".to_vec())), "the proxy's greeting");
+        c
+    }
+
+    /// The next frame (opcode, payload); `None` once the connection closed.
+    fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        self.0.read_exact(&mut h).ok()?;
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                self.0.read_exact(&mut l).ok()?;
+                usize::from(u16::from_be_bytes(l))
+            }
+            127 => panic!("no frame this large in a handshake"),
+            n => usize::from(n),
+        };
+        let mut payload = vec![0u8; len];
+        self.0.read_exact(&mut payload).ok()?;
+        Some((h[0] & 0x0f, payload))
+    }
+
+    /// The reason of the close frame the broker sends within `limit`.
+    #[track_caller]
+    fn closed_within(&mut self, limit: Duration) -> String {
+        self.0.set_read_timeout(Some(limit)).unwrap();
+        match self.frame() {
+            Some((8, why)) => String::from_utf8_lossy(why.get(2..).unwrap_or_default()).into_owned(),
+            other => panic!("no close frame within {limit:?}: {other:?}"),
+        }
+    }
+
+    /// Still open: nothing arrives within `wait` (the display sends nothing before the
+    /// browser's handshake).
+    #[track_caller]
+    fn still_open(&mut self, wait: Duration) {
+        self.0.set_read_timeout(Some(wait)).unwrap();
+        let mut b = [0u8; 1];
+        match self.0.peek(&mut b) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            other => panic!("the console was closed: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_console_opened_through_another_broker_takes_over_from_the_older_one() {
+    let t = LibvirtEnv::new("sfto");
+    let (pool, alice) = pool_of_one(&t, "sf-takeover");
+    let public = "http://vdim.example";
+    let (a_addr, b_addr) = (free_address(), free_address());
+    let (a, b) = (broker(&t.env, &a_addr, public), broker(&t.env, &b_addr, public));
+    let http = Http::new(&format!("http://{a_addr}"));
+    let (s, opened) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), &alice);
+    assert_eq!(s, 201, "{opened}");
+    let id = opened["id"].as_str().unwrap();
+    let token = opened["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap();
+    t.wait_marker(&pool, opened["desktop"].as_str().unwrap(), "sf-takeover", 120);
+
+    let mut on_a = RawConsole::open(&a_addr, public, id, token);
+    let mut on_b = RawConsole::open(&b_addr, public, id, token);
+    assert_eq!(on_a.closed_within(Duration::from_secs(3)), "another console took over", "A's console, by B's");
+    on_b.still_open(Duration::from_secs(2));
+    let mut again_on_a = RawConsole::open(&a_addr, public, id, token);
+    assert_eq!(on_b.closed_within(Duration::from_secs(3)), "another console took over", "B's console, by A's");
+    again_on_a.still_open(Duration::from_secs(2));
+
+    // Logoff through B closes the console on A.
+    let (s, closed) = Http::new(&format!("http://{b_addr}")).json("DELETE", &format!("/api/v1/sessions/{id}"), &alice);
+    assert_eq!(s, 200, "{closed}");
+    assert_eq!(again_on_a.closed_within(Duration::from_secs(3)), "the session ended");
+    drop((a, b));
+}

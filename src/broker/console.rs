@@ -14,7 +14,9 @@
 //!  └──────────── every stage: closed within 1 s of its session ending ──────────────────┘
 //! ```
 //! Sessions end in the catalog, by this broker or another process; one watcher checks the
-//! sessions of open consoles every second and closes the consoles of those that ended.
+//! sessions of open consoles every second and closes the consoles of those that ended, and
+//! those that a newer console of their session took over: each console takes a number from
+//! the catalog, so a console opened through another broker takes over too.
 //!
 //! Nothing a console needs is this broker's: the token is checked against the catalog and the
 //! VNC ticket is made per connection, so a page whose broker died reconnects (`console.js`,
@@ -87,7 +89,8 @@ impl crate::error::Kind for ConsoleError {
     }
 }
 
-/// Open consoles by session: a generation number per session, `ENDED` once it ended.
+/// Open consoles by session: the newest console's number (the catalog's) per session,
+/// `ENDED` once it ended.
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<String, watch::Sender<u64>>>,
@@ -99,14 +102,31 @@ pub struct Registry {
 
 const ENDED: u64 = u64::MAX;
 
+/// Numbers only grow (consoles attach in any order); an ended session stays ended.
+fn advance(tx: &watch::Sender<u64>, generation: u64) {
+    tx.send_if_modified(|now| {
+        let newer = *now != ENDED && generation.min(ENDED - 1) > *now;
+        if newer {
+            *now = generation.min(ENDED - 1);
+        }
+        newer
+    });
+}
+
 impl Registry {
-    /// A new console of `session`; older ones of the same session close.
-    fn attach(&self, session: &str) -> (u64, watch::Receiver<u64>) {
+    /// Console number `generation` of `session`; older ones of the same session close.
+    fn attach(&self, session: &str, generation: u64) -> watch::Receiver<u64> {
         let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let tx = m.entry(session.to_string()).or_insert_with(|| watch::channel(0).0);
-        let generation = tx.borrow().saturating_add(1).min(ENDED - 1);
-        tx.send_replace(generation);
-        (generation, tx.subscribe())
+        advance(tx, generation);
+        tx.subscribe()
+    }
+
+    /// Console number `newest` of `session` is open, here or through another broker.
+    fn newest(&self, session: &str, newest: u64) {
+        if let Some(tx) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session) {
+            advance(tx, newest);
+        }
     }
 
     fn detach(&self, session: &str) {
@@ -141,7 +161,8 @@ impl Registry {
     }
 }
 
-/// Closes the consoles of sessions the catalog no longer holds open, whoever ended them.
+/// Closes the consoles of sessions the catalog no longer holds open, whoever ended them, and
+/// those a newer console of the same session took over, through whichever broker.
 async fn watch_sessions(b: Arc<Broker>) {
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -151,8 +172,17 @@ async fn watch_sessions(b: Arc<Broker>) {
         if ids.is_empty() {
             continue;
         }
-        match b.blocking(move |_, ctx| Ok(ctx.sessions()?.not_live(&ids)?)).await {
-            Ok(gone) => gone.iter().for_each(|id| b.consoles.end(id)),
+        let checked = b
+            .blocking(move |_, ctx| {
+                let mut sessions = ctx.sessions()?;
+                Ok((sessions.not_live(&ids)?, sessions.newest_consoles(&ids)?))
+            })
+            .await;
+        match checked {
+            Ok((gone, newest)) => {
+                newest.iter().for_each(|(id, n)| b.consoles.newest(id, *n));
+                gone.iter().for_each(|id| b.consoles.end(id));
+            }
             Err(e) => tracing::warn!(error = %e.message(), "cannot check the sessions of open consoles"),
         }
     }
@@ -161,15 +191,15 @@ async fn watch_sessions(b: Arc<Broker>) {
 /// Resolves when the console must close: its session ended, or another console took over.
 async fn superseded(changes: &mut watch::Receiver<u64>, generation: u64) -> &'static str {
     loop {
-        if changes.changed().await.is_err() {
-            return "the session ended";
-        }
         let now = *changes.borrow_and_update();
         if now == ENDED {
             return "the session ended";
         }
         if now != generation {
             return "another console took over";
+        }
+        if changes.changed().await.is_err() {
+            return "the session ended";
         }
     }
 }
@@ -256,10 +286,20 @@ pub async fn ws(
     b.consoles.watch(&b);
     Ok(upgrade.protocols(["binary"]).on_upgrade(move |socket| async move {
         let id = session.id.clone();
-        let (generation, mut changes) = b.consoles.attach(&id);
+        let (mut tx, mut rx) = socket.split();
+        let sid = id.clone();
+        let generation = match b.blocking(move |_, ctx| Ok(ctx.sessions()?.take_console(&sid)?)).await {
+            Ok(n) => n,
+            Err(e) => {
+                // Its page tries again; a session that ended meanwhile is refused then.
+                close(&mut tx, 1011, "the console could not start").await;
+                tracing::warn!(session = %id, error = %e.message(), "console not started");
+                return;
+            }
+        };
+        let mut changes = b.consoles.attach(&id, generation);
         b.metrics.console_connections.fetch_add(1, Relaxed);
         b.metrics.console_connections_total.fetch_add(1, Relaxed);
-        let (mut tx, mut rx) = socket.split();
         // Every stage, login and handshake included, ends with the session.
         let outcome = tokio::select! {
             r = proxy(&b, &session, &mut tx, &mut rx) => r,

@@ -239,4 +239,9 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN missed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE hosts ADD COLUMN fenced_at TEXT;
     "#,
+    // 10: which console of a session is the current one, whichever broker proxies it: each
+    // new console takes the next number, and every broker closes its older ones.
+    r#"
+    ALTER TABLE sessions ADD COLUMN console_generation INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];

@@ -8,6 +8,7 @@
 //! missing file.
 
 mod migrations;
+pub mod console_sessions;
 pub mod hosts;
 pub mod pools;
 pub mod rollouts;
