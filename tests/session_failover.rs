@@ -480,3 +480,66 @@ fn a_console_opened_through_another_broker_takes_over_from_the_older_one() {
     assert_eq!(again_on_a.closed_within(Duration::from_secs(3)), "the session ended");
     drop((a, b));
 }
+
+/// How a console opened by hand at `addr` begins: "greeting" once the proxy logged in to the
+/// display, or the reason of the close frame that came instead.
+fn console_start(addr: &str, origin: &str, session: &str, console_token: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /console/{session}/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {origin}\r\n\
+         Sec-WebSocket-Protocol: binary, vdim-console-token.{console_token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap_or(0) == 0 {
+            return format!("upgrade closed: {}", String::from_utf8_lossy(&head));
+        }
+        head.push(b[0]);
+    }
+    let mut c = RawConsole(s);
+    match c.frame() {
+        Some((2, g)) if g == b"RFB 003.008\n" => "greeting".into(),
+        Some((8, why)) => String::from_utf8_lossy(why.get(2..).unwrap_or_default()).into_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn consoles_opened_at_once_through_two_brokers_all_log_in_to_the_display() {
+    let t = LibvirtEnv::new("sfrace");
+    let (pool, alice) = pool_of_one(&t, "sf-race");
+    let public = "http://vdim.example";
+    let (a_addr, b_addr) = (free_address(), free_address());
+    let (a, b) = (broker(&t.env, &a_addr, public), broker(&t.env, &b_addr, public));
+    let http = Http::new(&format!("http://{a_addr}"));
+    let (s, opened) = http.json("POST", &format!("/api/v1/pools/{pool}/sessions"), &alice);
+    assert_eq!(s, 201, "{opened}");
+    let id = opened["id"].as_str().unwrap().to_string();
+    let token = opened["console_url"].as_str().unwrap().split("#token=").nth(1).unwrap().to_string();
+    t.wait_marker(&pool, opened["desktop"].as_str().unwrap(), "sf-race", 120);
+
+    // Each broker sets a one-time ticket on the one display and logs in with it: neither
+    // may lose its login to the other's ticket.
+    for round in 0..5 {
+        let opens: Vec<_> = (0..6)
+            .map(|i| {
+                let addr = if i % 2 == 0 { a_addr.clone() } else { b_addr.clone() };
+                let (id, token) = (id.clone(), token.clone());
+                std::thread::spawn(move || console_start(&addr, public, &id, &token))
+            })
+            .collect();
+        let outcomes: Vec<String> = opens.into_iter().map(|h| h.join().unwrap()).collect();
+        eprintln!("round {round}: {outcomes:?}");
+        assert!(
+            outcomes.iter().all(|o| o == "greeting" || o == "another console took over"),
+            "every console logged in, or a newer one took over before it did: {outcomes:?}"
+        );
+        assert!(outcomes.iter().any(|o| o == "greeting"), "the newest console logged in: {outcomes:?}");
+    }
+    drop((a, b));
+}

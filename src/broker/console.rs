@@ -55,6 +55,8 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket close code sent when the session ended or another console took over.
 const CLOSE_SESSION_ENDED: u16 = 4000;
+/// Logins to a display at most per console: another broker's ticket may come between.
+const LOGIN_ATTEMPTS: u32 = 5;
 /// WebSocket close code sent when the client did not finish its handshake in time.
 const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4001;
 
@@ -372,30 +374,31 @@ async fn handshake(
     tx: &mut Tx,
     rx: &mut Rx,
 ) -> Result<(TcpStream, Vec<u8>), ConsoleError> {
-    let gate = b.consoles.gate(&session.desktop);
-    let gate = gate.lock().await;
-    let s = session.clone();
-    let t = match b.blocking(move |_, ctx| Ok(ctx.sessions()?.vnc_ticket(&s)?)).await {
-        Ok(t) => t,
-        Err(e) => {
-            close(tx, 1011, "the desktop has no console now").await;
-            return Err(ConsoleError::Ticket(e.message()));
+    let mut attempt = 1;
+    let display = loop {
+        match login(b, session).await {
+            Ok(display) => break display,
+            // Another broker set its own ticket on this display (or spent it) between ours
+            // and our login: the gate is only this broker's. Again with a fresh ticket, after
+            // a random pause so two brokers fall out of step.
+            Err(ConsoleError::Vnc(VncError::Refused { .. })) if attempt < LOGIN_ATTEMPTS => {
+                tracing::debug!(session = %session.id, attempt, "the display refused the ticket; trying again");
+                let mut r = [0u8; 1];
+                getrandom::fill(&mut r).expect("the OS random source works");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt) + u64::from(r[0] % 64))).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                let why = match e {
+                    ConsoleError::Ticket(_) => "the desktop has no console now",
+                    ConsoleError::Vnc(VncError::Refused { .. }) => "the desktop's display refused the console",
+                    _ => "the desktop's display could not be reached",
+                };
+                close(tx, 1011, why).await;
+                return Err(e);
+            }
         }
     };
-    let port = t.endpoint.port.ok_or_else(|| std::io::Error::other("the VNC display has no TCP port"))?;
-    let mut display = TcpStream::connect((local_address(&t.endpoint.listen), port)).await?;
-    display.set_nodelay(true)?;
-    let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
-    // Spent: nobody else can log in with it, whether or not this login worked.
-    let s = t.session.clone();
-    if let Err(e) = b.blocking(move |_, ctx| Ok(ctx.sessions()?.spend_vnc_ticket(&s)?)).await {
-        tracing::warn!(session = %t.session.id, error = %e.message(), "could not replace the spent VNC ticket");
-    }
-    drop(gate);
-    if let Err(e) = login {
-        close(tx, 1011, "the desktop's display refused the console").await;
-        return Err(e.into());
-    }
 
     tx.send(Message::Binary(NoAuthServer::greeting().to_vec().into())).await?;
     let mut handshake = NoAuthServer::default();
@@ -412,6 +415,29 @@ async fn handshake(
             }
         }
     }
+}
+
+/// One login to the session's display: a fresh one-time VNC ticket set, used, then spent.
+/// One login at a time per desktop on this broker.
+async fn login(b: &Arc<Broker>, session: &Session) -> Result<TcpStream, ConsoleError> {
+    let gate = b.consoles.gate(&session.desktop);
+    let _gate = gate.lock().await;
+    let s = session.clone();
+    let t = b
+        .blocking(move |_, ctx| Ok(ctx.sessions()?.vnc_ticket(&s)?))
+        .await
+        .map_err(|e| ConsoleError::Ticket(e.message()))?;
+    let port = t.endpoint.port.ok_or_else(|| std::io::Error::other("the VNC display has no TCP port"))?;
+    let mut display = TcpStream::connect((local_address(&t.endpoint.listen), port)).await?;
+    display.set_nodelay(true)?;
+    let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
+    // Spent: nobody else can log in with it, whether or not this login worked.
+    let s = t.session.clone();
+    if let Err(e) = b.blocking(move |_, ctx| Ok(ctx.sessions()?.spend_vnc_ticket(&s)?)).await {
+        tracing::warn!(session = %t.session.id, error = %e.message(), "could not replace the spent VNC ticket");
+    }
+    login?;
+    Ok(display)
 }
 
 /// Copies bytes both ways until one side closes.
