@@ -616,10 +616,10 @@ impl<'a> Sessions<'a> {
     }
 
     /// A new console of session `id`, its token checked: its number, above that of every
-    /// older console of the session on any broker (those close).
-    pub fn take_console(&mut self, id: &str) -> Result<u64> {
+    /// older console of the session on any broker (those close); `None` once the session ended.
+    pub fn take_console(&mut self, id: &str) -> Result<Option<u64>> {
         let n = self.catalog().write(|tx| tx.take_console(id))?;
-        n.map(|n| n.unsigned_abs()).ok_or_else(|| UserError::SessionNotFound(id.to_string()))
+        Ok(n.map(i64::unsigned_abs))
     }
 
     /// The number of the newest console of each session of `ids` that still exists.

@@ -291,7 +291,11 @@ pub async fn ws(
         let (mut tx, mut rx) = socket.split();
         let sid = id.clone();
         let generation = match b.blocking(move |_, ctx| Ok(ctx.sessions()?.take_console(&sid)?)).await {
-            Ok(n) => n,
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                close(&mut tx, CLOSE_SESSION_ENDED, "the session ended").await;
+                return;
+            }
             Err(e) => {
                 // Its page tries again; a session that ended meanwhile is refused then.
                 close(&mut tx, 1011, "the console could not start").await;
