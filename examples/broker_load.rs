@@ -3,10 +3,12 @@
 //! scheduled time (so a slow server cannot hide its queueing, unlike a closed loop such as
 //! Debian's wrk). Prints one JSON line.
 //!
-//!   broker_load URL --rate 200 --count 1000 [--method POST] [--tokens FILE] [--logoff]
+//!   broker_load URL[,URL...] --rate 200 --count 1000 [--method POST] [--tokens FILE] [--logoff]
 //!
-//! With `--tokens`, request i carries the bearer token on line i mod n. With `--logoff`,
-//! every session a request opened is logged off afterwards (not measured).
+//! With several URLs (brokers on one catalog), request i goes to URL i mod n. With
+//! `--tokens`, request i carries the bearer token on line i mod n. With `--logoff`, every
+//! session a request opened is logged off afterwards, through the broker that opened it (not
+//! measured).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -26,7 +28,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).cloned().expect("usage: broker_load URL --rate R --count N [--method M] [--tokens F]");
+    let urls: Vec<String> = args
+        .get(1)
+        .expect("usage: broker_load URL[,URL...] --rate R --count N [--method M] [--tokens F] [--logoff]")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let base = |url: &str| url.split("/api/").next().unwrap_or(url).to_string();
     let rate: f64 = arg(&args, "--rate").map_or(200.0, |r| r.parse().expect("--rate"));
     let count: usize = arg(&args, "--count").map_or(1000, |c| c.parse().expect("--count"));
     let method: reqwest::Method = arg(&args, "--method").unwrap_or_else(|| "GET".into()).parse().expect("--method");
@@ -37,13 +45,15 @@ async fn main() {
     let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client");
 
     // Warm the connection pool so the first requests do not pay for TCP setup.
-    for _ in 0..4 {
-        let _ = client.get(format!("{}/healthz", url.split("/api/").next().unwrap_or(&url))).send().await;
+    for url in &urls {
+        for _ in 0..4 {
+            let _ = client.get(format!("{}/healthz", base(url))).send().await;
+        }
     }
     let start = Instant::now() + Duration::from_millis(50);
     let tasks: Vec<_> = (0..count)
         .map(|i| {
-            let (client, url, method) = (client.clone(), url.clone(), method.clone());
+            let (client, url, method) = (client.clone(), urls[i % urls.len()].clone(), method.clone());
             let token = (!tokens.is_empty()).then(|| tokens[i % tokens.len()].clone());
             let at = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::spawn(async move {
@@ -59,7 +69,7 @@ async fn main() {
                     }
                     Err(_) => (0, String::new()),
                 };
-                (status, at.elapsed().as_secs_f64() * 1e3, token, body)
+                (status, at.elapsed().as_secs_f64() * 1e3, token, body, url)
             })
         })
         .collect();
@@ -75,17 +85,17 @@ async fn main() {
         *statuses.entry(r.0).or_default() += 1;
     }
     if logoff {
-        let base = url.split("/api/").next().unwrap_or(&url).to_string();
-        for (status, _, token, body) in &results {
+        for (status, _, token, body, url) in &results {
             let id =
                 serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["id"].as_str().map(String::from));
             if let (201, Some(t), Some(id)) = (status, token, id) {
-                let _ = client.delete(format!("{base}/api/v1/sessions/{id}")).bearer_auth(t).send().await;
+                let _ = client.delete(format!("{}/api/v1/sessions/{id}", base(url))).bearer_auth(t).send().await;
             }
         }
     }
     let out = serde_json::json!({
         "count": count,
+        "brokers": urls.len(),
         "rate": rate,
         "achieved_rps": count as f64 / elapsed,
         "statuses": statuses,

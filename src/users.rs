@@ -615,6 +615,26 @@ impl<'a> Sessions<'a> {
         Ok(VncTicket { session, endpoint, password })
     }
 
+    /// A new console of session `id`, its token checked: its number, above that of every
+    /// older console of the session on any broker (those close); `None` once the session ended.
+    pub fn take_console(&mut self, id: &str) -> Result<Option<u64>> {
+        let n = self.catalog().write(|tx| tx.take_console(id))?;
+        Ok(n.map(i64::unsigned_abs))
+    }
+
+    /// The number of the newest console of each session of `ids` that still exists.
+    pub fn newest_consoles(&mut self, ids: &[String]) -> Result<Vec<(String, u64)>> {
+        self.catalog().read(|tx| -> Result<_> {
+            let mut out = vec![];
+            for id in ids {
+                if let Some(n) = tx.current_console(id)? {
+                    out.push((id.clone(), n.unsigned_abs()));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Sessions among `ids` that a console may no longer show: ended, expired, gone, or
     /// their desktop no longer their user's.
     pub fn not_live(&mut self, ids: &[String]) -> Result<Vec<String>> {

@@ -14,7 +14,13 @@
 //!  └──────────── every stage: closed within 1 s of its session ending ──────────────────┘
 //! ```
 //! Sessions end in the catalog, by this broker or another process; one watcher checks the
-//! sessions of open consoles every second and closes the consoles of those that ended.
+//! sessions of open consoles every second and closes the consoles of those that ended, and
+//! those that a newer console of their session took over: each console takes a number from
+//! the catalog, so a console opened through another broker takes over too.
+//!
+//! Nothing a console needs is this broker's: the token is checked against the catalog and the
+//! VNC ticket is made per connection, so a page whose broker died reconnects (`console.js`,
+//! backing off) through any broker behind the same `--public-url`, until its session ends.
 
 use super::error::ApiError;
 use super::vnc::{self, NoAuthServer, Step, VncError};
@@ -49,6 +55,8 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket close code sent when the session ended or another console took over.
 const CLOSE_SESSION_ENDED: u16 = 4000;
+/// Logins to a display at most per console: another broker's ticket may come between.
+const LOGIN_ATTEMPTS: u32 = 5;
 /// WebSocket close code sent when the client did not finish its handshake in time.
 const CLOSE_HANDSHAKE_TIMEOUT: u16 = 4001;
 
@@ -83,7 +91,8 @@ impl crate::error::Kind for ConsoleError {
     }
 }
 
-/// Open consoles by session: a generation number per session, `ENDED` once it ended.
+/// Open consoles by session: the newest console's number (the catalog's) per session,
+/// `ENDED` once it ended.
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<String, watch::Sender<u64>>>,
@@ -95,14 +104,31 @@ pub struct Registry {
 
 const ENDED: u64 = u64::MAX;
 
+/// Numbers only grow (consoles attach in any order); an ended session stays ended.
+fn advance(tx: &watch::Sender<u64>, generation: u64) {
+    tx.send_if_modified(|now| {
+        let newer = *now != ENDED && generation.min(ENDED - 1) > *now;
+        if newer {
+            *now = generation.min(ENDED - 1);
+        }
+        newer
+    });
+}
+
 impl Registry {
-    /// A new console of `session`; older ones of the same session close.
-    fn attach(&self, session: &str) -> (u64, watch::Receiver<u64>) {
+    /// Console number `generation` of `session`; older ones of the same session close.
+    fn attach(&self, session: &str, generation: u64) -> watch::Receiver<u64> {
         let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let tx = m.entry(session.to_string()).or_insert_with(|| watch::channel(0).0);
-        let generation = tx.borrow().saturating_add(1).min(ENDED - 1);
-        tx.send_replace(generation);
-        (generation, tx.subscribe())
+        advance(tx, generation);
+        tx.subscribe()
+    }
+
+    /// Console number `newest` of `session` is open, here or through another broker.
+    fn newest(&self, session: &str, newest: u64) {
+        if let Some(tx) = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session) {
+            advance(tx, newest);
+        }
     }
 
     fn detach(&self, session: &str) {
@@ -137,7 +163,8 @@ impl Registry {
     }
 }
 
-/// Closes the consoles of sessions the catalog no longer holds open, whoever ended them.
+/// Closes the consoles of sessions the catalog no longer holds open, whoever ended them, and
+/// those a newer console of the same session took over, through whichever broker.
 async fn watch_sessions(b: Arc<Broker>) {
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -147,8 +174,17 @@ async fn watch_sessions(b: Arc<Broker>) {
         if ids.is_empty() {
             continue;
         }
-        match b.blocking(move |_, ctx| Ok(ctx.sessions()?.not_live(&ids)?)).await {
-            Ok(gone) => gone.iter().for_each(|id| b.consoles.end(id)),
+        let checked = b
+            .blocking(move |_, ctx| {
+                let mut sessions = ctx.sessions()?;
+                Ok((sessions.not_live(&ids)?, sessions.newest_consoles(&ids)?))
+            })
+            .await;
+        match checked {
+            Ok((gone, newest)) => {
+                newest.iter().for_each(|(id, n)| b.consoles.newest(id, *n));
+                gone.iter().for_each(|id| b.consoles.end(id));
+            }
             Err(e) => tracing::warn!(error = %e.message(), "cannot check the sessions of open consoles"),
         }
     }
@@ -157,15 +193,15 @@ async fn watch_sessions(b: Arc<Broker>) {
 /// Resolves when the console must close: its session ended, or another console took over.
 async fn superseded(changes: &mut watch::Receiver<u64>, generation: u64) -> &'static str {
     loop {
-        if changes.changed().await.is_err() {
-            return "the session ended";
-        }
         let now = *changes.borrow_and_update();
         if now == ENDED {
             return "the session ended";
         }
         if now != generation {
             return "another console took over";
+        }
+        if changes.changed().await.is_err() {
+            return "the session ended";
         }
     }
 }
@@ -252,10 +288,24 @@ pub async fn ws(
     b.consoles.watch(&b);
     Ok(upgrade.protocols(["binary"]).on_upgrade(move |socket| async move {
         let id = session.id.clone();
-        let (generation, mut changes) = b.consoles.attach(&id);
+        let (mut tx, mut rx) = socket.split();
+        let sid = id.clone();
+        let generation = match b.blocking(move |_, ctx| Ok(ctx.sessions()?.take_console(&sid)?)).await {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                close(&mut tx, CLOSE_SESSION_ENDED, "the session ended").await;
+                return;
+            }
+            Err(e) => {
+                // Its page tries again; a session that ended meanwhile is refused then.
+                close(&mut tx, 1011, "the console could not start").await;
+                tracing::warn!(session = %id, error = %e.message(), "console not started");
+                return;
+            }
+        };
+        let mut changes = b.consoles.attach(&id, generation);
         b.metrics.console_connections.fetch_add(1, Relaxed);
         b.metrics.console_connections_total.fetch_add(1, Relaxed);
-        let (mut tx, mut rx) = socket.split();
         // Every stage, login and handshake included, ends with the session.
         let outcome = tokio::select! {
             r = proxy(&b, &session, &mut tx, &mut rx) => r,
@@ -328,30 +378,31 @@ async fn handshake(
     tx: &mut Tx,
     rx: &mut Rx,
 ) -> Result<(TcpStream, Vec<u8>), ConsoleError> {
-    let gate = b.consoles.gate(&session.desktop);
-    let gate = gate.lock().await;
-    let s = session.clone();
-    let t = match b.blocking(move |_, ctx| Ok(ctx.sessions()?.vnc_ticket(&s)?)).await {
-        Ok(t) => t,
-        Err(e) => {
-            close(tx, 1011, "the desktop has no console now").await;
-            return Err(ConsoleError::Ticket(e.message()));
+    let mut attempt = 1;
+    let display = loop {
+        match login(b, session).await {
+            Ok(display) => break display,
+            // Another broker set its own ticket on this display (or spent it) between ours
+            // and our login: the gate is only this broker's. Again with a fresh ticket, after
+            // a random pause so two brokers fall out of step.
+            Err(ConsoleError::Vnc(VncError::Refused { .. })) if attempt < LOGIN_ATTEMPTS => {
+                tracing::debug!(session = %session.id, attempt, "the display refused the ticket; trying again");
+                let mut r = [0u8; 1];
+                getrandom::fill(&mut r).expect("the OS random source works");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt) + u64::from(r[0] % 64))).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                let why = match e {
+                    ConsoleError::Ticket(_) => "the desktop has no console now",
+                    ConsoleError::Vnc(VncError::Refused { .. }) => "the desktop's display refused the console",
+                    _ => "the desktop's display could not be reached",
+                };
+                close(tx, 1011, why).await;
+                return Err(e);
+            }
         }
     };
-    let port = t.endpoint.port.ok_or_else(|| std::io::Error::other("the VNC display has no TCP port"))?;
-    let mut display = TcpStream::connect((local_address(&t.endpoint.listen), port)).await?;
-    display.set_nodelay(true)?;
-    let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
-    // Spent: nobody else can log in with it, whether or not this login worked.
-    let s = t.session.clone();
-    if let Err(e) = b.blocking(move |_, ctx| Ok(ctx.sessions()?.spend_vnc_ticket(&s)?)).await {
-        tracing::warn!(session = %t.session.id, error = %e.message(), "could not replace the spent VNC ticket");
-    }
-    drop(gate);
-    if let Err(e) = login {
-        close(tx, 1011, "the desktop's display refused the console").await;
-        return Err(e.into());
-    }
 
     tx.send(Message::Binary(NoAuthServer::greeting().to_vec().into())).await?;
     let mut handshake = NoAuthServer::default();
@@ -368,6 +419,29 @@ async fn handshake(
             }
         }
     }
+}
+
+/// One login to the session's display: a fresh one-time VNC ticket set, used, then spent.
+/// One login at a time per desktop on this broker.
+async fn login(b: &Arc<Broker>, session: &Session) -> Result<TcpStream, ConsoleError> {
+    let gate = b.consoles.gate(&session.desktop);
+    let _gate = gate.lock().await;
+    let s = session.clone();
+    let t = b
+        .blocking(move |_, ctx| Ok(ctx.sessions()?.vnc_ticket(&s)?))
+        .await
+        .map_err(|e| ConsoleError::Ticket(e.message()))?;
+    let port = t.endpoint.port.ok_or_else(|| std::io::Error::other("the VNC display has no TCP port"))?;
+    let mut display = TcpStream::connect((local_address(&t.endpoint.listen), port)).await?;
+    display.set_nodelay(true)?;
+    let login = vnc::client_login(&mut display, &t.session.desktop, &t.password).await;
+    // Spent: nobody else can log in with it, whether or not this login worked.
+    let s = t.session.clone();
+    if let Err(e) = b.blocking(move |_, ctx| Ok(ctx.sessions()?.spend_vnc_ticket(&s)?)).await {
+        tracing::warn!(session = %t.session.id, error = %e.message(), "could not replace the spent VNC ticket");
+    }
+    login?;
+    Ok(display)
 }
 
 /// Copies bytes both ways until one side closes.

@@ -287,4 +287,9 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE rollouts ADD COLUMN owner TEXT;
     ALTER TABLE rollouts ADD COLUMN owner_seen_ms BIGINT;
     "#,
+    // 11: which console of a session is the current one, whichever broker proxies it: each
+    // new console takes the next number, and every broker closes its older ones.
+    r#"
+    ALTER TABLE sessions ADD COLUMN console_generation INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];

@@ -13,6 +13,7 @@
 mod copy;
 pub mod location;
 mod migrations;
+pub mod console_sessions;
 pub mod hosts;
 pub mod leases;
 pub mod pools;

@@ -28,6 +28,12 @@ impl Server {
 
     /// The same with `VDIM_LOG=<level>` (load tests keep the log small).
     pub fn start_logging(env: &Env, connect: &str, extra: &[&str], level: &str) -> Server {
+        Server::start_on(env, connect, "127.0.0.1:0", extra, level)
+    }
+
+    /// On a `listen` address the test chose: with `--public-url` the banner names the public
+    /// URL (a load balancer's), not this broker's own address.
+    pub fn start_on(env: &Env, connect: &str, listen: &str, extra: &[&str], level: &str) -> Server {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = env.path(&format!("serve-{n}.log"));
@@ -35,7 +41,7 @@ impl Server {
             .cmd()
             .env("VDIM_VIRT_TYPE", "qemu")
             .env("VDIM_LOG", level)
-            .args(["--connect", connect, "serve", "--listen", "127.0.0.1:0"])
+            .args(["--connect", connect, "serve", "--listen", listen])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(File::create(&log).unwrap())

@@ -106,6 +106,11 @@ impl Drop for Viewer {
 /// viewer's menus) look like the guest's VGA text console: light grey.
 pub fn screenshot_text_pixels(x: &Xvfb, shot: &Path, top: u32) -> usize {
     super::sh("import", &["-display", &x.display, "-window", "root", shot.to_str().unwrap()]);
+    text_pixels(shot, top)
+}
+
+/// Pixels of a PNG below row `top` that look like the guest's VGA text console: light grey.
+pub fn text_pixels(shot: &Path, top: u32) -> usize {
     let mut dec = png::Decoder::new(File::open(shot).unwrap());
     dec.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = dec.read_info().unwrap();
