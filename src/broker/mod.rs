@@ -86,6 +86,8 @@ pub enum BrokerError {
     RaiseNoFile { need: u64, source: std::io::Error },
     #[error("{what} must be more than zero")]
     Zero { what: &'static str },
+    #[error(transparent)]
+    Webhook(#[from] crate::watch::webhook::WebhookError),
 }
 
 impl crate::error::Kind for BrokerError {
@@ -94,6 +96,7 @@ impl crate::error::Kind for BrokerError {
         match self {
             BrokerError::Tls(e) => e.kind(),
             BrokerError::Context(e) => e.kind(),
+            BrokerError::Webhook(e) => e.kind(),
             BrokerError::Insecure(_)
             | BrokerError::PublicUrl(_)
             | BrokerError::NoFile { .. }
@@ -132,6 +135,8 @@ pub struct ServeOptions {
     pub max_connections: Option<usize>,
     /// A second, plain-HTTP listener serving only `/metrics`, without a token.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--webhook`: where the fleet watch posts incidents opened and resolved.
+    pub webhook: Option<crate::watch::webhook::Webhook>,
 }
 
 /// The broker's own address as browsers and thin clients see it.
@@ -399,6 +404,11 @@ async fn run(
     }
     tokio::spawn(reaper(broker.clone()));
     tokio::spawn(host_watch(broker.clone()));
+    let notify: crate::watch::Notify = match opts.webhook.clone() {
+        Some(w) => w.start(&tokio::runtime::Handle::current())?,
+        None => Box::new(|_| {}),
+    };
+    tokio::spawn(fleet_watch(broker.clone(), crate::watch::Watch::new(notify)));
     let app = router(broker.clone(), &opts);
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(BrokerError::Serve)?;
     let metrics_note = metrics_addr.map(|a| format!(", metrics http://{a}/metrics")).unwrap_or_default();
@@ -492,6 +502,27 @@ async fn host_watch(b: Arc<Broker>) {
                 }
             }
             Err(e) => tracing::warn!(error = %e.message(), "host watch round failed"),
+        }
+    }
+}
+
+/// How long a round of the fleet watch waits for events before it checks states again.
+const WATCH_WAIT: Duration = Duration::from_millis(500);
+
+/// The fleet watch ([`crate::watch`]): one round after another, each waiting for events.
+async fn fleet_watch(b: Arc<Broker>, watch: crate::watch::Watch) {
+    let watch = Arc::new(Mutex::new(watch));
+    loop {
+        let w = watch.clone();
+        let round = b
+            .blocking(move |_, ctx| {
+                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(w.round(ctx, WATCH_WAIT)?)
+            })
+            .await;
+        if let Err(e) = round {
+            tracing::warn!(error = %e.message(), "fleet watch round failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
@@ -627,6 +658,9 @@ async fn scrape(b: &Arc<Broker>) -> Result<Response, ApiError> {
                     open_sessions: tx.open_session_count()?,
                     desktops: tx.desktop_counts()?,
                     rollouts: tx.rollout_state_counts()?,
+                    crashes: tx.crash_counts()?,
+                    by_version: tx.desktops_by_version()?,
+                    incidents: tx.incident_state_counts()?,
                     connections_open: open,
                     connections_evicted: evicted,
                     connections_refused: refused,

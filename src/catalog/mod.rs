@@ -9,6 +9,7 @@
 
 mod migrations;
 pub mod hosts;
+pub mod incidents;
 pub mod pools;
 pub mod rollouts;
 pub mod users;
