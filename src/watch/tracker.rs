@@ -34,6 +34,8 @@ struct Track {
     looping: bool,
     /// A stop seen, not yet reported: when and libvirt's word.
     stopped: Option<(SystemTime, String)>,
+    /// A stop was handed out since the desktop last started.
+    stop_due: bool,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +61,7 @@ impl Tracker {
             Event::Started => {
                 t.crashed = false;
                 t.stopped = None;
+                t.stop_due = false;
                 None
             }
             Event::Crashed(why) => {
@@ -68,7 +71,7 @@ impl Tracker {
                 crash(t, format!("QEMU process died ({why})")).map(|d| signal(EventKind::Crash, d))
             }
             Event::Stopped(why) | Event::FoundOff(why) => {
-                if !t.crashed && t.stopped.is_none() {
+                if !t.crashed && !t.stop_due && t.stopped.is_none() {
                     t.stopped = Some((at, why));
                 }
                 None
@@ -101,6 +104,7 @@ impl Tracker {
                 if now.duration_since(*at).unwrap_or_default() >= STOP_GRACE {
                     out.push((d.clone(), why.clone(), *at));
                     t.stopped = None;
+                    t.stop_due = true;
                 }
             }
         }
@@ -180,6 +184,19 @@ mod tests {
         assert!(tr.due_stops(t(2)).is_empty());
         assert_eq!(tr.due_stops(t(6)), [("a".to_string(), "destroyed".to_string(), t(1))]);
         assert!(tr.due_stops(t(60)).is_empty());
+    }
+
+    #[test]
+    fn a_stop_seen_again_by_events_and_sweeps_is_due_once_until_the_desktop_starts() {
+        let mut tr = Tracker::new();
+        tr.observe("a", Event::Stopped("host".into()), t(1));
+        tr.observe("a", Event::Stopped("destroyed".into()), t(2));
+        assert_eq!(tr.due_stops(t(7)).len(), 1);
+        tr.observe("a", Event::FoundOff("destroyed".into()), t(8));
+        assert!(tr.due_stops(t(20)).is_empty(), "the sweep sees the same stop");
+        tr.observe("a", Event::Started, t(30));
+        tr.observe("a", Event::Stopped("destroyed".into()), t(31));
+        assert_eq!(tr.due_stops(t(40)).len(), 1, "a new boot, a new stop");
     }
 
     #[test]

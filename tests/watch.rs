@@ -1,0 +1,248 @@
+//! The fleet watch on the real libvirt daemon: `vdim serve` follows every desktop after its
+//! rollout; a version that crashes desktops is stopped by the circuit breaker, an admin's
+//! stop never trips it, and `--action alert` changes nothing.
+
+mod common;
+use common::serve::Server;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn desktops(t: &LibvirtEnv, pool: &str) -> Vec<serde_json::Value> {
+    t.vdim_json(&["pool", "show", pool])["desktops"].as_array().unwrap().clone()
+}
+
+/// Kills a desktop's QEMU process, as a crash of it would: libvirt reports the domain
+/// crashed. The process is one this test's pool started.
+fn crash(desktop: &str) {
+    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{desktop}.pid")).unwrap();
+    sh("kill", &["-9", pid.trim()]);
+}
+
+/// Polls `f` every 200 ms until it returns Some, for at most `secs`.
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A local HTTP listener that answers 200 to every POST and keeps the JSON bodies.
+struct Hook {
+    url: String,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/vdim", l.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(vec![]));
+        let keep = bodies.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut r = BufReader::new(s);
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                if r.read_exact(&mut body).is_ok() {
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        keep.lock().unwrap().push(v);
+                    }
+                }
+                let _ = r.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            }
+        });
+        Hook { url, bodies }
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().iter().map(|b| b["event"].as_str().unwrap_or_default().to_string()).collect()
+    }
+}
+
+fn incidents(t: &LibvirtEnv) -> Vec<serde_json::Value> {
+    t.vdim_json(&["incident", "list"]).as_array().unwrap().clone()
+}
+
+#[test]
+fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
+    let t = LibvirtEnv::new("wrb");
+    let pp = t.pool_name("p");
+    marker_image(&t.env, "img", "wrb-v1");
+    t.create_pool(&pp, "img", "prod", 6, "test-linux", &["--start"]);
+    seal_marker(&t.env, "img", "wrb-v2", "ok");
+    let r = t.vdim_json(&[
+        "promote",
+        "img",
+        "2",
+        "--to",
+        "prod",
+        "--soak",
+        "5s",
+        "--waves",
+        "1,100%",
+        "--force",
+        "--reason",
+        "watch test",
+    ]);
+    assert_eq!(r["state"], "succeeded", "the version passed its soak: {r}");
+    let ds: Vec<String> = desktops(&t, &pp).iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
+    for d in &ds {
+        t.wait_marker(&pp, d, "wrb-v2", 120);
+    }
+    let hook = Hook::start();
+    let server = Server::start(&t.env, "qemu:///system", &["--webhook", &hook.url]);
+    // Give the watch its first round (subscription, first sweep).
+    std::thread::sleep(Duration::from_secs(2));
+
+    crash(&ds[0]);
+    wait_for(20, "the first crash recorded", || {
+        let ev = t.vdim_json(&["watch", "events", "--image", "img"]);
+        ev.as_array().unwrap().iter().any(|e| e["desktop"] == ds[0].as_str() && e["kind"] == "crash").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(incidents(&t).is_empty(), "one desktop's crash, seen by events and sweeps, never trips it alone");
+
+    let threshold = Instant::now();
+    crash(&ds[1]);
+    let opened = wait_for(30, "the breaker's incident", || incidents(&t).first().cloned());
+    let to_incident = threshold.elapsed();
+    assert_eq!(
+        (opened["image"].as_str(), opened["version"].as_u64(), opened["action"].as_str()),
+        (Some("img"), Some(2), Some("rollback"))
+    );
+    let resolved =
+        wait_for(120, "the incident resolved", || incidents(&t).first().filter(|i| i["state"] == "resolved").cloned());
+    println!(
+        "watch: threshold crash → incident seen by the test {} ms; decision {} ms after the crash event; restored {} ms after it",
+        to_incident.as_millis(),
+        resolved["opened_ms"].as_i64().unwrap() - resolved["threshold_crash_ms"].as_i64().unwrap(),
+        resolved["restored_ms"].as_i64().unwrap() - resolved["threshold_crash_ms"].as_i64().unwrap()
+    );
+    for d in desktops(&t, &pp) {
+        assert_eq!(d["version"], 1, "{d}");
+        t.wait_marker(&pp, d["name"].as_str().unwrap(), "wrb-v1", 120);
+    }
+    let h = t.vdim_json(&["image", "history", "img"]);
+    assert_eq!(h["versions"][1]["status"], "failed", "{h}");
+    assert!(h["versions"][0]["channels"].as_array().unwrap().contains(&serde_json::json!("prod")), "{h}");
+
+    let id = resolved["id"].to_string();
+    let review = t.vdim_json(&["incident", "show", &id]);
+    let timeline: Vec<String> =
+        review["timeline"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap().to_string()).collect();
+    for want in [
+        "version 2 sealed",
+        "rollout 1 to prod started",
+        "rollout 1 wave 1",
+        "rollout 1 succeeded",
+        "crash on host local",
+        "breaker tripped",
+        "rolled back from version 2 to 1",
+        "restored to version 1",
+    ] {
+        assert!(timeline.iter().any(|l| l.contains(want)), "no {want:?} in the timeline:\n{}", timeline.join("\n"));
+    }
+    let first_crash = timeline.iter().position(|l| l.contains("crash on host")).unwrap();
+    let trip = timeline.iter().position(|l| l.contains("breaker tripped")).unwrap();
+    assert!(first_crash < trip, "the timeline is in order:\n{}", timeline.join("\n"));
+    assert_eq!(review["blast_radius"]["ran_version"].as_array().unwrap().len(), 6, "{review}");
+    assert_eq!(review["blast_radius"]["crashed"], serde_json::json!([ds[0], ds[1]]));
+    assert!(review["times"]["restore_ms"].as_i64().is_some(), "{review}");
+    let md = t.vdim(&["incident", "show", &id, "--markdown"]);
+    md.assert_success();
+    assert!(md.stdout().starts_with(&format!("# Incident {id}: 'img' version 2 in prod")), "{}", md.stdout());
+    assert!(md.stdout().contains("## Timeline") && md.stdout().contains("## Blast radius"));
+
+    t.vdim(&["incident", "ack", &id, "--note", " "]).assert_exit_code(2).assert_stderr_contains("needs a --note");
+    let acked = t.vdim_json(&["incident", "ack", &id, "--note", "vendor driver; KB pulled"]);
+    assert_eq!((acked["state"].as_str(), acked["note"].as_str()), (Some("resolved"), Some("vendor driver; KB pulled")));
+    wait_for(30, "the webhook's notices", || (hook.events() == ["incident.opened", "incident.resolved"]).then_some(()));
+    let body = hook.bodies.lock().unwrap()[0].clone();
+    assert_eq!(body["incident"]["version"], 2, "{body}");
+    assert!(body["summary"].as_str().unwrap().contains("'img' version 2 in prod"), "{body}");
+    drop(server);
+}
+
+#[test]
+fn an_admins_stop_of_healthy_desktops_never_trips_the_breaker() {
+    let t = LibvirtEnv::new("wstop");
+    let pp = t.pool_name("p");
+    marker_image(&t.env, "img", "wstop-v1");
+    t.create_pool(&pp, "img", "prod", 3, "test-linux", &["--start"]);
+    let ds: Vec<String> = desktops(&t, &pp).iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
+    for d in &ds {
+        t.wait_marker(&pp, d, "wstop-v1", 120);
+    }
+    let _server = Server::start(&t.env, "qemu:///system", &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    for d in &ds[..2] {
+        sh("virsh", &["-c", "qemu:///system", "destroy", d]);
+    }
+    wait_for(30, "the stops recorded", || {
+        let ev = t.vdim_json(&["watch", "events", "--image", "img"]);
+        (ev.as_array().unwrap().len() >= 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let events = t.vdim_json(&["watch", "events", "--image", "img"]).as_array().unwrap().clone();
+    assert!(events.iter().all(|e| e["kind"] == "stop"), "{events:?}");
+    assert_eq!(events.len(), 2, "each stop once, whatever the sweeps saw: {events:?}");
+    assert!(incidents(&t).is_empty(), "stops are not crashes");
+    let h = t.vdim_json(&["image", "history", "img"]);
+    assert_eq!(h["versions"][0]["status"], "ok");
+}
+
+#[test]
+fn with_action_alert_the_breaker_opens_the_incident_and_changes_nothing() {
+    let t = LibvirtEnv::new("walert");
+    let pp = t.pool_name("p");
+    marker_image(&t.env, "img", "walert-v1");
+    t.create_pool(&pp, "img", "prod", 3, "test-linux", &["--start"]);
+    let ds: Vec<String> = desktops(&t, &pp).iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
+    for d in &ds {
+        t.wait_marker(&pp, d, "walert-v1", 120);
+    }
+    t.vdim(&["watch", "policy", "prod", "--crashes", "1"])
+        .assert_exit_code(2)
+        .assert_stderr_contains("never trips the breaker alone");
+    let p = t.vdim_json(&["watch", "policy", "prod", "--action", "alert", "--within", "10m"]);
+    assert_eq!(
+        (p["action"].as_str(), p["crashes"].as_u64(), p["within"].as_str()),
+        (Some("alert"), Some(2), Some("10m"))
+    );
+    let before = desktops(&t, &pp);
+    let audit_before = t.vdim_json(&["audit", "--image", "img"]).as_array().unwrap().len();
+    let _server = Server::start(&t.env, "qemu:///system", &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    crash(&ds[0]);
+    crash(&ds[1]);
+    let opened = wait_for(30, "the alert incident", || incidents(&t).first().cloned());
+    assert_eq!((opened["action"].as_str(), opened["state"].as_str()), (Some("alert"), Some("open")));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(incidents(&t)[0]["state"], "open", "nothing moved, so nothing is resolved");
+    let after = desktops(&t, &pp);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((&a["version"], &a["needs_reset"]), (&b["version"], &b["needs_reset"]), "{a}");
+    }
+    let h = t.vdim_json(&["image", "history", "img"]);
+    assert_eq!(h["versions"][0]["status"], "ok", "an alert never marks the version failed");
+    let actions: Vec<String> = t.vdim_json(&["audit", "--image", "img"]).as_array().unwrap()[audit_before..]
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(actions, ["incident.opened"], "the only change is the incident");
+}
