@@ -254,8 +254,8 @@ pub const MIGRATIONS: &[&str] = &[
         host     TEXT NOT NULL,
         kind     TEXT NOT NULL CHECK (kind IN ('crash', 'reboot_loop', 'stop', 'agent_silent')),
         detail   TEXT NOT NULL,
-        at_ms    INTEGER NOT NULL,
-        seen_ms  INTEGER NOT NULL,
+        at_ms    BIGINT NOT NULL,
+        seen_ms  BIGINT NOT NULL,
         UNIQUE (desktop, kind, at_ms)
     );
     CREATE INDEX watch_events_version ON watch_events(image, version, at_ms);
@@ -263,7 +263,7 @@ pub const MIGRATIONS: &[&str] = &[
         channel   TEXT PRIMARY KEY CHECK (channel IN ('dev', 'test', 'prod')),
         crashes   INTEGER NOT NULL CHECK (crashes >= 2),
         share     INTEGER CHECK (share IS NULL OR (share >= 1 AND share <= 100)),
-        within_ms INTEGER NOT NULL CHECK (within_ms > 0),
+        within_ms BIGINT NOT NULL CHECK (within_ms > 0),
         action    TEXT NOT NULL CHECK (action IN ('rollback', 'alert')),
         updated   TEXT NOT NULL
     );
@@ -274,14 +274,14 @@ pub const MIGRATIONS: &[&str] = &[
         channel            TEXT NOT NULL CHECK (channel IN ('dev', 'test', 'prod')),
         action             TEXT NOT NULL CHECK (action IN ('rollback', 'alert')),
         state              TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
-        opened_ms          INTEGER NOT NULL,
-        first_crash_ms     INTEGER NOT NULL,
-        threshold_crash_ms INTEGER NOT NULL,
-        restored_ms        INTEGER,
-        resolved_ms        INTEGER,
+        opened_ms          BIGINT NOT NULL,
+        first_crash_ms     BIGINT NOT NULL,
+        threshold_crash_ms BIGINT NOT NULL,
+        restored_ms        BIGINT,
+        resolved_ms        BIGINT,
         note               TEXT,
         acked_by           TEXT,
-        acked_ms           INTEGER,
+        acked_ms           BIGINT,
         report             TEXT NOT NULL DEFAULT '{}',
         UNIQUE (image, version, channel)
     );
