@@ -8,6 +8,7 @@
 //!  thin client ─HTTP(S)─► router ─► token → user ─► service call (blocking pool) ─► JSON / .vv
 //!  browser ─WS(S)─► /console/{id}/ws ─► Origin + console token ─► VNC login ─► byte pipe
 //!  reaper (every second) ─► expire sessions, cut their displays off, finish logoffs, close consoles
+//!  fleet watch (rounds of 0.5 s) ─► crashes recorded, circuit breaker, incidents ─► --webhook
 //! ```
 //! Plain HTTP is only served on loopback; anything else needs `--tls-cert` and `--tls-key`.
 //!
