@@ -178,9 +178,14 @@ impl Watch {
         }
         self.subscribe(ctx);
         let mut seen: Vec<(String, health::Event, SystemTime)> = self.drain(wait);
+        // Desktops seen booting (or running, by the sweep): not crashed any more.
+        let mut started: Vec<String> =
+            seen.iter().filter(|(_, e, _)| *e == health::Event::Started).map(|(d, _, _)| d.clone()).collect();
         if Instant::now() >= self.next_sweep {
             self.next_sweep = Instant::now() + SWEEP_INTERVAL;
-            seen.extend(sweep(ctx)?);
+            let (found, running) = sweep(ctx)?;
+            seen.extend(found);
+            started.extend(running);
         }
         let mut signals: Vec<Signal> =
             seen.into_iter().filter_map(|(d, e, at)| self.tracker.observe(&d, e, at)).collect();
@@ -189,8 +194,14 @@ impl Watch {
         let now = SystemTime::now();
         round.recorded = ctx.catalog().write(|tx| -> Result<Vec<WatchEvent>> {
             let mut out = vec![];
+            for d in &started {
+                tx.set_started(d)?;
+            }
             for s in &signals {
                 let Some(place) = tx.desktop_place(&s.desktop)? else { continue };
+                if s.kind == EventKind::Crash {
+                    tx.set_crashed(&s.desktop, ms(s.at))?;
+                }
                 if let Some(id) = tx.record_watch_event(&place, s.kind, &s.detail, ms(s.at), ms(now))? {
                     out.push(event(id, &place, s, ms(now)));
                 }
@@ -419,8 +430,10 @@ fn state_of(ctx: &mut Context, place: &Place) -> Result<Option<DomainState>> {
     Ok(sites.hv(host_id).ok().and_then(|h| h.state(&place.desktop).ok()).map(|s| s.0))
 }
 
-/// Every desktop of a running pool, its state read where it runs, in the rules' words.
-fn sweep(ctx: &mut Context) -> Result<Vec<(String, health::Event, SystemTime)>> {
+/// Every desktop of a running pool, its state read where it runs: what the rules make of it,
+/// and the desktops running.
+#[allow(clippy::type_complexity)]
+fn sweep(ctx: &mut Context) -> Result<(Vec<(String, health::Event, SystemTime)>, Vec<String>)> {
     let (desktops, hosts) = ctx.catalog().read(|tx| -> Result<_> {
         let mut out = vec![];
         for p in tx.pools()?.into_iter().filter(|p| p.running) {
@@ -430,7 +443,7 @@ fn sweep(ctx: &mut Context) -> Result<Vec<(String, health::Event, SystemTime)>> 
     })?;
     let hv = ctx.hypervisor()?;
     let sites = Sites::new(hv.as_ref(), ctx.links(), hosts);
-    let mut out = vec![];
+    let (mut out, mut running) = (vec![], vec![]);
     for (d, host) in desktops {
         // A host that cannot be asked is the host watch's business, not a desktop's crash.
         let Ok(h) = sites.hv(host) else { continue };
@@ -442,11 +455,14 @@ fn sweep(ctx: &mut Context) -> Result<Vec<(String, health::Event, SystemTime)>> 
         ) {
             continue;
         }
+        if matches!(state, Ok((DomainState::Running, _))) {
+            running.push(d.clone());
+        }
         if let Some(e) = health::from_state(&state) {
             out.push((d, e, SystemTime::now()));
         }
     }
-    Ok(out)
+    Ok((out, running))
 }
 
 /// What the on-call admin would do: halt every rollout of the version, roll the channel back

@@ -586,13 +586,35 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// A desktop crashed (until it starts again: [`Tx::set_started`]).
+    pub fn set_crashed(&self, desktop: &str, at_ms: i64) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO crashed_desktops (desktop, at_ms) VALUES (?1, ?2) ON CONFLICT (desktop) DO NOTHING",
+            params![desktop, at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// A desktop started: it is not crashed any more.
+    pub fn set_started(&self, desktop: &str) -> Result<()> {
+        self.0.execute("DELETE FROM crashed_desktops WHERE desktop = ?1", [desktop])?;
+        Ok(())
+    }
+
     // ---- metrics -----------------------------------------------------------------------
 
-    /// Crashes (and reboot loops) ever recorded, by image, version, pool and host.
+    /// Crashes (and reboot loops) ever recorded, by image, version, pool and host; zero for
+    /// every version, pool and host that has desktops now, so a counter exists before its
+    /// first crash (Prometheus's increase() counts only what follows a series' first scrape).
     pub fn crash_counts(&self) -> Result<Vec<CrashCount>> {
         let mut st = self.0.prepare(
-            "SELECT image, version, pool, host, COUNT(*) FROM watch_events WHERE kind IN ('crash', 'reboot_loop')
-             GROUP BY image, version, pool, host ORDER BY image, version, pool, host",
+            "SELECT image, version, pool, host, SUM(n) FROM (
+                 SELECT image, version, pool, host, 1 AS n FROM watch_events WHERE kind IN ('crash', 'reboot_loop')
+                 UNION ALL
+                 SELECT i.name, d.version, p.name, COALESCE(h.name, 'local'), 0
+                 FROM desktops d JOIN pools p ON p.id = d.pool_id JOIN images i ON i.id = p.image_id
+                 LEFT JOIN hosts h ON h.id = d.host_id
+             ) AS c GROUP BY image, version, pool, host ORDER BY image, version, pool, host",
         )?;
         let rows = st.query_map([], |r| {
             Ok(CrashCount {
@@ -606,15 +628,17 @@ impl Tx<'_> {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Desktops by image, version and state (idle, in_use, resetting).
+    /// Desktops by image, version and state (crashed, in_use, resetting, idle).
     pub fn desktops_by_version(&self) -> Result<Vec<(String, u32, String, u64)>> {
         let mut st = self.0.prepare(
-            "SELECT i.name, d.version,
-                    CASE WHEN d.assigned_to IS NOT NULL THEN 'in_use'
-                         WHEN d.needs_reset = 1 THEN 'resetting' ELSE 'idle' END AS state,
-                    COUNT(*)
-             FROM desktops d JOIN pools p ON p.id = d.pool_id JOIN images i ON i.id = p.image_id
-             GROUP BY i.name, d.version, state ORDER BY i.name, d.version, state",
+            "SELECT name, version, state, COUNT(*) FROM (
+                 SELECT i.name AS name, d.version AS version,
+                        CASE WHEN c.desktop IS NOT NULL THEN 'crashed'
+                             WHEN d.assigned_to IS NOT NULL THEN 'in_use'
+                             WHEN d.needs_reset = 1 THEN 'resetting' ELSE 'idle' END AS state
+                 FROM desktops d JOIN pools p ON p.id = d.pool_id JOIN images i ON i.id = p.image_id
+                 LEFT JOIN crashed_desktops c ON c.desktop = d.name
+             ) AS s GROUP BY name, version, state ORDER BY name, version, state",
         )?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -719,6 +743,53 @@ mod tests {
             assert_eq!(tx.incident(id)?.unwrap().report.crashed, ["a", "b"]);
             let counts = tx.incident_state_counts()?;
             assert_eq!(counts, [("open".into(), 0), ("acknowledged".into(), 0), ("resolved".into(), 1)]);
+            Ok::<_, CatalogError>(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn every_version_with_desktops_has_a_crash_counter_and_a_crashed_desktop_counts_as_crashed() {
+        use super::super::pools::{NewDesktop, NewPool};
+        let (_d, mut c) = cat();
+        c.write(|tx| {
+            let img = tx.insert_image("img", 1)?;
+            tx.insert_version(&img, None, &"0".repeat(64), 1, 1, "t", "")?;
+            let pool = tx.insert_pool(&NewPool {
+                name: "p",
+                image_id: img.id,
+                channel: Channel::Prod,
+                version: 1,
+                size: 2,
+                profile: "x",
+                persistent: false,
+                virt_type: "qemu",
+                display_listen: "127.0.0.1",
+                insecure_display: false,
+                identity: None,
+            })?;
+            for (i, name) in [(1, "vdim-p-001"), (2, "vdim-p-002")] {
+                let overlay = format!("desktops/p/{name}.qcow2");
+                let d = NewDesktop { index: i, name, overlay: &overlay, version: 1, uuid: "u", host_id: None };
+                tx.insert_desktop(pool, &d)?;
+            }
+            let counts = |tx: &Tx| -> Result<Vec<(String, u64)>> {
+                Ok(tx
+                    .crash_counts()?
+                    .into_iter()
+                    .map(|c| (format!("{}/{}/{}/{}", c.image, c.version, c.pool, c.host), c.crashes))
+                    .collect())
+            };
+            assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 0)], "a counter before the first crash");
+            let mut p = place("vdim-p-001");
+            (p.image, p.version) = ("img".into(), 1);
+            tx.record_watch_event(&p, EventKind::Crash, "panicked", 5, 6)?;
+            tx.set_crashed("vdim-p-001", 5)?;
+            assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 1)]);
+            let states = tx.desktops_by_version()?;
+            assert_eq!(states, [("img".into(), 1, "crashed".into(), 1), ("img".into(), 1, "idle".into(), 1)]);
+            tx.set_started("vdim-p-001")?;
+            assert_eq!(tx.desktops_by_version()?, [("img".into(), 1, "idle".into(), 2)]);
             Ok::<_, CatalogError>(())
         })
         .unwrap();

@@ -242,7 +242,8 @@ pub const MIGRATIONS: &[&str] = &[
     // 10: the fleet watch. What it saw of each desktop (crash, reboot loop, unexpected stop,
     // silent guest agent) against the desktop's pool, version and host at the time, one row
     // per happening (the same crash seen twice is one row); each channel's breaker policy;
-    // incidents the breaker opened, with their review (times in milliseconds since the epoch).
+    // incidents the breaker opened, with their review (times in milliseconds since the epoch);
+    // desktops crashed now.
     r#"
     CREATE TABLE watch_events (
         id       INTEGER PRIMARY KEY,
@@ -284,6 +285,11 @@ pub const MIGRATIONS: &[&str] = &[
         acked_ms           BIGINT,
         report             TEXT NOT NULL DEFAULT '{}',
         UNIQUE (image, version, channel)
+    );
+    -- Desktops crashed since they last started (the watch adds and removes them).
+    CREATE TABLE crashed_desktops (
+        desktop  TEXT PRIMARY KEY,
+        at_ms    BIGINT NOT NULL
     );
     "#,
 ];
