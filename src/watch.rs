@@ -71,6 +71,10 @@ pub type Result<T> = std::result::Result<T, WatchError>;
 
 /// How often the watch reads every desktop's state, in case an event was lost.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the watch pings the guest agents of running desktops whose profile has one.
+const AGENT_INTERVAL: Duration = Duration::from_secs(15);
+/// Seconds one guest-agent ping may take.
+const AGENT_PING_TIMEOUT: i32 = 2;
 /// How often a watch whose event stream closed subscribes again.
 const RESUBSCRIBE_INTERVAL: Duration = Duration::from_secs(10);
 /// Who the audit log says acted.
@@ -152,6 +156,7 @@ pub struct Watch {
     sub: Option<Subscription>,
     last_subscribe: Option<Instant>,
     next_sweep: Instant,
+    next_agents: Instant,
     tracker: Tracker,
     seeded: bool,
     notify: Notify,
@@ -164,6 +169,7 @@ impl Watch {
             sub: None,
             last_subscribe: None,
             next_sweep: Instant::now(),
+            next_agents: Instant::now(),
             tracker: Tracker::new(),
             seeded: false,
             notify,
@@ -190,6 +196,12 @@ impl Watch {
         let mut signals: Vec<Signal> =
             seen.into_iter().filter_map(|(d, e, at)| self.tracker.observe(&d, e, at)).collect();
         signals.extend(self.stops_still_off(ctx)?);
+        if Instant::now() >= self.next_agents {
+            self.next_agents = Instant::now() + AGENT_INTERVAL;
+            for (d, answer) in agent_pings(ctx)? {
+                signals.extend(self.tracker.agent(&d, answer, SystemTime::now()));
+            }
+        }
         let mut round = Round::default();
         let now = SystemTime::now();
         round.recorded = ctx.catalog().write(|tx| -> Result<Vec<WatchEvent>> {
@@ -463,6 +475,46 @@ fn sweep(ctx: &mut Context) -> Result<(Vec<(String, health::Event, SystemTime)>,
         }
     }
     Ok((out, running))
+}
+
+/// A guest-agent ping of every running desktop whose profile has the agent channel, all at
+/// once (at most the hypervisor's `parallel` at a time).
+fn agent_pings(ctx: &mut Context) -> Result<Vec<(String, std::result::Result<(), String>)>> {
+    let profiles = ctx.settings().profiles.clone();
+    let (desktops, hosts) = ctx.catalog().read(|tx| -> Result<_> {
+        let mut out = vec![];
+        for p in tx.pools()?.into_iter().filter(|p| p.running) {
+            let agent = crate::profile::Profile::load(&profiles, &p.profile).is_ok_and(|pr| pr.has_guest_agent());
+            if agent {
+                out.extend(tx.desktops(p.id)?.into_iter().filter(|d| !d.needs_reset).map(|d| (d.name, d.host_id)));
+            }
+        }
+        Ok((out, tx.hosts()?))
+    })?;
+    if desktops.is_empty() {
+        return Ok(vec![]);
+    }
+    let hv = ctx.hypervisor()?;
+    let sites = Sites::new(hv.as_ref(), ctx.links(), hosts);
+    let mut out = vec![];
+    for chunk in desktops.chunks(hv.parallel().max(1)) {
+        std::thread::scope(|s| {
+            let pings: Vec<_> = chunk
+                .iter()
+                .map(|(d, host)| {
+                    let sites = &sites;
+                    s.spawn(move || {
+                        let h = sites.hv(*host).ok()?;
+                        // Only a running guest has an agent to ask.
+                        matches!(h.state(d), Ok((DomainState::Running, _)))
+                            .then(|| (d.clone(), h.agent_ping(d, AGENT_PING_TIMEOUT).map_err(|e| e.to_string())))
+                    })
+                })
+                .collect();
+            out.extend(pings.into_iter().filter_map(|p| p.join().ok().flatten()));
+        });
+    }
+    Ok(out)
 }
 
 /// What the on-call admin would do: halt every rollout of the version, roll the channel back

@@ -246,3 +246,28 @@ fn with_action_alert_the_breaker_opens_the_incident_and_changes_nothing() {
         .collect();
     assert_eq!(actions, ["incident.opened"], "the only change is the incident");
 }
+
+#[test]
+fn a_silent_guest_agent_is_recorded_where_the_profile_has_one_and_never_trips_the_breaker() {
+    let t = LibvirtEnv::new("wagent");
+    let pp = t.pool_name("p");
+    // The guest boots and runs, but its agent never answers (a hung service, say).
+    marker_image(&t.env, "img", "wagent-v1 agent=off");
+    t.create_pool(&pp, "img", "prod", 2, "test-linux-agent", &["--start"]);
+    let ds: Vec<String> = desktops(&t, &pp).iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
+    for d in &ds {
+        t.wait_marker(&pp, d, "wagent-v1", 120);
+    }
+    let _server = Server::start(&t.env, "qemu:///system", &[]);
+    // The agent's grace (60 s) and a ping every 15 s.
+    let events = wait_for(120, "the silent agents recorded", || {
+        let ev = t.vdim_json(&["watch", "events", "--image", "img"]);
+        let silent: Vec<serde_json::Value> =
+            ev.as_array().unwrap().iter().filter(|e| e["kind"] == "agent_silent").cloned().collect();
+        (silent.len() == 2).then_some(silent)
+    });
+    for e in &events {
+        assert!(e["detail"].as_str().unwrap().starts_with("guest agent did not answer for"), "{e}");
+    }
+    assert!(incidents(&t).is_empty(), "a silent agent is recorded, not counted as a crash");
+}

@@ -14,6 +14,9 @@ use std::time::{Duration, SystemTime};
 
 /// Reboots within this time that make a reboot loop.
 pub const REBOOT_WINDOW: Duration = Duration::from_secs(300);
+/// How long a guest agent may go without answering (since its desktop started, or since it
+/// last answered) before it counts as silent; the same grace a rollout gives it.
+pub const AGENT_GRACE: Duration = Duration::from_secs(60);
 /// How long a stopped desktop must stay off before its stop is reported.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -36,6 +39,10 @@ struct Track {
     stopped: Option<(SystemTime, String)>,
     /// A stop was handed out since the desktop last started.
     stop_due: bool,
+    /// Since when its guest agent has had nothing to say: its start, or its last answer.
+    quiet_since: Option<SystemTime>,
+    /// Its agent's silence was reported since it last started or answered.
+    agent_silent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +69,8 @@ impl Tracker {
                 t.crashed = false;
                 t.stopped = None;
                 t.stop_due = false;
+                t.quiet_since = Some(at);
+                t.agent_silent = false;
                 None
             }
             Event::Crashed(why) => {
@@ -109,6 +118,30 @@ impl Tracker {
             }
         }
         out
+    }
+
+    /// A guest-agent ping of a running desktop whose profile has an agent, made `now`:
+    /// silence is reported once the agent said nothing for [`AGENT_GRACE`] (a slow boot is
+    /// not a silent agent), once until it answers or the desktop starts again.
+    pub fn agent(&mut self, desktop: &str, answer: Result<(), String>, now: SystemTime) -> Option<Signal> {
+        let t = self.desktops.entry(desktop.to_string()).or_default();
+        let since = *t.quiet_since.get_or_insert(now);
+        match answer {
+            Ok(()) => {
+                t.quiet_since = Some(now);
+                t.agent_silent = false;
+                None
+            }
+            Err(why)
+                if !t.crashed && !t.agent_silent && now.duration_since(since).unwrap_or_default() >= AGENT_GRACE =>
+            {
+                t.agent_silent = true;
+                let waited = now.duration_since(since).unwrap_or_default().as_secs();
+                let detail = format!("guest agent did not answer for {waited} s ({why})");
+                Some(Signal { desktop: desktop.to_string(), kind: EventKind::AgentSilent, detail, at: now })
+            }
+            Err(_) => None,
+        }
     }
 
     /// A desktop whose crash is recorded already (found so by a watch that starts afresh).
@@ -205,6 +238,28 @@ mod tests {
         tr.observe("a", Event::Stopped("destroyed".into()), t(1));
         tr.observe("a", Event::Started, t(2));
         assert!(tr.due_stops(t(60)).is_empty(), "vdim's own reset: stop, then start");
+    }
+
+    #[test]
+    fn a_silent_agent_is_reported_after_its_grace_once_until_it_answers_or_restarts() {
+        let mut tr = Tracker::new();
+        let no = || Err("agent not connected".to_string());
+        tr.observe("a", Event::Started, t(0));
+        assert!(tr.agent("a", no(), t(30)).is_none(), "a slow boot is not a silent agent");
+        let s = tr.agent("a", no(), t(60)).unwrap();
+        assert_eq!(
+            (s.kind, s.detail.as_str()),
+            (EventKind::AgentSilent, "guest agent did not answer for 60 s (agent not connected)")
+        );
+        assert!(tr.agent("a", no(), t(90)).is_none(), "once");
+        assert!(tr.agent("a", Ok(()), t(100)).is_none());
+        assert!(tr.agent("a", no(), t(130)).is_none(), "answered 30 s ago");
+        assert!(tr.agent("a", no(), t(160)).is_some(), "silent again for 60 s");
+        // A watch that starts afresh gives an agent it never saw the whole grace.
+        let mut tr = Tracker::new();
+        assert!(tr.agent("b", no(), t(0)).is_none());
+        assert!(tr.agent("b", no(), t(59)).is_none());
+        assert!(tr.agent("b", no(), t(60)).is_some());
     }
 
     #[test]
