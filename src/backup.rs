@@ -24,7 +24,7 @@
 //! firmware state, and the join-credentials and user-data files pools name by path. After a
 //! restore every desktop is made afresh on its version.
 
-use crate::catalog::{self, Audit, Catalog, CatalogError, Counts, Tx};
+use crate::catalog::{self, Audit, Catalog, CatalogError, Counts, Location, Tx};
 use crate::context::{ContextError, Settings};
 use crate::digest;
 use crate::home::{self, Home};
@@ -138,6 +138,10 @@ pub enum Engine {
     Sqlite,
 }
 
+fn sqlite() -> crate::catalog::sql::Engine {
+    crate::catalog::sql::Engine::Sqlite
+}
+
 impl Engine {
     /// The catalog copy's file name in a backup directory.
     pub fn file_name(self) -> &'static str {
@@ -150,7 +154,12 @@ impl Engine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogCopy {
+    /// The copy's own format (a SQLite file, whatever the catalog it was taken from).
     pub engine: Engine,
+    /// The engine of the catalog it was taken from: a PostgreSQL catalog's rows are read in
+    /// one snapshot into the copy. A restore puts them onto either engine.
+    #[serde(default = "sqlite")]
+    pub taken_from: crate::catalog::sql::Engine,
     /// Its file in the backup directory.
     pub file: String,
     pub sha256: String,
@@ -388,6 +397,7 @@ pub fn backup(ctx: &mut crate::context::Context, dir: &Path, with_layers: bool, 
         home: home.root().display().to_string(),
         catalog: CatalogCopy {
             engine,
+            taken_from: ctx.catalog().engine(),
             file: engine.file_name().to_string(),
             sha256: catalog_sha256.clone(),
             bytes: catalog_bytes,
@@ -447,7 +457,7 @@ pub fn backup(ctx: &mut crate::context::Context, dir: &Path, with_layers: bool, 
 }
 
 fn schema_version(tx: &Tx) -> std::result::Result<i64, CatalogError> {
-    Ok(tx.conn().query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    tx.schema_version()
 }
 
 /// The layers into `dir/layers/<sha256>.qcow2`: a file already there with the right SHA-256
@@ -582,7 +592,7 @@ pub fn after_restore(tx: &Tx) -> std::result::Result<AfterRestore, CatalogError>
         }
     }
     for r in tx.running_rollouts()? {
-        tx.set_rollout_owner(r.id, None)?;
+        tx.forget_rollout_driver(r.id)?;
         a.rollouts_interrupted += 1;
     }
     Ok(a)
@@ -635,7 +645,8 @@ struct Staged {
 pub fn restore(settings: &Settings, dir: &Path, actor: &Actor) -> Result<RestoreReport> {
     let (manifest, copy) = open_backup(dir)?;
     let home = &settings.home;
-    refuse_unless_empty_home(home)?;
+    let location = settings.catalog()?;
+    refuse_unless_empty_home(home, &location)?;
     for d in home.dirs() {
         home::create_private_dir(&d).map_err(io("create directory", &d))?;
     }
@@ -646,7 +657,7 @@ pub fn restore(settings: &Settings, dir: &Path, actor: &Actor) -> Result<Restore
         Mode::Exclusive,
         Duration::from_secs(2),
     )?;
-    refuse_unless_empty_home(home)?;
+    refuse_unless_empty_home(home, &location)?;
     let staging = PrivateDir::create(Home::tmp_path(&home.layers(), "restore"))?;
     let (mut catalog, staged_db, counts) = stage_catalog(&manifest, dir, &copy, staging.path())?;
     let staged = stage(&manifest, dir, home, staging.path())?;
@@ -669,8 +680,19 @@ pub fn restore(settings: &Settings, dir: &Path, actor: &Actor) -> Result<Restore
         })?;
         Ok(after)
     })?;
-    catalog.close_as_one_file()?;
-    let (profiles_restored, profiles_kept) = put_in_place(settings, &after, &staged, &staged_db)?;
+    let (profiles_restored, profiles_kept) = put_in_place(settings, &after, &staged)?;
+    match &location {
+        Location::Sqlite(db) => {
+            catalog.close_as_one_file()?;
+            put_catalog_file(&staged_db, db)?;
+            store::fsync_dir(home.root())?;
+        }
+        // One transaction: every row, or none (a restore run again finds it empty).
+        Location::Postgres(url) => {
+            Catalog::connect(&location, true)?.fill_from(&mut catalog)?;
+            crate::context::remember_catalog_url(home, url)?;
+        }
+    }
     drop(staging);
     drop(store_lock);
 
@@ -741,14 +763,9 @@ fn stage_catalog(manifest: &Manifest, dir: &Path, copy: &Path, staging: &Path) -
     Ok((catalog, staged_db, counts))
 }
 
-/// Everything staged into the home: the pools' directories, the layers, the profiles, and
-/// the catalog last. Returns the profiles (restored, kept).
-fn put_in_place(
-    settings: &Settings,
-    after: &AfterRestore,
-    staged: &Staged,
-    staged_db: &Path,
-) -> Result<(Vec<String>, Vec<String>)> {
+/// Everything staged into the home: the pools' directories, the layers, the profiles (the
+/// catalog comes after). Returns the profiles (restored, kept).
+fn put_in_place(settings: &Settings, after: &AfterRestore, staged: &Staged) -> Result<(Vec<String>, Vec<String>)> {
     let home = &settings.home;
     for p in &after.pools {
         for d in [home.pool_dir(p), home.pool_run(p)] {
@@ -760,8 +777,11 @@ fn put_in_place(
         fs::rename(path, home.layer(digest)).map_err(io("rename", path))?;
     }
     store::fsync_dir(&home.layers())?;
-    let profiles = put_profiles(&settings.profiles, &staged.profiles)?;
-    let db = home.catalog();
+    put_profiles(&settings.profiles, &staged.profiles)
+}
+
+/// The staged SQLite catalog renamed into the home.
+fn put_catalog_file(staged_db: &Path, db: &Path) -> Result<()> {
     for suffix in ["-wal", "-shm"] {
         // The empty catalog's own WAL must never be read as the new one's.
         let mut side = db.as_os_str().to_owned();
@@ -772,9 +792,8 @@ fn put_in_place(
             Err(e) => return Err(io("remove", Path::new(&side))(e)),
         }
     }
-    fs::rename(staged_db, &db).map_err(io("rename", staged_db))?;
-    store::fsync_dir(home.root())?;
-    Ok(profiles)
+    fs::rename(staged_db, db).map_err(io("rename", staged_db))?;
+    Ok(())
 }
 
 /// Boots the pools that were running, each by its `pool start` (its heal makes every
@@ -815,12 +834,13 @@ fn check_sha(copy: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
-fn refuse_unless_empty_home(home: &Home) -> Result<()> {
-    let db = home.catalog();
-    if !db.exists() {
-        return Ok(());
+fn refuse_unless_empty_home(home: &Home, location: &Location) -> Result<()> {
+    if let Location::Sqlite(db) = location {
+        if !db.exists() {
+            return Ok(());
+        }
     }
-    refuse_unless_empty(home.root(), &Catalog::peek_counts(&db)?)
+    refuse_unless_empty(home.root(), &Catalog::peek_counts(location)?)
 }
 
 /// Every layer verified into the staging directory (or found right in the home), and the
@@ -916,6 +936,7 @@ mod tests {
             home: "/var/lib/vdim".into(),
             catalog: CatalogCopy {
                 engine: Engine::Sqlite,
+                taken_from: crate::catalog::sql::Engine::Sqlite,
                 file: "catalog.db".into(),
                 sha256: "c".repeat(64),
                 bytes: 8192,
@@ -1055,11 +1076,11 @@ mod tests {
                     console_token_hash: &"b".repeat(64),
                 })?;
             }
-            tx.conn().execute(
+            tx.sql().execute(
                 "INSERT INTO rollouts (image_id, version, channel, from_version, state, waves, soak_ms, actor,
                                        owner_pid, created, updated)
                  VALUES (?1, 2, 'prod', 1, 'running', '1', 1, 't', ?2, 'then', 'then')",
-                rusqlite::params![img.id, std::process::id()],
+                crate::catalog::sql::params![img.id, std::process::id()],
             )?;
             Ok(())
         })
@@ -1100,7 +1121,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_taken_while_another_connection_writes_is_one_sound_state() {
-        let (d, c) = crate::catalog::tests::cat();
+        let (d, mut c) = crate::catalog::tests::cat();
         let path = d.path().join("c.db");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {

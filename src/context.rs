@@ -13,8 +13,9 @@
 //!                    └─► dev()      the dev desktop        (store + hypervisor + profiles)
 //! ```
 //! Invariants that hold whatever the entry point live here, not in a command's glue:
-//! recovery of interrupted rollouts runs in [`Context::open`], and [`Context::heal`] (the
-//! broker at start) finishes interrupted logoffs and pool moves.
+//! recovery of interrupted rollouts runs in [`Context::open`] (while no broker leads: the
+//! leader adopts them instead), and [`Context::heal`] (the leading broker, when elected)
+//! finishes interrupted logoffs and pool moves.
 //!
 //! The hypervisor is connected on first use, so commands that need no libvirt (image
 //! import, list, history, gc, users, audit, ...) work without a daemon.
@@ -24,7 +25,7 @@
 //! home that share the settings and the one hypervisor connection. SQLite
 //! connections are not shared between threads, so each blocking call takes one of them.
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, Location};
 use crate::dev::Dev;
 use crate::fleet::{Progress, Quiet};
 use crate::home::{self, Home};
@@ -52,6 +53,8 @@ pub enum ContextError {
     Rollout(#[from] crate::rollout::RolloutError),
     #[error("cannot create directory {path}: {source}")]
     Dir { path: String, source: std::io::Error },
+    #[error("cannot read or write the catalog's URL in {path}: {source}")]
+    CatalogUrl { path: String, source: std::io::Error },
 }
 
 impl crate::error::Kind for ContextError {
@@ -63,7 +66,7 @@ impl crate::error::Kind for ContextError {
             ContextError::Pool(e) => e.kind(),
             ContextError::Rollout(e) => e.kind(),
             // vdim's own home directories.
-            ContextError::Dir { .. } => crate::error::ErrorKind::Internal,
+            ContextError::Dir { .. } | ContextError::CatalogUrl { .. } => crate::error::ErrorKind::Internal,
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct Settings {
     pub profiles: PathBuf,
     /// libvirt calls in flight to the host at once (operations on many desktops).
     pub parallel: usize,
+    /// `--catalog`: where the catalog is, when not the home's own (see [`Settings::catalog`]).
+    pub catalog: Option<Location>,
 }
 
 impl Settings {
@@ -95,6 +100,21 @@ impl Settings {
             virt_type: "auto".into(),
             profiles,
             parallel: crate::hypervisor::DEFAULT_PARALLEL,
+            catalog: None,
+        }
+    }
+
+    /// Where the catalog is: `--catalog` when given, else the PostgreSQL URL `vdim init`
+    /// recorded in the home, else the home's SQLite file.
+    pub fn catalog(&self) -> Result<Location> {
+        if let Some(l) = &self.catalog {
+            return Ok(l.clone());
+        }
+        let file = self.home.catalog_url();
+        match std::fs::read_to_string(&file) {
+            Ok(url) => Ok(Location::parse(url.trim())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Location::Sqlite(self.home.catalog())),
+            Err(source) => Err(ContextError::CatalogUrl { path: file.display().to_string(), source }),
         }
     }
 }
@@ -117,26 +137,47 @@ pub struct Context {
 
 impl Context {
     /// Creates the home layout and the catalog (safe to run again) and opens them.
-    pub fn init(settings: Settings) -> Result<Context> {
+    pub fn init(mut settings: Settings) -> Result<Context> {
         make_dirs(&settings.home)?;
-        let catalog = Catalog::open(&settings.home.catalog(), true)?;
+        let location = settings.catalog()?;
+        settings.catalog = Some(location.clone());
+        let catalog = Catalog::connect(&location, true)?;
+        if let Location::Postgres(url) = &location {
+            remember_catalog_url(&settings.home, url)?;
+        }
         Context::start(settings, catalog)
     }
 
     /// Opens an initialised home: the catalog, its directories, and recovery of rollouts
     /// whose vdim died (see [`Context::recovered`]).
-    pub fn open(settings: Settings) -> Result<Context> {
-        let catalog = Catalog::open(&settings.home.catalog(), false)?;
+    pub fn open(mut settings: Settings) -> Result<Context> {
+        let location = settings.catalog()?;
+        let catalog = Catalog::connect(&location, false)?;
+        settings.catalog = Some(location);
         make_dirs(&settings.home)?;
         Context::start(settings, catalog)
     }
 
+    /// Opens an initialised home for `vdim serve`: no recovery of rollouts here, since the
+    /// leading broker adopts those whose driver is gone instead of halting them.
+    pub fn open_serving(mut settings: Settings) -> Result<Context> {
+        let location = settings.catalog()?;
+        let catalog = Catalog::connect(&location, false)?;
+        settings.catalog = Some(location);
+        make_dirs(&settings.home)?;
+        Ok(Context::with_catalog(settings, catalog))
+    }
+
     fn start(settings: Settings, catalog: Catalog) -> Result<Context> {
-        let shared = Arc::new(Shared { settings, hv: OnceLock::new(), links: OnceLock::new() });
-        let mut ctx = Context { shared, catalog, recovered: vec![], progress: Arc::new(Quiet) };
+        let mut ctx = Context::with_catalog(settings, catalog);
         // A rollout whose vdim was killed is found by the next vdim, whatever it runs.
         ctx.recovered = crate::rollout::recover_interrupted(&mut ctx.catalog)?;
         Ok(ctx)
+    }
+
+    fn with_catalog(settings: Settings, catalog: Catalog) -> Context {
+        let shared = Arc::new(Shared { settings, hv: OnceLock::new(), links: OnceLock::new() });
+        Context { shared, catalog, recovered: vec![], progress: Arc::new(Quiet) }
     }
 
     /// What opens more connections of this context, from any thread.
@@ -242,7 +283,7 @@ pub struct Connector(Arc<Shared>);
 
 impl Connector {
     pub fn open(&self) -> Result<Context> {
-        let catalog = Catalog::open(&self.0.settings.home.catalog(), false)?;
+        let catalog = Catalog::connect(&self.0.settings.catalog()?, false)?;
         Ok(Context { shared: self.0.clone(), catalog, recovered: vec![], progress: Arc::new(Quiet) })
     }
 }
@@ -273,4 +314,23 @@ fn make_dirs(home: &Home) -> Result<()> {
         home::create_private_dir(&d).map_err(|source| ContextError::Dir { path: d.display().to_string(), source })?;
     }
     Ok(())
+}
+
+/// The PostgreSQL URL the home's commands use from now on (0600: it may hold a password).
+pub fn remember_catalog_url(home: &Home, url: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = home.catalog_url();
+    let err = |source| ContextError::CatalogUrl { path: path.display().to_string(), source };
+    let tmp = path.with_extension("url.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(home::PRIVATE_FILE)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(format!("{url}\n").as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
 }

@@ -78,6 +78,11 @@ impl Home {
     pub fn catalog(&self) -> PathBuf {
         self.root.join("catalog.db")
     }
+    /// Where a home whose catalog is a PostgreSQL database keeps its URL (0600), written by
+    /// `vdim init --catalog postgres://…` so later commands need no flag.
+    pub fn catalog_url(&self) -> PathBuf {
+        self.root.join("catalog.url")
+    }
     pub fn layers(&self) -> PathBuf {
         self.root.join("layers")
     }

@@ -54,6 +54,8 @@ pub mod hypervisor;
 pub mod fleet;
 /// Thin-client users, entitlements and sessions (tokens, console tickets, logoff).
 pub mod users;
+/// Who leads the brokers (a lease in the catalog) and whether a rollout's driver is gone.
+pub mod leader;
 /// A host leaves: drained, or dead and fenced; its desktops made again on other hosts.
 pub mod failover;
 /// The thin-client broker (`vdim serve`): HTTP API, `.vv` files, HTML5 console proxy, TLS.

@@ -11,6 +11,7 @@
 //! leaves a rollout that the next command finds (`recover_interrupted`) and that
 //! `rollout resume` carries on or `rollback --image --channel` undoes.
 
+use crate::catalog::leases::Driver;
 use crate::catalog::rollouts::{
     DesktopState, Failure, Interruption, NewRollout, Rollout, RolloutDesktop, RolloutState, FAILED_PREFIX,
 };
@@ -18,6 +19,7 @@ use crate::catalog::{Audit, Catalog, CatalogError, Channel, Tx};
 use crate::health;
 use crate::home::Home;
 use crate::hypervisor::{Connections, Hypervisor, HypervisorError, LifecycleEvent, Subscription};
+use crate::leader;
 use crate::lock::{self, LockError, Mode};
 use crate::names::{self, NameError};
 use crate::pool::sites::Sites;
@@ -54,6 +56,10 @@ pub enum RolloutError {
     Waves(String),
     #[error("--force needs --reason: the audit log records why a gate was skipped")]
     ForceWithoutReason,
+    #[error(
+        "the rollout of '{image}' is running, driven by {driver}: 'vdim rollout halt {image}' stops it after its wave"
+    )]
+    Driven { image: String, driver: String },
     #[error("no rollout of '{0}' is running or halted")]
     NothingOpen(String),
     #[error("the rollout of '{image}' version {version} to {channel} is {state}, not running")]
@@ -77,6 +83,7 @@ impl crate::error::Kind for RolloutError {
             RolloutError::Denied(e) => e.kind(),
             RolloutError::Waves(_) | RolloutError::ForceWithoutReason => K::Invalid,
             RolloutError::NothingOpen(_)
+            | RolloutError::Driven { .. }
             | RolloutError::NotRunning { .. }
             | RolloutError::Failed { .. }
             | RolloutError::NoPrevious { .. } => K::Conflict,
@@ -247,45 +254,120 @@ pub fn report(tx: &Tx, id: i64) -> std::result::Result<RolloutReport, CatalogErr
     Ok(RolloutReport { rollout, waves, pending })
 }
 
-/// Rollouts whose vdim died: marked halted, with what was in flight, so nothing is left
-/// half-moved without saying so. Returns one line per rollout found.
+/// Rollouts whose driver is gone ([`crate::leader::driver_gone`]): marked halted, with what
+/// was in flight, so nothing is left half-moved without saying so. Returns one line per
+/// rollout found. While a broker leads, nothing is halted: the leader adopts them.
 pub fn recover_interrupted(catalog: &mut Catalog) -> std::result::Result<Vec<String>, CatalogError> {
-    let running = catalog.read(|tx| tx.running_rollouts())?;
+    let now = leader::now_ms();
+    let here = leader::hostname();
+    let (leads, drivers) =
+        catalog.read(|tx| Ok::<_, CatalogError>((leader::live_leader(tx, now)?, tx.rollout_drivers()?)))?;
+    if leads.is_some() {
+        return Ok(vec![]);
+    }
+    let alive = |p: i64| crate::home::pid_alive(p as i32);
     let mut said = vec![];
-    for r in running {
-        let dead = r.owner_pid.is_none_or(|p| !crate::home::pid_alive(p as i32));
-        if !dead {
-            continue;
-        }
-        catalog.write(|tx| -> std::result::Result<(), CatalogError> {
-            tx.set_rollout_state(r.id, RolloutState::Halted)?;
-            tx.set_rollout_owner(r.id, None)?;
+    for d in drivers.into_iter().filter(|d| leader::driver_gone(d, &here, now, alive)) {
+        let halted = catalog.write(|tx| -> std::result::Result<Option<Rollout>, CatalogError> {
+            // Only as read: a driver that beat meanwhile, or a resume, keeps it.
+            if tx.rollout_driver(d.rollout)? != d || !tx.set_rollout_state(d.rollout, RolloutState::Halted)? {
+                return Ok(None);
+            }
+            let r = tx.rollout(d.rollout)?;
+            tx.forget_rollout_driver(r.id)?;
             tx.update_rollout_outcome(r.id, |o| {
-                o.interrupted = Some(Interruption { pid: r.owner_pid, wave: r.wave + 1, at: ms(SystemTime::now()) });
+                o.interrupted = Some(Interruption { pid: d.pid, wave: r.wave + 1, at: ms(SystemTime::now()) });
             })?;
             tx.audit(Audit {
                 actor: "vdim",
                 action: "rollout.interrupted",
                 image: Some(&r.image),
                 version: Some(r.version),
-                detail: json!({"rollout": r.id, "pid": r.owner_pid, "wave": r.wave + 1}),
+                detail: json!({"rollout": r.id, "pid": d.pid, "driver": d.owner, "wave": r.wave + 1}),
                 ..Default::default()
             })?;
-            Ok(())
+            Ok(Some(r))
         })?;
+        let Some(r) = halted else { continue };
         said.push(format!(
-            "the rollout of '{}' version {} to {} was interrupted in wave {} (vdim pid {} died); it is halted with desktops possibly mid-move: 'vdim rollout resume {}' carries on, 'vdim rollback --image {} --channel {}' undoes it",
+            "the rollout of '{}' version {} to {} was interrupted in wave {} (its vdim {} is gone); it is halted with desktops possibly mid-move: 'vdim rollout resume {}' carries on, 'vdim rollback --image {} --channel {}' undoes it",
             r.image,
             r.version,
             r.channel,
             r.wave + 1,
-            r.owner_pid.unwrap_or(0),
+            d.owner.clone().unwrap_or_else(|| format!("pid {}", d.pid.unwrap_or(0))),
             r.image,
             r.image,
             r.channel
         ));
     }
     Ok(said)
+}
+
+/// The driver's heartbeat: a thread of its own, with its own catalog connection, renews
+/// the rollout's `owner_seen_ms` every [`leader::HEARTBEAT`] until dropped. It notices when
+/// the rollout was taken from it (adopted after it fell silent).
+struct Heartbeat {
+    stop: std::sync::Arc<AtomicBool>,
+    lost: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(catalog: crate::catalog::Location, id: i64) -> Heartbeat {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let lost = std::sync::Arc::new(AtomicBool::new(false));
+        let (s, l) = (stop.clone(), lost.clone());
+        let thread = std::thread::spawn(move || {
+            let mut cat = None;
+            while !s.load(Ordering::SeqCst) {
+                let waited = std::time::Instant::now();
+                if cat.is_none() {
+                    cat = Catalog::connect(&catalog, false)
+                        .inspect_err(|e| tracing::warn!(rollout = id, error = %e, "rollout heartbeat: no catalog"))
+                        .ok();
+                }
+                if let Some(c) = cat.as_mut() {
+                    match c.write(|tx| tx.beat_rollout(id, leader::me(), leader::now_ms())) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            l.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Err(e) => tracing::warn!(rollout = id, error = %e, "rollout heartbeat failed"),
+                    }
+                }
+                while !s.load(Ordering::SeqCst) && waited.elapsed() < leader::HEARTBEAT {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        Heartbeat { stop, lost, thread: Some(thread) }
+    }
+
+    /// Another process drives the rollout now.
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes this process the rollout's driver if its driver is `seen` (or, without `seen`, as
+/// it is now); false when another process drives it.
+fn claim(tx: &Tx, id: i64, seen: Option<&Driver>) -> std::result::Result<bool, CatalogError> {
+    let now = tx.rollout_driver(id)?;
+    if seen.is_some_and(|s| *s != now) {
+        return Ok(false);
+    }
+    tx.claim_rollout(&now, leader::me(), std::process::id(), leader::now_ms())
 }
 
 /// A pool a rollout reaches: (name, size, desktops already on the new version, idle ones not
@@ -449,6 +531,7 @@ impl<'a> Engine<'a> {
                 actor: &actor,
                 forced: forced.as_deref(),
             })?;
+            claim(tx, id, None)?;
             tx.audit(Audit {
                 actor: &actor,
                 action: "rollout.start",
@@ -471,9 +554,18 @@ impl<'a> Engine<'a> {
             tracing::warn!("{s}");
         }
         let actor = self.actor.0.clone();
+        let (now, here) = (leader::now_ms(), leader::hostname());
         let id = self.catalog.write(|tx| -> Result<i64> {
             let img = tx.image(image)?;
             let r = tx.open_rollout(img.id)?.ok_or_else(|| RolloutError::NothingOpen(image.to_string()))?;
+            // A running one only when its driver is gone (a broker's leader adopts those too:
+            // whichever claims it first drives it).
+            let d = tx.rollout_driver(r.id)?;
+            let gone = leader::driver_gone(&d, &here, now, |p| crate::home::pid_alive(p as i32));
+            if r.state == RolloutState::Running && (!gone || !claim(tx, r.id, Some(&d))?) {
+                return Err(RolloutError::Driven { image: image.into(), driver: d.owner.unwrap_or_default() });
+            }
+            claim(tx, r.id, None)?;
             tx.set_rollout_state(r.id, RolloutState::Running)?;
             tx.audit(Audit {
                 actor: &actor,
@@ -486,6 +578,34 @@ impl<'a> Engine<'a> {
             Ok(r.id)
         })?;
         self.run(id)
+    }
+
+    /// The leader carries on a running rollout whose driver is gone (`seen`, as the leader
+    /// read it), by resume's rules: the wave in flight moved and soaked again, then the next
+    /// waves; it completes, or reverts on a failure. `None` when another process claimed it
+    /// first.
+    pub fn adopt(&mut self, seen: &Driver) -> Result<Option<RolloutReport>> {
+        let r = self.catalog.read(|tx| tx.rollout(seen.rollout))?;
+        let _l = self.lock(&r.image)?;
+        let actor = self.actor.0.clone();
+        let adopted = self.catalog.write(|tx| -> Result<bool> {
+            if tx.rollout(r.id)?.state != RolloutState::Running || !claim(tx, r.id, Some(seen))? {
+                return Ok(false);
+            }
+            tx.audit(Audit {
+                actor: &actor,
+                action: "rollout.adopted",
+                image: Some(&r.image),
+                version: Some(r.version),
+                detail: json!({"rollout": r.id, "wave": r.wave + 1, "from": seen.owner, "from_pid": seen.pid, "by": leader::me()}),
+                ..Default::default()
+            })?;
+            Ok(true)
+        })?;
+        if !adopted {
+            return Ok(None);
+        }
+        self.run(r.id).map(Some)
     }
 
     /// Ask a running rollout to stop after its current wave; keeps what moved.
@@ -544,11 +664,10 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// Drives a rollout this process has claimed ([`claim`]), beating while it does.
     fn run(&mut self, id: i64) -> Result<RolloutReport> {
-        let r = self.catalog.write(|tx| -> Result<Rollout> {
-            tx.set_rollout_owner(id, Some(std::process::id()))?;
-            Ok(tx.rollout(id)?)
-        })?;
+        let r = self.catalog.read(|tx| tx.rollout(id))?;
+        let beat = Heartbeat::start(self.catalog.location().clone(), id);
         let waves = rules::parse_waves(&r.waves).map_err(RolloutError::Waves)?;
         let soak = Duration::from_millis(r.soak_ms);
         // Desktops of a wave cut short by a killed vdim are soaked again.
@@ -559,7 +678,7 @@ impl<'a> Engine<'a> {
             .filter(|d| d.wave >= r.wave && !d.state.is_settled())
             .collect();
         for (k, wave) in waves.iter().enumerate().skip(r.wave as usize) {
-            if self.state_of(id)? != RolloutState::Running {
+            if self.state_of(id)? != RolloutState::Running || beat.lost() {
                 break;
             }
             let mut picks: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -581,14 +700,20 @@ impl<'a> Engine<'a> {
             }
             self.catalog.write(|tx| tx.set_rollout_wave(id, k as u32 + 1))?;
         }
+        if beat.lost() {
+            // Adopted by a broker while this process was thought gone: it goes on there.
+            tracing::warn!(rollout = id, "another vdim drives this rollout now; stopping here");
+            return Ok(self.catalog.read(|tx| report(tx, id))?);
+        }
         let state = self.state_of(id)?;
         let finished = self.catalog.read(|tx| tx.rollout(id))?.wave as usize >= waves.len();
         if state == RolloutState::Running && finished {
             self.succeed(&r)?;
         }
+        drop(beat);
         let actor = self.actor.0.clone();
         self.catalog.write(|tx| -> Result<RolloutReport> {
-            tx.set_rollout_owner(id, None)?;
+            tx.let_go_rollout(id, leader::me())?;
             let rep = report(tx, id)?;
             if rep.rollout.state == RolloutState::Halted {
                 tx.audit(Audit {
@@ -909,7 +1034,7 @@ impl<'a> Engine<'a> {
                 o.event_to_verdict_ms = Some(millis(detected, crash_event_at));
                 o.restore_ms = Some(millis(restored, detected));
             })?;
-            tx.set_rollout_owner(r.id, None)?;
+            tx.let_go_rollout(r.id, leader::me())?;
             Ok(report(tx, r.id)?)
         })?;
         let summary = failed.iter().map(|(d, how, _, _)| format!("{d} {how}")).collect::<Vec<_>>().join("; ");

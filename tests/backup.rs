@@ -69,7 +69,16 @@ fn two_versions(env: &Env, label: &str) {
 
 #[test]
 fn disaster_recovery_drill_brings_back_images_pools_users_and_running_desktops() {
-    let t = LibvirtEnv::new("dr");
+    dr_drill(Engine::Sqlite);
+}
+
+#[test]
+fn disaster_recovery_drill_on_a_postgresql_catalog() {
+    dr_drill(Engine::Postgres);
+}
+
+fn dr_drill(engine: Engine) {
+    let t = LibvirtEnv::on("dr", engine);
     let pool = t.pool_name("p");
     let kept = t.pool_name("k");
     two_versions(&t.env, "dr");
@@ -102,7 +111,8 @@ fn disaster_recovery_drill_brings_back_images_pools_users_and_running_desktops()
     }
     let m = manifest(&dir);
     assert_eq!(m["catalog"]["sha256"].as_str().unwrap(), sha256(&dir.join("catalog.db")));
-    assert_eq!(m["catalog"]["engine"], "sqlite");
+    assert_eq!(m["catalog"]["engine"], "sqlite", "the copy is a SQLite file whatever it was taken from");
+    assert_eq!(m["catalog"]["taken_from"], engine.as_str());
 
     // The machine is lost: its domains and the whole home go.
     for d in t.domains() {
@@ -110,6 +120,9 @@ fn disaster_recovery_drill_brings_back_images_pools_users_and_running_desktops()
         sh("virsh", &["-c", "qemu:///system", "undefine", "--nvram", &d]);
     }
     std::fs::remove_dir_all(t.env.home()).unwrap();
+    if let Some(db) = &t.env.db {
+        db.wipe();
+    }
 
     let r = t.vdim_json(&["restore", dir.to_str().unwrap()]);
     assert_eq!((r["layers"].as_u64(), r["layers_copied"].as_u64()), (Some(2), Some(2)), "{r}");

@@ -1273,10 +1273,10 @@ fn open_session(http: &Http, pool: &str, token: &str) -> (String, String) {
 
 /// Sets a session's expiry to now in the catalog, as the clock would.
 fn expire_now(env: &Env, id: &str) {
-    let mut cat = vdim::catalog::Catalog::open(&env.home().join("catalog.db"), false).unwrap();
+    let mut cat = env.catalog();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     cat.write(|tx| {
-        tx.conn()
+        tx.sql()
             .execute("UPDATE sessions SET expires_at = ?2 WHERE id = ?1", [id, now.as_str()])
             .map_err(vdim::catalog::CatalogError::from)
     })
@@ -1581,13 +1581,13 @@ fn leave_interrupted_rollout(env: &Env, image: &str) {
     let pid = gone.id() as i64;
     gone.wait().unwrap();
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let mut cat = vdim::catalog::Catalog::open(&env.home().join("catalog.db"), false).unwrap();
+    let mut cat = env.catalog();
     cat.write(|tx| {
-        tx.conn()
+        tx.sql()
             .execute(
                 "INSERT INTO rollouts (image_id, version, channel, from_version, state, waves, soak_ms, actor, owner_pid, created, updated)
                  SELECT id, 1, 'prod', 1, 'running', '1,100%', 30000, 'test', ?2, ?3, ?3 FROM images WHERE name = ?1",
-                rusqlite::params![image, pid, now],
+                vdim::params![image, pid, now],
             )
             .map_err(vdim::catalog::CatalogError::from)
     })
@@ -1595,27 +1595,41 @@ fn leave_interrupted_rollout(env: &Env, image: &str) {
 }
 
 #[test]
-fn an_interrupted_rollout_is_found_by_whichever_entry_point_opens_the_context() {
+fn an_interrupted_rollout_is_adopted_by_a_leading_broker_and_halted_by_a_command_without_one() {
     let env = Env::new();
     marker_image(&env, "img", "bk-int1");
     marker_image(&env, "img2", "bk-int2");
     let admin = add_user_cli(&env, "admin", true);
-    let halted = |v: &Value, image: &str| {
-        let r = v.as_array().unwrap().iter().find(|r| r["image"] == image).unwrap_or_else(|| panic!("{v}"));
-        assert_eq!(r["state"], "halted", "{image}: {r}");
-        assert!(r["report"]["interrupted"]["pid"].is_i64(), "{image}: {r}");
+    let adopted = |http: &Http, image: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = http.ok("GET", "/api/v1/admin/rollouts", &admin, None);
+            let r = v.as_array().unwrap().iter().find(|r| r["image"] == image).unwrap_or_else(|| panic!("{v}")).clone();
+            assert_ne!(r["state"], "halted", "{image}: a leading broker adopts, it does not halt: {r}");
+            if r["state"] == "succeeded" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{image}: not adopted: {r}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let audit = http.ok("GET", &format!("/api/v1/admin/audit?image={image}"), &admin, None);
+        let e = audit.as_array().unwrap().iter().find(|e| e["action"] == "rollout.adopted").cloned();
+        let e = e.unwrap_or_else(|| panic!("{image}: no rollout.adopted in {audit}"));
+        assert!(e["detail"]["from_pid"].is_i64() && e["detail"]["by"].is_string(), "{e}");
     };
-    // Died before the broker started: the broker's start finds it.
+    // Died before the broker started: the broker, leading, carries it on.
     leave_interrupted_rollout(&env, "img");
     let srv = Server::start(&env, "test:///default", &[]);
     let http = Http::new(&srv.base);
-    halted(&http.ok("GET", "/api/v1/admin/rollouts", &admin, None), "img");
-    // Died while the broker runs: the admin API finds it too, not "running".
+    adopted(&http, "img");
+    // Died while the broker runs: the same, and the admin API's status halts nothing.
     leave_interrupted_rollout(&env, "img2");
-    halted(&http.ok("GET", "/api/v1/admin/rollouts", &admin, None), "img2");
-    drop((srv, http));
-    // And the CLI, from any command.
+    adopted(&http, "img2");
+    srv.stop();
+    // Without a broker, any command finds it and halts it, as on a single machine.
     leave_interrupted_rollout(&env, "img");
     env.vdim(&["image", "list"]).assert_success().assert_stderr_contains("was interrupted in wave 1");
-    halted(&env.vdim_json(&["rollout", "status", "img", "--limit", "1"]), "img");
+    let v = env.vdim_json(&["rollout", "status", "img", "--limit", "1"]);
+    assert_eq!(v[0]["state"], "halted", "{v}");
+    assert!(v[0]["report"]["interrupted"]["pid"].is_i64(), "{v}");
 }

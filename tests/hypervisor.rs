@@ -3,7 +3,7 @@
 //! libvirtd, so they live here rather than in the fast tier (`cargo test --lib`), whose
 //! tests of the seam use libvirt's in-process `test:///default` driver.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vdim::hypervisor::{
@@ -12,7 +12,10 @@ use vdim::hypervisor::{
 };
 
 const QEMU_URI: &str = "qemu:///system";
-const TEST_GUEST_DIR: &str = "/var/cache/vdim/test-guest";
+/// Where scripts/build-test-guest puts the guest (its VDIM_TEST_GUEST_DIR, same default).
+fn test_guest_dir() -> PathBuf {
+    std::env::var_os("VDIM_TEST_GUEST_DIR").map_or_else(|| "/var/cache/vdim/test-guest".into(), PathBuf::from)
+}
 
 /// `vdimtest-hv-<pid>-<n>`: unique across tests and runs.
 fn unique_name() -> String {
@@ -177,27 +180,22 @@ fn qemu_lifecycle_consoles_and_event_latency() {
     assert!(!hv.list("vdimtest-hv-").expect("list").contains(&name));
 }
 
-#[test]
-fn qemu_panicking_guest_is_reported_by_a_crashed_event() {
-    let kernel = Path::new(TEST_GUEST_DIR).join("vmlinuz");
-    let initrd = Path::new(TEST_GUEST_DIR).join("initrd.img");
+/// A test guest (scripts/build-test-guest; `kernel` vmlinuz or vmlinux) whose disk, in `dir`,
+/// starts with `marker`; its serial console goes to `dir`/serial.log.
+fn marker_guest_xml(name: &str, kernel: &str, dir: &Path, marker: &str) -> String {
+    let kernel = test_guest_dir().join(kernel);
+    let initrd = test_guest_dir().join("initrd.img");
     assert!(
         kernel.is_file() && initrd.is_file(),
         "the test guest is missing: {} and {} are built by scripts/build-test-guest; run it first",
         kernel.display(),
         initrd.display()
     );
-    let hv = qemu();
-    let name = unique_name();
-    let _guard = cleanup(&hv, &name);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = dir.path().join("disk.raw");
-    let serial = dir.path().join("serial.log");
-    let mut image = b"VDIM-TEST hv health=panic".to_vec();
+    let disk = dir.join("disk.raw");
+    let mut image = marker.as_bytes().to_vec();
     image.resize(16 << 20, 0);
     std::fs::write(&disk, image).expect("disk image");
-
-    let xml = format!(
+    format!(
         "<domain type='{virt}'>
            <name>{name}</name>
            <memory unit='MiB'>256</memory>
@@ -224,8 +222,18 @@ fn qemu_panicking_guest_is_reported_by_a_crashed_event() {
         kernel = kernel.display(),
         initrd = initrd.display(),
         disk = disk.display(),
-        serial = serial.display(),
-    );
+        serial = dir.join("serial.log").display(),
+    )
+}
+
+#[test]
+fn qemu_panicking_guest_is_reported_by_a_crashed_event() {
+    let hv = qemu();
+    let name = unique_name();
+    let _guard = cleanup(&hv, &name);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serial = dir.path().join("serial.log");
+    let xml = marker_guest_xml(&name, "vmlinuz", dir.path(), "VDIM-TEST hv health=panic");
     let sub = hv.subscribe(&name).expect("subscribe");
     hv.define(&xml).expect("define");
     let t = Instant::now();
@@ -246,5 +254,49 @@ fn qemu_panicking_guest_is_reported_by_a_crashed_event() {
     );
     assert_eq!(ev.detail, "panicked");
     assert!(console.contains("GUEST-MARKER: VDIM-TEST hv health=panic"), "{console}");
+    assert_eq!(hv.state(&name).expect("state"), (DomainState::Crashed, "panicked".to_string()));
+}
+
+/// `health=panic-after=N`: the guest boots healthy, is still running N s after printing
+/// `GUEST: healthy`, then panics as `health=panic` does (a version that passes a short soak).
+#[test]
+fn qemu_panic_after_guest_is_healthy_for_n_seconds_then_crashes() {
+    const N: u64 = 6;
+    let hv = qemu();
+    let name = unique_name();
+    let _guard = cleanup(&hv, &name);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serial = dir.path().join("serial.log");
+    let marker = format!("VDIM-TEST hv-late health=panic-after={N}");
+    let xml = marker_guest_xml(&name, "vmlinux", dir.path(), &marker);
+    let sub = hv.subscribe(&name).expect("subscribe");
+    hv.define(&xml).expect("define");
+    hv.start(&name).expect("start");
+    let console = || std::fs::read_to_string(&serial).unwrap_or_default().replace('\r', "");
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !console().lines().any(|l| l == "GUEST: healthy") {
+        let (state, why) = hv.state(&name).expect("state");
+        assert_eq!(state, DomainState::Running, "{why} before GUEST: healthy:\n{}", console());
+        assert!(Instant::now() < deadline, "no GUEST: healthy within 90 s:\n{}", console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let healthy = Instant::now();
+
+    let early = wait_for(&sub, &name, |k| *k == LifecycleKind::Crashed, Duration::from_secs(N - 1));
+    assert!(early.is_none(), "crashed {:?} after GUEST: healthy, before N = {N} s:\n{}", healthy.elapsed(), console());
+    assert_eq!(hv.state(&name).expect("state").0, DomainState::Running, "{}", console());
+
+    let crashed = wait_for(&sub, &name, |k| *k == LifecycleKind::Crashed, Duration::from_secs(30));
+    let (ev, _) = crashed.unwrap_or_else(|| panic!("no Crashed event within N + 30 s:\n{}", console()));
+    let after = healthy.elapsed();
+    eprintln!("panic-after={N}: Crashed ({}) {after:?} after GUEST: healthy was seen", ev.detail);
+    assert_eq!(ev.detail, "panicked");
+    assert!(after <= Duration::from_secs(N + 10), "crashed only {after:?} after GUEST: healthy");
+    let lines: Vec<String> = console().lines().map(str::to_string).collect();
+    let at = |want: &str| lines.iter().position(|l| l == want);
+    assert!(at(&format!("GUEST-MARKER: {marker}")).is_some(), "{lines:#?}");
+    let panicking = at(&format!("GUEST: panicking (panic-after={N})"));
+    assert!(panicking.is_some() && at("GUEST: healthy") < panicking, "{lines:#?}");
     assert_eq!(hv.state(&name).expect("state"), (DomainState::Crashed, "panicked".to_string()));
 }

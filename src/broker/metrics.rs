@@ -36,6 +36,8 @@ pub struct Facts {
     pub connections_open: u64,
     pub connections_evicted: u64,
     pub connections_refused: u64,
+    /// Whether this broker holds the leader lease (runs the background duties).
+    pub leader: bool,
 }
 
 fn label(v: &str) -> String {
@@ -57,6 +59,12 @@ impl Metrics {
             }
         };
         let one = |v: String| vec![(String::new(), v)];
+        metric(
+            "vdim_broker_leader",
+            "gauge",
+            "1 if this broker leads (reaper, heal, host watch, rollout adoption), 0 if it follows.",
+            one(u8::from(facts.leader).to_string()),
+        );
         metric("vdim_sessions_open", "gauge", "Sessions open now.", one(facts.open_sessions.to_string()));
         metric(
             "vdim_sessions_opened_total",
@@ -201,6 +209,7 @@ mod tests {
             connections_open: 3,
             connections_evicted: 4,
             connections_refused: 0,
+            leader: true,
         };
         let text = m.render(&facts);
         for line in [
@@ -216,6 +225,7 @@ mod tests {
             "vdim_http_responses_total{code=\"201\"} 1",
             "vdim_connections 3",
             "vdim_connections_evicted_total 4",
+            "vdim_broker_leader 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -8,8 +8,12 @@
 //!  thin client ─HTTP(S)─► router ─► token → user ─► service call (blocking pool) ─► JSON / .vv
 //!  browser ─WS(S)─► /console/{id}/ws ─► Origin + console token ─► VNC login ─► byte pipe
 //!  reaper (every second) ─► expire sessions, cut their displays off, finish logoffs, close consoles
-//!  fleet watch (rounds of 0.5 s) ─► crashes recorded, circuit breaker, incidents ─► --webhook
+//!  fleet watch (rounds of 0.5 s, leader only) ─► crashes recorded, circuit breaker, incidents ─► --webhook
+//!  lease (every 2 s) ─► leader? reaper, heal on election, host watch, rollouts adopted
 //! ```
+//! Several brokers may serve one catalog: every one serves every request (assignment is one
+//! catalog transaction), and only the holder of the leader lease runs the background duties
+//! ([`leadership`]); `/healthz` and the `vdim_broker_leader` metric say whether this one does.
 //! Plain HTTP is only served on loopback; anything else needs `--tls-cert` and `--tls-key`.
 //!
 //! Under abuse: connections are accepted by [`listener`] (header timeout, a connection cap
@@ -27,13 +31,13 @@
 pub mod api;
 mod console;
 pub mod error;
+mod leadership;
 pub mod listener;
 mod metrics;
 mod tls;
 pub mod vnc;
 pub mod vv;
 
-use crate::catalog::CatalogError;
 use crate::context::{Connector, Context, ContextError, Settings};
 use crate::store::Actor;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -194,14 +198,6 @@ struct Contexts {
     check_permits: Semaphore,
 }
 
-/// SQLite's own busy handler sleeps in steps of up to 100 ms, which a session request would
-/// wait behind any concurrent writer; the broker's connections retry every millisecond
-/// instead, for as long as the CLI's do (30 s).
-fn retry_soon(count: i32) -> bool {
-    std::thread::sleep(Duration::from_millis(1));
-    count < 30_000
-}
-
 impl Contexts {
     fn take(&self) -> Result<Context, ApiError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -209,12 +205,16 @@ impl Contexts {
             Some(s) => Ok(s),
             None => {
                 let mut s = self.connector.open()?;
-                s.catalog().read(|tx| tx.conn().busy_handler(Some(retry_soon)).map_err(CatalogError::from))?;
+                s.catalog().retry_busy_soon()?;
                 Ok(s)
             }
         }
     }
-    fn put(&self, s: Context) {
+    fn put(&self, mut s: Context) {
+        // A PostgreSQL connection the server closed is dropped; the next call opens another.
+        if s.catalog().is_broken() {
+            return;
+        }
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(s);
     }
 }
@@ -236,6 +236,9 @@ pub struct Broker {
     pub(crate) request_timeout: Duration,
     /// The main listener's connections.
     pub(crate) connections: Arc<listener::Connections>,
+    /// Whether this broker holds the leader lease now.
+    pub(crate) leadership: crate::leader::Leadership,
+    adopted: leadership::Adopted,
     contexts: Contexts,
 }
 
@@ -338,17 +341,13 @@ async fn run(
     let metrics_listener = opts.metrics_listen.map(|a| listen(a).map_err(bind(a))).transpose()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let public = Public::parse(&opts.public_url.clone().unwrap_or_else(|| format!("{scheme}://{local}")))?;
-    // Opened as every command opens it: recovery of interrupted rollouts runs here, and a
-    // home without a catalog or an unreachable libvirt fails the start.
-    let mut ctx = Context::open(opts.settings.clone())?;
-    for line in ctx.recovered() {
-        tracing::warn!("{line}");
-    }
-    ctx.hypervisor()?;
-    let healed = ctx.heal(&Actor("broker".into())).map_err(|e| BrokerError::Heal(e.to_string()))?;
-    if !healed.finished.is_empty() || !healed.ended.is_empty() || !healed.failed.is_empty() {
-        tracing::warn!(ended = ?healed.ended, finished = ?healed.finished, failed = ?healed.failed, "healed sessions at start");
-    }
+    // A home without a catalog or an unreachable libvirt fails the start. Rollouts whose
+    // driver is gone are not halted here: the leader adopts them.
+    // Catalog connections block (PostgreSQL's too): opened off the async threads.
+    let settings = opts.settings.clone();
+    let (ctx, standing, lease_ctx, started) = tokio::task::spawn_blocking(move || open_serving(settings))
+        .await
+        .map_err(|e| BrokerError::Heal(format!("opening the catalog panicked: {e}")))??;
     let broker = Arc::new(Broker {
         public,
         session_ttl: opts.session_ttl,
@@ -359,6 +358,8 @@ async fn run(
         open_gate: tokio::sync::Mutex::new(()),
         request_timeout: opts.request_timeout,
         connections: listener::Connections::new(max_connections),
+        leadership: Default::default(),
+        adopted: Default::default(),
         contexts: Contexts {
             connector: ctx.connector(),
             idle: Mutex::new(vec![ctx]),
@@ -403,13 +404,14 @@ async fn run(
     if !opts.novnc.join("core/rfb.js").is_file() {
         tracing::warn!(dir = %opts.novnc.display(), "noVNC not found: the HTML5 console will not load (run scripts/setup-console, or pass --novnc)");
     }
+    if let crate::leader::Standing::Leader { term, .. } = standing {
+        broker.leadership.led(started, term);
+        tracing::warn!(term, broker = crate::leader::me(), "this broker leads now");
+    }
+    tokio::spawn(leadership::lead(broker.clone(), lease_ctx));
     tokio::spawn(reaper(broker.clone()));
     tokio::spawn(host_watch(broker.clone()));
-    let notify: crate::watch::Notify = match opts.webhook.clone() {
-        Some(w) => w.start(&tokio::runtime::Handle::current())?,
-        None => Box::new(|_| {}),
-    };
-    tokio::spawn(fleet_watch(broker.clone(), crate::watch::Watch::new(notify)));
+    start_fleet_watch(&broker, opts.webhook.clone())?;
     let app = router(broker.clone(), &opts);
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(BrokerError::Serve)?;
     let metrics_note = metrics_addr.map(|a| format!(", metrics http://{a}/metrics")).unwrap_or_default();
@@ -426,9 +428,26 @@ async fn run(
     }
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::select! {
-        _ = listener::serve(listener, acceptor, app, limits, broker.connections.clone()) => Ok(()),
-        _ = shutdown_signal() => Ok(()),
+        _ = listener::serve(listener, acceptor, app, limits, broker.connections.clone()) => {}
+        _ = shutdown_signal() => {}
     }
+    // Another broker takes over at its next tick instead of waiting out the lease.
+    broker.leadership.lost();
+    let _ = broker.blocking(|_, ctx| Ok(crate::leader::step_down(ctx.catalog(), crate::leader::me())?)).await;
+    Ok(())
+}
+
+/// The broker's first context (the catalog, libvirt), its first try for the lead, and the
+/// context the lease is kept on.
+fn open_serving(
+    settings: crate::context::Settings,
+) -> Result<(Context, crate::leader::Standing, Context, Instant), BrokerError> {
+    let mut ctx = Context::open_serving(settings)?;
+    ctx.hypervisor()?;
+    let started = Instant::now();
+    let standing = leadership::first(&mut ctx)?;
+    let lease_ctx = ctx.connector().open()?;
+    Ok((ctx, standing, lease_ctx, started))
 }
 
 /// A listening socket with a deep accept queue (the kernel's default 128 overflows under a
@@ -466,6 +485,9 @@ async fn reaper(b: Arc<Broker>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !b.leadership.leads() {
+            continue;
+        }
         // Counted as each session ends, before its desktop is reset: whoever sees the desktop
         // free sees the count too.
         let ended = |b: &Broker, s: &str| {
@@ -487,6 +509,9 @@ async fn host_watch(b: Arc<Broker>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !b.leadership.leads() {
+            continue;
+        }
         let round = b
             .blocking(move |_, ctx| {
                 if ctx.catalog().read(|tx| tx.hosts())?.is_empty() {
@@ -510,10 +535,25 @@ async fn host_watch(b: Arc<Broker>) {
 /// How long a round of the fleet watch waits for events before it checks states again.
 const WATCH_WAIT: Duration = Duration::from_millis(500);
 
-/// The fleet watch ([`crate::watch`]): one round after another, each waiting for events.
+/// The fleet watch, telling `webhook` of incidents.
+fn start_fleet_watch(b: &Arc<Broker>, webhook: Option<crate::watch::webhook::Webhook>) -> Result<(), BrokerError> {
+    let notify: crate::watch::Notify = match webhook {
+        Some(w) => w.start(&tokio::runtime::Handle::current())?,
+        None => Box::new(|_| {}),
+    };
+    tokio::spawn(fleet_watch(b.clone(), crate::watch::Watch::new(notify)));
+    Ok(())
+}
+
+/// The fleet watch ([`crate::watch`]): one round after another, each waiting for events,
+/// while this broker leads.
 async fn fleet_watch(b: Arc<Broker>, watch: crate::watch::Watch) {
     let watch = Arc::new(Mutex::new(watch));
     loop {
+        if !b.leadership.leads() {
+            tokio::time::sleep(WATCH_WAIT).await;
+            continue;
+        }
         let w = watch.clone();
         let round = b
             .blocking(move |_, ctx| {
@@ -630,7 +670,9 @@ async fn no_route(req: Request) -> ApiError {
 
 async fn healthz(State(b): State<Arc<Broker>>) -> Result<Response, ApiError> {
     let open = b.checking(|_, ctx| Ok(ctx.catalog().read(|tx| tx.open_session_count())?)).await?;
-    Ok(axum::Json(serde_json::json!({"status": "ok", "sessions_open": open})).into_response())
+    let term = b.leadership.term();
+    Ok(axum::Json(serde_json::json!({"status": "ok", "sessions_open": open, "leader": term.is_some(), "term": term}))
+        .into_response())
 }
 
 /// `/metrics` on the main listener: administrators only.
@@ -665,10 +707,12 @@ async fn scrape(b: &Arc<Broker>) -> Result<Response, ApiError> {
                     connections_open: open,
                     connections_evicted: evicted,
                     connections_refused: refused,
+                    leader: false,
                 })
             })?)
         })
         .await?;
+    let facts = metrics::Facts { leader: b.leadership.leads(), ..facts };
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], b.metrics.render(&facts)).into_response())
 }
 

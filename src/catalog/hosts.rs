@@ -1,7 +1,7 @@
 //! Catalog queries for libvirt hosts and the layers each holds verified.
 
+use super::sql::{self, params, OptionalExtension};
 use super::{now, Result, Tx};
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -40,7 +40,7 @@ pub struct NewHost<'a> {
 const HOST_COLS: &str =
     "id, name, uri, zone, max_desktops, storage_pool, store_path, state, added, fence_command, seen, missed, fenced_at";
 
-fn host_row(r: &rusqlite::Row) -> rusqlite::Result<Host> {
+fn host_row(r: &sql::Row) -> sql::Result<Host> {
     Ok(Host {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -61,8 +61,8 @@ fn host_row(r: &rusqlite::Row) -> rusqlite::Result<Host> {
 impl Tx<'_> {
     pub fn hosts(&self) -> Result<Vec<Host>> {
         let mut st = self.0.prepare(&format!("SELECT {HOST_COLS} FROM hosts ORDER BY name"))?;
-        let rows = st.query_map([], host_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), host_row)?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn host(&self, name: &str) -> Result<Option<Host>> {
@@ -75,16 +75,13 @@ impl Tx<'_> {
     }
 
     pub fn insert_host(&self, h: &NewHost) -> Result<Host> {
-        self.0.execute(
+        let id: i64 = self.0.query_row(
             "INSERT INTO hosts (name, uri, zone, max_desktops, storage_pool, store_path, added, fence_command, seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7) RETURNING id",
             params![h.name, h.uri, h.zone, h.max_desktops, h.storage_pool, h.store_path, now(), h.fence_command],
+            |r| r.get(0),
         )?;
-        Ok(self.0.query_row(
-            &format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1"),
-            [self.0.last_insert_rowid()],
-            host_row,
-        )?)
+        Ok(self.0.query_row(&format!("SELECT {HOST_COLS} FROM hosts WHERE id = ?1"), [id], host_row)?)
     }
 
     pub fn host_by_id(&self, id: i64) -> Result<Option<Host>> {
@@ -125,7 +122,7 @@ impl Tx<'_> {
             .0
             .prepare("SELECT digest, verified_at FROM host_layers WHERE host_id = ?1 ORDER BY verified_at, digest")?;
         let rows = st.query_map([host_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Whether the host holds a version's whole chain recorded verified: desktops of that

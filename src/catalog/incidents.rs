@@ -11,8 +11,8 @@
 //!
 //! Times the watch compares are INTEGER milliseconds since the epoch, computed in Rust.
 
+use super::sql::{self, params, OptionalExtension};
 use super::{Channel, Result, Tx};
-use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -263,7 +263,7 @@ pub struct DesktopSession {
 
 const EVENT_COLS: &str = "id, desktop, pool, image, version, channel, host, kind, detail, at_ms, seen_ms";
 
-fn event_row(r: &rusqlite::Row) -> rusqlite::Result<WatchEvent> {
+fn event_row(r: &sql::Row) -> sql::Result<WatchEvent> {
     let channel: String = r.get(5)?;
     let kind: String = r.get(7)?;
     Ok(WatchEvent {
@@ -284,11 +284,11 @@ fn event_row(r: &rusqlite::Row) -> rusqlite::Result<WatchEvent> {
 const INCIDENT_COLS: &str = "id, image, version, channel, action, state, opened_ms, first_crash_ms, threshold_crash_ms,
      restored_ms, resolved_ms, note, acked_by, acked_ms, report";
 
-fn incident_row(r: &rusqlite::Row) -> rusqlite::Result<Incident> {
+fn incident_row(r: &sql::Row) -> sql::Result<Incident> {
     let (channel, action, state, report): (String, String, String, String) =
         (r.get(3)?, r.get(4)?, r.get(5)?, r.get(14)?);
     let report = serde_json::from_str(&report)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(14, rusqlite::types::Type::Text, Box::new(e)))?;
+        .map_err(|e| sql::Error::Column { column: "report".into(), problem: e.to_string() })?;
     Ok(Incident {
         id: r.get(0)?,
         image: r.get(1)?,
@@ -376,7 +376,7 @@ impl Tx<'_> {
              ORDER BY at_ms DESC, id DESC LIMIT ?3"
         ))?;
         let mut out: Vec<WatchEvent> =
-            st.query_map(params![image, version, limit as i64], event_row)?.collect::<rusqlite::Result<_>>()?;
+            st.query_map(params![image, version, limit as i64], event_row)?.collect::<sql::Result<_>>()?;
         out.reverse();
         Ok(out)
     }
@@ -395,7 +395,7 @@ impl Tx<'_> {
              ORDER BY at_ms, id"
         ))?;
         let rows = st.query_map(params![image, version, channel.as_str(), since_ms], event_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// When a desktop's latest recorded crash on `version` happened, if any.
@@ -414,7 +414,7 @@ impl Tx<'_> {
              WHERE i.name = ?1 AND d.version = ?2 AND p.channel = ?3 ORDER BY d.name",
         )?;
         let rows = st.query_map(params![image, version, channel.as_str()], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Desktops of the channel's unpinned pools still on `version` or due to go to it at logoff.
@@ -425,7 +425,7 @@ impl Tx<'_> {
                AND (d.version = ?2 OR d.target = ?2) ORDER BY d.name",
         )?;
         let rows = st.query_map(params![image, version, channel.as_str()], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Pools of the image pinned to `version`.
@@ -435,7 +435,7 @@ impl Tx<'_> {
              ORDER BY p.name",
         )?;
         let rows = st.query_map(params![image, version], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Sessions ever opened on these desktops (an incident's blast radius).
@@ -449,7 +449,7 @@ impl Tx<'_> {
             let rows = st.query_map([d], |r| {
                 Ok(DesktopSession { desktop: r.get(0)?, user: r.get(1)?, created: r.get(2)?, ended: r.get(3)? })
             })?;
-            out.extend(rows.collect::<rusqlite::Result<Vec<_>>>()?);
+            out.extend(rows.collect::<sql::Result<Vec<_>>>()?);
         }
         Ok(out)
     }
@@ -541,15 +541,15 @@ impl Tx<'_> {
     pub fn incidents(&self, limit: usize) -> Result<Vec<Incident>> {
         let mut st = self.0.prepare(&format!("SELECT {INCIDENT_COLS} FROM incidents ORDER BY id DESC LIMIT ?1"))?;
         let rows = st.query_map([limit as i64], incident_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Incidents not resolved yet.
     pub fn unresolved_incidents(&self) -> Result<Vec<Incident>> {
         let mut st =
             self.0.prepare(&format!("SELECT {INCIDENT_COLS} FROM incidents WHERE state <> 'resolved' ORDER BY id"))?;
-        let rows = st.query_map([], incident_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), incident_row)?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Changes the incident's [`IncidentOutcome`] in this transaction.
@@ -616,7 +616,7 @@ impl Tx<'_> {
                  LEFT JOIN hosts h ON h.id = d.host_id
              ) AS c GROUP BY image, version, pool, host ORDER BY image, version, pool, host",
         )?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map((), |r| {
             Ok(CrashCount {
                 image: r.get(0)?,
                 version: r.get(1)?,
@@ -625,7 +625,7 @@ impl Tx<'_> {
                 crashes: r.get::<_, i64>(4)? as u64,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Desktops by image, version and state (crashed, in_use, resetting, idle).
@@ -640,8 +640,8 @@ impl Tx<'_> {
                  LEFT JOIN crashed_desktops c ON c.desktop = d.name
              ) AS s GROUP BY name, version, state ORDER BY name, version, state",
         )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64)))?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Incidents by state, every state named (zero included).
@@ -658,7 +658,7 @@ impl Tx<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::cat;
+    use super::super::tests::cats;
     use super::super::CatalogError;
     use super::*;
 
@@ -677,49 +677,50 @@ mod tests {
 
     #[test]
     fn the_same_happening_is_recorded_once() {
-        let (_d, mut c) = cat();
-        c.write(|tx| {
-            assert!(tx.record_watch_event(&place("a"), EventKind::Crash, "panicked", 1000, 1001)?.is_some());
-            assert!(tx.record_watch_event(&place("a"), EventKind::Crash, "panicked", 1000, 1500)?.is_none());
-            assert!(tx.record_watch_event(&place("a"), EventKind::Crash, "panicked", 2000, 2001)?.is_some());
-            assert!(tx.record_watch_event(&place("b"), EventKind::Stop, "destroyed", 1000, 1001)?.is_some());
-            let crashes = tx.version_crashes("img", 2, Channel::Prod, 0)?;
-            assert_eq!(crashes.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [1000, 2000], "stops are not crashes");
-            assert_eq!(tx.last_crash_ms("a", 2)?, Some(2000));
-            let counts = tx.crash_counts()?;
-            assert_eq!(
-                counts.iter().map(|c| (c.pool.as_str(), c.host.as_str(), c.crashes)).collect::<Vec<_>>(),
-                [("p", "local", 2)]
-            );
-            Ok::<_, CatalogError>(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| {
+                assert!(tx.record_watch_event(&place("a"), EventKind::Crash, "panicked", 1000, 1001)?.is_some());
+                assert!(tx.record_watch_event(&place("a"), EventKind::Crash, "panicked", 1000, 1500)?.is_none());
+                assert!(tx.record_watch_event(&place("a"), EventKind::Crash, "panicked", 2000, 2001)?.is_some());
+                assert!(tx.record_watch_event(&place("b"), EventKind::Stop, "destroyed", 1000, 1001)?.is_some());
+                let crashes = tx.version_crashes("img", 2, Channel::Prod, 0)?;
+                assert_eq!(crashes.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [1000, 2000], "stops are not crashes");
+                assert_eq!(tx.last_crash_ms("a", 2)?, Some(2000));
+                let counts = tx.crash_counts()?;
+                assert_eq!(
+                    counts.iter().map(|c| (c.pool.as_str(), c.host.as_str(), c.crashes)).collect::<Vec<_>>(),
+                    [("p", "local", 2)]
+                );
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn a_channel_without_a_policy_has_the_default_and_a_set_one_replaces_it() {
-        let (_d, mut c) = cat();
-        c.write(|tx| {
-            assert_eq!(tx.watch_policy(Channel::Prod)?.action, Action::Rollback);
-            assert_eq!(tx.watch_policy(Channel::Test)?.action, Action::Alert);
-            assert!(!tx.watch_policy(Channel::Test)?.set);
-            let p = Policy { crashes: 3, within: Duration::from_secs(60), ..Policy::default_for(Channel::Test) };
-            tx.set_watch_policy(&p)?;
-            tx.set_watch_policy(&Policy { action: Action::Rollback, ..p })?;
-            let got = tx.watch_policy(Channel::Test)?;
-            assert_eq!(
-                (got.crashes, got.within, got.action, got.set),
-                (3, Duration::from_secs(60), Action::Rollback, true)
-            );
-            Ok::<_, CatalogError>(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| {
+                assert_eq!(tx.watch_policy(Channel::Prod)?.action, Action::Rollback);
+                assert_eq!(tx.watch_policy(Channel::Test)?.action, Action::Alert);
+                assert!(!tx.watch_policy(Channel::Test)?.set);
+                let p = Policy { crashes: 3, within: Duration::from_secs(60), ..Policy::default_for(Channel::Test) };
+                tx.set_watch_policy(&p)?;
+                tx.set_watch_policy(&Policy { action: Action::Rollback, ..p })?;
+                let got = tx.watch_policy(Channel::Test)?;
+                assert_eq!(
+                    (got.crashes, got.within, got.action, got.set),
+                    (3, Duration::from_secs(60), Action::Rollback, true)
+                );
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn an_incident_is_opened_once_per_version_and_channel_acked_then_resolved() {
-        let (_d, mut c) = cat();
-        c.write(|tx| {
+        for (_d, mut c) in cats() {
             let report = IncidentOutcome { crashed: vec!["a".into(), "b".into()], ..Default::default() };
             let n = NewIncident {
                 image: "img",
@@ -731,67 +732,71 @@ mod tests {
                 threshold_crash_ms: 5,
                 report: &report,
             };
-            let id = tx.insert_incident(&n)?;
-            assert!(tx.insert_incident(&n).is_err(), "one incident per version and channel");
-            tx.ack_incident(id, "alice", "vendor driver", 20)?;
-            let i = tx.incident(id)?.unwrap();
-            assert_eq!((i.state, i.note.as_deref()), (IncidentState::Acknowledged, Some("vendor driver")));
-            assert!(tx.resolve_incident(id, 30)?);
-            assert!(!tx.resolve_incident(id, 40)?, "resolved once");
-            tx.ack_incident(id, "bob", "later note", 50)?;
-            assert_eq!(tx.incident(id)?.unwrap().state, IncidentState::Resolved);
-            assert_eq!(tx.incident(id)?.unwrap().report.crashed, ["a", "b"]);
-            let counts = tx.incident_state_counts()?;
-            assert_eq!(counts, [("open".into(), 0), ("acknowledged".into(), 0), ("resolved".into(), 1)]);
-            Ok::<_, CatalogError>(())
-        })
-        .unwrap();
+            let id = c.write(|tx| tx.insert_incident(&n)).unwrap();
+            // Its own transaction: on PostgreSQL a failed statement ends the transaction.
+            assert!(c.write(|tx| tx.insert_incident(&n)).is_err(), "one incident per version and channel");
+            c.write(|tx| {
+                tx.ack_incident(id, "alice", "vendor driver", 20)?;
+                let i = tx.incident(id)?.unwrap();
+                assert_eq!((i.state, i.note.as_deref()), (IncidentState::Acknowledged, Some("vendor driver")));
+                assert!(tx.resolve_incident(id, 30)?);
+                assert!(!tx.resolve_incident(id, 40)?, "resolved once");
+                tx.ack_incident(id, "bob", "later note", 50)?;
+                assert_eq!(tx.incident(id)?.unwrap().state, IncidentState::Resolved);
+                assert_eq!(tx.incident(id)?.unwrap().report.crashed, ["a", "b"]);
+                let counts = tx.incident_state_counts()?;
+                assert_eq!(counts, [("open".into(), 0), ("acknowledged".into(), 0), ("resolved".into(), 1)]);
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn every_version_with_desktops_has_a_crash_counter_and_a_crashed_desktop_counts_as_crashed() {
         use super::super::pools::{NewDesktop, NewPool};
-        let (_d, mut c) = cat();
-        c.write(|tx| {
-            let img = tx.insert_image("img", 1)?;
-            tx.insert_version(&img, None, &"0".repeat(64), 1, 1, "t", "")?;
-            let pool = tx.insert_pool(&NewPool {
-                name: "p",
-                image_id: img.id,
-                channel: Channel::Prod,
-                version: 1,
-                size: 2,
-                profile: "x",
-                persistent: false,
-                virt_type: "qemu",
-                display_listen: "127.0.0.1",
-                insecure_display: false,
-                identity: None,
-            })?;
-            for (i, name) in [(1, "vdim-p-001"), (2, "vdim-p-002")] {
-                let overlay = format!("desktops/p/{name}.qcow2");
-                let d = NewDesktop { index: i, name, overlay: &overlay, version: 1, uuid: "u", host_id: None };
-                tx.insert_desktop(pool, &d)?;
-            }
-            let counts = |tx: &Tx| -> Result<Vec<(String, u64)>> {
-                Ok(tx
-                    .crash_counts()?
-                    .into_iter()
-                    .map(|c| (format!("{}/{}/{}/{}", c.image, c.version, c.pool, c.host), c.crashes))
-                    .collect())
-            };
-            assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 0)], "a counter before the first crash");
-            let mut p = place("vdim-p-001");
-            (p.image, p.version) = ("img".into(), 1);
-            tx.record_watch_event(&p, EventKind::Crash, "panicked", 5, 6)?;
-            tx.set_crashed("vdim-p-001", 5)?;
-            assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 1)]);
-            let states = tx.desktops_by_version()?;
-            assert_eq!(states, [("img".into(), 1, "crashed".into(), 1), ("img".into(), 1, "idle".into(), 1)]);
-            tx.set_started("vdim-p-001")?;
-            assert_eq!(tx.desktops_by_version()?, [("img".into(), 1, "idle".into(), 2)]);
-            Ok::<_, CatalogError>(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| {
+                let img = tx.insert_image("img", 1)?;
+                tx.insert_version(&img, None, &"0".repeat(64), 1, 1, "t", "")?;
+                let pool = tx.insert_pool(&NewPool {
+                    name: "p",
+                    image_id: img.id,
+                    channel: Channel::Prod,
+                    version: 1,
+                    size: 2,
+                    profile: "x",
+                    persistent: false,
+                    virt_type: "qemu",
+                    display_listen: "127.0.0.1",
+                    insecure_display: false,
+                    identity: None,
+                })?;
+                for (i, name) in [(1, "vdim-p-001"), (2, "vdim-p-002")] {
+                    let overlay = format!("desktops/p/{name}.qcow2");
+                    let d = NewDesktop { index: i, name, overlay: &overlay, version: 1, uuid: "u", host_id: None };
+                    tx.insert_desktop(pool, &d)?;
+                }
+                let counts = |tx: &Tx| -> Result<Vec<(String, u64)>> {
+                    Ok(tx
+                        .crash_counts()?
+                        .into_iter()
+                        .map(|c| (format!("{}/{}/{}/{}", c.image, c.version, c.pool, c.host), c.crashes))
+                        .collect())
+                };
+                assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 0)], "a counter before the first crash");
+                let mut p = place("vdim-p-001");
+                (p.image, p.version) = ("img".into(), 1);
+                tx.record_watch_event(&p, EventKind::Crash, "panicked", 5, 6)?;
+                tx.set_crashed("vdim-p-001", 5)?;
+                assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 1)]);
+                let states = tx.desktops_by_version()?;
+                assert_eq!(states, [("img".into(), 1, "crashed".into(), 1), ("img".into(), 1, "idle".into(), 1)]);
+                tx.set_started("vdim-p-001")?;
+                assert_eq!(tx.desktops_by_version()?, [("img".into(), 1, "idle".into(), 2)]);
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
     }
 }

@@ -1,5 +1,42 @@
-//! Schema migrations, applied in order and recorded in `PRAGMA user_version`.
-//! A migration is never edited once released: add a new one.
+//! Schema migrations, applied in order and recorded in `PRAGMA user_version` (SQLite) or
+//! the `vdim_schema` table (PostgreSQL). A migration is never edited once released: add a
+//! new one. Each is written once, in SQLite's dialect, which [`for_engine`] maps for
+//! PostgreSQL; the few statements the two engines spell differently (triggers) are in
+//! [`SQLITE_ONLY`] and [`POSTGRES_ONLY`], by migration.
+
+use super::sql::{postgres_ddl, Engine};
+
+/// Migration `i` (from 0) as `engine` runs it.
+pub fn for_engine(i: usize, engine: Engine) -> String {
+    let own = |list: &[(usize, &str)]| list.iter().filter(|(m, _)| *m == i).map(|(_, s)| *s).collect::<String>();
+    match engine {
+        Engine::Sqlite => format!("{}\n{}", MIGRATIONS[i], own(SQLITE_ONLY)),
+        Engine::Postgres => format!("{}\n{}", postgres_ddl(MIGRATIONS[i]), own(POSTGRES_ONLY)),
+    }
+}
+
+/// The audit log is append-only: the database itself refuses to change or remove an entry.
+const SQLITE_ONLY: &[(usize, &str)] = &[(
+    0,
+    r#"
+    CREATE TRIGGER audit_is_append_only_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_is_append_only_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    "#,
+)];
+
+const POSTGRES_ONLY: &[(usize, &str)] = &[(
+    0,
+    r#"
+    CREATE FUNCTION audit_is_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+    CREATE TRIGGER audit_is_append_only BEFORE UPDATE OR DELETE ON audit
+        FOR EACH ROW EXECUTE FUNCTION audit_is_append_only();
+    CREATE TRIGGER audit_is_never_truncated BEFORE TRUNCATE ON audit
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_is_append_only();
+    "#,
+)];
 
 pub const MIGRATIONS: &[&str] = &[
     // 1: the image store.
@@ -60,10 +97,6 @@ pub const MIGRATIONS: &[&str] = &[
         version INTEGER,
         detail  TEXT NOT NULL DEFAULT '{}'
     );
-    CREATE TRIGGER audit_is_append_only_update BEFORE UPDATE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TRIGGER audit_is_append_only_delete BEFORE DELETE ON audit
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     "#,
     // 2: pools of desktops.
     r#"
@@ -239,7 +272,22 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE hosts ADD COLUMN missed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE hosts ADD COLUMN fenced_at TEXT;
     "#,
-    // 10: the fleet watch. What it saw of each desktop (crash, reboot loop, unexpected stop,
+    // 10: several brokers on one catalog. `leases`: the leader lease (one row, `leader`) that
+    // decides which broker runs the background duties; `term` grows at every takeover. A
+    // rollout's driver renews `owner` (host:pid:suffix) and `owner_seen_ms` while it runs,
+    // so the leader can tell a driver that died on another machine. Milliseconds since the
+    // epoch, from the writer's clock.
+    r#"
+    CREATE TABLE leases (
+        name       TEXT PRIMARY KEY,
+        holder     TEXT NOT NULL,
+        term       BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );
+    ALTER TABLE rollouts ADD COLUMN owner TEXT;
+    ALTER TABLE rollouts ADD COLUMN owner_seen_ms BIGINT;
+    "#,
+    // 11: the fleet watch. What it saw of each desktop (crash, reboot loop, unexpected stop,
     // silent guest agent) against the desktop's pool, version and host at the time, one row
     // per happening (the same crash seen twice is one row); each channel's breaker policy;
     // incidents the breaker opened, with their review (times in milliseconds since the epoch);

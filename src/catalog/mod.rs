@@ -1,22 +1,33 @@
-//! The catalog: vdim's single source of truth, an embedded SQLite database.
+//! The catalog: vdim's single source of truth. By default an embedded SQLite file in the
+//! home; where a site outgrows one machine, a PostgreSQL database that several brokers
+//! share (`--catalog postgres://…`). Both run the same schema and the same queries
+//! ([`sql`]).
 //!
-//! WAL mode with `synchronous=FULL` and foreign keys on: a committed change survives power
-//! loss, and the database itself refuses a version whose parent or a channel whose version
-//! does not exist. Every read and write goes through a transaction (`read`/`write`), so a
-//! command sees one consistent state and changes it all-or-nothing. Files are created
-//! before the row that names them and deleted after it, so the catalog never names a
-//! missing file.
+//! SQLite runs in WAL mode with `synchronous=FULL` and foreign keys on: a committed change
+//! survives power loss, and the database itself refuses a version whose parent or a channel
+//! whose version does not exist (PostgreSQL does both by itself). Every read and write goes
+//! through a transaction (`read`/`write`), so a command sees one consistent state and
+//! changes it all-or-nothing. Files are created before the row that names them and deleted
+//! after it, so the catalog never names a missing file.
 
+mod copy;
+pub mod location;
 mod migrations;
 pub mod hosts;
 pub mod incidents;
+pub mod leases;
 pub mod pools;
 pub mod rollouts;
+#[doc(hidden)]
+pub mod scratch;
+pub mod sql;
 pub mod users;
+pub use location::Location;
 pub use pools::{Desktop, Pool};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
+use sql::{params, Conn, Engine, OptionalExtension};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -35,13 +46,23 @@ pub enum CatalogError {
     #[error("the catalog {path} has schema version {found}, newer than this vdim understands ({known}): upgrade vdim")]
     TooNew { path: String, found: i64, known: i64 },
     #[error("catalog {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open { path: String, source: sql::Error },
     #[error("cannot create the catalog {path} or make it private (0600)")]
     Create { path: String, source: std::io::Error },
     #[error("the catalog stayed busy for 30 s while it was being copied to {path}; try again")]
     CopyBusy { path: String },
+    #[error("{what} needs the catalog to be a SQLite file; this one is {location}")]
+    NotSqlite { what: &'static str, location: String },
+    #[error("the catalog {location} is not empty ({counts}); restore only onto an empty one")]
+    NotEmpty { location: String, counts: Counts },
     #[error("catalog query failed")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] sql::Error),
+}
+
+impl From<rusqlite::Error> for CatalogError {
+    fn from(e: rusqlite::Error) -> CatalogError {
+        CatalogError::Sql(e.into())
+    }
 }
 
 impl crate::error::Kind for CatalogError {
@@ -49,7 +70,7 @@ impl crate::error::Kind for CatalogError {
         use crate::error::ErrorKind as K;
         match self {
             CatalogError::ImageNotFound(_) | CatalogError::VersionNotFound { .. } => K::NotFound,
-            CatalogError::ImageExists(_) => K::Conflict,
+            CatalogError::ImageExists(_) | CatalogError::NotEmpty { .. } => K::Conflict,
             CatalogError::CopyBusy { .. } => K::Busy,
             // A home without a catalog is a setup problem, not a missing object.
             CatalogError::NotInitialized { .. }
@@ -57,6 +78,7 @@ impl crate::error::Kind for CatalogError {
             | CatalogError::Open { .. }
             | CatalogError::Create { .. }
             | CatalogError::Sql(_) => K::Internal,
+            CatalogError::NotSqlite { .. } => K::Invalid,
         }
     }
 }
@@ -171,7 +193,8 @@ pub struct Audit<'a> {
 }
 
 pub struct Catalog {
-    conn: Connection,
+    conn: Conn,
+    location: Location,
 }
 
 /// Audit entries `vdim audit` and the admin API return unless asked for another number.
@@ -191,18 +214,23 @@ pub struct Counts {
     pub hosts: u64,
 }
 
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} images, {} versions, {} pools, {} desktops, {} users, {} entitlements, {} hosts",
+            self.images, self.versions, self.pools, self.desktops, self.users, self.entitlements, self.hosts
+        )
+    }
+}
+
 /// The rows of each table (a table an older schema lacks counts none).
-fn count_rows(conn: &Connection) -> rusqlite::Result<Counts> {
-    let count = |table: &str| -> rusqlite::Result<u64> {
-        let exists: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
-            [table],
-            |r| r.get(0),
-        )?;
-        if !exists {
+fn count_rows(tx: &sql::Tx) -> sql::Result<Counts> {
+    let count = |table: &str| -> sql::Result<u64> {
+        if !tx.table_exists(table)? {
             return Ok(0);
         }
-        Ok(conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0))? as u64)
+        tx.query_row(&format!("SELECT count(*) FROM {table}"), (), |r| r.get::<_, u64>(0))
     };
     Ok(Counts {
         images: count("images")?,
@@ -219,69 +247,126 @@ pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// How long a command waits for a PostgreSQL server to answer a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Catalog {
-    /// Open (and, with `create`, make) the catalog and bring its schema up to date.
+    /// Open (and, with `create`, make) the SQLite catalog file and bring its schema up to date.
     pub fn open(path: &Path, create: bool) -> Result<Catalog> {
-        let p = path.display().to_string();
-        if !create && !path.exists() {
-            return Err(CatalogError::NotInitialized { path: p });
-        }
-        if create {
-            // SQLite would create it 0644; its -wal and -shm files copy the database's mode.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(crate::home::PRIVATE_FILE)
-                .open(path)
-                .map_err(|source| CatalogError::Create { path: p.clone(), source })?;
-        }
-        let conn = Connection::open(path).map_err(|source| CatalogError::Open { path: p.clone(), source })?;
-        tighten_modes(path).map_err(|source| CatalogError::Create { path: p.clone(), source })?;
-        let setup = || -> rusqlite::Result<()> {
-            conn.busy_timeout(Duration::from_secs(30))?;
-            conn.pragma_update(None, "journal_mode", "WAL")?;
-            conn.pragma_update(None, "synchronous", "FULL")?;
-            conn.pragma_update(None, "foreign_keys", "ON")?;
-            Ok(())
+        Catalog::connect(&Location::Sqlite(path.to_path_buf()), create)
+    }
+
+    /// Open the catalog at `location` (with `create`: make it, or its schema in an empty
+    /// PostgreSQL database) and bring its schema up to date.
+    pub fn connect(location: &Location, create: bool) -> Result<Catalog> {
+        let p = location.to_string();
+        let conn = match location {
+            Location::Sqlite(path) => open_sqlite(path, create)?,
+            Location::Postgres(url) => {
+                Conn::postgres(url, CONNECT_TIMEOUT).map_err(|source| CatalogError::Open { path: p.clone(), source })?
+            }
         };
-        setup().map_err(|source| CatalogError::Open { path: p.clone(), source })?;
-        let mut cat = Catalog { conn };
-        cat.migrate(&p)?;
+        let mut cat = Catalog { conn, location: location.clone() };
+        cat.migrate(&p, create)?;
         Ok(cat)
     }
 
-    fn migrate(&mut self, path: &str) -> Result<()> {
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.conn.engine()
+    }
+
+    /// A PostgreSQL connection the server closed (restart, failover) is of no further use:
+    /// whoever pools catalogs opens a new one.
+    pub fn is_broken(&self) -> bool {
+        match &self.conn {
+            Conn::Sqlite(_) => false,
+            Conn::Postgres(pg) => pg.is_closed(),
+        }
+    }
+
+    /// SQLite's own busy handler sleeps in steps of up to 100 ms, which a broker request
+    /// would wait behind any concurrent writer; the broker's connections retry every
+    /// millisecond instead, for as long as the CLI's do (30 s). PostgreSQL queues writers
+    /// on its lock without sleeping.
+    pub fn retry_busy_soon(&mut self) -> Result<()> {
+        fn retry_soon(count: i32) -> bool {
+            std::thread::sleep(Duration::from_millis(1));
+            count < 30_000
+        }
+        if let Conn::Sqlite(c) = &self.conn {
+            c.busy_handler(Some(retry_soon))?;
+        }
+        Ok(())
+    }
+
+    fn migrate(&mut self, path: &str, create: bool) -> Result<()> {
         let known = migrations::MIGRATIONS.len() as i64;
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let engine = self.conn.engine();
+        let tx = self.conn.write()?;
+        let current: i64 = match engine {
+            Engine::Sqlite => tx.query_row("PRAGMA user_version", (), |r| r.get(0))?,
+            Engine::Postgres => {
+                if !tx.table_exists("vdim_schema")? {
+                    if !create {
+                        return Err(CatalogError::NotInitialized { path: path.to_string() });
+                    }
+                    tx.execute_batch(
+                        "CREATE TABLE vdim_schema (version BIGINT NOT NULL); INSERT INTO vdim_schema VALUES (0);",
+                    )?;
+                }
+                tx.query_row("SELECT version FROM vdim_schema", (), |r| r.get(0))?
+            }
+        };
         if current > known {
             return Err(CatalogError::TooNew { path: path.to_string(), found: current, known });
         }
-        for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(current as usize) {
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        for i in current as usize..known as usize {
+            tx.execute_batch(&migrations::for_engine(i, engine))?;
+            match engine {
+                Engine::Sqlite => tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?,
+                Engine::Postgres => {
+                    tx.execute("UPDATE vdim_schema SET version = ?1", [i as i64 + 1])?;
+                }
+            }
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// A consistent copy of the whole catalog in the new file `dest` (0600), taken with
-    /// SQLite's online backup API while other connections may write: every page in one step,
-    /// so one read transaction and one committed state. The copy is one self-contained file
+    /// A consistent copy of the whole catalog in the new SQLite file `dest` (0600), taken
+    /// while other connections may write: one committed state. From SQLite, with its online
+    /// backup API (every page in one step); from PostgreSQL, every row read in one snapshot
+    /// into a new catalog file of the same schema. The copy is one self-contained file
     /// (rollback journal, no WAL beside it) that [`Catalog::read_copy`] and `open` read.
-    pub fn snapshot_to(&self, dest: &Path) -> Result<()> {
+    pub fn snapshot_to(&mut self, dest: &Path) -> Result<()> {
         let p = dest.display().to_string();
+        let source = match &mut self.conn {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(_) => {
+                let mut copy = open_sqlite_new(dest)?;
+                copy.migrate(&p, true)?;
+                let to = copy.conn.write()?;
+                let from = self.conn.read()?;
+                copy::rows(&from, &to)?;
+                to.commit()?;
+                return copy.close_as_one_file();
+            }
+        };
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(crate::home::PRIVATE_FILE)
             .open(dest)
             .map_err(|source| CatalogError::Create { path: p.clone(), source })?;
-        let mut copy = Connection::open(dest).map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        let mut copy =
+            Connection::open(dest).map_err(|source| CatalogError::Open { path: p.clone(), source: source.into() })?;
         {
             use rusqlite::backup::{Backup, StepResult};
-            let backup = Backup::new(&self.conn, &mut copy)?;
+            let backup = Backup::new(source, &mut copy)?;
             // -1: every page in one step. A source busy or locked is tried again, as long as
             // a busy catalog makes other commands wait.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -298,8 +383,23 @@ impl Catalog {
             }
         }
         copy.pragma_update(None, "journal_mode", "DELETE")?;
-        copy.close().map_err(|(_, e)| CatalogError::Sql(e))?;
+        copy.close().map_err(|(_, e)| CatalogError::from(e))?;
         Ok(())
+    }
+
+    /// Puts every row of `from` (a restored catalog, same schema version) into this
+    /// catalog, which must hold none: one transaction, all of it or nothing.
+    pub fn fill_from(&mut self, from: &mut Catalog) -> Result<Counts> {
+        let to = self.conn.write()?;
+        let had = count_rows(&to)?;
+        if had != Counts::default() {
+            return Err(CatalogError::NotEmpty { location: self.location.to_string(), counts: had });
+        }
+        let src = from.conn.read()?;
+        copy::rows(&src, &to)?;
+        let now = count_rows(&to)?;
+        to.commit()?;
+        Ok(now)
     }
 
     /// Runs `f` on a catalog copy (a backup's) read-only, as it is: not migrated, not
@@ -310,35 +410,51 @@ impl Catalog {
     ) -> std::result::Result<T, E> {
         let p = path.display().to_string();
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = Connection::open_with_flags(path, flags)
-            .map_err(|source| CatalogError::Open { path: p.clone(), source })?;
-        let tx = conn.transaction().map_err(|source| CatalogError::Open { path: p, source })?;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|source| CatalogError::Open { path: p.clone(), source: source.into() })?;
+        let mut conn = Conn::Sqlite(conn);
+        let tx = conn.read().map_err(|source| CatalogError::Open { path: p, source })?;
         let out = f(&Tx(tx));
         out
     }
 
-    /// What an existing catalog file holds, read without migrating or changing it.
-    pub fn peek_counts(path: &Path) -> Result<Counts> {
-        let p = path.display().to_string();
-        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags)
-            .map_err(|source| CatalogError::Open { path: p.clone(), source })?;
-        conn.busy_timeout(Duration::from_secs(30))?;
-        count_rows(&conn).map_err(|source| CatalogError::Open { path: p, source })
+    /// What an existing catalog holds, read without migrating or changing it. A PostgreSQL
+    /// database vdim never initialized holds nothing.
+    pub fn peek_counts(location: &Location) -> Result<Counts> {
+        let p = location.to_string();
+        let mut conn = match location {
+            Location::Sqlite(path) => {
+                let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let conn = Connection::open_with_flags(path, flags)
+                    .map_err(|source| CatalogError::Open { path: p.clone(), source: source.into() })?;
+                conn.busy_timeout(Duration::from_secs(30))?;
+                Conn::Sqlite(conn)
+            }
+            Location::Postgres(url) => {
+                Conn::postgres(url, CONNECT_TIMEOUT).map_err(|source| CatalogError::Open { path: p.clone(), source })?
+            }
+        };
+        let tx = conn.read().map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+        count_rows(&tx).map_err(|source| CatalogError::Open { path: p, source })
     }
 
-    /// `PRAGMA integrity_check`'s findings; empty when the database is sound.
+    /// `PRAGMA integrity_check`'s findings; empty when the database is sound. PostgreSQL
+    /// checks its pages itself.
     pub fn integrity_problems(&self) -> Result<Vec<String>> {
-        let mut st = self.conn.prepare("PRAGMA integrity_check")?;
-        let rows: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let Conn::Sqlite(c) = &self.conn else { return Ok(vec![]) };
+        let mut st = c.prepare("PRAGMA integrity_check")?;
+        let rows: Vec<String> = st.query_map((), |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 
-    /// Closes the catalog as one self-contained file: its WAL checkpointed into it and
+    /// Closes a SQLite catalog as one self-contained file: its WAL checkpointed into it and
     /// removed (what a restore renames into a home).
     pub fn close_as_one_file(self) -> Result<()> {
-        self.conn.pragma_update(None, "journal_mode", "DELETE")?;
-        self.conn.close().map_err(|(_, e)| CatalogError::Sql(e))?;
+        let Conn::Sqlite(c) = self.conn else {
+            return Err(CatalogError::NotSqlite { what: "closing as one file", location: self.location.to_string() });
+        };
+        c.pragma_update(None, "journal_mode", "DELETE")?;
+        c.close().map_err(|(_, e)| CatalogError::from(e))?;
         Ok(())
     }
 
@@ -347,8 +463,8 @@ impl Catalog {
         migrations::MIGRATIONS.len() as i64
     }
 
-    pub fn schema_version(&self) -> Result<i64> {
-        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    pub fn schema_version(&mut self) -> Result<i64> {
+        self.read(|tx| tx.schema_version())
     }
 
     /// Run `f` on a consistent snapshot.
@@ -356,9 +472,8 @@ impl Catalog {
         &mut self,
         f: impl FnOnce(&Tx) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(CatalogError::from)?;
-        let out = f(&Tx(tx))?;
-        Ok(out)
+        let tx = Tx(self.conn.read().map_err(CatalogError::from)?);
+        f(&tx)
     }
 
     /// Run `f` as one write transaction: all of it commits, or none of it.
@@ -366,17 +481,59 @@ impl Catalog {
         &mut self,
         f: impl FnOnce(&Tx) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let tx = Tx(self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(CatalogError::from)?);
+        let tx = Tx(self.conn.write().map_err(CatalogError::from)?);
         let out = f(&tx)?;
         tx.0.commit().map_err(CatalogError::from)?;
         Ok(out)
     }
 }
 
-/// A transaction; all catalog queries live here.
-pub struct Tx<'c>(Transaction<'c>);
+/// A new SQLite catalog file (0600), made and opened as a connection.
+fn open_sqlite(path: &Path, create: bool) -> Result<Conn> {
+    let p = path.display().to_string();
+    if !create && !path.exists() {
+        return Err(CatalogError::NotInitialized { path: p });
+    }
+    if create {
+        // SQLite would create it 0644; its -wal and -shm files copy the database's mode.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(crate::home::PRIVATE_FILE)
+            .open(path)
+            .map_err(|source| CatalogError::Create { path: p.clone(), source })?;
+    }
+    let conn =
+        Connection::open(path).map_err(|source| CatalogError::Open { path: p.clone(), source: source.into() })?;
+    tighten_modes(path).map_err(|source| CatalogError::Create { path: p.clone(), source })?;
+    let setup = || -> sql::Result<()> {
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        Ok(())
+    };
+    setup().map_err(|source| CatalogError::Open { path: p.clone(), source })?;
+    Ok(Conn::Sqlite(conn))
+}
 
-fn version_from_row(r: &rusqlite::Row) -> rusqlite::Result<Version> {
+/// A catalog in the new file `dest`, which must not exist yet.
+fn open_sqlite_new(dest: &Path) -> Result<Catalog> {
+    let p = dest.display().to_string();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::home::PRIVATE_FILE)
+        .open(dest)
+        .map_err(|source| CatalogError::Create { path: p, source })?;
+    Ok(Catalog { conn: open_sqlite(dest, false)?, location: Location::Sqlite(dest.to_path_buf()) })
+}
+
+/// A transaction; all catalog queries live here.
+pub struct Tx<'c>(sql::Tx<'c>);
+
+fn version_from_row(r: &sql::Row) -> sql::Result<Version> {
     Ok(Version {
         image_id: r.get("image_id")?,
         number: r.get("number")?,
@@ -392,9 +549,21 @@ fn version_from_row(r: &rusqlite::Row) -> rusqlite::Result<Version> {
     })
 }
 
-impl Tx<'_> {
-    pub fn conn(&self) -> &Connection {
+impl<'c> Tx<'c> {
+    /// The engine-neutral transaction, for the few callers that run their own statements
+    /// (tests, the copy of a whole catalog).
+    pub fn sql(&self) -> &sql::Tx<'c> {
         &self.0
+    }
+}
+
+impl Tx<'_> {
+    /// The schema version this catalog is at.
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(match self.0.engine() {
+            Engine::Sqlite => self.0.query_row("PRAGMA user_version", (), |r| r.get(0))?,
+            Engine::Postgres => self.0.query_row("SELECT version FROM vdim_schema", (), |r| r.get(0))?,
+        })
     }
 
     /// How many images, versions, pools, desktops, users, entitlements and hosts there are.
@@ -420,10 +589,10 @@ impl Tx<'_> {
 
     pub fn images(&self) -> Result<Vec<Image>> {
         let mut st = self.0.prepare("SELECT id, name, created, virtual_size FROM images ORDER BY name")?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map((), |r| {
             Ok(Image { id: r.get(0)?, name: r.get(1)?, created: r.get(2)?, virtual_size: r.get::<_, i64>(3)? as u64 })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn insert_image(&self, name: &str, virtual_size: u64) -> Result<Image> {
@@ -443,7 +612,7 @@ impl Tx<'_> {
     pub fn versions(&self, image: &Image) -> Result<Vec<Version>> {
         let mut st = self.0.prepare("SELECT * FROM versions WHERE image_id = ?1 ORDER BY number")?;
         let rows = st.query_map([image.id], version_from_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn version(&self, image: &Image, number: u32) -> Result<Version> {
@@ -487,8 +656,8 @@ impl Tx<'_> {
             "SELECT i.name AS image_name, v.* FROM versions v JOIN images i ON i.id = v.image_id
              WHERE v.removed IS NULL ORDER BY i.name, v.number",
         )?;
-        let rows = st.query_map([], |r| Ok((r.get("image_name")?, version_from_row(r)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), |r| Ok((r.get("image_name")?, version_from_row(r)?)))?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -546,7 +715,7 @@ impl Tx<'_> {
         let mut st = self.0.prepare("SELECT name, version FROM channels WHERE image_id = ?1")?;
         let rows = st.query_map([image.id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
         let mut out: Vec<(Channel, u32)> = rows
-            .collect::<rusqlite::Result<Vec<_>>>()?
+            .collect::<sql::Result<Vec<_>>>()?
             .into_iter()
             .filter_map(|(c, v)| Channel::parse(&c).map(|c| (c, v)))
             .collect();
@@ -621,7 +790,7 @@ impl Tx<'_> {
 
     pub fn drafts(&self) -> Result<Vec<Draft>> {
         let mut st = self.0.prepare("SELECT image_id, base_version, path, created, author FROM drafts")?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map((), |r| {
             Ok(Draft {
                 image_id: r.get(0)?,
                 base_version: r.get(1)?,
@@ -630,7 +799,7 @@ impl Tx<'_> {
                 author: r.get(4)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn insert_draft(&self, image: &Image, base_version: u32, path: &str, author: &str) -> Result<()> {
@@ -659,7 +828,7 @@ impl Tx<'_> {
     pub fn audit_log(&self, image: Option<&str>, pool: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>> {
         let mut st = self.0.prepare(
             "SELECT id, at, actor, action, image, pool, version, detail FROM audit
-             WHERE (?1 IS NULL OR image = ?1) AND (?2 IS NULL OR pool = ?2)
+             WHERE (CAST(?1 AS TEXT) IS NULL OR image = ?1) AND (CAST(?2 AS TEXT) IS NULL OR pool = ?2)
              ORDER BY id DESC LIMIT ?3",
         )?;
         let rows = st.query_map(params![image, pool, limit as i64], |r| {
@@ -675,7 +844,7 @@ impl Tx<'_> {
                 detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
             })
         })?;
-        let mut out: Vec<AuditEntry> = rows.collect::<rusqlite::Result<_>>()?;
+        let mut out: Vec<AuditEntry> = rows.collect::<sql::Result<_>>()?;
         out.reverse();
         Ok(out)
     }
@@ -691,13 +860,28 @@ pub(crate) mod tests {
         (d, c)
     }
 
+    /// What keeps a test catalog alive: its directory, or its scratch database.
+    #[allow(dead_code)]
+    pub(crate) enum Keep {
+        Dir(tempfile::TempDir),
+        Db(super::scratch::ScratchDatabase),
+    }
+
+    /// A new catalog on each engine: every catalog test runs on both.
+    pub(crate) fn cats() -> Vec<(Keep, Catalog)> {
+        let (d, sqlite) = cat();
+        let db = super::scratch::ScratchDatabase::new();
+        let pg = Catalog::connect(&Location::parse(&db.url), true).unwrap();
+        vec![(Keep::Dir(d), sqlite), (Keep::Db(db), pg)]
+    }
+
     #[test]
     fn opens_in_wal_with_foreign_keys_and_full_sync() {
         let (_d, mut c) = cat();
         c.read(|tx| {
-            let mode: String = tx.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-            let fk: i64 = tx.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
-            let sync: i64 = tx.conn().query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+            let mode: String = tx.sql().query_row("PRAGMA journal_mode", (), |r| r.get(0))?;
+            let fk: i64 = tx.sql().query_row("PRAGMA foreign_keys", (), |r| r.get(0))?;
+            let sync: i64 = tx.sql().query_row("PRAGMA synchronous", (), |r| r.get(0))?;
             assert_eq!((mode.as_str(), fk, sync), ("wal", 1, 2));
             Ok::<_, CatalogError>(())
         })
@@ -790,49 +974,117 @@ pub(crate) mod tests {
 
     #[test]
     fn foreign_keys_refuse_a_channel_on_a_missing_version() {
-        let (_d, mut c) = cat();
-        let r = c.write(|tx| {
-            let img = tx.insert_image("a", 1)?;
-            tx.set_channel(&img, Channel::Prod, 7)
-        });
-        assert!(r.is_err());
-        // The failed transaction left nothing behind.
-        c.read(|tx| {
-            assert!(tx.images()?.is_empty());
-            Ok::<_, CatalogError>(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            let r = c.write(|tx| {
+                let img = tx.insert_image("a", 1)?;
+                tx.set_channel(&img, Channel::Prod, 7)
+            });
+            assert!(r.is_err());
+            // The failed transaction left nothing behind.
+            c.read(|tx| {
+                assert!(tx.images()?.is_empty());
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn audit_log_is_append_only() {
-        let (_d, mut c) = cat();
-        c.write(|tx| tx.audit(Audit { actor: "t", action: "x", ..Default::default() })).unwrap();
-        let upd = c.write(|tx| Ok::<_, CatalogError>(tx.conn().execute("UPDATE audit SET actor = 'evil'", [])?));
-        assert!(upd.is_err());
-        let del = c.write(|tx| Ok::<_, CatalogError>(tx.conn().execute("DELETE FROM audit", [])?));
-        assert!(del.is_err());
-        let log = c.read(|tx| tx.audit_log(None, None, 10)).unwrap();
-        assert_eq!(log.len(), 1);
-        assert_eq!(log[0].actor, "t");
+        for (_d, mut c) in cats() {
+            c.write(|tx| tx.audit(Audit { actor: "t", action: "x", ..Default::default() })).unwrap();
+            let upd = c.write(|tx| Ok::<_, CatalogError>(tx.sql().execute("UPDATE audit SET actor = 'evil'", ())?));
+            assert!(upd.is_err());
+            let del = c.write(|tx| Ok::<_, CatalogError>(tx.sql().execute("DELETE FROM audit", ())?));
+            assert!(del.is_err());
+            let log = c.read(|tx| tx.audit_log(None, None, 10)).unwrap();
+            assert_eq!(log.len(), 1);
+            assert_eq!(log[0].actor, "t");
+        }
     }
 
     #[test]
     fn rollback_window_keeps_the_last_distinct_versions_per_channel() {
-        let (_d, mut c) = cat();
+        for (_d, mut c) in cats() {
+            c.write(|tx| {
+                let img = tx.insert_image("a", 1)?;
+                let d = "0".repeat(64);
+                for n in 1..=6u32 {
+                    tx.insert_version(&img, if n == 1 { None } else { Some(n - 1) }, &d, 1, 1, "t", "")?;
+                }
+                for v in [1, 2, 3, 3, 4, 5] {
+                    tx.set_channel(&img, Channel::Prod, v)?;
+                }
+                let w = tx.rollback_window(&img, 3)?;
+                assert_eq!(w, vec![5, 4, 3]);
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_backup_copies_every_table_the_schema_has() {
+        for (_k, mut c) in cats() {
+            let tables = c.read(|tx| Ok::<_, CatalogError>(super::copy::schema_tables(&tx.0)?)).unwrap();
+            let mut listed: Vec<String> = super::copy::TABLES.iter().map(|t| t.to_string()).collect();
+            listed.sort();
+            assert_eq!(tables, listed, "{:?}: a table missing from copy::TABLES is lost by a backup", c.engine());
+        }
+    }
+
+    /// A catalog with one of everything that refers to something else.
+    fn fill(c: &mut Catalog) {
         c.write(|tx| {
             let img = tx.insert_image("a", 1)?;
             let d = "0".repeat(64);
-            for n in 1..=6u32 {
+            for n in 1..=3u32 {
                 tx.insert_version(&img, if n == 1 { None } else { Some(n - 1) }, &d, 1, 1, "t", "")?;
             }
-            for v in [1, 2, 3, 3, 4, 5] {
-                tx.set_channel(&img, Channel::Prod, v)?;
-            }
-            let w = tx.rollback_window(&img, 3)?;
-            assert_eq!(w, vec![5, 4, 3]);
+            tx.set_channel(&img, Channel::Prod, 2)?;
+            tx.set_channel(&img, Channel::Prod, 3)?;
+            tx.audit(Audit { actor: "t", action: "x", image: Some("a"), ..Default::default() })?;
+            tx.insert_user("alice", false, &"a".repeat(64), None)?;
             Ok::<_, CatalogError>(())
         })
         .unwrap();
+    }
+
+    #[test]
+    fn a_postgres_catalog_is_copied_to_a_sqlite_file_and_restored_onto_another_database() {
+        let source_db = scratch::ScratchDatabase::new();
+        let mut source = Catalog::connect(&Location::parse(&source_db.url), true).unwrap();
+        fill(&mut source);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("copy.db");
+        source.snapshot_to(&file).unwrap();
+        let mut copy = Catalog::open(&file, false).unwrap();
+        let want = source.read(|tx| tx.counts()).unwrap();
+        assert_eq!(copy.read(|tx| tx.counts()).unwrap(), want);
+        assert_eq!(want.versions, 3);
+        let history = |c: &mut Catalog| {
+            c.read(|tx| {
+                let img = tx.image("a")?;
+                Ok::<_, CatalogError>((tx.rollback_window(&img, 3)?, tx.audit_log(None, None, 10)?.len()))
+            })
+            .unwrap()
+        };
+        assert_eq!(history(&mut copy), (vec![3, 2], 1));
+
+        let target_db = scratch::ScratchDatabase::new();
+        let mut target = Catalog::connect(&Location::parse(&target_db.url), true).unwrap();
+        assert_eq!(target.fill_from(&mut copy).unwrap(), want);
+        assert_eq!(history(&mut target), (vec![3, 2], 1));
+        // New rows after the restored ones: the identity counters moved past their ids.
+        target
+            .write(|tx| {
+                tx.insert_user("bob", false, &"b".repeat(64), None)?;
+                tx.audit(Audit { actor: "t", action: "y", ..Default::default() })
+            })
+            .unwrap();
+        // A second restore onto it is refused and changes nothing.
+        let e = target.fill_from(&mut copy).unwrap_err();
+        assert!(matches!(e, CatalogError::NotEmpty { .. }), "{e}");
+        assert_eq!(target.read(|tx| tx.counts()).unwrap().users, 2);
     }
 }

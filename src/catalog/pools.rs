@@ -1,8 +1,8 @@
 //! Catalog queries for pools and their desktops.
 
+use super::sql::{self, params, OptionalExtension};
 use super::{now, Channel, Result, Tx};
 use crate::identity::{DomainJoin, Identity};
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,7 +56,7 @@ const POOL_COLS: &str = "p.id, p.name, p.image_id, i.name, p.channel, p.version,
      p.persistent, p.virt_type, p.running, p.created, p.display_listen,
      p.insecure_display, p.hostname_pattern, p.join_domain, p.join_ou, p.join_credentials, p.user_data";
 
-fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
+fn pool_row(r: &sql::Row) -> sql::Result<Pool> {
     let channel: String = r.get(4)?;
     Ok(Pool {
         id: r.get(0)?,
@@ -79,7 +79,7 @@ fn pool_row(r: &rusqlite::Row) -> rusqlite::Result<Pool> {
 }
 
 /// The identity columns from `at` on: pattern, domain, OU, credentials path, user data path.
-fn identity_cols(r: &rusqlite::Row, at: usize) -> rusqlite::Result<Option<Identity>> {
+fn identity_cols(r: &sql::Row, at: usize) -> sql::Result<Option<Identity>> {
     let Some(hostname_pattern) = r.get::<_, Option<String>>(at)? else { return Ok(None) };
     let domain: Option<String> = r.get(at + 1)?;
     let credentials: Option<String> = r.get(at + 3)?;
@@ -93,7 +93,7 @@ fn identity_cols(r: &rusqlite::Row, at: usize) -> rusqlite::Result<Option<Identi
     Ok(Some(Identity { hostname_pattern, join, user_data: user_data.map(Into::into) }))
 }
 
-fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<Desktop> {
+fn desktop_row(r: &sql::Row) -> sql::Result<Desktop> {
     Ok(Desktop {
         id: r.get(0)?,
         pool_id: r.get(1)?,
@@ -156,8 +156,8 @@ impl Tx<'_> {
         let mut st = self
             .0
             .prepare(&format!("SELECT {POOL_COLS} FROM pools p JOIN images i ON i.id = p.image_id ORDER BY p.name"))?;
-        let rows = st.query_map([], pool_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), pool_row)?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn pools_of_image(&self, image_id: i64) -> Result<Vec<Pool>> {
@@ -166,11 +166,11 @@ impl Tx<'_> {
 
     pub fn insert_pool(&self, p: &NewPool) -> Result<i64> {
         let join = p.identity.and_then(|i| i.join.as_ref());
-        self.0.execute(
+        let id: i64 = self.0.query_row(
             "INSERT INTO pools (name, image_id, channel, version, size, profile, persistent, virt_type, created,
                                 display_listen, insecure_display, hostname_pattern, join_domain, join_ou,
                                 join_credentials, user_data)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) RETURNING id",
             params![
                 p.name,
                 p.image_id,
@@ -189,8 +189,8 @@ impl Tx<'_> {
                 join.map(|j| j.credentials.to_string_lossy()),
                 p.identity.and_then(|i| i.user_data.as_ref()).map(|u| u.to_string_lossy()),
             ],
+            |r| r.get(0),
         )?;
-        let id = self.0.last_insert_rowid();
         self.record_pool_version(id, p.version, "create")?;
         Ok(id)
     }
@@ -206,7 +206,7 @@ impl Tx<'_> {
     pub fn pool_history(&self, pool_id: i64) -> Result<Vec<u32>> {
         let mut st = self.0.prepare("SELECT version FROM pool_history WHERE pool_id = ?1 ORDER BY id")?;
         let rows = st.query_map([pool_id], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn set_pool_version(&self, pool_id: i64, version: u32, pinned: Option<u32>) -> Result<()> {
@@ -262,22 +262,22 @@ impl Tx<'_> {
         let mut st =
             self.0.prepare(&format!("SELECT {DESKTOP_COLS} FROM desktops WHERE host_id = ?1 ORDER BY name"))?;
         let rows = st.query_map([host_id], desktop_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// How many desktops each host holds.
     pub fn desktops_per_host(&self) -> Result<std::collections::BTreeMap<i64, u32>> {
         let mut st =
             self.0.prepare("SELECT host_id, count(*) FROM desktops WHERE host_id IS NOT NULL GROUP BY host_id")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// The hosts a pool's desktops may go to (none: the one libvirt of `--connect`).
     pub fn pool_hosts(&self, pool_id: i64) -> Result<Vec<i64>> {
         let mut st = self.0.prepare("SELECT host_id FROM pool_hosts WHERE pool_id = ?1 ORDER BY host_id")?;
         let rows = st.query_map([pool_id], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn set_pool_hosts(&self, pool_id: i64, hosts: &[i64]) -> Result<()> {
@@ -296,7 +296,7 @@ impl Tx<'_> {
     pub fn desktops(&self, pool_id: i64) -> Result<Vec<Desktop>> {
         let mut st = self.0.prepare(&format!("SELECT {DESKTOP_COLS} FROM desktops WHERE pool_id = ?1 ORDER BY idx"))?;
         let rows = st.query_map([pool_id], desktop_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn desktop(&self, name: &str) -> Result<Option<Desktop>> {
@@ -421,7 +421,7 @@ impl Tx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::tests::cat;
+    use crate::catalog::tests::cats;
     use crate::catalog::CatalogError;
 
     /// A pool "p" of two idle desktops on version 1 of image "a"; returns the pool id.
@@ -455,82 +455,86 @@ mod tests {
 
     #[test]
     fn a_pools_identity_and_its_desktops_uuids_are_kept() {
-        let (_dir, mut cat) = cat();
-        let identity = Identity {
-            hostname_pattern: "FIN-{n}".into(),
-            join: Some(DomainJoin {
-                domain: "corp.example.com".into(),
-                ou: Some("OU=VDI,DC=corp,DC=example,DC=com".into()),
-                credentials: "/root/join.cred".into(),
-            }),
-            user_data: Some("/root/user-data".into()),
-        };
-        let (pool, desktops) = cat
-            .write(|tx| -> Result<_> {
-                let id = pool_of_two(tx)?;
-                let img = tx.image("a")?;
-                let with = tx.insert_pool(&NewPool {
-                    name: "q",
-                    image_id: img.id,
-                    channel: Channel::Prod,
-                    version: 1,
-                    size: 1,
-                    profile: "x",
-                    persistent: false,
-                    virt_type: "qemu",
-                    display_listen: "127.0.0.1",
-                    insecure_display: false,
-                    identity: Some(&identity),
-                })?;
-                assert_ne!(id, with);
-                assert_eq!(tx.pool("p")?.unwrap().identity, None);
-                Ok((tx.pool("q")?.unwrap(), tx.desktops(id)?))
-            })
-            .unwrap();
-        assert_eq!(pool.identity, Some(identity));
-        assert!(desktops.iter().all(|d| d.uuid.as_ref().is_some_and(|u| u.len() == 36)));
-        assert_ne!(desktops[0].uuid, desktops[1].uuid);
+        for (_dir, mut cat) in cats() {
+            let identity = Identity {
+                hostname_pattern: "FIN-{n}".into(),
+                join: Some(DomainJoin {
+                    domain: "corp.example.com".into(),
+                    ou: Some("OU=VDI,DC=corp,DC=example,DC=com".into()),
+                    credentials: "/root/join.cred".into(),
+                }),
+                user_data: Some("/root/user-data".into()),
+            };
+            let (pool, desktops) = cat
+                .write(|tx| -> Result<_> {
+                    let id = pool_of_two(tx)?;
+                    let img = tx.image("a")?;
+                    let with = tx.insert_pool(&NewPool {
+                        name: "q",
+                        image_id: img.id,
+                        channel: Channel::Prod,
+                        version: 1,
+                        size: 1,
+                        profile: "x",
+                        persistent: false,
+                        virt_type: "qemu",
+                        display_listen: "127.0.0.1",
+                        insecure_display: false,
+                        identity: Some(&identity),
+                    })?;
+                    assert_ne!(id, with);
+                    assert_eq!(tx.pool("p")?.unwrap().identity, None);
+                    Ok((tx.pool("q")?.unwrap(), tx.desktops(id)?))
+                })
+                .unwrap();
+            assert_eq!(pool.identity, Some(identity));
+            assert!(desktops.iter().all(|d| d.uuid.as_ref().is_some_and(|u| u.len() == 36)));
+            assert_ne!(desktops[0].uuid, desktops[1].uuid);
+        }
     }
 
     #[test]
     fn a_desktop_the_broker_assigned_after_the_plan_is_not_claimed() {
-        let (_d, mut c) = cat();
-        let id = c.write(pool_of_two).unwrap();
-        // The plan: every idle desktop moves.
-        let plan: Vec<Desktop> = c.read(|tx| tx.desktops(id)).unwrap();
-        assert!(plan.iter().all(|d| d.assigned_to.is_none()));
-        // The broker's assignment, in its own transaction, takes the first one.
-        let given = c.write(|tx| tx.assign_idle(id, "alice")).unwrap().unwrap();
-        assert_eq!(given.name, "vdim-p-001");
-        let claimed: Vec<String> = c
-            .write(|tx| -> Result<Vec<String>> {
-                let mut out = vec![];
-                for d in &plan {
-                    if tx.claim_for_reset(d.id, 2)? {
-                        out.push(d.name.clone());
+        for (_d, mut c) in cats() {
+            let id = c.write(pool_of_two).unwrap();
+            // The plan: every idle desktop moves.
+            let plan: Vec<Desktop> = c.read(|tx| tx.desktops(id)).unwrap();
+            assert!(plan.iter().all(|d| d.assigned_to.is_none()));
+            // The broker's assignment, in its own transaction, takes the first one.
+            let given = c.write(|tx| tx.assign_idle(id, "alice")).unwrap().unwrap();
+            assert_eq!(given.name, "vdim-p-001");
+            let claimed: Vec<String> = c
+                .write(|tx| -> Result<Vec<String>> {
+                    let mut out = vec![];
+                    for d in &plan {
+                        if tx.claim_for_reset(d.id, 2)? {
+                            out.push(d.name.clone());
+                        }
                     }
-                }
-                Ok(out)
-            })
-            .unwrap();
-        assert_eq!(claimed, ["vdim-p-002"]);
-        let now = c.read(|tx| tx.desktops(id)).unwrap();
-        assert_eq!((now[0].version, now[0].needs_reset, now[0].assigned_to.as_deref()), (1, false, Some("alice")));
-        assert_eq!((now[1].version, now[1].needs_reset), (2, true));
+                    Ok(out)
+                })
+                .unwrap();
+            assert_eq!(claimed, ["vdim-p-002"]);
+            let now = c.read(|tx| tx.desktops(id)).unwrap();
+            assert_eq!((now[0].version, now[0].needs_reset, now[0].assigned_to.as_deref()), (1, false, Some("alice")));
+            assert_eq!((now[1].version, now[1].needs_reset), (2, true));
+        }
     }
 
     #[test]
     fn shrink_and_stop_see_an_assignment_made_after_their_look() {
-        let (_d, mut c) = cat();
-        let id = c.write(pool_of_two).unwrap();
-        let plan: Vec<Desktop> = c.read(|tx| tx.desktops(id)).unwrap();
-        assert_eq!(c.read(|tx| tx.first_assigned(id)).unwrap(), None);
-        c.write(|tx| tx.assign_idle(id, "alice")).unwrap();
-        assert_eq!(c.read(|tx| tx.first_assigned(id)).unwrap(), Some(("vdim-p-001".into(), "alice".into())));
-        let removed = c.write(|tx| tx.delete_idle_desktop(plan[0].id)).unwrap();
-        assert!(!removed, "alice's desktop must not be removed");
-        assert!(c.write(|tx| tx.delete_idle_desktop(plan[1].id)).unwrap());
-        let left = c.read(|tx| Ok::<_, CatalogError>(tx.desktops(id)?.into_iter().map(|d| d.name).collect::<Vec<_>>()));
-        assert_eq!(left.unwrap(), ["vdim-p-001"]);
+        for (_d, mut c) in cats() {
+            let id = c.write(pool_of_two).unwrap();
+            let plan: Vec<Desktop> = c.read(|tx| tx.desktops(id)).unwrap();
+            assert_eq!(c.read(|tx| tx.first_assigned(id)).unwrap(), None);
+            c.write(|tx| tx.assign_idle(id, "alice")).unwrap();
+            assert_eq!(c.read(|tx| tx.first_assigned(id)).unwrap(), Some(("vdim-p-001".into(), "alice".into())));
+            let removed = c.write(|tx| tx.delete_idle_desktop(plan[0].id)).unwrap();
+            assert!(!removed, "alice's desktop must not be removed");
+            assert!(c.write(|tx| tx.delete_idle_desktop(plan[1].id)).unwrap());
+            let left =
+                c.read(|tx| Ok::<_, CatalogError>(tx.desktops(id)?.into_iter().map(|d| d.name).collect::<Vec<_>>()));
+            assert_eq!(left.unwrap(), ["vdim-p-001"]);
+        }
     }
 }

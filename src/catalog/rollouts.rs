@@ -12,9 +12,8 @@
 //!
 //! States are stored as their lowercase names, so catalogs of older vdims read the same.
 
+use super::sql::{self, params, FromValue, OptionalExtension, ToValue, Value};
 use super::{now, Channel, Result, Tx};
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
-use rusqlite::{params, OptionalExtension, ToSql};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -57,15 +56,15 @@ macro_rules! stored_states {
             }
         }
 
-        impl ToSql for $ty {
-            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-                Ok(ToSqlOutput::from(self.as_str()))
+        impl ToValue for $ty {
+            fn to_value(&self) -> Value {
+                Value::Text(self.as_str().to_string())
             }
         }
 
-        impl FromSql for $ty {
-            fn column_result(value: ValueRef<'_>) -> FromSqlResult<$ty> {
-                value.as_str()?.parse().map_err(|e| FromSqlError::Other(Box::new(e)))
+        impl FromValue for $ty {
+            fn from_value(v: &Value) -> std::result::Result<$ty, String> {
+                String::from_value(v)?.parse().map_err(|e: UnknownState| e.to_string())
             }
         }
     };
@@ -243,11 +242,11 @@ const COLS: &str =
     "r.id, r.image_id, i.name, r.version, r.channel, r.from_version, r.state, r.waves, r.soak_ms, r.wave,
      r.actor, r.forced, r.owner_pid, r.created, r.updated, r.report";
 
-fn row(r: &rusqlite::Row) -> rusqlite::Result<Rollout> {
+fn row(r: &sql::Row) -> sql::Result<Rollout> {
     let ch: String = r.get(4)?;
     let report: String = r.get(15)?;
     let report = serde_json::from_str(&report)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(15, rusqlite::types::Type::Text, Box::new(e)))?;
+        .map_err(|e| sql::Error::Column { column: "report".into(), problem: e.to_string() })?;
     Ok(Rollout {
         id: r.get(0)?,
         image_id: r.get(1)?,
@@ -282,12 +281,12 @@ pub struct NewRollout<'a> {
 impl Tx<'_> {
     pub fn insert_rollout(&self, n: &NewRollout) -> Result<i64> {
         let t = now();
-        self.0.execute(
+        Ok(self.0.query_row(
             "INSERT INTO rollouts (image_id, version, channel, from_version, state, waves, soak_ms, actor, forced, owner_pid, created, updated)
-             VALUES (?1, ?2, ?3, ?4, ?11, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
+             VALUES (?1, ?2, ?3, ?4, ?11, ?5, ?6, ?7, ?8, ?9, ?10, ?10) RETURNING id",
             params![n.image_id, n.version, n.channel.as_str(), n.from_version, n.waves, n.soak_ms as i64, n.actor, n.forced, std::process::id(), t, RolloutState::Running],
-        )?;
-        Ok(self.0.last_insert_rowid())
+            |r| r.get(0),
+        )?)
     }
 
     pub fn rollout(&self, id: i64) -> Result<Rollout> {
@@ -316,18 +315,18 @@ impl Tx<'_> {
     pub fn rollouts(&self, image_id: Option<i64>, limit: usize) -> Result<Vec<Rollout>> {
         let mut st = self.0.prepare(&format!(
             "SELECT {COLS} FROM rollouts r JOIN images i ON i.id = r.image_id
-             WHERE (?1 IS NULL OR r.image_id = ?1) ORDER BY r.id DESC LIMIT ?2"
+             WHERE (CAST(?1 AS BIGINT) IS NULL OR r.image_id = ?1) ORDER BY r.id DESC LIMIT ?2"
         ))?;
         let rows = st.query_map(params![image_id, limit as i64], row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn running_rollouts(&self) -> Result<Vec<Rollout>> {
         let mut st = self.0.prepare(&format!(
             "SELECT {COLS} FROM rollouts r JOIN images i ON i.id = r.image_id WHERE r.state = 'running'"
         ))?;
-        let rows = st.query_map([], row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), row)?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Puts the rollout in `next` if its current state may become that
@@ -397,7 +396,7 @@ impl Tx<'_> {
                 at: r.get(6)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Did this version finish a rollout to test with at least one desktop, all healthy?
@@ -426,7 +425,7 @@ impl Tx<'_> {
             .0
             .prepare("SELECT version FROM channel_history WHERE image_id = ?1 AND channel = ?2 ORDER BY id DESC")?;
         let versions: Vec<u32> =
-            st.query_map(params![image_id, channel.as_str()], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            st.query_map(params![image_id, channel.as_str()], |r| r.get(0))?.collect::<sql::Result<_>>()?;
         let current = versions.first().copied();
         Ok(versions.into_iter().find(|v| Some(*v) != current))
     }
@@ -434,7 +433,8 @@ impl Tx<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::cat;
+    use super::super::sql::Engine;
+    use super::super::tests::cats;
     use super::*;
 
     fn one_rollout(tx: &Tx) -> Result<i64> {
@@ -498,53 +498,56 @@ mod tests {
 
     #[test]
     fn a_rollout_reverted_meanwhile_is_not_marked_failed_or_succeeded() {
-        let (_d, mut c) = cat();
-        c.write(|tx| -> Result<()> {
-            let id = one_rollout(tx)?;
-            assert_eq!(tx.rollout(id)?.state, RolloutState::Running);
-            assert!(tx.set_rollout_state(id, RolloutState::Reverted)?);
-            assert!(!tx.set_rollout_state(id, RolloutState::Failed)?);
-            assert!(!tx.set_rollout_state(id, RolloutState::Succeeded)?);
-            assert!(!tx.set_rollout_state(id, RolloutState::Running)?);
-            assert_eq!(tx.rollout(id)?.state, RolloutState::Reverted);
-            Ok(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| -> Result<()> {
+                let id = one_rollout(tx)?;
+                assert_eq!(tx.rollout(id)?.state, RolloutState::Running);
+                assert!(tx.set_rollout_state(id, RolloutState::Reverted)?);
+                assert!(!tx.set_rollout_state(id, RolloutState::Failed)?);
+                assert!(!tx.set_rollout_state(id, RolloutState::Succeeded)?);
+                assert!(!tx.set_rollout_state(id, RolloutState::Running)?);
+                assert_eq!(tx.rollout(id)?.state, RolloutState::Reverted);
+                Ok(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn the_schema_accepts_exactly_the_states_the_enums_know() {
-        let (_d, mut c) = cat();
-        c.write(|tx| -> Result<()> {
-            let id = one_rollout(tx)?;
-            tx.add_rollout_desktop(id, "vdim-p-001", "p", 0, 1)?;
-            for s in RolloutState::ALL {
-                tx.conn().execute("UPDATE rollouts SET state = ?1", [s])?;
-            }
-            for s in DesktopState::ALL {
-                tx.conn().execute("UPDATE rollout_desktops SET state = ?1", [s])?;
-            }
-            assert!(tx.conn().execute("UPDATE rollouts SET state = 'paused'", []).is_err());
-            Ok(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| -> Result<()> {
+                let id = one_rollout(tx)?;
+                tx.add_rollout_desktop(id, "vdim-p-001", "p", 0, 1)?;
+                for s in RolloutState::ALL {
+                    tx.sql().execute("UPDATE rollouts SET state = ?1", [s])?;
+                }
+                for s in DesktopState::ALL {
+                    tx.sql().execute("UPDATE rollout_desktops SET state = ?1", [s])?;
+                }
+                assert!(tx.sql().execute("UPDATE rollouts SET state = 'paused'", ()).is_err());
+                Ok(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn a_halted_rollout_resumes_and_a_desktop_state_is_stored_typed() {
-        let (_d, mut c) = cat();
-        c.write(|tx| -> Result<()> {
-            let id = one_rollout(tx)?;
-            assert!(tx.set_rollout_state(id, RolloutState::Halted)?);
-            assert!(tx.set_rollout_state(id, RolloutState::Running)?);
-            tx.add_rollout_desktop(id, "vdim-p-001", "p", 0, 1)?;
-            assert_eq!(tx.rollout_desktops(id)?[0].state, DesktopState::Pending);
-            tx.set_rollout_desktop(id, "vdim-p-001", DesktopState::Soaking, "")?;
-            let raw: String = tx.conn().query_row("SELECT state FROM rollout_desktops", [], |r| r.get(0))?;
-            assert_eq!(raw, "soaking");
-            Ok(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| -> Result<()> {
+                let id = one_rollout(tx)?;
+                assert!(tx.set_rollout_state(id, RolloutState::Halted)?);
+                assert!(tx.set_rollout_state(id, RolloutState::Running)?);
+                tx.add_rollout_desktop(id, "vdim-p-001", "p", 0, 1)?;
+                assert_eq!(tx.rollout_desktops(id)?[0].state, DesktopState::Pending);
+                tx.set_rollout_desktop(id, "vdim-p-001", DesktopState::Soaking, "")?;
+                let raw: String = tx.sql().query_row("SELECT state FROM rollout_desktops", (), |r| r.get(0))?;
+                assert_eq!(raw, "soaking");
+                Ok(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
@@ -565,32 +568,39 @@ mod tests {
 
     #[test]
     fn a_new_rollout_has_an_empty_report_and_updates_keep_earlier_parts() {
-        let (_d, mut c) = cat();
-        c.write(|tx| -> Result<()> {
-            let id = one_rollout(tx)?;
-            assert_eq!(tx.rollout(id)?.report, RolloutOutcome::default());
-            tx.update_rollout_outcome(id, |o| o.failed_wave = Some(1))?;
-            tx.update_rollout_outcome(id, |o| o.restore_ms = Some(5))?;
-            let o = tx.rollout(id)?.report;
-            assert_eq!((o.failed_wave, o.restore_ms), (Some(1), Some(5)));
-            Ok(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| -> Result<()> {
+                let id = one_rollout(tx)?;
+                assert_eq!(tx.rollout(id)?.report, RolloutOutcome::default());
+                tx.update_rollout_outcome(id, |o| o.failed_wave = Some(1))?;
+                tx.update_rollout_outcome(id, |o| o.restore_ms = Some(5))?;
+                let o = tx.rollout(id)?.report;
+                assert_eq!((o.failed_wave, o.restore_ms), (Some(1), Some(5)));
+                Ok(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn an_unknown_rollout_state_in_the_catalog_is_an_error_naming_it() {
-        let (_d, mut c) = cat();
-        let e = c
-            .write(|tx| {
-                let id = one_rollout(tx)?;
-                // As a newer vdim, or a damaged catalog, could leave it: past the schema's CHECK.
-                tx.conn().pragma_update(None, "ignore_check_constraints", true)?;
-                tx.conn().execute("UPDATE rollouts SET state = 'paused' WHERE id = ?1", [id])?;
-                tx.rollout(id)
-            })
-            .expect_err("an unknown state is not read as a rollout");
-        let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
-        assert!(chain.contains("'paused'") && chain.contains("running, halted"), "{chain}");
+        for (_d, mut c) in cats() {
+            let e = c
+                .write(|tx| {
+                    let id = one_rollout(tx)?;
+                    // As a newer vdim, or a damaged catalog, could leave it: past the schema's CHECK.
+                    match tx.sql().engine() {
+                        Engine::Sqlite => tx.sql().execute_batch("PRAGMA ignore_check_constraints = 1")?,
+                        Engine::Postgres => {
+                            tx.sql().execute_batch("ALTER TABLE rollouts DROP CONSTRAINT rollouts_state_check")?
+                        }
+                    }
+                    tx.sql().execute("UPDATE rollouts SET state = 'paused' WHERE id = ?1", [id])?;
+                    tx.rollout(id)
+                })
+                .expect_err("an unknown state is not read as a rollout");
+            let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+            assert!(chain.contains("'paused'") && chain.contains("running, halted"), "{chain}");
+        }
     }
 }

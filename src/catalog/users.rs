@@ -4,8 +4,8 @@
 //! indexes (migration 4) make "one desktop, one open session" a property of the database,
 //! not of the code that inserts sessions.
 
+use super::sql::{self, params, OptionalExtension};
 use super::{now, Result, Tx};
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,11 +58,11 @@ const USER_COLS: &str = "id, name, admin, token_expires, created";
 const SESSION_COLS: &str = "s.id, s.user_id, u.name, s.pool, s.desktop, s.created, s.expires_at, s.ended, s.released,
      s.console_token_hash";
 
-fn user_row(r: &rusqlite::Row) -> rusqlite::Result<User> {
+fn user_row(r: &sql::Row) -> sql::Result<User> {
     Ok(User { id: r.get(0)?, name: r.get(1)?, admin: r.get(2)?, token_expires: r.get(3)?, created: r.get(4)? })
 }
 
-fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
+fn session_row(r: &sql::Row) -> sql::Result<Session> {
     Ok(Session {
         id: r.get(0)?,
         user_id: r.get(1)?,
@@ -97,20 +97,17 @@ impl Tx<'_> {
 
     pub fn users(&self) -> Result<Vec<User>> {
         let mut st = self.0.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY name"))?;
-        let rows = st.query_map([], user_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), user_row)?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     pub fn insert_user(&self, name: &str, admin: bool, token_hash: &str, token_expires: Option<&str>) -> Result<User> {
-        self.0.execute(
-            "INSERT INTO users (name, admin, token_hash, token_expires, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+        let id: i64 = self.0.query_row(
+            "INSERT INTO users (name, admin, token_hash, token_expires, created) VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
             params![name, admin, token_hash, token_expires, now()],
+            |r| r.get(0),
         )?;
-        Ok(self.0.query_row(
-            &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
-            [self.0.last_insert_rowid()],
-            user_row,
-        )?)
+        Ok(self.0.query_row(&format!("SELECT {USER_COLS} FROM users WHERE id = ?1"), [id], user_row)?)
     }
 
     /// Deletes the user with their entitlements and session history (the audit log keeps it).
@@ -124,7 +121,7 @@ impl Tx<'_> {
     /// `true` when the entitlement is new.
     pub fn entitle(&self, pool_id: i64, user_id: i64) -> Result<bool> {
         Ok(self.0.execute(
-            "INSERT OR IGNORE INTO entitlements (pool_id, user_id) VALUES (?1, ?2)",
+            "INSERT INTO entitlements (pool_id, user_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
             params![pool_id, user_id],
         )? == 1)
     }
@@ -149,7 +146,7 @@ impl Tx<'_> {
             "SELECT p.name FROM entitlements e JOIN pools p ON p.id = e.pool_id WHERE e.user_id = ?1 ORDER BY p.name",
         )?;
         let rows = st.query_map([user_id], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Names of the users entitled to a pool, sorted.
@@ -158,7 +155,7 @@ impl Tx<'_> {
             "SELECT u.name FROM entitlements e JOIN users u ON u.id = e.user_id WHERE e.pool_id = ?1 ORDER BY u.name",
         )?;
         let rows = st.query_map([pool_id], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     // ---- sessions ----------------------------------------------------------------------
@@ -183,12 +180,12 @@ impl Tx<'_> {
             .optional()?)
     }
 
-    fn sessions_where(&self, cond: &str, p: impl rusqlite::Params) -> Result<Vec<Session>> {
+    fn sessions_where(&self, cond: &str, p: impl sql::Params) -> Result<Vec<Session>> {
         let mut st = self.0.prepare(&format!(
             "SELECT {SESSION_COLS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE {cond} ORDER BY s.created, s.id"
         ))?;
         let rows = st.query_map(p, session_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// The user's open session in a pool (at most one, by the unique index).
@@ -208,7 +205,7 @@ impl Tx<'_> {
 
     /// Open sessions, all or one user's.
     pub fn open_sessions(&self, user_id: Option<i64>) -> Result<Vec<Session>> {
-        self.sessions_where("s.ended IS NULL AND (?1 IS NULL OR s.user_id = ?1)", [user_id])
+        self.sessions_where("s.ended IS NULL AND (CAST(?1 AS BIGINT) IS NULL OR s.user_id = ?1)", [user_id])
     }
 
     /// Open sessions whose `expires_at` is at or before `at` (same RFC 3339 format: string order is time order).
@@ -218,7 +215,7 @@ impl Tx<'_> {
 
     /// Ended sessions whose logoff is not complete yet.
     pub fn unreleased_sessions(&self) -> Result<Vec<Session>> {
-        self.sessions_where("s.ended IS NOT NULL AND s.released IS NULL", [])
+        self.sessions_where("s.ended IS NOT NULL AND s.released IS NULL", ())
     }
 
     /// Ends an open session; `false` when it was not open (already ended, or unknown).
@@ -249,18 +246,18 @@ impl Tx<'_> {
     // ---- metrics -----------------------------------------------------------------------
 
     pub fn open_session_count(&self) -> Result<u64> {
-        Ok(self.0.query_row("SELECT COUNT(*) FROM sessions WHERE ended IS NULL", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.0.query_row("SELECT COUNT(*) FROM sessions WHERE ended IS NULL", (), |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn desktop_counts(&self) -> Result<Vec<DesktopCounts>> {
         let mut st = self.0.prepare(
             "SELECT p.name,
-                    SUM(d.assigned_to IS NULL AND d.needs_reset = 0),
-                    SUM(d.assigned_to IS NOT NULL),
-                    SUM(d.assigned_to IS NULL AND d.needs_reset = 1)
+                    COUNT(*) FILTER (WHERE d.assigned_to IS NULL AND d.needs_reset = 0),
+                    COUNT(*) FILTER (WHERE d.assigned_to IS NOT NULL),
+                    COUNT(*) FILTER (WHERE d.assigned_to IS NULL AND d.needs_reset = 1)
              FROM pools p JOIN desktops d ON d.pool_id = p.id GROUP BY p.name ORDER BY p.name",
         )?;
-        let rows = st.query_map([], |r| {
+        let rows = st.query_map((), |r| {
             Ok(DesktopCounts {
                 pool: r.get(0)?,
                 idle: r.get::<_, i64>(1)? as u64,
@@ -268,14 +265,14 @@ impl Tx<'_> {
                 resetting: r.get::<_, i64>(3)? as u64,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Rollouts by state (the table of migration 3), for metrics.
     pub fn rollout_state_counts(&self) -> Result<Vec<(String, u64)>> {
         let mut st = self.0.prepare("SELECT state, COUNT(*) FROM rollouts GROUP BY state ORDER BY state")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = st.query_map((), |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 }
 
@@ -284,7 +281,7 @@ mod tests {
     use super::super::CatalogError;
     use super::*;
 
-    use super::super::tests::cat;
+    use super::super::tests::cats;
 
     fn h(c: char) -> String {
         c.to_string().repeat(64)
@@ -296,52 +293,55 @@ mod tests {
 
     #[test]
     fn the_database_refuses_one_desktop_in_two_open_sessions() {
-        let (_d, mut c) = cat();
-        let (t1, t2) = (h('1'), h('2'));
-        let r = c.write(|tx| {
-            let a = tx.insert_user("alice", false, &h('a'), None)?;
-            let b = tx.insert_user("bob", false, &h('b'), None)?;
-            tx.insert_session(&session(&"a".repeat(32), a.id, "vdim-p-001", &t1))?;
-            tx.insert_session(&session(&"b".repeat(32), b.id, "vdim-p-001", &t2))
-        });
-        assert!(matches!(r, Err(CatalogError::Sql(_))), "{r:?}");
-        // Once the first one ended, the desktop can be in a new session.
-        c.write(|tx| {
-            let a = tx.insert_user("alice", false, &h('a'), None)?;
-            let b = tx.insert_user("bob", false, &h('b'), None)?;
-            tx.insert_session(&session(&"a".repeat(32), a.id, "vdim-p-001", &t1))?;
-            assert!(tx.end_session(&"a".repeat(32))?);
-            assert!(!tx.end_session(&"a".repeat(32))?, "ending twice reports it was not open");
-            tx.insert_session(&session(&"b".repeat(32), b.id, "vdim-p-001", &t2))?;
-            assert_eq!(tx.open_session_on("vdim-p-001")?.map(|s| s.user), Some("bob".into()));
-            assert_eq!(tx.unreleased_sessions()?.len(), 1);
-            Ok::<_, CatalogError>(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            let (t1, t2) = (h('1'), h('2'));
+            let r = c.write(|tx| {
+                let a = tx.insert_user("alice", false, &h('a'), None)?;
+                let b = tx.insert_user("bob", false, &h('b'), None)?;
+                tx.insert_session(&session(&"a".repeat(32), a.id, "vdim-p-001", &t1))?;
+                tx.insert_session(&session(&"b".repeat(32), b.id, "vdim-p-001", &t2))
+            });
+            assert!(matches!(r, Err(CatalogError::Sql(_))), "{r:?}");
+            // Once the first one ended, the desktop can be in a new session.
+            c.write(|tx| {
+                let a = tx.insert_user("alice", false, &h('a'), None)?;
+                let b = tx.insert_user("bob", false, &h('b'), None)?;
+                tx.insert_session(&session(&"a".repeat(32), a.id, "vdim-p-001", &t1))?;
+                assert!(tx.end_session(&"a".repeat(32))?);
+                assert!(!tx.end_session(&"a".repeat(32))?, "ending twice reports it was not open");
+                tx.insert_session(&session(&"b".repeat(32), b.id, "vdim-p-001", &t2))?;
+                assert_eq!(tx.open_session_on("vdim-p-001")?.map(|s| s.user), Some("bob".into()));
+                assert_eq!(tx.unreleased_sessions()?.len(), 1);
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
     fn one_open_session_per_user_and_pool() {
-        let (_d, mut c) = cat();
-        let r = c.write(|tx| {
-            let a = tx.insert_user("alice", false, &h('a'), None)?;
-            tx.insert_session(&session(&"a".repeat(32), a.id, "vdim-p-001", &h('1')))?;
-            tx.insert_session(&session(&"b".repeat(32), a.id, "vdim-p-002", &h('2')))
-        });
-        assert!(r.is_err());
+        for (_d, mut c) in cats() {
+            let r = c.write(|tx| {
+                let a = tx.insert_user("alice", false, &h('a'), None)?;
+                tx.insert_session(&session(&"a".repeat(32), a.id, "vdim-p-001", &h('1')))?;
+                tx.insert_session(&session(&"b".repeat(32), a.id, "vdim-p-002", &h('2')))
+            });
+            assert!(r.is_err());
+        }
     }
 
     #[test]
     fn tokens_are_found_by_hash_only() {
-        let (_d, mut c) = cat();
-        c.write(|tx| {
-            tx.insert_user("alice", true, &h('a'), Some("2999-01-01T00:00:00Z"))?;
-            let (u, stored) = tx.user_by_token_hash(&h('a'))?.unwrap();
-            assert_eq!((u.name.as_str(), u.admin, stored), ("alice", true, h('a')));
-            assert!(tx.user_by_token_hash(&h('b'))?.is_none());
-            assert!(tx.insert_user("bob", false, "short", None).is_err(), "the schema wants a SHA-256 hex");
-            Ok::<_, CatalogError>(())
-        })
-        .unwrap();
+        for (_d, mut c) in cats() {
+            c.write(|tx| {
+                tx.insert_user("alice", true, &h('a'), Some("2999-01-01T00:00:00Z"))?;
+                let (u, stored) = tx.user_by_token_hash(&h('a'))?.unwrap();
+                assert_eq!((u.name.as_str(), u.admin, stored), ("alice", true, h('a')));
+                assert!(tx.user_by_token_hash(&h('b'))?.is_none());
+                assert!(tx.insert_user("bob", false, "short", None).is_err(), "the schema wants a SHA-256 hex");
+                Ok::<_, CatalogError>(())
+            })
+            .unwrap();
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! What every command shares: the global flags and the service context opened with them.
 
+use crate::catalog::Location;
 use crate::context::{Context, Settings};
 use crate::home::Home;
 use anyhow::Result;
@@ -28,6 +29,11 @@ pub struct Global {
     #[arg(long, env = "VDIM_PARALLEL", global = true, default_value_t = crate::hypervisor::DEFAULT_PARALLEL,
           value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=256), usize::from))]
     pub parallel: usize,
+    /// The catalog: a PostgreSQL URL (postgres://user@db1/vdim) shared by several brokers, or
+    /// a SQLite file [default: the URL `vdim init --catalog` recorded in the home, else
+    /// $VDIM_HOME/catalog.db]
+    #[arg(long, env = "VDIM_CATALOG", global = true, value_parser = |s: &str| Ok::<_, String>(Location::parse(s)))]
+    pub catalog: Option<Location>,
 }
 
 impl Global {
@@ -41,6 +47,7 @@ impl Global {
             virt_type: self.virt_type.clone(),
             profiles,
             parallel: self.parallel,
+            catalog: self.catalog.clone(),
         }
     }
 }

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use crate::pool::tests::V1;
 
 struct Hosts2 {
-    _dir: tempfile::TempDir,
     ctx: Context,
+    _dir: tempfile::TempDir,
+    _db: Option<crate::catalog::scratch::ScratchDatabase>,
     hosts: BTreeMap<&'static str, Arc<FakeHypervisor>>,
     /// While set, hv2 does not answer (a power failure or a cut link).
     hv2_down: Arc<AtomicBool>,
@@ -30,7 +31,7 @@ impl Hosts2 {
     /// The pool tests' home (image `img`, v1 on every channel) with hosts hv1 and hv2, each
     /// holding v1 verified; `fence` is hv2's fence command.
     fn new(fence: Option<&str>) -> Hosts2 {
-        let crate::pool::tests::Fixture { _dir: dir, ctx, .. } = crate::pool::tests::Fixture::new();
+        let crate::pool::tests::Fixture { _dir: dir, ctx, _db, .. } = crate::pool::tests::Fixture::new();
         let hosts: BTreeMap<&'static str, Arc<FakeHypervisor>> =
             [("hv1", Arc::new(FakeHypervisor::new())), ("hv2", Arc::new(FakeHypervisor::new()))].into();
         let hv2_down = Arc::new(AtomicBool::new(false));
@@ -59,7 +60,7 @@ impl Hosts2 {
                 Ok(())
             })
             .expect("catalog");
-        Hosts2 { _dir: dir, ctx, hosts, hv2_down }
+        Hosts2 { ctx, _dir: dir, _db, hosts, hv2_down }
     }
 
     fn create(&mut self, name: &str, size: u32, persistent: bool) {

@@ -43,19 +43,33 @@ pub(crate) const V2: &str = "222222222222222222222222222222222222222222222222222
 /// A home with image `img`: v1 on every channel, v2 sealed onto dev (as import and seal
 /// leave them), its catalog on a fake hypervisor.
 pub(crate) struct Fixture {
-    pub _dir: tempfile::TempDir,
     pub ctx: Context,
     pub hv: Arc<FakeHypervisor>,
+    pub _dir: tempfile::TempDir,
+    /// Dropped after the context (its connection), when the tests run on PostgreSQL.
+    pub _db: Option<crate::catalog::scratch::ScratchDatabase>,
+}
+
+/// `VDIM_TEST_ENGINE=postgres` (scripts/test's second pass) runs the service tests on a
+/// scratch PostgreSQL database; a catalog there is what the settings point at.
+pub(crate) fn test_catalog(settings: &mut Settings) -> Option<crate::catalog::scratch::ScratchDatabase> {
+    if std::env::var("VDIM_TEST_ENGINE").as_deref() != Ok("postgres") {
+        return None;
+    }
+    let db = crate::catalog::scratch::ScratchDatabase::new();
+    settings.catalog = Some(crate::catalog::Location::parse(&db.url));
+    Some(db)
 }
 
 impl Fixture {
     pub fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        let settings = Settings {
+        let mut settings = Settings {
             profiles: dir.path().join("profiles"),
             virt_type: "qemu".into(),
             ..Settings::new(Home::new(dir.path().join("home")))
         };
+        let db = test_catalog(&mut settings);
         crate::profile::install_shipped(&settings.profiles).expect("profiles");
         let hv = Arc::new(FakeHypervisor::new());
         let mut ctx = Context::init(settings).expect("context").with_hypervisor(hv.clone());
@@ -70,7 +84,7 @@ impl Fixture {
                 tx.set_channel(&image, Channel::Dev, 2)
             })
             .expect("catalog");
-        Fixture { _dir: dir, ctx, hv }
+        Fixture { ctx, hv, _dir: dir, _db: db }
     }
 
     pub fn pools(&mut self) -> Pools<'_> {

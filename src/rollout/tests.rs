@@ -13,9 +13,10 @@ const POOL: &str = "canary";
 use crate::pool::tests::{V1, V2};
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     ctx: Context,
     hv: Arc<FakeHypervisor>,
+    _dir: tempfile::TempDir,
+    _db: Option<crate::catalog::scratch::ScratchDatabase>,
 }
 
 impl Fixture {
@@ -31,8 +32,8 @@ impl Fixture {
         // and its running test-channel pool.
         let mut pool_home = crate::pool::tests::Fixture::new();
         pool_home.create(POOL, size, true);
-        let crate::pool::tests::Fixture { _dir, ctx, hv } = pool_home;
-        Fixture { _dir, ctx, hv }
+        let crate::pool::tests::Fixture { ctx, hv, _dir, _db } = pool_home;
+        Fixture { ctx, hv, _dir, _db }
     }
 
     fn pools(&mut self) -> Pools<'_> {

@@ -5,13 +5,19 @@
 pub mod efi;
 pub mod host;
 pub mod hosts;
+pub mod prometheus;
 pub mod serve;
 pub mod viewer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub use vdim::catalog::sql::Engine;
+
 pub struct Env {
+    /// The catalog's PostgreSQL database when the test runs on one (every command is given
+    /// it as VDIM_CATALOG); dropped after the commands that clean up.
+    pub db: Option<vdim::catalog::scratch::ScratchDatabase>,
     pub dir: tempfile::TempDir,
 }
 
@@ -70,13 +76,26 @@ impl Run {
 
 impl Env {
     pub fn new() -> Env {
+        Env::on(Engine::Sqlite)
+    }
+    /// A home whose catalog is on `engine` (PostgreSQL: a scratch database of its own).
+    pub fn on(engine: Engine) -> Env {
         let dir = tempfile::Builder::new().prefix("vdimtest-").tempdir().expect("tempdir");
-        let env = Env { dir };
+        let db = (engine == Engine::Postgres).then(vdim::catalog::scratch::ScratchDatabase::new);
+        let env = Env { db, dir };
         env.vdim(&["init"]).assert_success();
         env
     }
     pub fn home(&self) -> PathBuf {
         self.dir.path().join("home")
+    }
+    /// The home's catalog, opened as the commands open it.
+    pub fn catalog(&self) -> vdim::catalog::Catalog {
+        let location = match &self.db {
+            Some(db) => vdim::catalog::Location::parse(&db.url),
+            None => vdim::catalog::Location::Sqlite(self.home().join("catalog.db")),
+        };
+        vdim::catalog::Catalog::connect(&location, false).expect("open the catalog")
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -84,6 +103,10 @@ impl Env {
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_vdim"));
         c.env("VDIM_HOME", self.home()).env("USER", "tester").env_remove("VDIM_CONNECT");
+        match &self.db {
+            Some(db) => c.env("VDIM_CATALOG", &db.url),
+            None => c.env_remove("VDIM_CATALOG"),
+        };
         c
     }
     pub fn vdim(&self, args: &[&str]) -> Run {
@@ -150,7 +173,10 @@ pub struct LibvirtEnv {
 
 impl LibvirtEnv {
     pub fn new(tag: &str) -> LibvirtEnv {
-        let env = Env::new();
+        LibvirtEnv::on(tag, Engine::Sqlite)
+    }
+    pub fn on(tag: &str, engine: Engine) -> LibvirtEnv {
+        let env = Env::on(engine);
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let prefix = format!("t{tag}{}x{n}", std::process::id());

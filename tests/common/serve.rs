@@ -60,6 +60,13 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, as an init system stops it, and waits for its exit.
+    pub fn stop(mut self) {
+        // SAFETY: a signal to our own child, which we have not yet waited for.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
     /// SIGKILL, as a crash would.
     pub fn crash(mut self) {
         let _ = self.child.kill();
