@@ -3,6 +3,7 @@
 //! stop never trips it, and `--action alert` changes nothing.
 
 mod common;
+use common::prometheus::{Options, Prometheus};
 use common::serve::Server;
 use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -84,7 +85,18 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
     let pp = t.pool_name("p");
     marker_image(&t.env, "img", "wrb-v1");
     t.create_pool(&pp, "img", "prod", 6, "test-linux", &["--start"]);
-    seal_marker(&t.env, "img", "wrb-v2", "ok");
+    let ds: Vec<String> = desktops(&t, &pp).iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
+    for d in &ds {
+        t.wait_marker(&pp, d, "wrb-v1", 120);
+    }
+    // Healthy for 30 s after boot, then a panic: it passes a 10 s soak.
+    seal_marker(&t.env, "img", "wrb-v2", "panic-after=30");
+    let hook = Hook::start();
+    let server = Server::start(&t.env, "qemu:///system", &["--webhook", &hook.url, "--metrics-listen", "127.0.0.1:0"]);
+    let metrics = server.banner.split("metrics http://").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let prom = Prometheus::start_with(Options { target: &metrics, metrics_path: "/metrics", rule_for: Some("2s") });
+    prom.wait_scraped(Duration::from_secs(60));
+
     let r = t.vdim_json(&[
         "promote",
         "img",
@@ -92,7 +104,7 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
         "--to",
         "prod",
         "--soak",
-        "5s",
+        "10s",
         "--waves",
         "1,100%",
         "--force",
@@ -100,38 +112,26 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
         "watch test",
     ]);
     assert_eq!(r["state"], "succeeded", "the version passed its soak: {r}");
-    let ds: Vec<String> = desktops(&t, &pp).iter().map(|d| d["name"].as_str().unwrap().to_string()).collect();
-    for d in &ds {
-        t.wait_marker(&pp, d, "wrb-v2", 120);
-    }
-    let hook = Hook::start();
-    let server = Server::start(&t.env, "qemu:///system", &["--webhook", &hook.url]);
-    // Give the watch its first round (subscription, first sweep).
-    std::thread::sleep(Duration::from_secs(2));
-
-    crash(&ds[0]);
-    wait_for(20, "the first crash recorded", || {
+    let canary = r["waves"][0]["desktops"][0]["desktop"].as_str().unwrap().to_string();
+    // The canary booted first: it crashes alone, well before the others.
+    wait_for(90, "the canary's crash recorded", || {
         let ev = t.vdim_json(&["watch", "events", "--image", "img"]);
-        ev.as_array().unwrap().iter().any(|e| e["desktop"] == ds[0].as_str() && e["kind"] == "crash").then_some(())
+        ev.as_array().unwrap().iter().any(|e| e["desktop"] == canary.as_str() && e["kind"] == "crash").then_some(())
     });
-    std::thread::sleep(Duration::from_secs(6));
-    assert!(incidents(&t).is_empty(), "one desktop's crash, seen by events and sweeps, never trips it alone");
+    assert!(incidents(&t).is_empty(), "one desktop's crash never trips it alone");
 
-    let threshold = Instant::now();
-    crash(&ds[1]);
-    let opened = wait_for(30, "the breaker's incident", || incidents(&t).first().cloned());
-    let to_incident = threshold.elapsed();
+    let opened = wait_for(90, "the breaker's incident", || incidents(&t).first().cloned());
     assert_eq!(
         (opened["image"].as_str(), opened["version"].as_u64(), opened["action"].as_str()),
         (Some("img"), Some(2), Some("rollback"))
     );
     let resolved =
-        wait_for(120, "the incident resolved", || incidents(&t).first().filter(|i| i["state"] == "resolved").cloned());
+        wait_for(180, "the incident resolved", || incidents(&t).first().filter(|i| i["state"] == "resolved").cloned());
+    let after = |k: &str| resolved[k].as_i64().unwrap() - resolved["threshold_crash_ms"].as_i64().unwrap();
     println!(
-        "watch: threshold crash → incident seen by the test {} ms; decision {} ms after the crash event; restored {} ms after it",
-        to_incident.as_millis(),
-        resolved["opened_ms"].as_i64().unwrap() - resolved["threshold_crash_ms"].as_i64().unwrap(),
-        resolved["restored_ms"].as_i64().unwrap() - resolved["threshold_crash_ms"].as_i64().unwrap()
+        "watch: threshold crash event → decision {} ms, → every desktop back on v1 (vdim's view) {} ms",
+        after("opened_ms"),
+        after("restored_ms")
     );
     for d in desktops(&t, &pp) {
         assert_eq!(d["version"], 1, "{d}");
@@ -146,14 +146,16 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
     let timeline: Vec<String> =
         review["timeline"].as_array().unwrap().iter().map(|e| e["what"].as_str().unwrap().to_string()).collect();
     for want in [
-        "version 2 sealed",
+        "version 2 sealed, note \"wrb-v2\"",
         "rollout 1 to prod started",
         "rollout 1 wave 1",
+        "rollout 1 wave 2",
         "rollout 1 succeeded",
-        "crash on host local",
-        "breaker tripped",
+        &format!("{canary} crash on host local (pool {pp})"),
+        "breaker tripped: ",
         "rolled back from version 2 to 1",
         "restored to version 1",
+        "incident.resolved",
     ] {
         assert!(timeline.iter().any(|l| l.contains(want)), "no {want:?} in the timeline:\n{}", timeline.join("\n"));
     }
@@ -161,7 +163,7 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
     let trip = timeline.iter().position(|l| l.contains("breaker tripped")).unwrap();
     assert!(first_crash < trip, "the timeline is in order:\n{}", timeline.join("\n"));
     assert_eq!(review["blast_radius"]["ran_version"].as_array().unwrap().len(), 6, "{review}");
-    assert_eq!(review["blast_radius"]["crashed"], serde_json::json!([ds[0], ds[1]]));
+    assert!(review["blast_radius"]["crashed"].as_array().unwrap().len() >= 2, "{review}");
     assert!(review["times"]["restore_ms"].as_i64().is_some(), "{review}");
     let md = t.vdim(&["incident", "show", &id, "--markdown"]);
     md.assert_success();
@@ -175,6 +177,15 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
     let body = hook.bodies.lock().unwrap()[0].clone();
     assert_eq!(body["incident"]["version"], 2, "{body}");
     assert!(body["summary"].as_str().unwrap().contains("'img' version 2 in prod"), "{body}");
+
+    // Prometheus, scraping vdim serve, fired the shipped alert for the version.
+    prom.wait_until("VdimVersionCrashing firing for version 2", Duration::from_secs(60), |p| {
+        p.alert_list().iter().any(|a| {
+            a.name == "VdimVersionCrashing"
+                && a.state == "firing"
+                && a.labels.get("version").map(String::as_str) == Some("2")
+        })
+    });
     drop(server);
 }
 
