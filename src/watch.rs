@@ -191,6 +191,9 @@ impl Watch {
             self.next_sweep = Instant::now() + SWEEP_INTERVAL;
             let (found, running) = sweep(ctx)?;
             seen.extend(found);
+            for d in &running {
+                self.tracker.running(d);
+            }
             started.extend(running);
         }
         let mut signals: Vec<Signal> =
@@ -238,21 +241,9 @@ impl Watch {
         Ok(round)
     }
 
-    /// A watch starting afresh knows the crashes recorded before, so a desktop still crashed
-    /// is not counted again.
+    /// A watch starting afresh knows the desktops crashed now, so none is counted again.
     fn seed(&mut self, ctx: &mut Context) -> Result<()> {
-        let known = ctx.catalog().read(|tx| -> Result<Vec<String>> {
-            let mut out = vec![];
-            for p in tx.pools()? {
-                for d in tx.desktops(p.id)? {
-                    if tx.last_crash_ms(&d.name, d.version)?.is_some() {
-                        out.push(d.name);
-                    }
-                }
-            }
-            Ok(out)
-        })?;
-        for d in known {
+        for d in ctx.catalog().read(|tx| tx.crashed_desktops())? {
             self.tracker.already_crashed(&d);
         }
         self.seeded = true;

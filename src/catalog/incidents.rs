@@ -398,15 +398,6 @@ impl Tx<'_> {
         Ok(rows.collect::<sql::Result<_>>()?)
     }
 
-    /// When a desktop's latest recorded crash on `version` happened, if any.
-    pub fn last_crash_ms(&self, desktop: &str, version: u32) -> Result<Option<i64>> {
-        Ok(self.0.query_row(
-            "SELECT MAX(at_ms) FROM watch_events WHERE desktop = ?1 AND version = ?2 AND kind = 'crash'",
-            params![desktop, version],
-            |r| r.get(0),
-        )?)
-    }
-
     /// Desktops of a channel's pools (not pinned elsewhere) on a version, by name.
     pub fn desktops_on_version(&self, image: &str, version: u32, channel: Channel) -> Result<Vec<String>> {
         let mut st = self.0.prepare(
@@ -595,6 +586,13 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Desktops crashed since they last started.
+    pub fn crashed_desktops(&self) -> Result<Vec<String>> {
+        let mut st = self.0.prepare("SELECT desktop FROM crashed_desktops ORDER BY desktop")?;
+        let rows = st.query_map((), |r| r.get(0))?;
+        Ok(rows.collect::<sql::Result<_>>()?)
+    }
+
     /// A desktop started: it is not crashed any more.
     pub fn set_started(&self, desktop: &str) -> Result<()> {
         self.0.execute("DELETE FROM crashed_desktops WHERE desktop = ?1", [desktop])?;
@@ -685,7 +683,6 @@ mod tests {
                 assert!(tx.record_watch_event(&place("b"), EventKind::Stop, "destroyed", 1000, 1001)?.is_some());
                 let crashes = tx.version_crashes("img", 2, Channel::Prod, 0)?;
                 assert_eq!(crashes.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [1000, 2000], "stops are not crashes");
-                assert_eq!(tx.last_crash_ms("a", 2)?, Some(2000));
                 let counts = tx.crash_counts()?;
                 assert_eq!(
                     counts.iter().map(|c| (c.pool.as_str(), c.host.as_str(), c.crashes)).collect::<Vec<_>>(),
@@ -789,6 +786,8 @@ mod tests {
                 (p.image, p.version) = ("img".into(), 1);
                 tx.record_watch_event(&p, EventKind::Crash, "panicked", 5, 6)?;
                 tx.set_crashed("vdim-p-001", 5)?;
+                tx.set_crashed("vdim-p-001", 9)?;
+                assert_eq!(tx.crashed_desktops()?, ["vdim-p-001"]);
                 assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 1)]);
                 let states = tx.desktops_by_version()?;
                 assert_eq!(states, [("img".into(), 1, "crashed".into(), 1), ("img".into(), 1, "idle".into(), 1)]);

@@ -144,6 +144,16 @@ impl Tracker {
         }
     }
 
+    /// A desktop the state sweep found running: whatever crash or stop it had is over (its
+    /// start event may have come before this watch did).
+    pub fn running(&mut self, desktop: &str) {
+        if let Some(t) = self.desktops.get_mut(desktop) {
+            t.crashed = false;
+            t.stopped = None;
+            t.stop_due = false;
+        }
+    }
+
     /// A desktop whose crash is recorded already (found so by a watch that starts afresh).
     pub fn already_crashed(&mut self, desktop: &str) {
         self.desktops.entry(desktop.to_string()).or_default().crashed = true;
@@ -268,5 +278,7 @@ mod tests {
         tr.already_crashed("a");
         assert!(tr.observe("a", Event::FoundOff("crashed".into()), t(1)).is_none());
         assert!(tr.has_crashed("a"));
+        tr.running("a");
+        assert!(tr.observe("a", Event::Crashed("panicked".into()), t(9)).is_some(), "found running since: a new crash");
     }
 }
