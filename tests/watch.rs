@@ -282,3 +282,34 @@ fn a_silent_guest_agent_is_recorded_where_the_profile_has_one_and_never_trips_th
     }
     assert!(incidents(&t).is_empty(), "a silent agent is recorded, not counted as a crash");
 }
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
+    let env = Env::new();
+    let before = env.vdim_json(&["watch", "policy"]);
+    for (args, says) in [
+        (vec!["watch", "policy", "prod", "--crashes", "1"], "the watch policy of prod needs --crashes 2 or more"),
+        (vec!["watch", "policy", "test", "--share", "0"], "the watch policy of test needs --share between 1 and 100"),
+        (vec!["watch", "policy", "dev", "--within", "0s"], "the watch policy of dev needs --within longer than zero"),
+    ] {
+        env.vdim(&args).assert_exit_code(2).assert_stderr_contains(says);
+    }
+    assert_eq!(env.vdim_json(&["watch", "policy"]), before, "a refused policy changes nothing");
+    assert!(before.as_array().unwrap().iter().all(|p| p["set"] == false), "{before}");
+    assert_eq!(before[2]["action"], "rollback", "prod rolls back by default: {before}");
+    assert_eq!((before[0]["action"].as_str(), before[1]["action"].as_str()), (Some("alert"), Some("alert")));
+    env.vdim(&["incident", "show", "7"])
+        .assert_exit_code(4)
+        .assert_stderr_contains("no incident 7 (see 'vdim incident list')");
+    env.vdim(&["incident", "ack", "7", "--note", "x"]).assert_exit_code(4).assert_stderr_contains("no incident 7");
+    env.vdim(&["serve", "--webhook", "ftp://hooks.example.com/x"])
+        .assert_exit_code(2)
+        .assert_stderr_contains("--webhook \"ftp://hooks.example.com/x\" must be an http:// or https:// URL");
+    let audit = env.vdim_json(&["audit"]);
+    assert!(audit.as_array().unwrap().iter().all(|e| e["action"] != "watch.policy"), "{audit}");
+    let p = env.vdim_json(&["watch", "policy", "test", "--crashes", "3", "--share", "20"]);
+    assert_eq!(
+        (p["crashes"].as_u64(), p["share"].as_u64(), p["within"].as_str(), p["set"].as_bool()),
+        (Some(3), Some(20), Some("15m"), Some(true))
+    );
+}
