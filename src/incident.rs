@@ -20,6 +20,8 @@ pub enum IncidentError {
     NotFound(i64),
     #[error("an acknowledgement needs a --note saying what was found or done")]
     EmptyNote,
+    #[error("give --markdown or --json, not both")]
+    TwoFormats,
 }
 
 impl crate::error::Kind for IncidentError {
@@ -28,7 +30,7 @@ impl crate::error::Kind for IncidentError {
         match self {
             IncidentError::Catalog(e) => e.kind(),
             IncidentError::NotFound(_) => K::NotFound,
-            IncidentError::EmptyNote => K::Invalid,
+            IncidentError::EmptyNote | IncidentError::TwoFormats => K::Invalid,
         }
     }
 }

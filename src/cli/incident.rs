@@ -18,7 +18,7 @@ pub enum IncidentCmd {
     Show {
         id: i64,
         /// A post-incident review to paste into a tracker
-        #[arg(long, conflicts_with = "json")]
+        #[arg(long)]
         markdown: bool,
     },
     /// Acknowledge an incident with a note (what was found, what was done)
@@ -56,6 +56,9 @@ pub fn run(g: &Global, cmd: IncidentCmd) -> Result<()> {
             })
         }
         IncidentCmd::Show { id, markdown } => {
+            if markdown && g.json {
+                return Err(incident::IncidentError::TwoFormats.into());
+            }
             let r = incident::review(ctx.catalog(), id)?;
             if markdown {
                 print!("{}", incident::markdown(&r));
