@@ -103,13 +103,24 @@ pub fn ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// A change to a channel's policy: what `vdim watch policy CHANNEL` was given.
-#[derive(Debug, Clone, Default)]
+/// A change to a channel's policy: what `vdim watch policy CHANNEL` was given, and the body of
+/// `PUT /api/v1/admin/watch/policies/{channel}` (`within` as "15m").
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyChange {
+    #[serde(default)]
     pub crashes: Option<u32>,
+    #[serde(default)]
     pub share: Option<u32>,
+    #[serde(default, deserialize_with = "within_de")]
     pub within: Option<Duration>,
+    #[serde(default)]
     pub action: Option<Action>,
+}
+
+fn within_de<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    s.map(|s| humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("within: {e}")))).transpose()
 }
 
 /// Sets a channel's breaker policy (what is not given stays as it was, or its default);

@@ -75,6 +75,22 @@ impl Hook {
     }
 }
 
+/// One admin API call on `base` with `token`: (status, JSON body).
+fn api(base: &str, method: &str, path: &str, token: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let mut r = c.request(method.parse().unwrap(), format!("{base}{path}")).bearer_auth(token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    })
+}
+
 fn incidents(t: &LibvirtEnv) -> Vec<serde_json::Value> {
     t.vdim_json(&["incident", "list"]).as_array().unwrap().clone()
 }
@@ -237,14 +253,45 @@ fn with_action_alert_the_breaker_opens_the_incident_and_changes_nothing() {
     );
     let before = desktops(&t, &pp);
     let audit_before = t.vdim_json(&["audit", "--image", "img"]).as_array().unwrap().len();
-    let _server = Server::start(&t.env, "qemu:///system", &[]);
+    let server = Server::start(&t.env, "qemu:///system", &[]);
     std::thread::sleep(Duration::from_secs(2));
     crash(&ds[0]);
     crash(&ds[1]);
     let opened = wait_for(30, "the alert incident", || incidents(&t).first().cloned());
     assert_eq!((opened["action"].as_str(), opened["state"].as_str()), (Some("alert"), Some("open")));
+    // The admin API says what the CLI says.
+    let admin = t.vdim_json(&["user", "add", "root", "--admin"])["token"].as_str().unwrap().to_string();
+    let (st, list) = api(&server.base, "GET", "/api/v1/admin/incidents", &admin, None);
+    assert_eq!((st, list[0]["id"].clone()), (200, opened["id"].clone()), "{list}");
+    let id = opened["id"].to_string();
+    let (st, review) = api(&server.base, "GET", &format!("/api/v1/admin/incidents/{id}"), &admin, None);
+    assert_eq!((st, review["blast_radius"]["crashed"].as_array().map(Vec::len)), (200, Some(2)), "{review}");
+    let (st, _) = api(&server.base, "GET", "/api/v1/admin/incidents/999", &admin, None);
+    assert_eq!(st, 404);
+    let (st, e) =
+        api(&server.base, "PUT", "/api/v1/admin/watch/policies/prod", &admin, Some(serde_json::json!({"crashes": 1})));
+    assert_eq!(st, 400, "{e}");
+    let (st, e) =
+        api(&server.base, "PUT", "/api/v1/admin/watch/policies/prod", &admin, Some(serde_json::json!({"evil": 1})));
+    assert_eq!(st, 400, "{e}");
+    let (st, p) = api(
+        &server.base,
+        "PUT",
+        "/api/v1/admin/watch/policies/prod",
+        &admin,
+        Some(serde_json::json!({"within": "20m"})),
+    );
+    assert_eq!((st, p["within"].as_str(), p["action"].as_str()), (200, Some("20m"), Some("alert")), "{p}");
+    let (st, acked) = api(
+        &server.base,
+        "POST",
+        &format!("/api/v1/admin/incidents/{id}/ack"),
+        &admin,
+        Some(serde_json::json!({"note": "seen"})),
+    );
+    assert_eq!((st, acked["state"].as_str()), (200, Some("acknowledged")), "{acked}");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(incidents(&t)[0]["state"], "open", "nothing moved, so nothing is resolved");
+    assert_eq!(incidents(&t)[0]["state"], "acknowledged", "nothing moved, so nothing is resolved");
     let after = desktops(&t, &pp);
     for (b, a) in before.iter().zip(&after) {
         assert_eq!((&a["version"], &a["needs_reset"]), (&b["version"], &b["needs_reset"]), "{a}");
@@ -255,7 +302,11 @@ fn with_action_alert_the_breaker_opens_the_incident_and_changes_nothing() {
         .iter()
         .map(|e| e["action"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(actions, ["incident.opened"], "the only change is the incident");
+    assert_eq!(
+        actions,
+        ["incident.opened", "incident.ack"],
+        "the only changes to the image are the incident and its ack"
+    );
 }
 
 #[test]

@@ -53,6 +53,8 @@ pub enum ApiError {
     Failover(#[from] crate::failover::FailoverError),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[error(transparent)]
+    Incident(#[from] crate::incident::IncidentError),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -82,6 +84,7 @@ impl crate::error::Kind for ApiError {
             ApiError::Context(e) => e.kind(),
             ApiError::Failover(e) => e.kind(),
             ApiError::Watch(e) => e.kind(),
+            ApiError::Incident(e) => e.kind(),
             ApiError::BadRequest(_) | ApiError::TooLarge { .. } | ApiError::BodyTimeout => ErrorKind::Invalid,
             ApiError::NoRoute { .. } => ErrorKind::NotFound,
             ApiError::Origin { .. } => ErrorKind::Forbidden,

@@ -602,6 +602,11 @@ fn router(b: Arc<Broker>, opts: &ServeOptions) -> Router {
         .route("/api/v1/admin/images/{image}/rollout/halt", post(api::admin_halt_rollout))
         .route("/api/v1/admin/images/{image}/rollout/resume", post(api::admin_resume_rollout))
         .route("/api/v1/admin/images/{image}/rollback", post(api::admin_rollback_channel))
+        .route("/api/v1/admin/incidents", get(api::admin_incidents))
+        .route("/api/v1/admin/incidents/{id}", get(api::admin_incident))
+        .route("/api/v1/admin/incidents/{id}/ack", post(api::admin_ack_incident))
+        .route("/api/v1/admin/watch/policies", get(api::admin_watch_policies))
+        .route("/api/v1/admin/watch/policies/{channel}", put(api::admin_set_watch_policy))
         .route("/metrics", get(metrics))
         // Administrators keep the detail of internal errors in the body.
         .route_layer(middleware::map_response(error::with_detail));
