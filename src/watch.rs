@@ -544,29 +544,28 @@ fn roll_back(ctx: &mut Context, incident: &Incident) -> Result<()> {
         })?;
         Ok((halted, tx.pools_pinned_to(image, version)?, points_here))
     })?;
-    let mut outcome = (None, vec![], vec![], vec![]);
+    let (mut to, mut restored, mut at_logoff, mut errors) = (None, vec![], vec![], vec![]);
     if points_here {
         match ctx.engine(Actor(ACTOR.into()))?.rollback_channel(image, channel, None, false) {
             Ok(r) => {
                 let now = ms(SystemTime::now());
-                outcome.0 = Some(r.version);
-                outcome.1 = r.reverted_desktops.iter().map(|d| (d.clone(), now)).collect();
+                to = Some(r.version);
+                restored = r.reverted_desktops.iter().map(|d| (d.clone(), now)).collect();
                 for p in r.pools.values() {
                     match p {
-                        PoolRollback::Moved { at_logoff, moved_now, failed } => {
-                            outcome.1.extend(moved_now.iter().map(|d| (d.clone(), now)));
-                            outcome.2.extend(at_logoff.iter().cloned());
-                            outcome.3.extend(failed.iter().map(|f| format!("{}: {}", f.desktop, f.error)));
+                        PoolRollback::Moved { at_logoff: later, moved_now, failed } => {
+                            restored.extend(moved_now.iter().map(|d| (d.clone(), now)));
+                            at_logoff.extend(later.iter().cloned());
+                            errors.extend(failed.iter().map(|f| format!("{}: {}", f.desktop, f.error)));
                         }
-                        PoolRollback::Error { error } => outcome.3.push(error.clone()),
+                        PoolRollback::Error { error } => errors.push(error.clone()),
                     }
                 }
             }
-            Err(e) => outcome.3.push(crate::error::message(&e)),
+            Err(e) => errors.push(crate::error::message(&e)),
         }
     }
     let restored_ms = ms(SystemTime::now());
-    let (to, restored, at_logoff, errors) = outcome;
     ctx.catalog().write(|tx| -> Result<()> {
         tx.update_incident_report(incident.id, |o| {
             o.rolled_back_to = to;

@@ -33,20 +33,24 @@ fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A local HTTP listener that answers 200 to every POST and keeps the JSON bodies.
+/// A local HTTP listener that answers 503 to its first `fail_first` POSTs, 200 to the rest,
+/// and keeps the JSON bodies it accepted.
 struct Hook {
     url: String,
     bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Hook {
-    fn start() -> Hook {
+    fn start(fail_first: usize) -> Hook {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/vdim", l.local_addr().unwrap());
         let bodies = Arc::new(Mutex::new(vec![]));
-        let keep = bodies.clone();
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (keep, count) = (bodies.clone(), requests.clone());
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut r = BufReader::new(s);
                 let mut len = 0;
                 loop {
@@ -59,15 +63,19 @@ impl Hook {
                     }
                 }
                 let mut body = vec![0; len];
-                if r.read_exact(&mut body).is_ok() {
-                    if let Ok(v) = serde_json::from_slice(&body) {
-                        keep.lock().unwrap().push(v);
-                    }
+                let read = r.read_exact(&mut body).is_ok();
+                if n < fail_first {
+                    let _ =
+                        r.get_mut().write_all(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    continue;
+                }
+                if let Some(v) = read.then(|| serde_json::from_slice(&body).ok()).flatten() {
+                    keep.lock().unwrap().push(v);
                 }
                 let _ = r.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             }
         });
-        Hook { url, bodies }
+        Hook { url, bodies, requests }
     }
 
     fn events(&self) -> Vec<String> {
@@ -107,7 +115,8 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
     }
     // Healthy for 30 s after boot, then a panic: it passes a 10 s soak.
     seal_marker(&t.env, "img", "wrb-v2", "panic-after=30");
-    let hook = Hook::start();
+    // The hook refuses the first two attempts: the notice comes through on the third.
+    let hook = Hook::start(2);
     let server = Server::start(&t.env, "qemu:///system", &["--webhook", &hook.url, "--metrics-listen", "127.0.0.1:0"]);
     let metrics = server.banner.split("metrics http://").nth(1).unwrap().split('/').next().unwrap().to_string();
     let prom = Prometheus::start_with(Options { target: &metrics, metrics_path: "/metrics", rule_for: Some("2s") });
@@ -190,6 +199,7 @@ fn a_version_that_crashes_after_its_rollout_is_rolled_back_by_the_breaker() {
     let acked = t.vdim_json(&["incident", "ack", &id, "--note", "vendor driver; KB pulled"]);
     assert_eq!((acked["state"].as_str(), acked["note"].as_str()), (Some("resolved"), Some("vendor driver; KB pulled")));
     wait_for(30, "the webhook's notices", || (hook.events() == ["incident.opened", "incident.resolved"]).then_some(()));
+    assert_eq!(hook.requests.load(std::sync::atomic::Ordering::SeqCst), 4, "two refused, then one POST per notice");
     let body = hook.bodies.lock().unwrap()[0].clone();
     assert_eq!(body["incident"]["version"], 2, "{body}");
     assert!(body["summary"].as_str().unwrap().contains("'img' version 2 in prod"), "{body}");
