@@ -55,6 +55,8 @@ pub enum ContextError {
     Dir { path: String, source: std::io::Error },
     #[error("cannot read or write the catalog's URL in {path}: {source}")]
     CatalogUrl { path: String, source: std::io::Error },
+    #[error("the home {home} already has its catalog {recorded} ({counts}): to move it, 'vdim backup DIR' and 'vdim --catalog NEW restore DIR' onto an empty home")]
+    OtherCatalog { home: String, recorded: String, counts: crate::catalog::Counts },
 }
 
 impl crate::error::Kind for ContextError {
@@ -67,6 +69,7 @@ impl crate::error::Kind for ContextError {
             ContextError::Rollout(e) => e.kind(),
             // vdim's own home directories.
             ContextError::Dir { .. } | ContextError::CatalogUrl { .. } => crate::error::ErrorKind::Internal,
+            ContextError::OtherCatalog { .. } => crate::error::ErrorKind::Conflict,
         }
     }
 }
@@ -137,9 +140,25 @@ pub struct Context {
 
 impl Context {
     /// Creates the home layout and the catalog (safe to run again) and opens them.
+    /// A home whose catalog holds objects keeps that catalog: `init --catalog` elsewhere is
+    /// refused (moving a catalog is a backup and a restore), so nothing is left behind unseen.
     pub fn init(mut settings: Settings) -> Result<Context> {
         make_dirs(&settings.home)?;
         let location = settings.catalog()?;
+        let recorded = Settings { catalog: None, ..settings.clone() }.catalog()?;
+        if recorded != location {
+            let held = match &recorded {
+                Location::Sqlite(db) if !db.exists() => crate::catalog::Counts::default(),
+                _ => Catalog::peek_counts(&recorded).unwrap_or_default(),
+            };
+            if held != crate::catalog::Counts::default() {
+                return Err(ContextError::OtherCatalog {
+                    home: settings.home.root().display().to_string(),
+                    recorded: recorded.to_string(),
+                    counts: held,
+                });
+            }
+        }
         settings.catalog = Some(location.clone());
         let catalog = Catalog::connect(&location, true)?;
         if let Location::Postgres(url) = &location {

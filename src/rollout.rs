@@ -324,7 +324,7 @@ impl Heartbeat {
                 let waited = std::time::Instant::now();
                 if cat.is_none() {
                     cat = Catalog::connect(&catalog, false)
-                        .inspect_err(|e| tracing::warn!(rollout = id, error = %e, "rollout heartbeat: no catalog"))
+                        .inspect_err(|e| tracing::warn!(rollout = id, error = %crate::error::message(e), "rollout heartbeat: no catalog"))
                         .ok();
                 }
                 if let Some(c) = cat.as_mut() {
@@ -334,7 +334,9 @@ impl Heartbeat {
                             l.store(true, Ordering::SeqCst);
                             return;
                         }
-                        Err(e) => tracing::warn!(rollout = id, error = %e, "rollout heartbeat failed"),
+                        Err(e) => {
+                            tracing::warn!(rollout = id, error = %crate::error::message(&e), "rollout heartbeat failed")
+                        }
                     }
                 }
                 while !s.load(Ordering::SeqCst) && waited.elapsed() < leader::HEARTBEAT {

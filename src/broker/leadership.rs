@@ -88,7 +88,7 @@ pub(super) async fn lead(b: Arc<Broker>, ctx: Context) {
             }
             Err(e) => {
                 b.leadership.lost();
-                tracing::warn!(error = %e, "cannot take or renew the leader lease; not leading");
+                tracing::warn!(error = %crate::error::message(&e), "cannot take or renew the leader lease; not leading");
             }
         }
     }

@@ -35,6 +35,8 @@ pub enum Error {
     NoRows,
     #[error("column {column}: {problem}")]
     Column { column: String, problem: String },
+    #[error("the catalog's PostgreSQL URL: {0}")]
+    Url(String),
 }
 
 /// PostgreSQL's own words (message, detail) rather than the driver's "db error".
@@ -358,14 +360,33 @@ pub enum Conn {
 }
 
 impl Conn {
-    /// Connects to a PostgreSQL server (a `postgres://` URL or a libpq key=value string).
+    /// Connects to a PostgreSQL server (a `postgres://` URL). With `sslrootcert=FILE` the
+    /// connection is TLS (rustls), the server's certificate checked against that CA and
+    /// its name against the URL's host, whatever `sslmode` says beyond `disable`
+    /// (`require`, `verify-ca` and `verify-full` alike); `sslmode=require` without a CA is
+    /// refused rather than trusting any certificate.
     pub fn postgres(url: &str, timeout: Duration) -> Result<Conn> {
+        let (url, ca) = take_query_param(url, "sslrootcert");
+        let (url, mode) = take_query_param(&url, "sslmode");
         let mut config: postgres::Config = url.parse()?;
         config.connect_timeout(timeout);
         if config.get_application_name().is_none() {
             config.application_name("vdim");
         }
-        let client = config.connect(postgres::NoTls)?;
+        let client = match (mode.as_deref(), ca) {
+            (Some("disable"), _) => config.ssl_mode(postgres::config::SslMode::Disable).connect(postgres::NoTls)?,
+            (Some("require" | "verify-ca" | "verify-full"), None) => {
+                return Err(Error::Url(format!(
+                    "sslmode={} needs sslrootcert=FILE, the CA that signed the server's certificate",
+                    mode.unwrap_or_default()
+                )))
+            }
+            (None | Some("prefer"), None) => config.connect(postgres::NoTls)?,
+            (Some("require" | "verify-ca" | "verify-full") | None | Some("prefer"), Some(ca)) => {
+                config.ssl_mode(postgres::config::SslMode::Require).connect(tls(&ca)?)?
+            }
+            (Some(other), _) => return Err(Error::Url(format!("unknown sslmode {other:?}"))),
+        };
         Ok(Conn::Postgres(Box::new(Pg { client: std::mem::ManuallyDrop::new(client), statements: HashMap::new() })))
     }
 
@@ -404,6 +425,64 @@ impl Conn {
             }
         })
     }
+}
+
+/// `url` without its query parameter `name`, and that parameter's value (percent-decoded).
+fn take_query_param(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else { return (url.to_string(), None) };
+    let mut value = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.split_once('=') {
+            Some((k, v)) if k == name => {
+                value = Some(percent_decode(v));
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    let url = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+    (url, value)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// rustls with the CA in the PEM file `ca` as the only root.
+fn tls(ca: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let bad = |why: String| Error::Url(format!("sslrootcert {ca}: {why}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
+        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 pub struct PgTx<'c> {
@@ -791,5 +870,48 @@ mod tests {
         let e = row.get::<_, String>("n").unwrap_err().to_string();
         assert_eq!(e, "column n: expected text, found integer 3");
         assert!(row.get::<_, i64>("missing").is_err());
+    }
+
+    #[test]
+    fn tls_to_postgresql_checks_the_servers_certificate_against_the_given_ca() {
+        let db = super::super::scratch::ScratchDatabase::new();
+        let ca = "/var/lib/vdim-test-pg/tls/ca.crt";
+        let on_tls = |url: &str| -> Result<bool> {
+            let mut c = Conn::postgres(url, Duration::from_secs(10))?;
+            let tx = c.read()?;
+            tx.query_row("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", (), |r| r.get(0))
+        };
+        assert!(on_tls(&format!("{}?sslmode=verify-full&sslrootcert={ca}", db.url)).unwrap());
+        assert!(on_tls(&format!("{}?sslrootcert={}", db.url, ca.replace('/', "%2F"))).unwrap(), "a CA alone means TLS");
+        assert!(!on_tls(&db.url).unwrap(), "no CA, no sslmode: as libpq's default, plain");
+        let e = on_tls(&format!("{}?sslmode=require", db.url)).unwrap_err().to_string();
+        assert!(e.contains("needs sslrootcert"), "{e}");
+        // A CA that did not sign the server's certificate: refused, never trusted.
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other.crt");
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other"])
+            .arg("-keyout")
+            .arg(dir.path().join("other.key"))
+            .arg("-out")
+            .arg(&other)
+            .output()
+            .unwrap();
+        assert!(made.status.success());
+        let e = on_tls(&format!("{}?sslmode=verify-full&sslrootcert={}", db.url, other.display())).unwrap_err();
+        assert!(format!("{e:?}").contains("UnknownIssuer"), "{e:?}");
+    }
+
+    #[test]
+    fn a_url_parameter_is_taken_out_decoded() {
+        assert_eq!(
+            take_query_param("postgres://a@b/c?sslmode=require&sslrootcert=%2Fetc%2Fca.crt", "sslrootcert"),
+            ("postgres://a@b/c?sslmode=require".to_string(), Some("/etc/ca.crt".to_string()))
+        );
+        assert_eq!(take_query_param("postgres://a@b/c?x=1", "sslmode"), ("postgres://a@b/c?x=1".to_string(), None));
+        assert_eq!(
+            take_query_param("postgres://a@b/c?sslmode=disable", "sslmode"),
+            ("postgres://a@b/c".to_string(), Some("disable".to_string()))
+        );
     }
 }
