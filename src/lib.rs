@@ -36,6 +36,11 @@ pub mod rules;
 pub mod health;
 /// The rollout engine: canary waves watched by lifecycle events, undone on a crash.
 pub mod rollout;
+/// The fleet watch: every desktop's crashes recorded, a version that crashes too many stopped
+/// by the circuit breaker (incident, rollback), a webhook told.
+pub mod watch;
+/// Incidents and their review: timeline, blast radius, times to detect and restore.
+pub mod incident;
 /// Pools of desktops: thin overlays, domains, update, rollback, assignment.
 pub mod pool;
 /// Per-desktop identity: hostname pattern, answer file, domain join, the config drive.

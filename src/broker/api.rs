@@ -621,3 +621,62 @@ impl Failed for crate::rollout::ChannelRollback {
             .collect()
     }
 }
+
+// ---- admin: the fleet watch and its incidents -------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentQuery {
+    limit: Option<usize>,
+}
+
+pub async fn admin_incidents(State(b): B, _a: Admin, Q(q): Q<IncidentQuery>) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let all = b.blocking(move |_, ctx| Ok(crate::incident::list(ctx.catalog(), limit)?)).await?;
+    Ok(Json(all).into_response())
+}
+
+pub async fn admin_incident(State(b): B, _a: Admin, P(id): P<i64>) -> ApiResult<Response> {
+    let review = b.blocking(move |_, ctx| Ok(crate::incident::review(ctx.catalog(), id)?)).await?;
+    Ok(Json(review).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    note: String,
+}
+
+pub async fn admin_ack_incident(
+    State(b): B,
+    a: Admin,
+    P(id): P<i64>,
+    JsonBody(ack): JsonBody<Ack>,
+) -> ApiResult<Response> {
+    let actor = a.actor();
+    let i = b.blocking(move |_, ctx| Ok(crate::incident::ack(ctx.catalog(), id, &ack.note, &actor)?)).await?;
+    Ok(Json(i).into_response())
+}
+
+pub async fn admin_watch_policies(State(b): B, _a: Admin) -> ApiResult<Response> {
+    let all = b
+        .blocking(move |_, ctx| {
+            Ok(ctx
+                .catalog()
+                .read(|tx| Channel::ALL.iter().map(|c| tx.watch_policy(*c)).collect::<Result<Vec<_>, _>>())?)
+        })
+        .await?;
+    Ok(Json(all).into_response())
+}
+
+pub async fn admin_set_watch_policy(
+    State(b): B,
+    a: Admin,
+    P(channel): P<String>,
+    JsonBody(change): JsonBody<crate::watch::PolicyChange>,
+) -> ApiResult<Response> {
+    let channel = parse_channel(&channel)?;
+    let actor = a.actor();
+    let p = b.blocking(move |_, ctx| Ok(crate::watch::set_policy(ctx.catalog(), channel, &change, &actor)?)).await?;
+    Ok(Json(p).into_response())
+}

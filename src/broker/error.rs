@@ -51,6 +51,10 @@ pub enum ApiError {
     Context(#[from] ContextError),
     #[error(transparent)]
     Failover(#[from] crate::failover::FailoverError),
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
+    #[error(transparent)]
+    Incident(#[from] crate::incident::IncidentError),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -79,6 +83,8 @@ impl crate::error::Kind for ApiError {
             ApiError::Vv(e) => e.kind(),
             ApiError::Context(e) => e.kind(),
             ApiError::Failover(e) => e.kind(),
+            ApiError::Watch(e) => e.kind(),
+            ApiError::Incident(e) => e.kind(),
             ApiError::BadRequest(_) | ApiError::TooLarge { .. } | ApiError::BodyTimeout => ErrorKind::Invalid,
             ApiError::NoRoute { .. } => ErrorKind::NotFound,
             ApiError::Origin { .. } => ErrorKind::Forbidden,

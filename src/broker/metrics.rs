@@ -3,6 +3,7 @@
 //! connections). Hand-written: the format is a few lines, a metrics crate would be the
 //! bigger dependency. Served to administrators, or on `--metrics-listen` without a token.
 
+use crate::catalog::incidents::CrashCount;
 use crate::catalog::users::DesktopCounts;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -27,6 +28,11 @@ pub struct Facts {
     pub open_sessions: u64,
     pub desktops: Vec<DesktopCounts>,
     pub rollouts: Vec<(String, u64)>,
+    /// The fleet watch's crashes by image, version, pool and host.
+    pub crashes: Vec<CrashCount>,
+    /// Desktops by image, version and state.
+    pub by_version: Vec<(String, u32, String, u64)>,
+    pub incidents: Vec<(String, u64)>,
     pub connections_open: u64,
     pub connections_evicted: u64,
     pub connections_refused: u64,
@@ -103,6 +109,15 @@ impl Metrics {
             "Rollouts by state.",
             facts.rollouts.iter().map(|(st, n)| (format!("{{state=\"{}\"}}", label(st)), n.to_string())).collect(),
         );
+        let (crashes, by_version, incidents) = watch_lines(facts);
+        metric(
+            "vdim_desktop_crashes_total",
+            "counter",
+            "Crashes and reboot loops the fleet watch recorded, by image, version, pool and host.",
+            crashes,
+        );
+        metric("vdim_desktops_by_version", "gauge", "Desktops by image, version and state.", by_version);
+        metric("vdim_incidents", "gauge", "Incidents by state.", incidents);
         metric(
             "vdim_console_connections",
             "gauge",
@@ -139,6 +154,36 @@ impl Metrics {
     }
 }
 
+type Lines = Vec<(String, String)>;
+
+/// The fleet watch's metrics: crashes, desktops by version, incidents.
+fn watch_lines(facts: &Facts) -> (Lines, Lines, Lines) {
+    let crashes = facts
+        .crashes
+        .iter()
+        .map(|c| {
+            let labels = format!(
+                "{{image=\"{}\",version=\"{}\",pool=\"{}\",host=\"{}\"}}",
+                label(&c.image),
+                c.version,
+                label(&c.pool),
+                label(&c.host)
+            );
+            (labels, c.crashes.to_string())
+        })
+        .collect();
+    let by_version = facts
+        .by_version
+        .iter()
+        .map(|(i, v, st, n)| {
+            (format!("{{image=\"{}\",version=\"{v}\",state=\"{}\"}}", label(i), label(st)), n.to_string())
+        })
+        .collect();
+    let incidents =
+        facts.incidents.iter().map(|(st, n)| (format!("{{state=\"{}\"}}", label(st)), n.to_string())).collect();
+    (crashes, by_version, incidents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +197,15 @@ mod tests {
             open_sessions: 2,
             desktops: vec![DesktopCounts { pool: "finance".into(), idle: 18, in_use: 2, resetting: 0 }],
             rollouts: vec![("running".into(), 1)],
+            crashes: vec![CrashCount {
+                image: "win".into(),
+                version: 7,
+                pool: "finance".into(),
+                host: "local".into(),
+                crashes: 2,
+            }],
+            by_version: vec![("win".into(), 7, "idle".into(), 18)],
+            incidents: vec![("open".into(), 1)],
             connections_open: 3,
             connections_evicted: 4,
             connections_refused: 0,
@@ -164,6 +218,10 @@ mod tests {
             "vdim_sessions_opened_total 2",
             "vdim_desktops{pool=\"finance\",state=\"in_use\"} 2",
             "vdim_rollouts{state=\"running\"} 1",
+            "# TYPE vdim_desktop_crashes_total counter",
+            "vdim_desktop_crashes_total{image=\"win\",version=\"7\",pool=\"finance\",host=\"local\"} 2",
+            "vdim_desktops_by_version{image=\"win\",version=\"7\",state=\"idle\"} 18",
+            "vdim_incidents{state=\"open\"} 1",
             "vdim_http_responses_total{code=\"201\"} 1",
             "vdim_connections 3",
             "vdim_connections_evicted_total 4",

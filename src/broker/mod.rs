@@ -8,6 +8,7 @@
 //!  thin client ─HTTP(S)─► router ─► token → user ─► service call (blocking pool) ─► JSON / .vv
 //!  browser ─WS(S)─► /console/{id}/ws ─► Origin + console token ─► VNC login ─► byte pipe
 //!  reaper (every second) ─► expire sessions, cut their displays off, finish logoffs, close consoles
+//!  fleet watch (rounds of 0.5 s, leader only) ─► crashes recorded, circuit breaker, incidents ─► --webhook
 //!  lease (every 2 s) ─► leader? reaper, heal on election, host watch, rollouts adopted
 //! ```
 //! Several brokers may serve one catalog: every one serves every request (assignment is one
@@ -90,6 +91,8 @@ pub enum BrokerError {
     RaiseNoFile { need: u64, source: std::io::Error },
     #[error("{what} must be more than zero")]
     Zero { what: &'static str },
+    #[error(transparent)]
+    Webhook(#[from] crate::watch::webhook::WebhookError),
 }
 
 impl crate::error::Kind for BrokerError {
@@ -98,6 +101,7 @@ impl crate::error::Kind for BrokerError {
         match self {
             BrokerError::Tls(e) => e.kind(),
             BrokerError::Context(e) => e.kind(),
+            BrokerError::Webhook(e) => e.kind(),
             BrokerError::Insecure(_)
             | BrokerError::PublicUrl(_)
             | BrokerError::NoFile { .. }
@@ -136,6 +140,8 @@ pub struct ServeOptions {
     pub max_connections: Option<usize>,
     /// A second, plain-HTTP listener serving only `/metrics`, without a token.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--webhook`: where the fleet watch posts incidents opened and resolved.
+    pub webhook: Option<crate::watch::webhook::Webhook>,
 }
 
 /// The broker's own address as browsers and thin clients see it.
@@ -405,6 +411,7 @@ async fn run(
     tokio::spawn(leadership::lead(broker.clone(), lease_ctx));
     tokio::spawn(reaper(broker.clone()));
     tokio::spawn(host_watch(broker.clone()));
+    start_fleet_watch(&broker, opts.webhook.clone())?;
     let app = router(broker.clone(), &opts);
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(BrokerError::Serve)?;
     let metrics_note = metrics_addr.map(|a| format!(", metrics http://{a}/metrics")).unwrap_or_default();
@@ -525,6 +532,42 @@ async fn host_watch(b: Arc<Broker>) {
     }
 }
 
+/// How long a round of the fleet watch waits for events before it checks states again.
+const WATCH_WAIT: Duration = Duration::from_millis(500);
+
+/// The fleet watch, telling `webhook` of incidents.
+fn start_fleet_watch(b: &Arc<Broker>, webhook: Option<crate::watch::webhook::Webhook>) -> Result<(), BrokerError> {
+    let notify: crate::watch::Notify = match webhook {
+        Some(w) => w.start(&tokio::runtime::Handle::current())?,
+        None => Box::new(|_| {}),
+    };
+    tokio::spawn(fleet_watch(b.clone(), crate::watch::Watch::new(notify)));
+    Ok(())
+}
+
+/// The fleet watch ([`crate::watch`]): one round after another, each waiting for events,
+/// while this broker leads.
+async fn fleet_watch(b: Arc<Broker>, watch: crate::watch::Watch) {
+    let watch = Arc::new(Mutex::new(watch));
+    loop {
+        if !b.leadership.leads() {
+            tokio::time::sleep(WATCH_WAIT).await;
+            continue;
+        }
+        let w = watch.clone();
+        let round = b
+            .blocking(move |_, ctx| {
+                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(w.round(ctx, WATCH_WAIT)?)
+            })
+            .await;
+        if let Err(e) = round {
+            tracing::warn!(error = %e.message(), "fleet watch round failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
 /// How often the broker probes the registered hosts.
 const HOST_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -559,6 +602,11 @@ fn router(b: Arc<Broker>, opts: &ServeOptions) -> Router {
         .route("/api/v1/admin/images/{image}/rollout/halt", post(api::admin_halt_rollout))
         .route("/api/v1/admin/images/{image}/rollout/resume", post(api::admin_resume_rollout))
         .route("/api/v1/admin/images/{image}/rollback", post(api::admin_rollback_channel))
+        .route("/api/v1/admin/incidents", get(api::admin_incidents))
+        .route("/api/v1/admin/incidents/{id}", get(api::admin_incident))
+        .route("/api/v1/admin/incidents/{id}/ack", post(api::admin_ack_incident))
+        .route("/api/v1/admin/watch/policies", get(api::admin_watch_policies))
+        .route("/api/v1/admin/watch/policies/{channel}", put(api::admin_set_watch_policy))
         .route("/metrics", get(metrics))
         // Administrators keep the detail of internal errors in the body.
         .route_layer(middleware::map_response(error::with_detail));
@@ -658,6 +706,9 @@ async fn scrape(b: &Arc<Broker>) -> Result<Response, ApiError> {
                     open_sessions: tx.open_session_count()?,
                     desktops: tx.desktop_counts()?,
                     rollouts: tx.rollout_state_counts()?,
+                    crashes: tx.crash_counts()?,
+                    by_version: tx.desktops_by_version()?,
+                    incidents: tx.incident_state_counts()?,
                     connections_open: open,
                     connections_evicted: evicted,
                     connections_refused: refused,

@@ -24,6 +24,10 @@ pub(super) const TABLES: &[&str] = &[
     "entitlements",
     "sessions",
     "leases",
+    "watch_events",
+    "watch_policies",
+    "incidents",
+    "crashed_desktops",
 ];
 
 /// Each table's rows, in key order (a version after its parent), inserted with their ids.

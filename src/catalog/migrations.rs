@@ -292,4 +292,57 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sessions ADD COLUMN console_generation INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 12: the fleet watch. What it saw of each desktop (crash, reboot loop, unexpected stop,
+    // silent guest agent) against the desktop's pool, version and host at the time, one row
+    // per happening (the same crash seen twice is one row); each channel's breaker policy;
+    // incidents the breaker opened, with their review (times in milliseconds since the epoch);
+    // desktops crashed now.
+    r#"
+    CREATE TABLE watch_events (
+        id       INTEGER PRIMARY KEY,
+        desktop  TEXT NOT NULL,
+        pool     TEXT NOT NULL,
+        image    TEXT NOT NULL,
+        version  INTEGER NOT NULL,
+        channel  TEXT NOT NULL CHECK (channel IN ('dev', 'test', 'prod')),
+        host     TEXT NOT NULL,
+        kind     TEXT NOT NULL CHECK (kind IN ('crash', 'reboot_loop', 'stop', 'agent_silent')),
+        detail   TEXT NOT NULL,
+        at_ms    BIGINT NOT NULL,
+        seen_ms  BIGINT NOT NULL,
+        UNIQUE (desktop, kind, at_ms)
+    );
+    CREATE INDEX watch_events_version ON watch_events(image, version, at_ms);
+    CREATE TABLE watch_policies (
+        channel   TEXT PRIMARY KEY CHECK (channel IN ('dev', 'test', 'prod')),
+        crashes   INTEGER NOT NULL CHECK (crashes >= 2),
+        share     INTEGER CHECK (share IS NULL OR (share >= 1 AND share <= 100)),
+        within_ms BIGINT NOT NULL CHECK (within_ms > 0),
+        action    TEXT NOT NULL CHECK (action IN ('rollback', 'alert')),
+        updated   TEXT NOT NULL
+    );
+    CREATE TABLE incidents (
+        id                 INTEGER PRIMARY KEY,
+        image              TEXT NOT NULL,
+        version            INTEGER NOT NULL,
+        channel            TEXT NOT NULL CHECK (channel IN ('dev', 'test', 'prod')),
+        action             TEXT NOT NULL CHECK (action IN ('rollback', 'alert')),
+        state              TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
+        opened_ms          BIGINT NOT NULL,
+        first_crash_ms     BIGINT NOT NULL,
+        threshold_crash_ms BIGINT NOT NULL,
+        restored_ms        BIGINT,
+        resolved_ms        BIGINT,
+        note               TEXT,
+        acked_by           TEXT,
+        acked_ms           BIGINT,
+        report             TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (image, version, channel)
+    );
+    -- Desktops crashed since they last started (the watch adds and removes them).
+    CREATE TABLE crashed_desktops (
+        desktop  TEXT PRIMARY KEY,
+        at_ms    BIGINT NOT NULL
+    );
+    "#,
 ];

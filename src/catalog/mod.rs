@@ -15,6 +15,7 @@ pub mod location;
 mod migrations;
 pub mod console_sessions;
 pub mod hosts;
+pub mod incidents;
 pub mod leases;
 pub mod pools;
 pub mod rollouts;

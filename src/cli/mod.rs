@@ -8,11 +8,13 @@ mod backup;
 mod global;
 mod host;
 mod image;
+mod incident;
 mod output;
 mod pool;
 mod rollout;
 mod serve;
 mod user;
+mod watch;
 
 pub use global::Global;
 pub use output::human_bytes;
@@ -61,6 +63,12 @@ pub enum Command {
     Host(host::HostCmd),
     /// Run the thin-client broker and admin API (HTTP, or HTTPS with --tls-cert)
     Serve(serve::ServeArgs),
+    /// The fleet watch's circuit breaker: its policy per channel, what it recorded
+    #[command(subcommand)]
+    Watch(watch::WatchCmd),
+    /// Incidents the fleet watch opened: list, the review (--markdown), acknowledge
+    #[command(subcommand)]
+    Incident(incident::IncidentCmd),
     /// The append-only audit log
     Audit(audit::AuditArgs),
     /// Back up the catalog (a consistent copy, while vdim runs), a manifest of its layers, and
@@ -90,6 +98,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::User(cmd) => user::run(g, cmd),
         Command::Host(cmd) => host::run(g, cmd),
         Command::Serve(args) => serve::run(g, args),
+        Command::Watch(cmd) => watch::run(g, cmd),
+        Command::Incident(cmd) => incident::run(g, cmd),
         Command::Audit(args) => audit::run(g, args),
         Command::Backup(args) => backup::backup(g, args),
         Command::Restore(args) => backup::restore(g, args),

@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// network); on --listen, /metrics needs an admin token
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// POST incidents the fleet watch opens and resolves here (JSON, retried with backoff)
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
 }
 
 fn read_display_ca(path: &std::path::Path) -> Result<String> {
@@ -97,6 +100,7 @@ pub fn run(g: &Global, a: ServeArgs) -> Result<()> {
         request_timeout: a.request_timeout,
         max_connections: a.max_connections,
         metrics_listen: a.metrics_listen,
+        webhook: a.webhook.as_deref().map(crate::watch::webhook::Webhook::parse).transpose()?,
     };
     Ok(broker::serve(opts)?)
 }
