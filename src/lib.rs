@@ -19,7 +19,8 @@ pub mod qcow2;
 pub mod digest;
 /// The image store: import, edit, seal, verify, gc, export.
 pub mod store;
-/// The embedded SQLite catalog: images, versions, channels, drafts, pools, rollouts, users, audit log.
+/// The catalog, on SQLite (one machine) or PostgreSQL (several brokers): images, versions,
+/// channels, drafts, pools, rollouts, users, hosts, leases, incidents, audit log.
 pub mod catalog;
 /// Backup and restore: a consistent copy of the live catalog with its layers; a restore onto an
 /// empty home, every layer verified before the catalog is put in place.
