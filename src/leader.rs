@@ -102,12 +102,15 @@ pub enum Decision {
     Follow { leader: String },
 }
 
-/// The lease rule: may `me` take the lease `current` at `now_ms`?
-pub fn decide(current: Option<&Lease>, me: &str, now_ms: i64) -> Decision {
+/// The lease rule: may `me` take the lease `current` at `now_ms`? A holder on this machine
+/// (`here`) whose process is gone (`alive` says no for its pid) holds nothing, live lease or
+/// not: a broker restarted after a crash leads at once instead of waiting the lease out.
+pub fn decide(current: Option<&Lease>, me: &str, now_ms: i64, here: &str, alive: impl Fn(u32) -> bool) -> Decision {
+    let dead_here = |holder: &str| Holder::parse(holder).is_some_and(|h| h.host == here && !alive(h.pid));
     match current {
         None => Decision::Take { term: 1, from: None },
         Some(l) if l.expires_ms > now_ms && l.holder == me => Decision::Renew,
-        Some(l) if l.expires_ms > now_ms => Decision::Follow { leader: l.holder.clone() },
+        Some(l) if l.expires_ms > now_ms && !dead_here(&l.holder) => Decision::Follow { leader: l.holder.clone() },
         Some(l) => Decision::Take { term: l.term + 1, from: Some(l.holder.clone()) },
     }
 }
@@ -130,7 +133,8 @@ pub fn try_lead(catalog: &mut Catalog, me: &str, now_ms: i64) -> Result<Standing
     catalog.write(|tx| {
         let current = tx.lease(LEADER)?;
         let expires_ms = now_ms + LEASE_TTL.as_millis() as i64;
-        match (decide(current.as_ref(), me, now_ms), current) {
+        let alive = |pid: u32| crate::home::pid_alive(pid as i32);
+        match (decide(current.as_ref(), me, now_ms, &hostname(), alive), current) {
             (Decision::Renew, Some(seen)) => {
                 let new = Lease { expires_ms, ..seen.clone() };
                 Ok(if tx.replace_lease(LEADER, &seen, &new)? {
@@ -220,22 +224,41 @@ mod tests {
 
     #[test]
     fn the_first_broker_takes_an_unheld_lease_in_term_one() {
-        assert_eq!(decide(None, "a:1:x", 1000), Decision::Take { term: 1, from: None });
+        assert_eq!(decide(None, "a:1:x", 1000, "a", |_| true), Decision::Take { term: 1, from: None });
     }
 
     #[test]
     fn a_live_lease_is_renewed_by_its_holder_and_followed_by_everyone_else() {
         let l = lease("a:1:x", 4, 7000);
-        assert_eq!(decide(Some(&l), "a:1:x", 6999), Decision::Renew);
-        assert_eq!(decide(Some(&l), "b:2:y", 6999), Decision::Follow { leader: "a:1:x".into() });
+        assert_eq!(decide(Some(&l), "a:1:x", 6999, "a", |_| true), Decision::Renew);
+        assert_eq!(decide(Some(&l), "b:2:y", 6999, "b", |_| true), Decision::Follow { leader: "a:1:x".into() });
     }
 
     #[test]
     fn an_expired_lease_is_taken_over_in_the_next_term_naming_the_old_holder() {
         let l = lease("a:1:x", 4, 7000);
-        assert_eq!(decide(Some(&l), "b:2:y", 7000), Decision::Take { term: 5, from: Some("a:1:x".into()) });
+        assert_eq!(
+            decide(Some(&l), "b:2:y", 7000, "b", |_| true),
+            Decision::Take { term: 5, from: Some("a:1:x".into()) }
+        );
         // Its own holder, back after a stall, is elected again too: its duties had stopped.
-        assert_eq!(decide(Some(&l), "a:1:x", 9000), Decision::Take { term: 5, from: Some("a:1:x".into()) });
+        assert_eq!(
+            decide(Some(&l), "a:1:x", 9000, "a", |_| true),
+            Decision::Take { term: 5, from: Some("a:1:x".into()) }
+        );
+    }
+
+    #[test]
+    fn a_live_lease_whose_holder_died_on_this_machine_is_taken_at_once() {
+        let l = lease("a:1:x", 4, 7000);
+        // Broker 1 on host a crashed; broker 3 starts there.
+        assert_eq!(
+            decide(Some(&l), "a:3:z", 1000, "a", |pid| pid != 1),
+            Decision::Take { term: 5, from: Some("a:1:x".into()) }
+        );
+        // Its process still there (or another host's, whose pid says nothing here): followed.
+        assert_eq!(decide(Some(&l), "a:3:z", 1000, "a", |_| true), Decision::Follow { leader: "a:1:x".into() });
+        assert_eq!(decide(Some(&l), "b:3:z", 1000, "b", |pid| pid != 1), Decision::Follow { leader: "a:1:x".into() });
     }
 
     #[test]

@@ -180,7 +180,8 @@ fn the_other_broker_leads_within_10_s_of_a_kill_and_reaps_and_resets_an_expired_
     let admin = add_user(&t.env, "admin", true);
     t.vdim(&["pool", "entitle", &pool, "alice"]).assert_success();
     let http = Http::new();
-    let a = Server::start(&t.env, "qemu:///system", &[]);
+    // The leader on another machine: its death is known only by its lease running out.
+    let a = Server::start_elsewhere(&t.env, "qemu:///system", "broker-a");
     until_leader(&http, &a.base, 10);
     let b = Server::start(&t.env, "qemu:///system", &[]);
     std::thread::sleep(Duration::from_secs(3));

@@ -101,7 +101,16 @@ impl Env {
         self.dir.path().join(name)
     }
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_vdim"));
+        self.with_env(Command::new(env!("CARGO_BIN_EXE_vdim")))
+    }
+    /// `vdim` as on another machine: in a UTS namespace of its own named `host` (leases and
+    /// rollout drivers tell machines apart by host name; a pid says nothing across them).
+    pub fn cmd_on_host(&self, host: &str) -> Command {
+        let mut c = Command::new("unshare");
+        c.args(["--uts", "sh", "-c", &format!("hostname {host} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_vdim")]);
+        self.with_env(c)
+    }
+    fn with_env(&self, mut c: Command) -> Command {
         c.env("VDIM_HOME", self.home()).env("USER", "tester").env_remove("VDIM_CONNECT");
         match &self.db {
             Some(db) => c.env("VDIM_CATALOG", &db.url),

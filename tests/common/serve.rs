@@ -5,7 +5,7 @@ use super::Env;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 pub struct Server {
     child: Child,
@@ -34,11 +34,19 @@ impl Server {
     /// On a `listen` address the test chose: with `--public-url` the banner names the public
     /// URL (a load balancer's), not this broker's own address.
     pub fn start_on(env: &Env, connect: &str, listen: &str, extra: &[&str], level: &str) -> Server {
+        Server::spawn(env, env.cmd(), connect, listen, extra, level)
+    }
+
+    /// A broker as on another machine named `host` (see [`Env::cmd_on_host`]).
+    pub fn start_elsewhere(env: &Env, connect: &str, host: &str) -> Server {
+        Server::spawn(env, env.cmd_on_host(host), connect, "127.0.0.1:0", &[], "debug")
+    }
+
+    fn spawn(env: &Env, mut cmd: Command, connect: &str, listen: &str, extra: &[&str], level: &str) -> Server {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = env.path(&format!("serve-{n}.log"));
-        let mut child = env
-            .cmd()
+        let mut child = cmd
             .env("VDIM_VIRT_TYPE", "qemu")
             .env("VDIM_LOG", level)
             .args(["--connect", connect, "serve", "--listen", listen])
