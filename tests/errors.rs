@@ -22,6 +22,8 @@ const NO_OBJECT: &[&str] = &[
     "host check",
     "serve",
     "audit",
+    "incident list",
+    "watch policy",
     "backup",
 ];
 
@@ -125,6 +127,10 @@ fn not_found_cases(env: &Env) -> Vec<(&'static str, Vec<String>, &'static str)> 
         c("host gc", &["host", "gc", "ghost"], "'ghost'"),
         c("pool create", &["pool", "create", "q", "--image", "img", "--size", "1", "--hosts", "ghost"], "'ghost'"),
         c("restore", &["restore", "/nonexistent/backup"], "/nonexistent/backup"),
+        c("incident show", &["incident", "show", "99"], "no incident 99"),
+        c("incident ack", &["incident", "ack", "99", "--note", "n"], "no incident 99"),
+        c("watch events", &["watch", "events", "--image", "ghost"], "'ghost'"),
+        c("watch events", &["watch", "events", "--image", "img", "--version", "9"], "no version 9"),
     ]
 }
 

@@ -72,7 +72,16 @@ pub fn run(g: &Global, cmd: WatchCmd) -> Result<()> {
             print(g.json, &p, policy_text)
         }
         WatchCmd::Events { image, version, limit } => {
-            let events = ctx.catalog().read(|tx| tx.watch_events(image.as_deref(), version, limit))?;
+            let events = ctx.catalog().read(|tx| {
+                // An image or version that does not exist is an error, not "no events".
+                if let Some(name) = image.as_deref() {
+                    let img = tx.image(name)?;
+                    if let Some(v) = version {
+                        tx.version(&img, v)?;
+                    }
+                }
+                tx.watch_events(image.as_deref(), version, limit)
+            })?;
             print(g.json, &events, |events| {
                 if events.is_empty() {
                     return "no events".into();
