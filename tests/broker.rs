@@ -1271,18 +1271,6 @@ fn open_session(http: &Http, pool: &str, token: &str) -> (String, String) {
     }
 }
 
-/// Sets a session's expiry to now in the catalog, as the clock would.
-fn expire_now(env: &Env, id: &str) {
-    let mut cat = env.catalog();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    cat.write(|tx| {
-        tx.sql()
-            .execute("UPDATE sessions SET expires_at = ?2 WHERE id = ?1", [id, now.as_str()])
-            .map_err(vdim::catalog::CatalogError::from)
-    })
-    .unwrap();
-}
-
 /// A `vdim` command started in the background, so the test can watch the console meanwhile.
 fn vdim_in_background(t: &LibvirtEnv, args: &[&str]) -> Child {
     t.env.cmd().env("VDIM_VIRT_TYPE", "qemu").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
@@ -1342,7 +1330,7 @@ fn every_way_a_session_ends_closes_its_console_within_3_s_at_every_stage() {
     let mut c = RawConsole::open(&srv, &id, &ct);
     c.send(b"RFB 003.008\n");
     assert_eq!(c.frame(), Some((2, vec![1, 1])));
-    expire_now(&t.env, &id);
+    t.env.expire_session_now(&id);
     c.closed_within(Instant::now(), limit, "expiry mid-handshake");
     assert_no_vnc_client(&desktop, "expiry");
     gone(&id, "expiry");
@@ -1481,7 +1469,7 @@ fn a_spice_viewer_is_dropped_within_3_s_of_logoff_or_expiry_on_a_kept_desktop_an
             let closed = http.ok("DELETE", &format!("/api/v1/sessions/{id}"), &alice, None);
             assert_eq!(closed["reset"], "kept", "{closed}");
         } else {
-            expire_now(&t.env, &id);
+            t.env.expire_session_now(&id);
         }
         dropped_within(&mut viewer, &port, t0, end);
         // Its ticket was replaced: the same .vv no longer opens the display.

@@ -82,18 +82,6 @@ fn add_user(env: &Env, name: &str, admin: bool) -> String {
     env.vdim_json(&args)["token"].as_str().unwrap().to_string()
 }
 
-/// Sets a session's expiry to now in the catalog, as the clock would.
-fn expire_now(env: &Env, id: &str) {
-    let mut cat = env.catalog();
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    cat.write(|tx| {
-        tx.sql()
-            .execute("UPDATE sessions SET expires_at = ?2 WHERE id = ?1", [id, now.as_str()])
-            .map_err(vdim::catalog::CatalogError::from)
-    })
-    .unwrap();
-}
-
 fn inode(p: &std::path::Path) -> u64 {
     std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
 }
@@ -202,7 +190,7 @@ fn the_other_broker_leads_within_10_s_of_a_kill_and_reaps_and_resets_an_expired_
     assert_ne!(second["broker"], first["broker"]);
 
     // An expired session is reaped by the new leader, its desktop wiped and booted again.
-    expire_now(&t.env, &id);
+    t.env.expire_session_now(&id);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let show = http.ok("GET", &format!("{}/api/v1/admin/pools/{pool}", b.base), &admin, None);

@@ -89,6 +89,17 @@ impl Env {
     pub fn home(&self) -> PathBuf {
         self.dir.path().join("home")
     }
+    /// Sets a session's expiry to now in the catalog, as the clock would.
+    pub fn expire_session_now(&self, id: &str) {
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        self.catalog()
+            .write(|tx| {
+                tx.sql()
+                    .execute("UPDATE sessions SET expires_at = ?2 WHERE id = ?1", [id, now.as_str()])
+                    .map_err(vdim::catalog::CatalogError::from)
+            })
+            .unwrap();
+    }
     /// The home's catalog, opened as the commands open it.
     pub fn catalog(&self) -> vdim::catalog::Catalog {
         let location = match &self.db {
