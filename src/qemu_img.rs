@@ -49,9 +49,11 @@ pub struct Limits {
     pub output_bytes: Option<u64>,
 }
 
-/// For header-only work (info, check of a layer, rebase -u).
+/// For header-only work (info, check of a layer, rebase -u). The address space bounds what a
+/// hostile header can make qemu-img allocate (QEMU caps its own tables well below it), with
+/// room for its I/O thread pool on a busy host: up to 64 workers of 8 MiB stack each.
 pub const INSPECT: Limits =
-    Limits { address_space: 1 << 30, cpu_seconds: 60, timeout: Duration::from_secs(120), output_bytes: None };
+    Limits { address_space: 2 << 30, cpu_seconds: 60, timeout: Duration::from_secs(120), output_bytes: None };
 /// For copying data (convert): large images take long, but never forever.
 pub const COPY: Limits = Limits {
     address_space: 4 << 30,
@@ -85,6 +87,10 @@ fn run(
     let mut cmd = Command::new("qemu-img");
     // Its own process group: a timeout kills everything it started, not just the first pid.
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    // glibc reserves 64 MiB of address space per malloc arena, up to 8 per core: under
+    // RLIMIT_AS a check whose thread pool grows on a busy host failed to start threads
+    // (qemu_thread_create: EAGAIN). Two arenas are plenty for qemu-img.
+    cmd.env("MALLOC_ARENA_MAX", "2");
     let Limits { address_space, cpu_seconds, output_bytes, .. } = limits;
     // SAFETY: only async-signal-safe calls (setrlimit, prctl) between fork and exec.
     unsafe {

@@ -540,8 +540,8 @@ fn qemu_img_runs_bounded_and_a_hung_one_is_stopped_without_leaving_anything() {
     assert!(err.contains("took longer than 2 s and was stopped"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "the hung qemu-img was not stopped");
     let seen = std::fs::read_to_string(&limits).unwrap();
-    // info (1 GiB, 60 s) then convert (4 GiB, 4 h): ulimit -v is in KiB.
-    assert!(seen.contains("as=1048576 cpu=60"), "{seen}");
+    // info (2 GiB, 60 s) then convert (4 GiB, 4 h): ulimit -v is in KiB.
+    assert!(seen.contains("as=2097152 cpu=60"), "{seen}");
     assert!(seen.contains("as=4194304 cpu=14400"), "{seen}");
     assert!(env.store_files().is_empty(), "no partial layer: {:?}", env.store_files());
     env.vdim(&["image", "history", "hung"]).assert_exit_code(4);
