@@ -9,7 +9,7 @@ use common::serve::Server;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 struct Http {
@@ -210,17 +210,15 @@ fn the_other_broker_leads_within_10_s_of_a_kill_and_reaps_and_resets_an_expired_
 /// only its heartbeat can tell the leader it is alive. It pauses once its first wave is
 /// recorded, desktops about to move.
 fn promote_elsewhere(t: &LibvirtEnv, pause: &std::path::Path, soak: &str) -> Child {
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--uts", "sh", "-c", "hostname elsewhere && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_vdim")])
-        .args([
-            "promote", "img", "2", "--to", "prod", "--soak", soak, "--waves", "1,100%", "--force", "--reason", "adopt",
-        ])
-        .env("VDIM_HOME", t.env.home())
-        .env("VDIM_VIRT_TYPE", "qemu")
-        .env("VDIM_TEST_PAUSE_BEFORE", "rollout-wave")
-        .env("VDIM_TEST_PAUSE_FILE", pause)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = t.env.cmd_on_host("elsewhere");
+    cmd.args([
+        "promote", "img", "2", "--to", "prod", "--soak", soak, "--waves", "1,100%", "--force", "--reason", "adopt",
+    ])
+    .env("VDIM_VIRT_TYPE", "qemu")
+    .env("VDIM_TEST_PAUSE_BEFORE", "rollout-wave")
+    .env("VDIM_TEST_PAUSE_FILE", pause)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     cmd.spawn().unwrap()
 }
 

@@ -751,29 +751,10 @@ mod tests {
 
     #[test]
     fn every_version_with_desktops_has_a_crash_counter_and_a_crashed_desktop_counts_as_crashed() {
-        use super::super::pools::{NewDesktop, NewPool};
         for (_d, mut c) in cats() {
             c.write(|tx| {
-                let img = tx.insert_image("img", 1)?;
-                tx.insert_version(&img, None, &"0".repeat(64), 1, 1, "t", "")?;
-                let pool = tx.insert_pool(&NewPool {
-                    name: "p",
-                    image_id: img.id,
-                    channel: Channel::Prod,
-                    version: 1,
-                    size: 2,
-                    profile: "x",
-                    persistent: false,
-                    virt_type: "qemu",
-                    display_listen: "127.0.0.1",
-                    insecure_display: false,
-                    identity: None,
-                })?;
-                for (i, name) in [(1, "vdim-p-001"), (2, "vdim-p-002")] {
-                    let overlay = format!("desktops/p/{name}.qcow2");
-                    let d = NewDesktop { index: i, name, overlay: &overlay, version: 1, uuid: "u", host_id: None };
-                    tx.insert_desktop(pool, &d)?;
-                }
+                // Image "a", versions 1 and 2, pool "p" of two idle desktops on version 1.
+                super::super::pools::tests::pool_of_two(tx)?;
                 let counts = |tx: &Tx| -> Result<Vec<(String, u64)>> {
                     Ok(tx
                         .crash_counts()?
@@ -781,18 +762,18 @@ mod tests {
                         .map(|c| (format!("{}/{}/{}/{}", c.image, c.version, c.pool, c.host), c.crashes))
                         .collect())
                 };
-                assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 0)], "a counter before the first crash");
+                assert_eq!(counts(tx)?, [("a/1/p/local".to_string(), 0)], "a counter before the first crash");
                 let mut p = place("vdim-p-001");
-                (p.image, p.version) = ("img".into(), 1);
+                (p.image, p.version) = ("a".into(), 1);
                 tx.record_watch_event(&p, EventKind::Crash, "panicked", 5, 6)?;
                 tx.set_crashed("vdim-p-001", 5)?;
                 tx.set_crashed("vdim-p-001", 9)?;
                 assert_eq!(tx.crashed_desktops()?, ["vdim-p-001"]);
-                assert_eq!(counts(tx)?, [("img/1/p/local".to_string(), 1)]);
+                assert_eq!(counts(tx)?, [("a/1/p/local".to_string(), 1)]);
                 let states = tx.desktops_by_version()?;
-                assert_eq!(states, [("img".into(), 1, "crashed".into(), 1), ("img".into(), 1, "idle".into(), 1)]);
+                assert_eq!(states, [("a".into(), 1, "crashed".into(), 1), ("a".into(), 1, "idle".into(), 1)]);
                 tx.set_started("vdim-p-001")?;
-                assert_eq!(tx.desktops_by_version()?, [("img".into(), 1, "idle".into(), 2)]);
+                assert_eq!(tx.desktops_by_version()?, [("a".into(), 1, "idle".into(), 2)]);
                 Ok::<_, CatalogError>(())
             })
             .unwrap();

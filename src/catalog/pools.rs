@@ -419,13 +419,13 @@ impl Tx<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::catalog::tests::cats;
     use crate::catalog::CatalogError;
 
     /// A pool "p" of two idle desktops on version 1 of image "a"; returns the pool id.
-    fn pool_of_two(tx: &Tx) -> Result<i64> {
+    pub(crate) fn pool_of_two(tx: &Tx) -> Result<i64> {
         let img = tx.insert_image("a", 1)?;
         tx.insert_version(&img, None, &"0".repeat(64), 1, 1, "t", "")?;
         tx.insert_version(&img, Some(1), &"1".repeat(64), 1, 1, "t", "")?;

@@ -23,7 +23,7 @@ mod postgresql;
 mod value;
 
 pub use crate::params;
-pub use postgresql::{postgres_ddl, postgres_placeholders, Pg, PgTx};
+pub use postgresql::{postgres_ddl, Pg, PgTx};
 pub use value::{FromValue, Params, Row, RowIndex, ToValue, Value};
 
 use std::cell::RefCell;

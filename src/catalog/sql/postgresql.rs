@@ -195,7 +195,7 @@ impl PgTx<'_> {
 }
 
 /// `?N` placeholders as PostgreSQL's `$N`, outside quoted text.
-pub fn postgres_placeholders(sql: &str) -> String {
+pub(super) fn postgres_placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut quoted: Option<char> = None;
     for c in sql.chars() {
